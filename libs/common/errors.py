@@ -1,0 +1,108 @@
+"""Typed errors raised inside services, and the one table mapping them to gRPC codes.
+
+Every edge (gRPC, HTTP, CLI) turns these into its own form; nothing else
+decides a status code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import grpc
+
+
+class TuneForgeError(Exception):
+    """A problem the caller can act on. `field` names the argument or data place."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class InvalidArgument(TuneForgeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(TuneForgeError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(TuneForgeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(TuneForgeError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(TuneForgeError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Cancelled(TuneForgeError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Problems(InvalidArgument):
+    """Several invalid arguments, reported at once."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    return exc.code if isinstance(exc, TuneForgeError) else grpc.StatusCode.INTERNAL
+
+
+def grpc_errors(method):
+    """Decorates a servicer method (sync, async, or streaming) so that a TuneForgeError
+    aborts the RPC with its status code and message instead of surfacing as UNKNOWN."""
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def agen(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except TuneForgeError as exc:
+                await context.abort(exc.code, str(exc))
+
+        return agen
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def coro(self, request, context):
+            try:
+                return await method(self, request, context)
+            except TuneForgeError as exc:
+                await context.abort(exc.code, str(exc))
+
+        return coro
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def gen(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except TuneForgeError as exc:
+                context.abort(exc.code, str(exc))
+
+        return gen
+
+    @functools.wraps(method)
+    def plain(self, request, context):
+        try:
+            return method(self, request, context)
+        except TuneForgeError as exc:
+            context.abort(exc.code, str(exc))
+
+    return plain

@@ -1,0 +1,90 @@
+"""Prometheus metrics shared by every service: the /metrics HTTP endpoint and
+per-RPC request counters and latencies (`tuneforge_<service>_grpc_...`)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, REGISTRY, start_http_server
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> tuple[object, int]:
+    """Starts the /metrics endpoint in a daemon thread. Returns (http server, bound port)."""
+    httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    return httpd, httpd.server_port
+
+
+class RpcMetrics:
+    """Counts and times every RPC of one service, labelled by method and status code."""
+
+    def __init__(self, service: str, registry: CollectorRegistry = REGISTRY):
+        self.requests = Counter(
+            f"tuneforge_{service}_grpc_requests",
+            "gRPC requests handled, by method and status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            f"tuneforge_{service}_grpc_request_duration_seconds",
+            "Time from a gRPC request's arrival to its last response message.",
+            ["method"],
+            registry=registry,
+        )
+
+    def observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self.requests.labels(method=method, code=code.name).inc()
+        self.duration.labels(method=method).observe(time.perf_counter() - started)
+
+
+def _final_code(context, exc: BaseException | None) -> grpc.StatusCode:
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN if exc else grpc.StatusCode.OK
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Wraps unary and server-streaming handlers of a sync server."""
+
+    def __init__(self, metrics: RpcMetrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            def unary(request, context):
+                started, exc = time.perf_counter(), None
+                try:
+                    return inner(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    metrics.observe(method, _final_code(context, exc), started)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            def stream(request, context):
+                started, exc = time.perf_counter(), None
+                try:
+                    yield from inner_stream(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    metrics.observe(method, _final_code(context, exc), started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer)
+        return handler

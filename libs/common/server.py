@@ -1,0 +1,116 @@
+"""The server bootstrap every service uses: gRPC with health checking and
+reflection, per-RPC metrics, the /metrics endpoint, structured logs, a ready
+file for whoever started us, and graceful shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from libs.common import logs, metrics
+
+LOG = logging.getLogger("tuneforge.server")
+
+
+@dataclass
+class ServerOptions:
+    """Flags every service takes. Everything binds loopback unless told otherwise."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC and metrics servers"})
+    port: int = field(default=0, metadata={"help": "gRPC port (0 picks a free one)"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 picks a free one)"})
+    grace_period: float = field(default=10.0, metadata={"help": "seconds in-flight RPCs get to finish on shutdown"})
+    ready_file: str | None = field(default=None, metadata={"help": "write bound ports here (JSON) once serving"})
+    log_level: str = field(default="INFO", metadata={"help": "log level", "choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
+
+
+# register(server) adds the service's servicers and returns their full names
+Register = Callable[[grpc.Server], Iterable[str]]
+
+
+def _standard_services(server, names: list[str], health_servicer) -> None:
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+
+
+def create_server(address: str, register: Register, service: str, max_workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Builds and starts a sync gRPC server. Returns (server, bound port, health servicer)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
+        interceptors=[metrics.MetricsInterceptor(metrics.RpcMetrics(service))],
+        options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
+    )
+    names = list(register(server))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    _standard_services(server, names, health_servicer)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    server.start()
+    return server, port, health_servicer
+
+
+def write_ready_file(path: str | None, **ports) -> None:
+    """Atomically writes the bound ports so a parent process can find us."""
+    if not path:
+        return
+    target = pathlib.Path(path)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), **ports}))
+    os.replace(tmp, target)
+
+
+class ShutdownSignal:
+    """Set by SIGTERM or SIGINT; services wait on it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        LOG.info("shutdown requested", extra={"fields": {"signal": signal.Signals(signum).name}})
+        self.event.set()
+
+    def wait(self) -> None:
+        while not self.event.wait(0.5):
+            pass
+
+
+def run(service: str, options: ServerOptions, register: Register,
+        on_shutdown: Callable[[], None] | None = None, extra_ports: dict | None = None) -> None:
+    """Runs one service until SIGTERM/SIGINT, then drains: health flips to
+    NOT_SERVING, new RPCs are refused, in-flight RPCs get `grace_period` seconds."""
+    logs.setup(service, options.log_level)
+    stop = ShutdownSignal()
+    server, port, health_servicer = create_server(f"{options.host}:{options.port}", register, service)
+    _httpd, metrics_port = metrics.serve_metrics(options.host, options.metrics_port)
+    write_ready_file(options.ready_file, grpc_port=port, metrics_port=metrics_port, **(extra_ports or {}))
+    logs.log(LOG, logging.INFO, "serving", grpc=f"{options.host}:{port}", metrics=f"{options.host}:{metrics_port}")
+    stop.wait()
+    health_servicer.enter_graceful_shutdown()
+    if on_shutdown:
+        on_shutdown()
+    server.stop(options.grace_period).wait()
+    logs.log(LOG, logging.INFO, "stopped")
+
+
+def options_of(config) -> ServerOptions:
+    """The ServerOptions part of a service config that extends ServerOptions."""
+    return ServerOptions(**{f.name: getattr(config, f.name) for f in dataclasses.fields(ServerOptions)})
