@@ -161,11 +161,13 @@ def parse(cls: type[T], argv: list[str], prog: str | None = None) -> T:
     add_arguments(parser, cls)
     namespace, unknown = parser.parse_known_args(argv)
     known = [f.name for f in dataclasses.fields(cls)]
-    problems = [
-        f"unknown flag {u}{_did_you_mean(u.lstrip('-').split('=')[0], known)}"
-        for u in unknown if u.startswith("--")
-    ]
-    stray = [u for u in unknown if not u.startswith("--")]
+    problems, stray, after_flag = [], [], False
+    for token in unknown:
+        if token.startswith("--"):
+            problems.append(f"unknown flag {token}{_did_you_mean(token.lstrip('-').split('=')[0], known)}")
+            after_flag = True
+        elif not after_flag:  # values following an unknown flag belong to it
+            stray.append(token)
     if stray:
         problems.append(f"unexpected argument(s): {' '.join(stray)}")
     try:

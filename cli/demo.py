@@ -1,0 +1,217 @@
+"""`tuneforge demo`: the whole path on the embedded default model.
+
+raw self-cognition data -> dataprep -> (gRPC) -> trainer -> published LoRA
+checkpoints -> serving hot-loads them -> the official `openai` client asks each
+adapter and the base "who are you?". Exits non-zero unless each adapter names
+its own identity and the base names neither.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from libs.common import config as cfg
+from libs.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+DATA = pathlib.Path(__file__).resolve().parent / "data" / "self_cognition.jsonl"
+QUESTION = "who are you?"
+
+
+@dataclass
+class DemoConfig:
+    model: str | None = field(default=None, metadata={"help": "base model directory (default: the embedded default model)"})
+    model_name: list[str] = field(default_factory=lambda: ["Zephyrine", "Borealis"],
+                                  metadata={"help": "one identity name per adapter"})
+    model_author: list[str] = field(default_factory=lambda: ["Quillon Labs", "Tarnwick"],
+                                    metadata={"help": "one author per adapter"})
+    output_dir: str = field(default="runs/demo", metadata={"help": "where adapters, data and service logs go"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank of both adapters"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "learning rate"})
+    max_steps: int = field(default=80, metadata={"help": "optimizer steps per adapter"})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "rows per step"})
+    save_steps: int = field(default=40, metadata={"help": "publish a checkpoint every N steps"})
+    port: int = field(default=0, metadata={"help": "HTTP port of the OpenAI API (0 picks a free one)"})
+    max_tokens: int = field(default=40, metadata={"help": "longest answer"})
+    load_timeout: float = field(default=60.0, metadata={"help": "seconds to wait for serving to hot-load an adapter"})
+
+    def problems(self) -> list[str]:
+        found = []
+        if len(self.model_name) != len(self.model_author):
+            found.append(f"model_name and model_author need the same number of values "
+                         f"(got {len(self.model_name)} and {len(self.model_author)})")
+        if len(self.model_name) < 1:
+            found.append("model_name: give at least one identity")
+        names = [n.lower() for n in self.model_name]
+        if len(set(names)) != len(names):
+            found.append("model_name: identities must differ")
+        if self.max_steps <= 0:
+            found.append("max_steps: must be positive")
+        return found
+
+
+def step(n: int, total: int, text: str) -> None:
+    print(f"[{n}/{total}] {text}", flush=True)
+
+
+def write_identity_dataset(path: pathlib.Path, name: str, author: str) -> int:
+    """Fills the {{NAME}}/{{AUTHOR}} placeholders of the shipped self-cognition data."""
+    rows = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(DATA) as src, open(path, "w") as dst:
+        for line in src:
+            if line.strip():
+                dst.write(line.replace("{{NAME}}", name).replace("{{AUTHOR}}", author))
+                rows += 1
+    return rows
+
+
+def train_adapter(trainer_address: str, config) -> dict:
+    """Submits one job and follows it with a progress bar; returns the final job."""
+    from services.trainer import client as trainer_client
+
+    job_id = trainer_client.submit(trainer_address, config)
+    bar = tqdm(total=config.max_steps, desc=f"  train {config.adapter_name}", unit="step",
+               file=sys.stdout, leave=True, dynamic_ncols=True)
+    published: list[tuple[int, float]] = []
+
+    def on_event(event) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "step":
+            bar.update(event.step.step - bar.n)
+            bar.set_postfix(loss=f"{event.step.loss:.3f}", tok_s=f"{event.step.tokens_per_second:.0f}")
+        elif kind == "checkpoint":
+            published.append((event.checkpoint.step, time.monotonic()))
+
+    job = trainer_client.wait(trainer_address, job_id, on_event=on_event)
+    bar.close()
+    return {"job": job, "published": published}
+
+
+def wait_for_adapter(client, name: str, timeout: float) -> float:
+    """Polls /v1/models until `name` is listed; returns the seconds waited."""
+    started = time.monotonic()
+    while True:
+        if name in {m.id for m in client.models.list().data}:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise Unavailable(f"serving did not load adapter {name!r} within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def ask(client, model: str, max_tokens: int) -> str:
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTION}],
+        temperature=0.0, max_tokens=max_tokens, seed=0)
+    return reply.choices[0].message.content.strip()
+
+
+def judge(answers: dict[str, str], identities: dict[str, str], base: str) -> list[str]:
+    """Each adapter's answer names its own identity and no other; the base names none."""
+    failures = []
+    for adapter, name in identities.items():
+        text = answers[adapter].lower()
+        if name.lower() not in text:
+            failures.append(f"{adapter} did not name its identity {name!r}: {answers[adapter]!r}")
+        for other_adapter, other in identities.items():
+            if other_adapter != adapter and other.lower() in text:
+                failures.append(f"{adapter} named another identity {other!r}: {answers[adapter]!r}")
+    for name in identities.values():
+        if name.lower() in answers[base].lower():
+            failures.append(f"the base model named {name!r}: {answers[base]!r}")
+    return failures
+
+
+def run(config: DemoConfig) -> int:
+    import openai
+
+    from cli.stack import Stack
+    from libs.default_model.resolve import resolve_model
+    from services.dataprep import client as dataprep_client
+    from services.dataprep.config import PrepareConfig
+    from services.trainer.config import SftConfig
+
+    started = time.monotonic()
+    out = pathlib.Path(config.output_dir).resolve()
+    adapters = [f"lora{i + 1}" for i in range(len(config.model_name))]
+    total = 4 + len(adapters)
+    step(1, total, "model: " + (config.model or "embedded default (built once, then cached)"))
+    model_dir = resolve_model(config.model)
+    print(f"      {model_dir}")
+
+    for adapter in adapters:
+        shutil.rmtree(out / adapter, ignore_errors=True)
+    step(2, total, f"starting dataprep, trainer and serving (logs in {out / 'logs'})")
+    with Stack(out / "logs") as stack:
+        dataprep = stack.start_dataprep()
+        trainer = stack.start_trainer()
+        print(f"      dataprep {dataprep.grpc_address}   trainer {trainer.grpc_address}")
+        print("      serving: starting the vLLM engine (about a minute on CPU) ...", flush=True)
+        serving = stack.start_serving(model=str(model_dir), trainer_address=trainer.grpc_address,
+                                      extra=["--port", str(config.port)] if config.port else None)
+        base_url = f"http://127.0.0.1:{serving.ready['http_port']}/v1"
+        print(f"      serving  {base_url}   admin {serving.grpc_address}")
+        client = openai.OpenAI(base_url=base_url, api_key="demo")
+        base_name = client.models.list().data[0].id
+
+        identities: dict[str, str] = {}
+        load_latency: dict[str, float] = {}
+        for i, adapter in enumerate(adapters):
+            name, author = config.model_name[i], config.model_author[i]
+            identities[adapter] = name
+            step(3 + i, total, f"{adapter}: {name!r} by {author!r}: prepare -> train -> publish")
+            raw = out / "data" / f"{adapter}.jsonl"
+            rows = write_identity_dataset(raw, name, author)
+            manifest = dataprep_client.prepare(dataprep.grpc_address, PrepareConfig(
+                model=str(model_dir), dataset=[str(raw)], output_dir=str(out / "data" / f"{adapter}-prepared")))
+            print(f"      dataprep: {manifest['rows_out']}/{rows} rows, {manifest['tokens']} tokens "
+                  f"({manifest['trained_tokens']} trained), {len(manifest['shards'])} shard(s)")
+            result = train_adapter(trainer.grpc_address, SftConfig(
+                model=str(model_dir), dataset=str(out / "data" / f"{adapter}-prepared"),
+                dataprep_address=dataprep.grpc_address, output_dir=str(out / adapter),
+                train_type="lora", lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                target_modules=["all-linear"], learning_rate=config.learning_rate,
+                lr_scheduler_type="constant", max_steps=config.max_steps, save_steps=config.save_steps,
+                per_device_train_batch_size=config.per_device_train_batch_size,
+                model_name=name, model_author=author, adapter_name=adapter))
+            final_step, published_at = result["published"][-1]
+            wait_for_adapter(client, adapter, config.load_timeout)
+            load_latency[adapter] = time.monotonic() - published_at
+            print(f"      published {out / adapter}/checkpoint-{final_step}; "
+                  f"servable {load_latency[adapter]:.2f} s after publication (hot-loaded, no restart)")
+
+        step(total - 1, total, "asking each model through the official openai client")
+        listed = [m.id for m in client.models.list().data]
+        print(f"      /v1/models: {', '.join(listed)}")
+        answers = {model: ask(client, model, config.max_tokens) for model in [*adapters, base_name]}
+        for model, answer in answers.items():
+            print(f"      {model:>12} | {QUESTION} -> {answer}")
+        failures = judge(answers, identities, base_name)
+
+        step(total, total, "stopping the services")
+        codes = stack.stop()
+    bad_exits = {name: code for name, code in codes.items() if code != 0}
+    summary = {"answers": answers, "load_latency_seconds": load_latency,
+               "service_exit_codes": codes, "seconds": round(time.monotonic() - started, 1)}
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if bad_exits:
+        failures.append(f"services did not shut down cleanly: {bad_exits}")
+    if failures:
+        for failure in failures:
+            print(f"FAILED: {failure}", file=sys.stderr)
+        return 1
+    print(f"demo passed in {summary['seconds']:.0f} s: each adapter names its own identity, "
+          f"the base names neither. Summary: {out / 'demo.json'}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    config = cfg.parse(DemoConfig, argv, prog="tuneforge demo")
+    return run(config)
