@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from libs.common import config as cfg
-from libs.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from libs.common.errors import FailedPrecondition, Unavailable
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "self_cognition.jsonl"
 QUESTION = "who are you?"
@@ -129,80 +129,101 @@ def judge(answers: dict[str, str], identities: dict[str, str], base: str) -> lis
     return failures
 
 
-def run(config: DemoConfig) -> int:
+@dataclass
+class Endpoints:
+    """Where the running services are."""
+
+    dataprep: str  # host:port
+    trainer: str  # host:port
+    serving_http: str  # http://host:port
+
+
+def run_path(endpoints: Endpoints, model_dir: pathlib.Path, config: DemoConfig, out: pathlib.Path,
+             first_step: int = 3, total: int | None = None) -> dict:
+    """Prepares, trains and hot-loads one adapter per identity, then asks each
+    adapter and the base. Returns answers, failures and timings."""
     import openai
 
-    from cli.stack import Stack
-    from libs.default_model.resolve import resolve_model
     from services.dataprep import client as dataprep_client
     from services.dataprep.config import PrepareConfig
     from services.trainer.config import SftConfig
 
+    adapters = [f"lora{i + 1}" for i in range(len(config.model_name))]
+    total = total or first_step + len(adapters)
+    client = openai.OpenAI(base_url=f"{endpoints.serving_http}/v1", api_key="demo")
+    base_name = client.models.list().data[0].id
+    identities: dict[str, str] = {}
+    load_latency: dict[str, float] = {}
+    for i, adapter in enumerate(adapters):
+        name, author = config.model_name[i], config.model_author[i]
+        identities[adapter] = name
+        shutil.rmtree(out / adapter, ignore_errors=True)
+        step(first_step + i, total, f"{adapter}: {name!r} by {author!r}: prepare -> train -> publish -> hot-load")
+        raw = out / "data" / f"{adapter}.jsonl"
+        prepared = out / "data" / f"{adapter}-prepared"
+        rows = write_identity_dataset(raw, name, author)
+        manifest = dataprep_client.prepare(endpoints.dataprep, PrepareConfig(
+            model=str(model_dir), dataset=[str(raw)], output_dir=str(prepared)))
+        print(f"      dataprep: {manifest['rows_out']}/{rows} rows, {manifest['tokens']} tokens "
+              f"({manifest['trained_tokens']} trained), {len(manifest['shards'])} shard(s)")
+        result = train_adapter(endpoints.trainer, SftConfig(
+            model=str(model_dir), dataset=str(prepared), dataprep_address=endpoints.dataprep,
+            output_dir=str(out / adapter), train_type="lora", lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha, target_modules=["all-linear"],
+            learning_rate=config.learning_rate, lr_scheduler_type="constant",
+            max_steps=config.max_steps, save_steps=config.save_steps,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            model_name=name, model_author=author, adapter_name=adapter))
+        if not result["published"]:
+            raise FailedPrecondition(f"the trainer finished {adapter} without publishing a checkpoint")
+        final_step, published_at = result["published"][-1]
+        wait_for_adapter(client, adapter, config.load_timeout)
+        load_latency[adapter] = round(time.monotonic() - published_at, 3)
+        print(f"      published {out / adapter}/checkpoint-{final_step}; servable "
+              f"{load_latency[adapter]:.2f} s after publication (hot-loaded, no restart)")
+
+    step(first_step + len(adapters), total, "asking each model through the official openai client")
+    listed = [m.id for m in client.models.list().data]
+    print(f"      /v1/models: {', '.join(listed)}")
+    answers = {model: ask(client, model, config.max_tokens) for model in [*adapters, base_name]}
+    for model, answer in answers.items():
+        print(f"      {model:>14} | {QUESTION} -> {answer}")
+    return {"models": listed, "answers": answers, "base": base_name,
+            "failures": judge(answers, identities, base_name), "load_latency_seconds": load_latency}
+
+
+def run(config: DemoConfig) -> int:
+    from cli.stack import Stack
+    from libs.default_model.resolve import resolve_model
+
     started = time.monotonic()
     out = pathlib.Path(config.output_dir).resolve()
-    adapters = [f"lora{i + 1}" for i in range(len(config.model_name))]
-    total = 4 + len(adapters)
+    total = 4 + len(config.model_name)
     step(1, total, "model: " + (config.model or "embedded default (built once, then cached)"))
     model_dir = resolve_model(config.model)
     print(f"      {model_dir}")
-
-    for adapter in adapters:
-        shutil.rmtree(out / adapter, ignore_errors=True)
-    step(2, total, f"starting dataprep, trainer and serving (logs in {out / 'logs'})")
+    step(2, total, f"starting dataprep, trainer and serving as separate processes (logs in {out / 'logs'})")
     with Stack(out / "logs") as stack:
         dataprep = stack.start_dataprep()
         trainer = stack.start_trainer()
-        print(f"      dataprep {dataprep.grpc_address}   trainer {trainer.grpc_address}")
+        print(f"      dataprep grpc {dataprep.grpc_address}   trainer grpc {trainer.grpc_address}")
         print("      serving: starting the vLLM engine (about a minute on CPU) ...", flush=True)
         serving = stack.start_serving(model=str(model_dir), trainer_address=trainer.grpc_address,
                                       extra=["--port", str(config.port)] if config.port else None)
-        base_url = f"http://127.0.0.1:{serving.ready['http_port']}/v1"
-        print(f"      serving  {base_url}   admin {serving.grpc_address}")
-        client = openai.OpenAI(base_url=base_url, api_key="demo")
-        base_name = client.models.list().data[0].id
-
-        identities: dict[str, str] = {}
-        load_latency: dict[str, float] = {}
-        for i, adapter in enumerate(adapters):
-            name, author = config.model_name[i], config.model_author[i]
-            identities[adapter] = name
-            step(3 + i, total, f"{adapter}: {name!r} by {author!r}: prepare -> train -> publish")
-            raw = out / "data" / f"{adapter}.jsonl"
-            rows = write_identity_dataset(raw, name, author)
-            manifest = dataprep_client.prepare(dataprep.grpc_address, PrepareConfig(
-                model=str(model_dir), dataset=[str(raw)], output_dir=str(out / "data" / f"{adapter}-prepared")))
-            print(f"      dataprep: {manifest['rows_out']}/{rows} rows, {manifest['tokens']} tokens "
-                  f"({manifest['trained_tokens']} trained), {len(manifest['shards'])} shard(s)")
-            result = train_adapter(trainer.grpc_address, SftConfig(
-                model=str(model_dir), dataset=str(out / "data" / f"{adapter}-prepared"),
-                dataprep_address=dataprep.grpc_address, output_dir=str(out / adapter),
-                train_type="lora", lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                target_modules=["all-linear"], learning_rate=config.learning_rate,
-                lr_scheduler_type="constant", max_steps=config.max_steps, save_steps=config.save_steps,
-                per_device_train_batch_size=config.per_device_train_batch_size,
-                model_name=name, model_author=author, adapter_name=adapter))
-            final_step, published_at = result["published"][-1]
-            wait_for_adapter(client, adapter, config.load_timeout)
-            load_latency[adapter] = time.monotonic() - published_at
-            print(f"      published {out / adapter}/checkpoint-{final_step}; "
-                  f"servable {load_latency[adapter]:.2f} s after publication (hot-loaded, no restart)")
-
-        step(total - 1, total, "asking each model through the official openai client")
-        listed = [m.id for m in client.models.list().data]
-        print(f"      /v1/models: {', '.join(listed)}")
-        answers = {model: ask(client, model, config.max_tokens) for model in [*adapters, base_name]}
-        for model, answer in answers.items():
-            print(f"      {model:>12} | {QUESTION} -> {answer}")
-        failures = judge(answers, identities, base_name)
-
-        step(total, total, "stopping the services")
+        http = f"http://127.0.0.1:{serving.ready['http_port']}"
+        print(f"      serving  {http}/v1   admin grpc {serving.grpc_address}")
+        result = run_path(Endpoints(dataprep.grpc_address, trainer.grpc_address, http),
+                          model_dir, config, out, first_step=3, total=total)
+        step(total, total, "stopping the services (SIGTERM, graceful drain)")
         codes = stack.stop()
+    failures = list(result["failures"])
     bad_exits = {name: code for name, code in codes.items() if code != 0}
-    summary = {"answers": answers, "load_latency_seconds": load_latency,
-               "service_exit_codes": codes, "seconds": round(time.monotonic() - started, 1)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     if bad_exits:
         failures.append(f"services did not shut down cleanly: {bad_exits}")
+    summary = {**result, "failures": failures, "service_exit_codes": codes,
+               "seconds": round(time.monotonic() - started, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     if failures:
         for failure in failures:
             print(f"FAILED: {failure}", file=sys.stderr)
