@@ -106,3 +106,32 @@ def grpc_errors(method):
             context.abort(exc.code, str(exc))
 
     return plain
+
+
+# gRPC status code -> the typed error a client raises for it (the inverse of `code`).
+_BY_STATUS: dict[grpc.StatusCode, type[TuneForgeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def from_status(code: grpc.StatusCode | int, message: str) -> TuneForgeError:
+    """The typed error for a status code (enum or google.rpc.Code number)."""
+    if isinstance(code, int):
+        code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    return _BY_STATUS.get(code, TuneForgeError)(message)
+
+
+def from_rpc_error(error: grpc.RpcError, service: str, address: str) -> TuneForgeError:
+    """Turns a failed call into its typed error; unreachable peers are named."""
+    code, details = error.code(), error.details() or error.code().name
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        details = f"{service} service at {address}: {details}"
+    return from_status(code, details)

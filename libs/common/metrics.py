@@ -16,9 +16,21 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) 
 
 
 class RpcMetrics:
-    """Counts and times every RPC of one service, labelled by method and status code."""
+    """Counts and times every RPC of one service, labelled by method and status code.
+    One instance per (service, registry): servers created again in the same
+    process (tests) share it instead of registering the names twice."""
 
-    def __init__(self, service: str, registry: CollectorRegistry = REGISTRY):
+    _instances: dict[tuple[str, int], "RpcMetrics"] = {}
+
+    def __new__(cls, service: str, registry: CollectorRegistry = REGISTRY):
+        key = (service, id(registry))
+        if key not in cls._instances:
+            instance = super().__new__(cls)
+            instance._init(service, registry)
+            cls._instances[key] = instance
+        return cls._instances[key]
+
+    def _init(self, service: str, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             f"tuneforge_{service}_grpc_requests",
             "gRPC requests handled, by method and status code.",

@@ -1,0 +1,93 @@
+"""The client library of the dataprep service: prepare a dataset over gRPC and
+read a rank's share of a prepared dataset as Arrow record batches.
+gRPC failures surface as libs.common.errors types carrying the server's message."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable, Iterator
+
+import grpc
+import pyarrow as pa
+
+from libs.common.config import to_proto
+from libs.common.errors import TuneForgeError, Unavailable, from_rpc_error, from_status
+from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
+from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
+from services.dataprep import reading
+from services.dataprep.config import PrepareConfig
+from services.dataprep.pipeline import Progress
+
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+
+def _typed(exc: grpc.RpcError, address: str) -> TuneForgeError:
+    return from_rpc_error(exc, "dataprep", address)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cursor:
+    """Where a reader stands in a prepared dataset; pass it back as `start` to resume exactly."""
+
+    shard_index: int = 0
+    row: int = 0
+
+
+def _channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+
+def read_batches(address: str, dataset_dir: str, rank: int = 0, world_size: int = 1,
+                 start: Cursor | None = None, max_batch_rows: int = 256,
+                 timeout: float | None = None) -> Iterator[tuple[pa.RecordBatch, Cursor]]:
+    """Yields (record batch of this rank's rows, cursor after it)."""
+    start = start or Cursor()
+    request = pb.ReadShardsRequest(dataset_dir=str(dataset_dir), rank=rank, world_size=world_size,
+                                   start=pb.Cursor(shard_index=start.shard_index, row=start.row),
+                                   max_batch_rows=max_batch_rows)
+    with _channel(address) as channel:
+        responses = pb_grpc.DataprepServiceStub(channel).ReadShards(request, timeout=timeout)
+        try:
+            for response in responses:
+                yield reading.from_ipc_stream(response.arrow_ipc), Cursor(response.next.shard_index, response.next.row)
+        except grpc.RpcError as exc:
+            raise _typed(exc, address) from None
+        finally:
+            responses.cancel()  # a caller that stops early ends the stream on the server too
+
+
+def _progress_of(preparation: pb.Preparation) -> Progress:
+    return Progress(rows_in=preparation.rows_in, rows_out=preparation.rows_out,
+                    rows_rejected=preparation.rows_rejected, tokens=preparation.tokens,
+                    shards_written=preparation.shards_written)
+
+
+def prepare(address: str, config: PrepareConfig, on_progress: Callable[[Progress], None] | None = None,
+            timeout: float | None = None) -> dict:
+    """Starts a preparation on the service, watches it to the end and returns its
+    manifest; raises the typed error it failed with. Interrupting (Ctrl-C) cancels it."""
+    with _channel(address) as channel:
+        stub = pb_grpc.DataprepServiceStub(channel)
+        try:
+            started = stub.PrepareDataset(
+                pb.PrepareDatasetRequest(arguments=to_proto(config, pb.PrepareArguments)), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _typed(exc, address) from None
+        operation_id = started.preparation.id
+        last = started.preparation
+        try:
+            for response in stub.WatchPreparation(pb.WatchPreparationRequest(id=operation_id), timeout=timeout):
+                last = response.preparation
+                if on_progress:
+                    on_progress(_progress_of(last))
+        except grpc.RpcError as exc:
+            raise _typed(exc, address) from None
+        except KeyboardInterrupt:
+            stub.CancelPreparation(pb.CancelPreparationRequest(id=operation_id), timeout=10)
+            raise
+    if last.state == pb.PREPARATION_STATE_SUCCEEDED:
+        return json.loads(last.manifest_json)
+    if last.state in (pb.PREPARATION_STATE_FAILED, pb.PREPARATION_STATE_CANCELLED):
+        raise from_status(last.error_code or grpc.StatusCode.INTERNAL, last.error or pb.PreparationState.Name(last.state))
+    raise Unavailable(f"dataprep service at {address}: the watch of preparation {operation_id} ended "
+                      f"in state {pb.PreparationState.Name(last.state)}")

@@ -1,0 +1,66 @@
+"""Configs of the dataprep entrypoints: one preparation, the `prepare` command, the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from libs.common.server import ServerOptions
+
+
+@dataclass
+class PrepareConfig:
+    """One preparation: JSONL conversations in, tokenized Arrow shards out.
+    Flag names are ms-swift's (`--model`, `--dataset`, `--max_length`, `--system`)."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "model directory whose tokenizer and chat template are used; unset means the embedded default model"})
+    dataset: list[str] = field(default_factory=list, metadata={
+        "help": "dataset files: JSONL, one {\"messages\": [{\"role\", \"content\"}, ...]} object a line"})
+    output_dir: str = field(default="", metadata={
+        "help": "directory receiving shard-NNNNN.arrow, rejects.jsonl and manifest.json (our files there are replaced)"})
+    max_length: int = field(default=2048, metadata={
+        "help": "longest tokenized row kept, in tokens; longer rows are rejected (reason too_long); 0 means no limit"})
+    system: str | None = field(default=None, metadata={
+        "help": "system prompt inserted in rows that do not start with a system message"})
+    shard_rows: int = field(default=1000, metadata={"help": "rows per shard file"})
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.dataset:
+            found.append("dataset: at least one dataset file is required")
+        if not self.output_dir:
+            found.append("output_dir: required")
+        if self.max_length < 0:
+            found.append(f"max_length: expected 0 (no limit) or a positive number; got {self.max_length}")
+        if self.shard_rows < 1:
+            found.append(f"shard_rows: expected a positive number; got {self.shard_rows}")
+        return found
+
+
+@dataclass
+class PrepareCommandConfig(PrepareConfig):
+    """`tuneforge prepare`: a preparation, run in this process or through a dataprep service."""
+
+    dataprep_address: str | None = field(default=None, metadata={
+        "help": "host:port of a dataprep service to run the preparation on; unset runs it in this process"})
+
+
+@dataclass
+class DataprepServerConfig(ServerOptions):
+    """`tuneforge serve dataprep`."""
+
+    max_concurrent: int = field(default=1, metadata={
+        "help": "preparations running at once; more wait in state PENDING (tokenizing is CPU-bound)"})
+    max_pending: int = field(default=16, metadata={
+        "help": "preparations waiting to run; PrepareDataset beyond this fails with RESOURCE_EXHAUSTED"})
+    keep_finished: int = field(default=256, metadata={
+        "help": "finished preparations remembered for Get/Watch; the oldest are forgotten first"})
+
+    def problems(self) -> list[str]:
+        found = []
+        for name in ("max_concurrent", "keep_finished"):
+            if getattr(self, name) < 1:
+                found.append(f"{name}: expected a positive number; got {getattr(self, name)}")
+        if self.max_pending < 0:
+            found.append(f"max_pending: expected 0 or more; got {self.max_pending}")
+        return found

@@ -1,0 +1,27 @@
+"""Prometheus metrics of the dataprep service (`tuneforge_dataprep_...`).
+Counter names carry no `_total`: prometheus_client appends it in the exposition."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+from services.dataprep.jsonl import REASONS
+
+ROWS = Counter("tuneforge_dataprep_rows_processed", "Dataset rows read (kept or rejected).")
+ROWS_REJECTED = Counter("tuneforge_dataprep_rows_rejected", "Dataset rows rejected, by reason.", ["reason"])
+TOKENS = Counter("tuneforge_dataprep_tokens", "Tokens written to shards.")
+TRAINED_TOKENS = Counter("tuneforge_dataprep_trained_tokens", "Tokens written to shards with a label (trained).")
+SHARDS_WRITTEN = Counter("tuneforge_dataprep_shards_written", "Shard files written by preparations.")
+PREPARATIONS = Counter("tuneforge_dataprep_preparations", "Preparations entering each state.", ["state"])
+PREPARATIONS_ACTIVE = Gauge("tuneforge_dataprep_preparations_active",
+                            "Preparations pending or running now, by state.", ["state"])
+SHARDS_SERVED = Counter("tuneforge_dataprep_shards_served", "Shards (verified) served by ReadShards.")
+ROWS_SERVED = Counter("tuneforge_dataprep_rows_served", "Rows served by ReadShards.")
+
+# Every label value exists from the start (at 0), so rates and alerts see a series before the first event.
+for _reason in REASONS:
+    ROWS_REJECTED.labels(reason=_reason)
+for _state in ("pending", "running", "succeeded", "failed", "cancelled"):
+    PREPARATIONS.labels(state=_state)
+for _state in ("pending", "running"):
+    PREPARATIONS_ACTIVE.labels(state=_state)
