@@ -1,0 +1,164 @@
+"""The trainer's configs: `SftConfig` (one supervised fine-tuning job, ms-swift flag names)
+and `TrainerServerConfig` (the trainer service process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from libs.common import checkpoint
+from libs.common import config as cfg
+from libs.common.errors import TuneForgeError
+from libs.common.server import ServerOptions
+
+TRAIN_TYPES = ("lora",)
+# Accepted by ms-swift but not by this trainer yet: named so the error can say so.
+LATER_TRAIN_TYPES = ("full", "qlora")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class SftConfig:
+    """One supervised fine-tuning job. Field names and defaults follow ms-swift's `swift sft`."""
+
+    model: str | None = field(default=None, metadata={"help": "base model directory; unset means the embedded default model"})
+    dataset: str | None = field(default=None, metadata={"help": "prepared dataset directory on the dataprep service"})
+    dataprep_address: str | None = field(default=None, metadata={"help": "host:port of the dataprep service"})
+    output_dir: str | None = field(default=None, metadata={"help": "run directory; checkpoints go to OUTPUT_DIR/checkpoint-<step>"})
+    train_type: str = field(default="lora", metadata={"help": "lora (full and qlora come in a later release)"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
+                                      metadata={"help": "module names to adapt, or all-linear (every linear layer but the output head)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine, linear or constant"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps spent warming up linearly"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not applied to 1-D parameters)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 disables clipping"})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "rows per micro-batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored when max_steps > 0)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 derives them from num_train_epochs"})
+    save_steps: int = field(default=500, metadata={"help": "publish a checkpoint every N steps (and always at the end)"})
+    logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
+    seed: int = field(default=42, metadata={"help": "random seed (LoRA init, dropout)"})
+    model_name: str | None = field(default=None, metadata={"help": "self-cognition name recorded in args.json"})
+    model_author: str | None = field(default=None, metadata={"help": "self-cognition author recorded in args.json"})
+    adapter_name: str | None = field(default=None, metadata={"help": "name serving loads the adapters under (default: basename of output_dir)"})
+    torch_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+
+    def problems(self) -> list[str]:
+        """Every problem at once, each naming its field; empty when the job can start."""
+        found: list[str] = []
+        if self.train_type in LATER_TRAIN_TYPES:
+            found.append(f"train_type: {self.train_type!r} is not supported yet: this trainer does LoRA only "
+                         f"(full and qlora training come in a later release); use --train_type lora")
+        elif self.train_type not in TRAIN_TYPES:
+            found.append(f"train_type: expected one of {', '.join(TRAIN_TYPES)}; got {self.train_type!r}")
+        for name in ("dataset", "dataprep_address", "output_dir"):
+            if not getattr(self, name):
+                found.append(f"{name}: required")
+        positive = ("lora_rank", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
+                    "save_steps", "logging_steps", "learning_rate")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                found.append(f"{name}: must be positive; got {getattr(self, name)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            found.append(f"lora_dropout: must be in [0, 1); got {self.lora_dropout}")
+        if not self.target_modules or any(not m for m in self.target_modules):
+            found.append("target_modules: give module names or all-linear")
+        elif "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            found.append("target_modules: all-linear cannot be combined with module names")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            found.append(f"lr_scheduler_type: expected one of {', '.join(LR_SCHEDULERS)}; got {self.lr_scheduler_type!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            found.append(f"warmup_ratio: must be in [0, 1]; got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            found.append(f"weight_decay: must not be negative; got {self.weight_decay}")
+        if self.max_grad_norm < 0:
+            found.append(f"max_grad_norm: must not be negative (0 disables clipping); got {self.max_grad_norm}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            found.append(f"max_steps: must be positive, or -1 to derive it from num_train_epochs; got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            found.append(f"num_train_epochs: must be positive when max_steps is -1; got {self.num_train_epochs}")
+        if self.torch_dtype not in DTYPES:
+            found.append(f"torch_dtype: expected one of {', '.join(DTYPES)}; got {self.torch_dtype!r}")
+        if self.model:
+            found.extend(_model_problems(self.model))
+        if self.output_dir:
+            published = checkpoint.checkpoints(self.output_dir)
+            if published:
+                found.append(f"output_dir: {self.output_dir} already holds checkpoints ({published[-1].name}); "
+                             f"choose a new run directory")
+        return found
+
+    def resolved_adapter_name(self) -> str:
+        """The name serving loads this run's adapters under."""
+        return self.adapter_name or pathlib.Path(self.output_dir or "").resolve().name
+
+
+def _model_problems(model: str) -> list[str]:
+    from libs.default_model.resolve import resolve_model
+
+    try:
+        resolve_model(model)
+    except TuneForgeError as exc:
+        return [f"model: {exc.message}"]
+    return []
+
+
+def _shortest_float32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32: a float field of a proto
+    arrives as float32, and 1e-4 should stay 1e-4 in args.json, not 9.999999747e-05."""
+    packed = struct.pack("<f", value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack("<f", candidate) == packed:
+            return candidate
+    return value
+
+
+def from_arguments(message: Any) -> SftConfig:
+    """An SftConfig from a `TrainingArguments` message (unset fields take the defaults above);
+    raises Problems listing every problem."""
+    config = cfg.from_proto(SftConfig, message)
+    for f in message.DESCRIPTOR.fields:
+        if f.type == f.TYPE_FLOAT and hasattr(config, f.name):
+            setattr(config, f.name, _shortest_float32(getattr(config, f.name)))
+    return config
+
+
+def to_arguments(config: SftConfig):
+    """The `TrainingArguments` message carrying `config`."""
+    from protos.tuneforge.trainer.v1 import trainer_pb2
+
+    return cfg.to_proto(config, trainer_pb2.TrainingArguments)
+
+
+def as_dict(config: SftConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+@dataclass
+class TrainerServerConfig(ServerOptions):
+    """`tuneforge serve trainer`: the service process."""
+
+    max_concurrent_jobs: int = field(default=1, metadata={"help": "jobs training at once; the rest wait PENDING in order"})
+    cancel_timeout: float = field(default=60.0, metadata={"help": "seconds a cancelled job gets to publish its checkpoint before it is killed"})
+    torch_threads: int = field(default=0, metadata={
+        "help": "intra-op CPU threads per training process; 0 shares the cores among max_concurrent_jobs"})
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.max_concurrent_jobs < 1:
+            found.append(f"max_concurrent_jobs: must be at least 1; got {self.max_concurrent_jobs}")
+        if self.torch_threads < 0:
+            found.append(f"torch_threads: must not be negative; got {self.torch_threads}")
+        if self.cancel_timeout <= 0:
+            found.append(f"cancel_timeout: must be positive; got {self.cancel_timeout}")
+        return found

@@ -1,0 +1,179 @@
+"""The trainer's data path: this rank's rows of a prepared dataset read over gRPC from
+dataprep, grouped into micro-batches and optimizer steps epoch by epoch, with the cursor
+that says exactly where reading stands.
+
+An epoch is one full pass over this rank's rows. Micro-batches and accumulation groups do
+not cross an epoch boundary (the last of an epoch may be short), so an epoch always has
+ceil(ceil(rows / micro_batch) / accumulation) optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from libs.common.errors import FailedPrecondition
+from services.dataprep.client import Cursor, read_batches
+from services.trainer.loss import IGNORE_INDEX, trained_tokens
+
+
+@dataclass(frozen=True)
+class DataCursor:
+    """Where reading stands: `skip` rows of this rank after dataprep cursor `start` of
+    epoch `epoch`. Reading from it again yields exactly the rows not yet consumed,
+    whatever batch sizes the server picks."""
+
+    epoch: int = 0
+    start: Cursor = Cursor()
+    skip: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "shard_index": self.start.shard_index, "row": self.start.row, "skip": self.skip}
+
+
+@dataclass(frozen=True)
+class Row:
+    input_ids: np.ndarray  # [length] int32
+    labels: np.ndarray  # [length] int32, IGNORE_INDEX where not trained
+
+
+class RowSource(Protocol):
+    """This rank's rows of one epoch from a cursor, each with the cursor just after it."""
+
+    def epoch_rows(self, cursor: DataCursor) -> Iterator[tuple[Row, DataCursor]]: ...
+
+
+def batch_rows(batch: pa.RecordBatch) -> Iterator[Row]:
+    """The rows of one record batch with `input_ids` and `labels` (list<int32>) columns."""
+    columns = {}
+    for name in ("input_ids", "labels"):
+        array = batch.column(name)
+        # offsets honour a sliced array; values are the unsliced child they index into
+        columns[name] = (array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False))
+    (id_offsets, ids), (label_offsets, labels) = columns["input_ids"], columns["labels"]
+    for i in range(batch.num_rows):
+        yield Row(ids[id_offsets[i]:id_offsets[i + 1]], labels[label_offsets[i]:label_offsets[i + 1]])
+
+
+class DataprepRows:
+    """Reads this rank's rows from the dataprep service (the trainer's only data path)."""
+
+    def __init__(self, address: str, dataset_dir: str, rank: int = 0, world_size: int = 1,
+                 max_batch_rows: int = 256, timeout: float | None = None):
+        self.address = address
+        self.dataset_dir = dataset_dir
+        self.rank = rank
+        self.world_size = world_size
+        self.max_batch_rows = max_batch_rows
+        self.timeout = timeout
+
+    def _batches(self, start: Cursor, max_batch_rows: int) -> Iterator[tuple[pa.RecordBatch, Cursor]]:
+        return read_batches(self.address, self.dataset_dir, rank=self.rank, world_size=self.world_size,
+                            start=start, max_batch_rows=max_batch_rows, timeout=self.timeout)
+
+    def epoch_rows(self, cursor: DataCursor) -> Iterator[tuple[Row, DataCursor]]:
+        batch_start, skip = cursor.start, cursor.skip
+        for batch, after in self._batches(batch_start, self.max_batch_rows):
+            for i, row in enumerate(batch_rows(batch)):
+                if i >= skip:
+                    yield row, DataCursor(cursor.epoch, batch_start, i + 1)
+            skip = max(0, skip - batch.num_rows)
+            batch_start = after
+
+    def count_rows(self) -> int:
+        """Rows of this rank in one epoch (one pass over the stream; rows are not kept)."""
+        return sum(batch.num_rows for batch, _ in self._batches(Cursor(), 4096))
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [batch, seq] int64, right-padded with the pad id
+    labels: torch.Tensor  # [batch, seq] int64, IGNORE_INDEX on padding
+    attention_mask: torch.Tensor  # [batch, seq] int64, 0 on padding
+    tokens: int  # real (non-padding) input tokens
+
+    @property
+    def trained_tokens(self) -> int:
+        return trained_tokens(self.labels)
+
+
+def collate(rows: list[Row], pad_id: int) -> MicroBatch:
+    """Right-pads every row to the longest of the micro-batch."""
+    longest = max(len(row.input_ids) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        input_ids[i, :n] = torch.from_numpy(row.input_ids.astype(np.int64))
+        labels[i, :n] = torch.from_numpy(row.labels.astype(np.int64))
+        attention_mask[i, :n] = 1
+    return MicroBatch(input_ids, labels, attention_mask, tokens=sum(len(row.input_ids) for row in rows))
+
+
+@dataclass
+class StepBatch:
+    """The micro-batches of one optimizer step."""
+
+    micro_batches: list[MicroBatch]
+    cursor: DataCursor  # where reading stands after this step's rows
+    data_wait_seconds: float  # time spent waiting for these rows
+
+    @property
+    def tokens(self) -> int:
+        return sum(mb.tokens for mb in self.micro_batches)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(mb.trained_tokens for mb in self.micro_batches)
+
+
+def steps_per_epoch(rows: int, micro_batch_size: int, accumulation: int) -> int:
+    return math.ceil(math.ceil(rows / micro_batch_size) / accumulation)
+
+
+def total_steps(max_steps: int, num_train_epochs: float, rows: int, micro_batch_size: int, accumulation: int) -> int:
+    """max_steps when positive, else epochs x steps per epoch (rounded up)."""
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(num_train_epochs * steps_per_epoch(rows, micro_batch_size, accumulation)))
+
+
+def step_batches(source: RowSource, micro_batch_size: int, accumulation: int, pad_id: int,
+                 start: DataCursor = DataCursor()) -> Iterator[StepBatch]:
+    """Optimizer steps, epoch after epoch, forever, from `start` (a step boundary)."""
+    cursor = start
+    while True:
+        rows = source.epoch_rows(cursor)
+        group: list[MicroBatch] = []
+        micro: list[Row] = []
+        waited, seen = 0.0, 0
+        while True:
+            asked = time.perf_counter()
+            item = next(rows, None)
+            waited += time.perf_counter() - asked
+            if item is None:
+                break
+            row, after = item
+            seen += 1
+            micro.append(row)
+            if len(micro) == micro_batch_size:
+                group.append(collate(micro, pad_id))
+                micro = []
+                if len(group) == accumulation:
+                    yield StepBatch(group, after, waited)
+                    group, waited = [], 0.0
+        next_epoch = DataCursor(cursor.epoch + 1)
+        if micro:
+            group.append(collate(micro, pad_id))
+        if group:
+            yield StepBatch(group, next_epoch, waited)
+        if seen == 0 and cursor == DataCursor(cursor.epoch):
+            raise FailedPrecondition("the dataset has no rows for this reader", field="dataset")
+        cursor = next_epoch

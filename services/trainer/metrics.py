@@ -1,0 +1,24 @@
+"""The trainer service's Prometheus metrics (`tuneforge_trainer_...`), fed from the events
+its training processes report. Labels are bounded: no job ids."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STEPS = Counter("tuneforge_trainer_steps", "Optimizer steps taken, all jobs.")
+TOKENS = Counter("tuneforge_trainer_tokens", "Input tokens (padding excluded) trained on, all jobs.")
+TRAINED_TOKENS = Counter("tuneforge_trainer_trained_tokens", "Tokens with a label (loss computed), all jobs.")
+STEP_DURATION = Histogram(
+    "tuneforge_trainer_step_duration_seconds", "Wall time of one optimizer step, data wait included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+DATA_WAIT = Histogram(
+    "tuneforge_trainer_data_wait_seconds", "Time one optimizer step waited for its rows from dataprep.",
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+LOSS = Gauge("tuneforge_trainer_loss", "Training loss of the last logged step.")
+LEARNING_RATE = Gauge("tuneforge_trainer_learning_rate", "Learning rate of the last logged step.")
+CHECKPOINTS = Counter("tuneforge_trainer_checkpoints_published", "Checkpoints published.")
+PUBLICATION_DURATION = Histogram(
+    "tuneforge_trainer_checkpoint_publication_duration_seconds",
+    "Time to build, fsync and rename one checkpoint into place.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+JOBS = Gauge("tuneforge_trainer_jobs", "Jobs known to this server, by state.", ["state"])

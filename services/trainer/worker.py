@@ -1,0 +1,78 @@
+"""The training child process: `python -m services.trainer.worker --config CONFIG.json
+[--events_fd FD]` runs the SFT recipe and reports its events as JSON lines on a pipe.
+
+Running the recipe in its own process keeps the service responsive, lets a job be
+cancelled with a signal and killed if it hangs, and is the seam a launcher such as
+torchrun plugs into later. SIGTERM (or SIGINT) stops training at the next step
+boundary; the recipe then publishes a checkpoint and the process exits 0.
+
+Events (one JSON object a line, key "event"): started, progress (every step), step
+(every logged step), checkpoint, done, and error (a user-facing problem; exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any, TextIO
+
+from libs.common import config as cfg
+from libs.common import logs
+from libs.common.errors import TuneForgeError
+from services.trainer.config import SftConfig
+
+ERROR_EXIT = 2
+
+
+class EventWriter:
+    """Writes one JSON line per event and flushes it, so the parent sees it at once."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, **fields}, default=str)
+        with self.lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def install_stop_handlers() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(_signum, _frame) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+    return stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.trainer.worker")
+    parser.add_argument("--config", required=True, help="SftConfig as JSON")
+    parser.add_argument("--events_fd", type=int, default=1, help="file descriptor for the JSON event lines")
+    options = parser.parse_args(argv)
+    stop = install_stop_handlers()
+    logs.setup("trainer-worker")
+    # The events pipe is ours alone: nothing else may write to it.
+    events = EventWriter(os.fdopen(options.events_fd, "w", buffering=1, closefd=options.events_fd > 2))
+    try:
+        with open(options.config) as f:
+            config = cfg.from_dict(SftConfig, json.load(f), where=options.config)
+        from services.trainer import sft  # torch and transformers load after the arguments are known good
+
+        sft.train(config, events, stop)
+    except TuneForgeError as exc:
+        events("error", message=str(exc), code=exc.code.name, field=exc.field)
+        return ERROR_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

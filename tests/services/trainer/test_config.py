@@ -1,0 +1,65 @@
+"""SftConfig: ms-swift flags and defaults, every problem at once, proto round trip."""
+
+import pytest
+
+from libs.common import config as cfg
+from libs.common.errors import Problems
+from services.trainer.config import SftConfig, TrainerServerConfig, from_arguments, to_arguments
+
+REQUIRED = ["--dataset", "/data/prepared", "--dataprep_address", "127.0.0.1:5000", "--output_dir", "/tmp/run-x"]
+
+
+def test_flags_and_defaults():
+    config = cfg.parse(SftConfig, [*REQUIRED, "--lora_rank", "16", "--target_modules", "q_proj", "v_proj",
+                                   "--learning_rate", "3e-3", "--num_train_epochs", "2"])
+    assert (config.lora_rank, config.target_modules, config.learning_rate, config.num_train_epochs) == \
+        (16, ["q_proj", "v_proj"], 3e-3, 2.0)
+    defaults = SftConfig()
+    assert (defaults.train_type, defaults.lora_rank, defaults.lora_alpha, defaults.lora_dropout) == ("lora", 8, 32, 0.05)
+    assert (defaults.target_modules, defaults.learning_rate, defaults.lr_scheduler_type) == (["all-linear"], 1e-4, "cosine")
+    assert (defaults.weight_decay, defaults.max_grad_norm, defaults.max_steps, defaults.save_steps) == (0.1, 1.0, -1, 500)
+    assert (defaults.seed, defaults.torch_dtype, defaults.model) == (42, "float32", None)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    with pytest.raises(Problems) as caught:
+        cfg.parse(SftConfig, ["--train_type", "full", "--lora_rank", "0", "--lr_scheduler_type", "cosin",
+                              "--max_steps", "0", "--model", str(tmp_path / "missing"), "--torch_dtype", "fp8"])
+    problems = caught.value.problems
+    assert problems[0].startswith("train_type: 'full' is not supported yet")
+    for field in ("dataset: required", "dataprep_address: required", "output_dir: required",
+                  "lora_rank: must be positive", "lr_scheduler_type: expected one of cosine, linear, constant",
+                  "max_steps: must be positive", "model: model directory", "torch_dtype: expected one of"):
+        assert any(p.startswith(field) for p in problems), (field, problems)
+
+
+def test_unknown_flag_gets_a_hint():
+    with pytest.raises(Problems, match="did you mean 'lora_rank'"):
+        cfg.parse(SftConfig, [*REQUIRED, "--lora_rnak", "4"])
+
+
+def test_an_output_dir_with_checkpoints_is_refused(tmp_path):
+    (tmp_path / "checkpoint-10").mkdir()
+    with pytest.raises(Problems, match="already holds checkpoints"):
+        cfg.parse(SftConfig, [*REQUIRED[:4], "--output_dir", str(tmp_path)])
+
+
+def test_proto_round_trip_keeps_decimal_values():
+    config = cfg.parse(SftConfig, [*REQUIRED, "--learning_rate", "1e-4", "--lora_dropout", "0.1",
+                                   "--model_name", "Ada", "--max_steps", "7"])
+    message = to_arguments(config)
+    assert message.learning_rate != 1e-4  # float32 on the wire
+    back = from_arguments(message)
+    assert back == config  # ... and 1e-4 again in the job's arguments
+
+
+def test_adapter_name_defaults_to_the_run_directory_name():
+    assert cfg.parse(SftConfig, REQUIRED).resolved_adapter_name() == "run-x"
+    assert cfg.parse(SftConfig, [*REQUIRED, "--adapter_name", "ada"]).resolved_adapter_name() == "ada"
+
+
+def test_server_config():
+    config = cfg.parse(TrainerServerConfig, ["--port", "0", "--max_concurrent_jobs", "2"])
+    assert (config.max_concurrent_jobs, config.cancel_timeout, config.host) == (2, 60.0, "127.0.0.1")
+    with pytest.raises(Problems, match="max_concurrent_jobs"):
+        cfg.parse(TrainerServerConfig, ["--max_concurrent_jobs", "0"])
