@@ -1,0 +1,287 @@
+"""The adapter registry: which LoRA adapters this server has, validating and
+loading them into the engine, swapping a name to a newer checkpoint atomically,
+and removing a replaced version from the engine once its last request is done.
+
+Everything but `validate` runs on the engine's asyncio loop; other threads call
+in with `asyncio.run_coroutine_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import pathlib
+import time
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
+
+from libs.common import checkpoint, logs
+from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, TuneForgeError, Unavailable
+from services.serving import adapter_dir, metrics
+from services.serving.config import LORA_RANKS, NAME
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+
+LOG = logging.getLogger("tuneforge.serving.adapters")
+
+
+class State(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class LoraEngine(Protocol):
+    async def add_lora(self, name: str, path: pathlib.Path) -> "LoRARequest": ...
+
+    async def remove_lora(self, lora: "LoRARequest") -> None: ...
+
+
+@dataclass
+class Version:
+    """One load of an adapter: what requests run with, and how many still do."""
+
+    lora: "LoRARequest"
+    path: pathlib.Path
+    fingerprint: str | None
+    inflight: int = 0
+    retired: bool = False
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    """An adapter as ListAdapters and /v1/models show it."""
+
+    name: str
+    path: str  # the checkpoint being served, or being loaded while LOADING
+    state: State
+    error: str = ""  # why the last load failed (FAILED; or READY still serving the older checkpoint)
+    base_model: str = ""
+    rank: int = 0
+    load_seconds: float = 0.0
+    loaded_at: float = 0.0  # unix time the served version became ready
+
+
+@dataclass
+class _Entry:
+    view: AdapterView
+    version: Version | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def check_name(name: str, base_name: str) -> None:
+    if not name:
+        raise InvalidArgument("must not be empty", field="name")
+    if not NAME.match(name):
+        raise InvalidArgument(f"{name!r} is not a valid adapter name (letters, digits and ._:/@+- , "
+                              "starting with a letter or digit, at most 128)", field="name")
+    if name == base_name:
+        raise InvalidArgument(f"{name!r} is the base model's name", field="name")
+
+
+def _fingerprint(info: adapter_dir.AdapterDir) -> str | None:
+    """The manifest's digest: equal fingerprints at the same path mean the same weights."""
+    if not info.has_manifest:
+        return None
+    return hashlib.sha256((info.path / checkpoint.MANIFEST).read_bytes()).hexdigest()
+
+
+class Lease:
+    """A request's hold on a model: keeps a replaced adapter version in the engine
+    until the request ends. Release it exactly once (`with`, or `release()`); a
+    lease dropped without release is released when it is garbage collected."""
+
+    def __init__(self, registry: "AdapterRegistry", version: Version | None):
+        self.lora = version.lora if version else None
+        self._finalizer = None
+        if version is not None:
+            version.inflight += 1
+            self._finalizer = weakref.finalize(self, registry._release_threadsafe, version)
+            self._finalizer.atexit = False
+
+    def release(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class AdapterRegistry:
+    """`engine` may be attached after construction: the server validates its startup
+    adapters first, so a bad flag fails in a second instead of after the engine's start."""
+
+    def __init__(self, engine: LoraEngine | None, base_model: pathlib.Path, base_name: str, max_lora_rank: int):
+        self.engine = engine
+        self.base_model = pathlib.Path(base_model).resolve()
+        self.base_name = base_name
+        self.max_lora_rank = max_lora_rank
+        self._entries: dict[str, _Entry] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._removals: set[asyncio.Task] = set()
+
+    # -- validation (no engine, any thread) -------------------------------------------------
+
+    def validate(self, name: str, path: str | pathlib.Path) -> adapter_dir.AdapterDir:
+        """Every check that needs no engine, in the order a user fixes them."""
+        check_name(name, self.base_name)
+        if not str(path):
+            raise InvalidArgument("must not be empty", field="path")
+        info = adapter_dir.inspect(path, field="path")
+        if info.has_manifest:
+            checkpoint.verify(info.path)  # FailedPrecondition naming the file whose sha256 differs
+        if info.base_model is None:
+            raise FailedPrecondition(
+                f"{info.path} records no base model (no `model` in args.json, no base_model_name_or_path "
+                "in adapter_config.json)", field="path")
+        trained_on = adapter_dir.normalize(info.base_model)
+        if trained_on != self.base_model:
+            raise FailedPrecondition(
+                f"{info.path} was trained on {trained_on}, but this server serves {self.base_model}", field="path")
+        if info.rank > self.max_lora_rank:
+            raise FailedPrecondition(
+                f"{info.path} has LoRA rank {info.rank}, above this server's --max_lora_rank "
+                f"{self.max_lora_rank}; restart with --max_lora_rank {_rank_at_least(info.rank)}", field="path")
+        if info.modules_to_save:
+            raise FailedPrecondition(
+                f"{info.path} sets modules_to_save ({', '.join(info.modules_to_save)}): vLLM serves LoRA "
+                "deltas only, not fully trained modules; merge the adapter into the model instead", field="path")
+        return info
+
+    # -- loop-side operations ---------------------------------------------------------------
+
+    async def load(self, name: str, path: str | pathlib.Path, if_changed: bool = False) -> AdapterView:
+        """Validates, loads and makes `name` serve `path`. An existing name keeps serving
+        its older checkpoint until the new one is ready, then new requests switch to it.
+        With `if_changed`, a name already serving the same checkpoint is left alone."""
+        self._loop = asyncio.get_running_loop()
+        if self.engine is None:
+            raise Unavailable("the inference engine is still starting")
+        started = time.perf_counter()
+        try:
+            info = await asyncio.to_thread(self.validate, name, path)
+            fingerprint = await asyncio.to_thread(_fingerprint, info)
+        except TuneForgeError:
+            metrics.ADAPTER_LOADS.labels(result="refused").inc()
+            raise
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = self._entries[name] = _Entry(AdapterView(name=name, path=str(info.path), state=State.LOADING))
+        async with entry.lock:
+            if self._entries.get(name) is not entry:  # unloaded while we waited: start over as new
+                return await self.load(name, path, if_changed)
+            served = entry.version
+            if (if_changed and served is not None and served.path == info.path
+                    and fingerprint is not None and served.fingerprint == fingerprint):
+                return entry.view
+            entry.view = replace(entry.view, path=str(info.path), state=State.LOADING, error="")
+            try:
+                lora = await self.engine.add_lora(name, info.path)
+            except TuneForgeError as exc:
+                metrics.ADAPTER_LOADS.labels(result="failed").inc()
+                if served is None:
+                    entry.view = replace(entry.view, state=State.FAILED, error=exc.message)
+                else:
+                    entry.view = replace(entry.view, path=str(served.path), state=State.READY,
+                                         error=f"loading {info.path} failed: {exc.message}")
+                logs.log(LOG, logging.WARNING, "adapter load failed", adapter=name, path=str(info.path),
+                         error=exc.message)
+                raise
+            seconds = time.perf_counter() - started
+            entry.version = Version(lora, info.path, fingerprint)
+            entry.view = AdapterView(
+                name=name, path=str(info.path), state=State.READY, base_model=str(self.base_model),
+                rank=info.rank, load_seconds=seconds, loaded_at=time.time())
+            if served is not None:
+                self._retire(served)
+        metrics.ADAPTER_LOADS.labels(result="ok").inc()
+        metrics.ADAPTER_LOAD_DURATION.observe(seconds)
+        self._count_ready()
+        logs.log(LOG, logging.INFO, "adapter ready", adapter=name, path=str(info.path), rank=info.rank,
+                 seconds=round(seconds, 4), replaced=str(served.path) if served else None)
+        return entry.view
+
+    async def unload(self, name: str) -> AdapterView:
+        """Removes `name`: new requests get NOT_FOUND; running ones finish on it."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFound(f"no adapter named {name!r}", field="name")
+        async with entry.lock:
+            if self._entries.get(name) is not entry:
+                raise NotFound(f"no adapter named {name!r}", field="name")
+            del self._entries[name]
+            if entry.version is not None:
+                self._retire(entry.version)
+        self._count_ready()
+        logs.log(LOG, logging.INFO, "adapter unloaded", adapter=name, path=entry.view.path)
+        return entry.view
+
+    def list(self) -> list[AdapterView]:
+        return [entry.view for entry in self._entries.values()]
+
+    def servable(self) -> list[AdapterView]:
+        """Adapters requests can use, each with the checkpoint it serves now (while a newer
+        one is LOADING, requests still run on the older)."""
+        return [replace(entry.view, path=str(entry.version.path))
+                for entry in self._entries.values() if entry.version is not None]
+
+    def lease(self, model: str) -> Lease:
+        """Pins what `model` (the base name or an adapter name) serves right now, for one request."""
+        self._loop = self._loop or asyncio.get_running_loop()
+        if model == self.base_name:
+            return Lease(self, None)
+        entry = self._entries.get(model)
+        if entry is None or entry.version is None:
+            raise NotFound(f"The model `{model}` does not exist.", field="model")
+        return Lease(self, entry.version)
+
+    # -- retiring replaced versions ---------------------------------------------------------
+
+    def _retire(self, version: Version) -> None:
+        version.retired = True
+        if version.inflight == 0:
+            self._remove(version)
+
+    def _release_threadsafe(self, version: Version) -> None:
+        # Called by Lease.release on the loop, or by the garbage collector on any thread.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._release(version)
+        else:
+            loop.call_soon_threadsafe(self._release, version)
+
+    def _release(self, version: Version) -> None:
+        version.inflight -= 1
+        if version.retired and version.inflight == 0:
+            self._remove(version)
+
+    def _remove(self, version: Version) -> None:
+        task = asyncio.get_running_loop().create_task(self.engine.remove_lora(version.lora))
+        self._removals.add(task)
+        task.add_done_callback(self._removed)
+
+    def _removed(self, task: asyncio.Task) -> None:
+        self._removals.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The engine evicts adapters by itself when its cache is full; a failed removal costs memory only.
+            logs.log(LOG, logging.WARNING, "removing a replaced adapter version failed", error=str(task.exception()))
+
+    def _count_ready(self) -> None:
+        metrics.ADAPTERS_READY.set(sum(1 for entry in self._entries.values() if entry.version is not None))
+
+
+def _rank_at_least(rank: int) -> int:
+    return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])

@@ -1,0 +1,109 @@
+"""Errors at the HTTP edge: the one table from typed errors to HTTP statuses, and
+OpenAI's error body `{"error": {"message", "type", "param", "code"}}` (vLLM's
+shape: `type` is the openai client's exception class, `code` the HTTP status)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from libs.common import logs
+from libs.common.errors import TuneForgeError
+
+LOG = logging.getLogger("tuneforge.serving.http")
+
+STATUS_OF_CODE: dict[grpc.StatusCode, HTTPStatus] = {
+    grpc.StatusCode.INVALID_ARGUMENT: HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.FAILED_PRECONDITION: HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.OUT_OF_RANGE: HTTPStatus.BAD_REQUEST,
+    grpc.StatusCode.UNAUTHENTICATED: HTTPStatus.UNAUTHORIZED,
+    grpc.StatusCode.PERMISSION_DENIED: HTTPStatus.FORBIDDEN,
+    grpc.StatusCode.NOT_FOUND: HTTPStatus.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS: HTTPStatus.CONFLICT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
+    grpc.StatusCode.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
+}
+
+# The openai client raises one exception class per status; its name is the error type.
+TYPE_OF_STATUS: dict[int, str] = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    409: "ConflictError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    error_type = TYPE_OF_STATUS.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+def status_of(exc: TuneForgeError) -> int:
+    return STATUS_OF_CODE.get(exc.code, HTTPStatus.INTERNAL_SERVER_ERROR).value
+
+
+def body_of(exc: TuneForgeError) -> dict:
+    return error_body(status_of(exc), exc.message, exc.field)
+
+
+def sse_error(exc: TuneForgeError) -> str:
+    """A failure after a stream has started: the error body as one more event."""
+    return f"data: {json.dumps(body_of(exc))}\n\n"
+
+
+def _param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+async def _typed(request: Request, exc: TuneForgeError) -> JSONResponse:
+    return JSONResponse(body_of(exc), status_code=status_of(exc))
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    # Report every problem at once, each with its place (`messages.0.role: ...`), bounded in size.
+    parts = []
+    for error in errors[:10]:
+        place = _param(tuple(error.get("loc", ())))
+        # pydantic prefixes messages of our own validators with "Value error, ".
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{place}: {message}" if place else message)
+    if len(errors) > 10:
+        parts.append(f"... and {len(errors) - 10} more")
+    first = _param(tuple(errors[0].get("loc", ()))) if errors else None
+    return error_response(400, "; ".join(parts) or "invalid request", first)
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logs.log(LOG, logging.ERROR, "unhandled error", path=request.url.path, error=repr(exc))
+    LOG.exception("unhandled error on %s", request.url.path)
+    return error_response(500, "internal server error; see the server log")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(TuneForgeError, _typed)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,28 @@
+"""What every HTTP handler shares: the engine, the adapter registry, the base
+model's name, and whether the server is draining."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from services.serving.adapters import AdapterRegistry
+from services.serving.engine import Engine
+
+
+@dataclass
+class ServingState:
+    engine: Engine
+    registry: AdapterRegistry
+    base_name: str
+    model_dir: pathlib.Path
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+
+
+def serving(request: Request) -> ServingState:
+    """FastAPI dependency: the state `build_app` attached to the app."""
+    return request.app.state.serving

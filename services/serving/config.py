@@ -1,0 +1,136 @@
+"""`DeployConfig`: the flags of `tuneforge deploy` / `tuneforge serve serving`
+(ms-swift's `swift deploy` names), and resolving which base model to serve."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from dataclasses import dataclass, field
+
+from libs.common.errors import NotFound, Problems, TuneForgeError
+from services.serving import adapter_dir
+
+# vLLM sizes its LoRA kernels for these ranks only (vllm.config.lora.MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The name clients pass as `model`: what OpenAI model ids look like, no spaces or control characters.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+
+@dataclass
+class DeployConfig:
+    """One serving process: a vLLM engine with a base model and LoRA adapters behind an
+    OpenAI-compatible HTTP API, plus the admin gRPC service for adapters."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "base model directory; unset: read from the first adapter's args.json, else the embedded default model"})
+    adapters: list[str] = field(default_factory=list, metadata={
+        "help": "LoRA adapters to load at start, as NAME=PATH (PATH: an adapter or a run directory -> its newest checkpoint)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the HTTP and admin gRPC servers"})
+    port: int = field(default=8000, metadata={"help": "HTTP port of the OpenAI API (0 picks a free one)"})
+    grpc_port: int = field(default=0, metadata={"help": "admin gRPC port (0 picks a free one)"})
+    metrics: bool = field(default=True, metadata={"help": "serve Prometheus /metrics on the HTTP port"})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "name of the base model in the API; unset: the base model directory's name"})
+    max_loras: int = field(default=4, metadata={"help": "adapters the engine runs in one batch"})
+    max_lora_rank: int = field(default=16, metadata={
+        "help": "largest adapter rank accepted", "choices": list(LORA_RANKS)})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "longest prompt + completion in tokens; unset: the model's"})
+    torch_dtype: str | None = field(default=None, metadata={
+        "help": "weights dtype; unset: float32 on CPU, auto on GPU", "choices": list(DTYPES)})
+    api_key: str | None = field(default=None, metadata={"help": "require `Authorization: Bearer API_KEY` on /v1"})
+    trainer_address: str | None = field(default=None, metadata={
+        "help": "host:port of a trainer: hot-load every checkpoint it publishes"})
+    ready_file: str | None = field(default=None, metadata={"help": "write pid and bound ports here (JSON) once serving"})
+    grace_period: float = field(default=10.0, metadata={"help": "seconds in-flight requests get to finish on shutdown"})
+    log_level: str = field(default="INFO", metadata={"help": "log level", "choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
+
+    def problems(self) -> list[str]:
+        found: list[str] = []
+        try:
+            parse_adapters(self.adapters)
+        except Problems as exc:
+            found.extend(exc.problems)
+        for name in ("port", "grpc_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                found.append(f"{name}: must be in [0, 65535]; got {value}")
+        if self.port and self.port == self.grpc_port:
+            found.append(f"grpc_port: must differ from port ({self.port})")
+        if self.max_loras < 1:
+            found.append(f"max_loras: must be at least 1; got {self.max_loras}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            found.append(f"max_model_len: must be at least 2; got {self.max_model_len}")
+        if self.served_model_name is not None and not NAME.match(self.served_model_name):
+            found.append(f"served_model_name: {self.served_model_name!r} is not a valid model name "
+                         "(letters, digits and ._:/@+- , at most 128)")
+        if self.grace_period < 0:
+            found.append(f"grace_period: must not be negative; got {self.grace_period}")
+        if self.api_key is not None and not self.api_key.strip():
+            found.append("api_key: must not be empty")
+        return found
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """`["a=/p", "b=/q"]` -> `{"a": "/p", "b": "/q"}`; every malformed entry reported at once."""
+    found: list[str] = []
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            found.append(f"adapters: expected NAME=PATH; got {spec!r}")
+        elif not NAME.match(name):
+            found.append(f"adapters: {name!r} is not a valid adapter name (letters, digits and ._:/@+- , at most 128)")
+        elif name in adapters:
+            found.append(f"adapters: {name!r} is given twice")
+        else:
+            adapters[name] = path
+    if found:
+        raise Problems(found)
+    return adapters
+
+
+def resolve_base_model(config: DeployConfig) -> pathlib.Path:
+    """The base model directory: --model; else what the adapters were trained on
+    (args.json `model`, as ms-swift reads it; all adapters must agree); else the
+    embedded default model."""
+    from libs.default_model.resolve import resolve_model  # builds the default model on first use: import late
+
+    if config.model is not None:
+        return resolve_model(config.model)
+    adapters = parse_adapters(config.adapters)
+    if not adapters:
+        return resolve_model(None)
+    found: list[str] = []
+    bases: dict[str, pathlib.Path] = {}
+    for name, path in adapters.items():
+        try:
+            info = adapter_dir.inspect(path, field="adapters")
+        except TuneForgeError as exc:
+            found.append(f"adapters: {name}: {exc.message}")
+            continue
+        if info.base_model is None:
+            found.append(f"adapters: {name}: {info.path} records no base model "
+                         "(no `model` in args.json, no base_model_name_or_path in adapter_config.json); give --model")
+            continue
+        bases[name] = adapter_dir.normalize(info.base_model)
+    if found:
+        raise Problems(found)
+    first_name, first = next(iter(bases.items()))
+    for name, base in bases.items():
+        if base != first:
+            found.append(f"adapters: {name} was trained on {base} but {first_name} on {first}; "
+                         "serve them from separate processes or give --model")
+    if found:
+        raise Problems(found)
+    try:
+        return resolve_model(str(first))
+    except NotFound as exc:
+        raise NotFound(f"base model {first} recorded by adapter {first_name} is not usable: {exc.message}",
+                       field="model") from exc
+
+
+def served_name(config: DeployConfig, model_dir: pathlib.Path) -> str:
+    """The base model's name in the API: --served_model_name, else the directory's name."""
+    return config.served_model_name or model_dir.name

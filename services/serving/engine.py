@@ -1,0 +1,187 @@
+"""The one wrapper around vLLM's async engine (v1 `AsyncLLM`): start it, render
+chat prompts, generate with or without a LoRA, add and remove LoRAs, shut down.
+vLLM's exceptions end here and leave as typed TuneForge errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pathlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from libs.common import logs
+from libs.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+if TYPE_CHECKING:  # vLLM is imported when the engine starts, so that config and tests stay light
+    from vllm.lora.request import LoRARequest
+    from vllm.outputs import RequestOutput
+    from vllm.sampling_params import SamplingParams
+
+LOG = logging.getLogger("tuneforge.serving.engine")
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def platform_defaults(torch_dtype: str | None) -> str:
+    """Environment defaults and the dtype for this machine. Set before the engine
+    starts: its core process reads the environment when it spawns."""
+    # Our JSON log handler on the root logger gets vLLM's records too, unless the user asks otherwise.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    if on_cpu():
+        # vLLM's CPU default reserves a large KV cache; 1 GiB serves small models and leaves room.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # CPU kernels have no half-precision LoRA path worth using; float32 is exact and fast enough.
+        return torch_dtype or "float32"
+    return torch_dtype or "auto"
+
+
+class Engine:
+    """A started vLLM engine with LoRA enabled. Create it with `Engine.start` inside
+    the asyncio loop that will serve requests."""
+
+    def __init__(self, llm, model_dir: pathlib.Path, started_seconds: float):
+        self.llm = llm
+        self.model_dir = model_dir
+        self.started_seconds = started_seconds
+        self._lora_ids = itertools.count(1)
+
+    @classmethod
+    def start(cls, model_dir: pathlib.Path, max_loras: int, max_lora_rank: int,
+              max_model_len: int | None = None, torch_dtype: str | None = None) -> "Engine":
+        dtype = platform_defaults(torch_dtype)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            dtype=dtype,
+            enable_lora=True,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            max_model_len=max_model_len,
+            # vLLM's own stat loggers register `vllm:` metrics (colon names fail promlint);
+            # serving counts what it needs under tuneforge_serving_*.
+            disable_log_stats=True,
+        )
+        started = time.perf_counter()
+        try:
+            llm = AsyncLLM.from_engine_args(args)
+        except (ValueError, TypeError) as exc:  # vLLM's config checks (model, dtype, lengths)
+            raise FailedPrecondition(f"vLLM refused the engine configuration: {exc}", field="model") from exc
+        seconds = time.perf_counter() - started
+        engine = cls(llm, model_dir, seconds)
+        logs.log(LOG, logging.INFO, "engine started", model=str(model_dir), dtype=dtype, seconds=round(seconds, 2),
+                 max_model_len=engine.max_model_len, max_loras=max_loras, max_lora_rank=max_lora_rank)
+        return engine
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.model_config.max_model_len
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    async def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template, ending in the
+        assistant's turn (add_generation_prompt). Tokenizing can take a while on long
+        conversations, so it runs off the event loop."""
+        return await asyncio.to_thread(self._chat_prompt, messages)
+
+    def _chat_prompt(self, messages: list[dict]) -> list[int]:
+        import jinja2
+
+        tokenizer = self.llm.get_tokenizer()
+        if not getattr(tokenizer, "chat_template", None):
+            raise FailedPrecondition(f"the model {self.model_dir} has no chat template", field="messages")
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except jinja2.TemplateError as exc:  # templates reject e.g. a bad role order with raise_exception
+            raise InvalidArgument(f"the chat template refused the messages: {exc}", field="messages") from exc
+        # The template already wrote any BOS it wants; adding special tokens again would double it.
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def completion_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The completion length to ask for: `max_tokens`, or what is left of the context.
+        InvalidArgument when the prompt and completion do not fit (the OpenAI wording)."""
+        room = self.max_model_len - prompt_tokens
+        if room < 1:
+            raise InvalidArgument(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your messages "
+                f"resulted in {prompt_tokens} tokens, leaving no room for a completion.", field="messages")
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise InvalidArgument(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.", field="max_tokens")
+        return max_tokens
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def generate(self, prompt_token_ids: list[int], params: "SamplingParams",
+                       lora: "LoRARequest | None" = None, request_id: str | None = None,
+                       ) -> AsyncIterator["RequestOutput"]:
+        """Streams the engine's outputs for one request (cumulative or delta, as
+        `params.output_kind` says). Cancelling the iteration aborts the request."""
+        from vllm.exceptions import VLLMClientError, VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        request_id = request_id or uuid.uuid4().hex
+        try:
+            (engine_input,) = await self.llm.renderer.render_cmpl_async([{"prompt_token_ids": prompt_token_ids}])
+            # aclosing: when our caller stops early (client gone), vLLM aborts the request now,
+            # not whenever the garbage collector finalizes its generator.
+            async with contextlib.aclosing(
+                    self.llm.generate(engine_input, params, request_id, lora_request=lora)) as outputs:
+                async for output in outputs:
+                    yield output
+        except VLLMValidationError as exc:
+            raise InvalidArgument(str(exc.args[0]) if exc.args else "invalid request", field=exc.parameter) from exc
+        except VLLMClientError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise Unavailable("the inference engine has stopped; restart the server") from exc
+
+    # -- LoRA ------------------------------------------------------------------------------
+
+    async def add_lora(self, name: str, path: pathlib.Path) -> "LoRARequest":
+        """Loads an adapter under a fresh id; requests pass the returned LoRARequest."""
+        from vllm.lora.request import LoRARequest
+
+        lora_id = next(self._lora_ids)
+        # vLLM's prefix cache keys KV blocks by (lora_name, lora_path). A checkpoint can be
+        # republished at the same path with new weights, so each load gets its own name.
+        lora = LoRARequest(lora_name=f"{name}@{lora_id}", lora_int_id=lora_id, lora_path=str(path))
+        try:
+            loaded = await self.llm.add_lora(lora)
+        except Exception as exc:  # the worker's error arrives as a bare Exception carrying its message
+            raise FailedPrecondition(f"the engine could not load {path}: {exc}", field="path") from exc
+        if not loaded:
+            raise FailedPrecondition(f"the engine could not load {path}", field="path")
+        return lora
+
+    async def remove_lora(self, lora: "LoRARequest") -> None:
+        await self.llm.remove_lora(lora.lora_int_id)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            await self.llm.check_health()
+        except EngineDeadError as exc:
+            raise Unavailable("the inference engine has stopped") from exc
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

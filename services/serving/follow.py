@@ -1,0 +1,102 @@
+"""Follows a trainer's checkpoint publications (TrainerService.WatchCheckpoints)
+and hot-loads each one under its adapter name, replacing the older checkpoint of
+that name; reconnects with backoff while the trainer is away. No restart needed.
+
+A burst of publications (the replay on connect, or a fast trainer) collapses to
+the newest checkpoint per adapter name: older ones would be replaced at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from libs.common import logs
+from libs.common.errors import TuneForgeError
+from protos.tuneforge.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.serving.adapters import AdapterRegistry
+
+LOG = logging.getLogger("tuneforge.serving.follow")
+
+
+class CheckpointFollower:
+    def __init__(self, address: str, registry: AdapterRegistry,
+                 initial_backoff: float = 0.5, max_backoff: float = 10.0, connect_timeout: float = 5.0):
+        self.address = address
+        self.registry = registry
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.connect_timeout = connect_timeout
+        # adapter name -> (newest event not loaded yet, monotonic time it arrived)
+        self._pending: dict[str, tuple[trainer_pb2.CheckpointEvent, float]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._watch(), name="follow-watch"),
+                       asyncio.create_task(self._load(), name="follow-load")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        backoff = self.initial_backoff
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.address) as channel:
+                    # A stream's first bytes come with its first checkpoint, which may be long
+                    # after connecting; the channel tells when the trainer is reachable.
+                    await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
+                    logs.log(LOG, logging.INFO, "following trainer checkpoints", trainer=self.address)
+                    backoff = self.initial_backoff
+                    # Replay on every (re)connect: publications made while we were away are caught up;
+                    # checkpoints already served are skipped by the registry (load if_changed).
+                    call = trainer_pb2_grpc.TrainerServiceStub(channel).WatchCheckpoints(
+                        trainer_pb2.WatchCheckpointsRequest(only_new=False))
+                    async for response in call:
+                        self._offer(response.checkpoint)
+                logs.log(LOG, logging.WARNING, "trainer ended the checkpoint stream; reconnecting",
+                         trainer=self.address)
+            except asyncio.TimeoutError:
+                logs.log(LOG, logging.WARNING, "trainer unreachable; retrying", trainer=self.address,
+                         waited=self.connect_timeout, retry_in=backoff)
+            except grpc.aio.AioRpcError as exc:
+                logs.log(LOG, logging.WARNING, "trainer unavailable; retrying", trainer=self.address,
+                         code=exc.code().name, details=exc.details(), retry_in=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
+
+    def _offer(self, event: trainer_pb2.CheckpointEvent) -> None:
+        if not event.adapter_name:
+            logs.log(LOG, logging.WARNING, "checkpoint without an adapter name; not loaded", path=event.path,
+                     job=event.job_id)
+            return
+        self._pending.pop(event.adapter_name, None)  # re-insert: dict order is arrival order
+        self._pending[event.adapter_name] = (event, time.monotonic())
+        self._wake.set()
+
+    async def _load(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                name = next(iter(self._pending))
+                event, arrived = self._pending.pop(name)
+                try:
+                    view = await self.registry.load(name, event.path, if_changed=True)
+                except TuneForgeError as exc:
+                    logs.log(LOG, logging.WARNING, "published checkpoint not loaded", adapter=name,
+                             path=event.path, step=event.step, error=str(exc))
+                    continue
+                except Exception:  # a bug must not stop following: log it and take the next checkpoint
+                    LOG.exception("loading a published checkpoint failed: adapter %s, path %s", name, event.path)
+                    continue
+                logs.log(LOG, logging.INFO, "published checkpoint serving", adapter=name, path=view.path,
+                         step=event.step, final=event.final,
+                         seconds_since_event=round(time.monotonic() - arrived, 4),
+                         load_seconds=round(view.load_seconds, 4))

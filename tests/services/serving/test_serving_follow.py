@@ -1,0 +1,136 @@
+"""The checkpoint follower against a real gRPC TrainerService on 127.0.0.1 that
+publishes checkpoints: each one is loaded under its adapter name (replacing the
+older one), a checkpoint that vanished is skipped without stopping the follower,
+and the follower reconnects when the trainer comes (back) up. The registry's engine records loads (conftest's recording_engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+import pytest
+
+from protos.tuneforge.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.serving.adapters import AdapterRegistry
+from services.serving.follow import CheckpointFollower
+
+
+class Trainer(trainer_pb2_grpc.TrainerServiceServicer):
+    """WatchCheckpoints as the trainer promises it: replay what was published, then live ones."""
+
+    def __init__(self):
+        self.published: list[trainer_pb2.CheckpointEvent] = []
+        self.changed = asyncio.Condition()
+
+    async def publish(self, **fields) -> None:
+        async with self.changed:
+            self.published.append(trainer_pb2.CheckpointEvent(**fields))
+            self.changed.notify_all()
+
+    async def WatchCheckpoints(self, request, context):
+        sent = 0
+        while True:
+            async with self.changed:
+                await self.changed.wait_for(lambda: len(self.published) > sent)
+                events = self.published[sent:]
+            for event in events:
+                yield trainer_pb2.WatchCheckpointsResponse(checkpoint=event)
+            sent += len(events)
+
+
+async def serve(trainer: Trainer, port: int = 0) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(trainer, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, port
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def base(tmp_path):
+    (tmp_path / "base").mkdir()
+    return tmp_path / "base"
+
+
+def served(registry: AdapterRegistry) -> dict[str, str]:
+    return {view.name: view.path for view in registry.servable()}
+
+
+def test_follows_publications_and_replaces_older_checkpoints(base, tmp_path, publish_adapter, recording_engine):
+    run = tmp_path / "run"
+    checkpoints = [publish_adapter(run / f"checkpoint-{step}", base, weights=bytes([step])) for step in (10, 20, 30)]
+    other = publish_adapter(tmp_path / "other" / "checkpoint-5", base)
+    stale = tmp_path / "gone" / "checkpoint-1"  # rotated away before serving saw it
+
+    async def scenario():
+        engine = recording_engine()
+        registry = AdapterRegistry(engine, base, "base", max_lora_rank=16)
+        trainer = Trainer()
+        # Published before serving connects: replayed, and the burst collapses to the newest.
+        await trainer.publish(job_id="j1", step=10, path=str(checkpoints[0]), adapter_name="ada")
+        await trainer.publish(job_id="j1", step=20, path=str(checkpoints[1]), adapter_name="ada")
+        server, port = await serve(trainer)
+        follower = CheckpointFollower(f"127.0.0.1:{port}", registry)
+        follower.start()
+        try:
+            await until(lambda: served(registry).get("ada") == str(checkpoints[1]))
+            await trainer.publish(job_id="j2", step=1, path=str(stale), adapter_name="gone")
+            await trainer.publish(job_id="j3", step=5, path=str(other), adapter_name="other")
+            await trainer.publish(job_id="j1", step=30, path=str(checkpoints[2]), adapter_name="ada", final=True)
+            await until(lambda: served(registry) == {"ada": str(checkpoints[2]), "other": str(other)})
+            await asyncio.sleep(0)
+            # Only what is served stays in the engine; the missing checkpoint was refused, not fatal.
+            assert engine.paths() == sorted([str(checkpoints[2]), str(other)])
+            assert str(checkpoints[0]) not in {lora.lora_path for lora in engine.loaded.values()}
+        finally:
+            await follower.stop()
+            await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_reconnects_when_the_trainer_comes_up_and_after_it_restarts(base, tmp_path, publish_adapter, recording_engine):
+    first = publish_adapter(tmp_path / "run" / "checkpoint-1", base, weights=b"1")
+    second = publish_adapter(tmp_path / "run" / "checkpoint-2", base, weights=b"2")
+    port = free_port()
+
+    async def scenario():
+        engine = recording_engine()
+        registry = AdapterRegistry(engine, base, "base", max_lora_rank=16)
+        follower = CheckpointFollower(f"127.0.0.1:{port}", registry, initial_backoff=0.05, max_backoff=0.2,
+                                      connect_timeout=0.2)
+        follower.start()
+        try:
+            await asyncio.sleep(0.3)  # nobody listens yet: the follower keeps retrying
+            trainer = Trainer()
+            await trainer.publish(job_id="j", step=1, path=str(first), adapter_name="ada")
+            server, _ = await serve(trainer, port)
+            await until(lambda: served(registry).get("ada") == str(first))
+            await server.stop(0)  # the trainer restarts, with one more checkpoint published meanwhile
+            loads = engine.next_id
+            restarted = Trainer()
+            await restarted.publish(job_id="j", step=1, path=str(first), adapter_name="ada")
+            await restarted.publish(job_id="j", step=2, path=str(second), adapter_name="ada")
+            server, _ = await serve(restarted, port)
+            await until(lambda: served(registry).get("ada") == str(second))
+            # The replayed checkpoint-1 was already served: not loaded again.
+            assert engine.next_id == loads + 1
+            await server.stop(0)
+        finally:
+            await follower.stop()
+
+    asyncio.run(scenario())

@@ -1,0 +1,204 @@
+"""The adapter registry without an inference engine: validation refusals on real
+adapter directories, and the bookkeeping vLLM cannot show from outside (atomic
+swap, a replaced version removed from the engine only after its last request,
+idempotent reloads, failed loads). The engine here records the registry's
+add/remove calls; the real-vLLM path is covered by test_serving_admin.py."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import pathlib
+
+import pytest
+
+from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.serving.adapters import AdapterRegistry, State
+
+
+@pytest.fixture
+def base(tmp_path) -> pathlib.Path:
+    (tmp_path / "base").mkdir()
+    return tmp_path / "base"
+
+
+@pytest.fixture
+def engine(recording_engine):
+    return recording_engine()
+
+
+@pytest.fixture
+def registry(engine, base) -> AdapterRegistry:
+    return AdapterRegistry(engine, base, "base-model", max_lora_rank=16)
+
+
+# -- validation --------------------------------------------------------------------------
+
+
+def test_a_valid_adapter_passes_validation(registry, base, tmp_path, publish_adapter):
+    info = registry.validate("ada", publish_adapter(tmp_path / "run" / "checkpoint-3", base))
+    assert (info.rank, info.has_manifest, info.path.name) == (8, True, "checkpoint-3")
+
+
+def test_validation_refusals_carry_their_codes_and_fields(registry, base, tmp_path, publish_adapter):
+    good = publish_adapter(tmp_path / "good", base)
+    cases = {
+        "missing path": (lambda: registry.validate("a", tmp_path / "missing"), NotFound, "path"),
+        "no adapter in dir": (lambda: registry.validate("a", base), NotFound, "path"),
+        "empty name": (lambda: registry.validate("", good), InvalidArgument, "name"),
+        "spaces": (lambda: registry.validate("my adapter", good), InvalidArgument, "name"),
+        "base name": (lambda: registry.validate("base-model", good), InvalidArgument, "name"),
+        "rank": (lambda: registry.validate("a", publish_adapter(tmp_path / "r32", base, rank=32)),
+                 FailedPrecondition, "path"),
+        "modules_to_save": (lambda: registry.validate("a", publish_adapter(tmp_path / "m", base, modules_to_save=["lm_head"])),
+                            FailedPrecondition, "path"),
+        "other base": (lambda: registry.validate("a", publish_adapter(tmp_path / "o", tmp_path)),
+                       FailedPrecondition, "path"),
+    }
+    for case, (call, error, field) in cases.items():
+        with pytest.raises(error) as info:
+            call()
+        assert info.value.field == field, case
+
+
+def test_a_tampered_file_fails_the_manifest_check(registry, base, tmp_path, publish_adapter):
+    adapter = publish_adapter(tmp_path / "a", base)
+    (adapter / "adapter_model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(FailedPrecondition) as info:
+        registry.validate("a", adapter)
+    assert "adapter_model.safetensors: sha256 does not match manifest.json" in info.value.message
+
+
+def test_base_paths_compare_after_resolving_symlinks(registry, base, tmp_path, publish_adapter):
+    (tmp_path / "link").symlink_to(base)
+    registry.validate("a", publish_adapter(tmp_path / "a", tmp_path / "link"))
+
+
+# -- loading, swapping, unloading -------------------------------------------------------
+
+
+def test_swap_keeps_the_old_version_until_its_last_request_ends(
+        registry, engine, base, tmp_path, publish_adapter):
+    old = publish_adapter(tmp_path / "run" / "checkpoint-1", base, weights=b"one")
+    new = publish_adapter(tmp_path / "run" / "checkpoint-2", base, weights=b"two")
+
+    async def scenario():
+        await registry.load("ada", old)
+        running = registry.lease("ada")  # a request still generating on the old checkpoint
+        view = await registry.load("ada", new)
+        assert view.state is State.READY and view.path == str(new)
+        with registry.lease("ada") as fresh:
+            assert fresh.lora.lora_path == str(new)  # new requests switch at once
+        assert running.lora.lora_path == str(old)
+        assert engine.paths() == [str(old), str(new)]  # old kept for the running request
+        running.release()
+        await asyncio.sleep(0)  # the removal runs as a task on the loop
+        await asyncio.sleep(0)
+        assert engine.paths() == [str(new)]
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_dropped_without_release_is_released_by_the_garbage_collector(
+        registry, engine, base, tmp_path, publish_adapter):
+    old = publish_adapter(tmp_path / "a1", base, weights=b"one")
+    new = publish_adapter(tmp_path / "a2", base, weights=b"two")
+
+    async def scenario():
+        await registry.load("ada", old)
+        registry.lease("ada")  # never released: a stream whose client vanished before it started
+        gc.collect()
+        await registry.load("ada", new)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert engine.paths() == [str(new)]
+
+    asyncio.run(scenario())
+
+
+def test_reload_if_changed_skips_the_same_checkpoint_but_not_a_republished_one(
+        registry, engine, base, tmp_path, publish_adapter):
+    path = tmp_path / "run" / "checkpoint-5"
+    publish_adapter(path, base, weights=b"one")
+
+    async def scenario():
+        first = await registry.load("ada", path)
+        again = await registry.load("ada", path, if_changed=True)
+        assert again == first and engine.next_id == 1
+        publish_adapter(path, base, weights=b"two")  # the same path, new weights
+        await registry.load("ada", path, if_changed=True)
+        assert engine.next_id == 2
+        await registry.load("ada", path)  # an explicit load always loads
+        assert engine.next_id == 3
+        await asyncio.sleep(0)
+        assert len(engine.loaded) == 1
+
+    asyncio.run(scenario())
+
+
+def test_failed_loads(registry, engine, base, tmp_path, publish_adapter):
+    good = publish_adapter(tmp_path / "good", base, weights=b"one")
+    newer = publish_adapter(tmp_path / "newer", base, weights=b"two")
+
+    async def scenario():
+        engine.fail_with = "unsupported layer"
+        with pytest.raises(FailedPrecondition):
+            await registry.load("fresh", good)
+        (view,) = registry.list()
+        assert (view.state, view.error) == (State.FAILED, "unsupported layer")
+        with pytest.raises(NotFound):
+            registry.lease("fresh")
+        assert registry.servable() == []
+
+        engine.fail_with = None
+        await registry.load("ada", good)
+        engine.fail_with = "disk error"
+        with pytest.raises(FailedPrecondition):
+            await registry.load("ada", newer)
+        ada = {v.name: v for v in registry.list()}["ada"]
+        # Still serving the older checkpoint, with the failure on record.
+        assert (ada.state, ada.path) == (State.READY, str(good))
+        assert "disk error" in ada.error
+        with registry.lease("ada") as lease:
+            assert lease.lora.lora_path == str(good)
+
+    asyncio.run(scenario())
+
+
+def test_unload(registry, engine, base, tmp_path, publish_adapter):
+    adapter = publish_adapter(tmp_path / "a", base)
+
+    async def scenario():
+        await registry.load("ada", adapter)
+        view = await registry.unload("ada")
+        assert view.name == "ada"
+        await asyncio.sleep(0)
+        assert engine.loaded == {}
+        with pytest.raises(NotFound):
+            registry.lease("ada")
+        with pytest.raises(NotFound) as info:
+            await registry.unload("ada")
+        assert info.value.field == "name"
+        with registry.lease("base-model") as lease:
+            assert lease.lora is None
+
+    asyncio.run(scenario())
+
+
+def test_startup_adapters_are_checked_before_the_engine_starts(base, tmp_path, publish_adapter):
+    from libs.common.errors import Problems
+    from services.serving.server import check_adapters
+
+    registry = AdapterRegistry(None, base, "base-model", max_lora_rank=16)
+    good = publish_adapter(tmp_path / "good", base)
+    check_adapters(registry, {"good": str(good)})
+    with pytest.raises(Problems) as info:
+        check_adapters(registry, {"good": str(good), "gone": str(tmp_path / "gone"),
+                                  "wide": str(publish_adapter(tmp_path / "wide", base, rank=64))})
+    assert [p.split(":")[:2] for p in info.value.problems] == [["adapters", " gone"], ["adapters", " wide"]]
+
+    async def load_without_engine():
+        await registry.load("good", good)
+
+    with pytest.raises(Unavailable):
+        asyncio.run(load_without_engine())
