@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         import difflib
         close = difflib.get_close_matches(command, list(COMMANDS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        print(f"tuneforge: error: unknown command {command!r}{hint}\n\n{usage()}", file=sys.stderr)
+        print(f"tuneforge: error: unknown command {command!r}{hint}; `tuneforge --help` lists them", file=sys.stderr)
         return 2
     module_name, func_name = COMMANDS[command][0].split(":")
     try:
