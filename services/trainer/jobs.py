@@ -122,13 +122,18 @@ class JobManager:
             job = self._job(job_id)
             if job.state in TERMINAL:
                 return job.proto()
-            job.cancel_requested = True
-            if job.state == pb.JOB_STATE_PENDING:
-                job.state = pb.JOB_STATE_CANCELLED
-                self._record_state(job)
-            elif job.process is not None:
-                self._terminate(job)
+            self._cancel_locked(job)
             return job.proto()
+
+    def _cancel_locked(self, job) -> None:
+        """A pending job ends CANCELLED at once; a running one is asked to stop
+        (it publishes a checkpoint first). Caller holds the lock."""
+        job.cancel_requested = True
+        if job.state == pb.JOB_STATE_PENDING:
+            job.state = pb.JOB_STATE_CANCELLED
+            self._record_state(job)
+        elif job.process is not None:
+            self._terminate(job)
 
     def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True) -> Iterator[pb.WatchJobResponse]:
         """The job's events from its start, then live ones, ending after its terminal state."""
@@ -168,12 +173,7 @@ class JobManager:
             self._closing = True
             for job in self._jobs.values():
                 if job.state not in TERMINAL:
-                    job.cancel_requested = True
-                    if job.state == pb.JOB_STATE_PENDING:
-                        job.state = pb.JOB_STATE_CANCELLED
-                        self._record_state(job)
-                    elif job.process is not None:
-                        self._terminate(job)
+                    self._cancel_locked(job)
             runners = list(self._runners)
         for runner in runners:
             runner.join(self.cancel_timeout + 30)
