@@ -5,23 +5,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from libs.common.server import ServerOptions
+from services.dataprep.formats import parse_columns
+from services.dataprep.loss_scale import LOSS_SCALES
 
 
 @dataclass
 class PrepareConfig:
-    """One preparation: JSONL conversations in, tokenized Arrow shards out.
-    Flag names are ms-swift's (`--model`, `--dataset`, `--max_length`, `--system`)."""
+    """One preparation: dataset rows in, tokenized Arrow shards out. Flag names are
+    ms-swift's (`--model`, `--dataset`, `--max_length`, `--truncation_strategy`,
+    `--system`, `--loss_scale`, `--columns`, `--data_seed`)."""
 
     model: str | None = field(default=None, metadata={
         "help": "model directory whose tokenizer and chat template are used; unset means the embedded default model"})
     dataset: list[str] = field(default_factory=list, metadata={
-        "help": "dataset files: JSONL, one {\"messages\": [{\"role\", \"content\"}, ...]} object a line"})
+        "help": "dataset files (.jsonl, .json array, .csv, .parquet), directories or globs of them; "
+                "PATH#N samples N rows (seeded by --data_seed); row formats: docs/dataset-format.md"})
     output_dir: str = field(default="", metadata={
         "help": "directory receiving shard-NNNNN.arrow, rejects.jsonl and manifest.json (our files there are replaced)"})
     max_length: int = field(default=2048, metadata={
-        "help": "longest tokenized row kept, in tokens; longer rows are rejected (reason too_long); 0 means no limit"})
+        "help": "longest tokenized row, in tokens; longer rows follow --truncation_strategy; 0 means no limit"})
+    truncation_strategy: str = field(default="delete", metadata={
+        "help": "rows longer than max_length: delete (rejected, reason too_long), left (drop their first tokens) "
+                "or right (drop their last tokens)", "choices": ["delete", "left", "right"]})
     system: str | None = field(default=None, metadata={
         "help": "system prompt inserted in rows that do not start with a system message"})
+    loss_scale: str = field(default="default", metadata={
+        "help": "tokens that train: default (every assistant turn), last_round (the assistant turns after the last "
+                "user turn) or all (every token); a message's own loss wins; tool responses never train",
+        "choices": list(LOSS_SCALES)})
+    columns: str | None = field(default=None, metadata={
+        "help": "JSON object renaming row columns before format detection, e.g. '{\"q\": \"query\", \"a\": \"response\"}'"})
+    data_seed: int = field(default=42, metadata={"help": "seed of PATH#N sampling"})
     shard_rows: int = field(default=1000, metadata={"help": "rows per shard file"})
 
     def problems(self) -> list[str]:
@@ -32,6 +46,10 @@ class PrepareConfig:
             found.append("output_dir: required")
         if self.max_length < 0:
             found.append(f"max_length: expected 0 (no limit) or a positive number; got {self.max_length}")
+        try:
+            parse_columns(self.columns)
+        except ValueError as exc:
+            found.append(f"columns: {exc}")
         if self.shard_rows < 1:
             found.append(f"shard_rows: expected a positive number; got {self.shard_rows}")
         return found

@@ -20,9 +20,12 @@ INVALID_MESSAGES = "invalid_messages"
 INVALID_ROLE = "invalid_role"
 INVALID_CONTENT = "invalid_content"
 NO_ASSISTANT = "no_assistant"
+NO_TRAINABLE = "no_trainable"
+UNKNOWN_FORMAT = "unknown_format"
 TOO_LONG = "too_long"
 TEMPLATE = "template"
-REASONS = (INVALID_JSON, INVALID_MESSAGES, INVALID_ROLE, INVALID_CONTENT, NO_ASSISTANT, TOO_LONG, TEMPLATE)
+REASONS = (INVALID_JSON, INVALID_MESSAGES, INVALID_ROLE, INVALID_CONTENT, NO_ASSISTANT, NO_TRAINABLE, UNKNOWN_FORMAT,
+           TOO_LONG, TEMPLATE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Row:
     line: int
     messages: list[dict]
     raw: str
+    losses: tuple[bool | None, ...] | None = None  # each message's `loss`; None: all unset
 
     def reject(self, field: str | None, reason: str, message: str) -> "Reject":
         """This row, rejected at a later stage (tokenizing, length)."""

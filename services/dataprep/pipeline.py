@@ -1,5 +1,6 @@
-"""One preparation, in-process: JSONL conversations -> chat-template tokens and
-label masks -> Arrow shards + rejects.jsonl + manifest.json (written last)."""
+"""One preparation, in-process: dataset rows (any supported file and row format)
+-> chat-template tokens and label masks -> Arrow shards + rejects.jsonl +
+manifest.json (written last)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Callable
 
 from libs.common.config import to_dict, validate
 from libs.common.errors import Cancelled
-from services.dataprep import jsonl, manifest as manifest_file, metrics, shards, template
+from services.dataprep import formats, inputs, jsonl, manifest as manifest_file, metrics, shards, template
 from services.dataprep.config import PrepareConfig
 
 REJECTS = "rejects.jsonl"
@@ -50,15 +51,48 @@ def with_default_system(messages: list[dict], system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}, *messages]
 
 
+def to_row(record: inputs.Record, columns: dict[str, str]) -> jsonl.Row | jsonl.Reject:
+    """A raw row to a conversation in whichever format it is written, or a Reject naming its field."""
+    if record.error is not None:
+        return jsonl.Reject(record.file, record.line, None, jsonl.INVALID_JSON, record.error, record.raw)
+    result = formats.to_conversation(record.value, columns)
+    if isinstance(result, formats.Problem):
+        return jsonl.Reject(record.file, record.line, result.field, result.reason, result.message, record.raw)
+    return jsonl.Row(record.file, record.line, result.messages, record.raw, tuple(result.losses))
+
+
+def truncate(encoded: template.Encoded, max_length: int, strategy: str) -> template.Encoded | None:
+    """ms-swift's --truncation_strategy on a row longer than max_length; None means delete it."""
+    if strategy == "left":
+        return template.Encoded(encoded.input_ids[-max_length:], encoded.labels[-max_length:])
+    if strategy == "right":
+        return template.Encoded(encoded.input_ids[:max_length], encoded.labels[:max_length])
+    return None
+
+
 def tokenize_row(tokenizer, row: jsonl.Row, config: PrepareConfig) -> template.Encoded | jsonl.Reject:
+    """System prompt priority: the row's own, then --system, then the template's default
+    (which the template adds itself when the conversation has none)."""
     messages = with_default_system(row.messages, config.system)
+    losses = list(row.losses or [None] * len(row.messages))
+    if len(messages) > len(row.messages):
+        losses.insert(0, None)
     try:
-        encoded = template.encode(tokenizer, messages)
+        encoded = template.encode(tokenizer, messages, losses, config.loss_scale)
     except template.TemplateError as exc:
         return row.reject(exc.field, jsonl.TEMPLATE, exc.message)
+    if not encoded.trained_tokens:
+        return row.reject("messages", jsonl.NO_TRAINABLE,
+                          f"no token to train on under loss_scale {config.loss_scale} and the messages' loss")
     if config.max_length and len(encoded.input_ids) > config.max_length:
-        return row.reject("messages", jsonl.TOO_LONG,
-                          f"{len(encoded.input_ids)} tokens; max_length is {config.max_length}")
+        length = len(encoded.input_ids)
+        encoded = truncate(encoded, config.max_length, config.truncation_strategy)
+        if encoded is None:
+            return row.reject("messages", jsonl.TOO_LONG, f"{length} tokens; max_length is {config.max_length}")
+        if not encoded.trained_tokens:
+            return row.reject("messages", jsonl.TOO_LONG,
+                              f"{length} tokens; truncated {config.truncation_strategy} to max_length "
+                              f"{config.max_length}, no token to train on is left")
     return encoded
 
 
@@ -77,7 +111,9 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     """Runs one preparation to the end and returns its manifest. Raises Cancelled
     when `cancelled` is set (no manifest is written then)."""
     validate(config)
-    sources = jsonl.check_files(config.dataset)
+    datasets = inputs.resolve(config.dataset)
+    sources = [source for dataset in datasets for source in dataset.sources]
+    columns = formats.parse_columns(config.columns)
     model_dir = resolve_model(config.model)
     tokenizer = template.load_tokenizer(model_dir)
     output_dir = pathlib.Path(config.output_dir).resolve()
@@ -98,11 +134,12 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
             report()
 
     with open(output_dir / REJECTS, "w", encoding="utf-8") as rejects:
-        for row in jsonl.read(sources):
+        for record in inputs.read(datasets, config.data_seed):
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled(f"preparation of {output_dir} cancelled after {state.rows_in} rows")
             state.rows_in += 1
             metrics.ROWS.inc()
+            row = to_row(record, columns)
             result = tokenize_row(tokenizer, row, config) if isinstance(row, jsonl.Row) else row
             if isinstance(result, jsonl.Reject):
                 rejects.write(result.to_json() + "\n")

@@ -18,7 +18,7 @@ from libs.common.errors import (Cancelled, FailedPrecondition, NotFound, Resourc
                                 grpc_errors)
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
-from services.dataprep import jsonl, manifest as manifest_file, metrics, pipeline, reading, shards
+from services.dataprep import inputs, manifest as manifest_file, metrics, pipeline, reading, shards
 from services.dataprep.config import DataprepServerConfig, PrepareConfig
 
 LOG = logging.getLogger("tuneforge.dataprep")
@@ -57,7 +57,7 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
     @grpc_errors
     def PrepareDataset(self, request, context):
         config = from_proto(PrepareConfig, request.arguments)
-        jsonl.check_files(config.dataset)  # fail the call itself, not later, for a missing file
+        inputs.resolve(config.dataset)  # fail the call itself, not later, for a missing file
         operation = Operation(config, request.arguments)
         with self._changed:
             if self._stopping:

@@ -19,6 +19,7 @@ import hashlib
 import pathlib
 
 from libs.common.errors import FailedPrecondition
+from services.dataprep.loss_scale import trained_messages
 
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips (torch's and HF's default)
 
@@ -91,15 +92,39 @@ def template_ids(tokenizer, messages: list[dict]) -> list[int]:
 def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
     """Character spans [start, end) of `text` (the whole conversation rendered)
     to train: each assistant turn's content and end-of-turn marker."""
+    return trained_spans(tokenizer, messages, text, [m["role"] == "assistant" for m in messages], everything=False)
+
+
+def _prefix(tokenizer, messages: list[dict], text: str, i: int, add_generation_prompt: bool = False) -> str:
+    rendered = render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    if not text.startswith(rendered):
+        raise TemplateError("the chat template does not render the conversation up to this turn as a prefix "
+                            "of the whole conversation", field=f"messages[{i}]")
+    return rendered
+
+
+def trained_spans(tokenizer, messages: list[dict], text: str, trained: list[bool],
+                  everything: bool) -> list[tuple[int, int]]:
+    """Character spans of `text` to train. everything=False: the turns marked
+    trained (an assistant turn from after its generation prompt, any other turn
+    whole; both through the end-of-turn marker, not the whitespace after it).
+    everything=True (`loss_scale all`): the whole text less the untrained turns."""
+    if everything:
+        spans, start = [], 0
+        for i, keep in enumerate(trained):
+            if keep:
+                continue
+            turn_start = len(_prefix(tokenizer, messages[:i], text, i)) if i else 0
+            spans.append((start, turn_start))
+            start = len(_prefix(tokenizer, messages[:i + 1], text, i))
+        spans.append((start, len(text)))
+        return [(a, b) for a, b in spans if b > a]
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if not trained[i]:
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, messages[:i + 1])
-        if not text.startswith(before) or not text.startswith(through):
-            raise TemplateError("the chat template does not render the conversation up to this assistant "
-                                "turn as a prefix of the whole conversation", field=f"messages[{i}]")
+        before = _prefix(tokenizer, messages[:i], text, i, add_generation_prompt=message["role"] == "assistant")
+        through = _prefix(tokenizer, messages[:i + 1], text, i)
         # max(): an empty answer in a template without an end-of-turn marker trains nothing
         spans.append((len(before), max(len(before), len(through.rstrip()))))
     return spans
@@ -120,11 +145,14 @@ def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]],
     return labels
 
 
-def encode(tokenizer, messages: list[dict]) -> Encoded:
+def encode(tokenizer, messages: list[dict], losses: list[bool | None] | None = None,
+           loss_scale: str = "default") -> Encoded:
     """input_ids exactly as apply_chat_template(tokenize=True) gives them, and labels
-    that are IGNORE_INDEX everywhere but the assistant spans."""
+    that are IGNORE_INDEX everywhere but the turns `loss_scale` and each message's
+    own `loss` (losses[i]) train; by default the assistant turns."""
     text = render(tokenizer, messages)
-    spans = assistant_spans(tokenizer, messages, text)
+    trained = trained_messages([m["role"] for m in messages], list(losses or [None] * len(messages)), loss_scale)
+    spans = trained_spans(tokenizer, messages, text, trained, everything=loss_scale == "all")
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
     reference = template_ids(tokenizer, messages)

@@ -233,3 +233,16 @@ def test_metrics_count_rows_rejects_and_shards_served(dataprep_server, tmp_path,
     page = generate_latest(REGISTRY).decode()
     assert 'tuneforge_dataprep_rows_rejected_total{reason="invalid_json"}' in page
     assert "# TYPE tuneforge_dataprep_tokens_total counter" in page
+
+
+def test_format_and_mask_arguments_travel_over_grpc(dataprep_server, tmp_path, write_jsonl):
+    address, _ = dataprep_server
+    data = write_jsonl("qa.jsonl", [{"q": "hi", "a": "yo"}, {"q": "hi", "a": "yo"}, {"q": "hi", "a": "yo"}])
+    config = PrepareConfig(dataset=[f"{data}#2"], output_dir=str(tmp_path / "out"), loss_scale="all",
+                           columns='{"q": "query", "a": "response"}', truncation_strategy="left", max_length=10,
+                           data_seed=7)
+    remote = client.prepare(address, config)
+    local = prepare_in_process(PrepareConfig(**{**config.__dict__, "output_dir": str(tmp_path / "local")}))
+    assert remote["args"] == {**local["args"], "output_dir": str(tmp_path / "out")}
+    assert (remote["rows_in"], remote["rows_out"], remote["tokens"], remote["trained_tokens"]) == (2, 2, 20, 20)
+    assert [s["sha256"] for s in remote["shards"]] == [s["sha256"] for s in local["shards"]]

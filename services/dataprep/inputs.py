@@ -1,0 +1,208 @@
+"""Dataset arguments to raw rows: files (.jsonl, .json array, .csv, .parquet),
+directories and globs of them, and ms-swift's `path#N` seeded sampling. Every
+row comes out with its file and line (1-based; for .json, .csv and .parquet the
+1-based row, or the CSV line the row starts on) and its raw text for rejects."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import hashlib
+import json
+import pathlib
+import random
+from typing import Iterator
+
+from libs.common.errors import InvalidArgument, NotFound
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_GLOB_CHARS = ("*", "?", "[")
+
+
+@dataclasses.dataclass
+class Source:
+    """A dataset file being read; `sha256` and `rows` are complete once read."""
+
+    path: str
+    sha256: str = ""
+    rows: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """One `--dataset` argument: the files it names and, for `path#N`, how many rows to take."""
+
+    spec: str
+    sources: tuple[Source, ...]
+    sample: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One raw row: a decoded value (any JSON type) or, when the text is not JSON, `error`."""
+
+    file: str
+    line: int
+    raw: str
+    value: object = None
+    error: str | None = None
+
+
+def split_sample(spec: str) -> tuple[str, int | None]:
+    """`data.jsonl#500` -> ("data.jsonl", 500); a name that exists as given keeps its `#`."""
+    path, sep, count = spec.rpartition("#")
+    if sep and path and count.isdigit() and not pathlib.Path(spec).exists():
+        return path, int(count)
+    return spec, None
+
+
+def _files(pattern: str) -> list[str]:
+    path = pathlib.Path(pattern)
+    if path.is_file():
+        return [pattern]
+    if path.is_dir():
+        found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if not found:
+            raise InvalidArgument(f"{pattern}: directory holds no dataset files ({', '.join(SUFFIXES)})",
+                                  field="dataset")
+        return found
+    if any(c in pattern for c in _GLOB_CHARS):
+        found = sorted(p for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
+        if not found:
+            raise NotFound(f"no file matches {pattern}", field="dataset")
+        return found
+    raise NotFound(f"no such file: {pattern}", field="dataset")
+
+
+def _check_type(path: str) -> None:
+    suffix = pathlib.Path(path).suffix
+    if suffix not in SUFFIXES:
+        raise InvalidArgument(f"{path}: not a dataset file type; expected one of {', '.join(SUFFIXES)}",
+                              field="dataset")
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pq.ParquetFile(path).close()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InvalidArgument(f"{path}: not a Parquet file: {exc}", field="dataset") from None
+
+
+def resolve(specs: list[str]) -> list[Dataset]:
+    """Checks every `--dataset` argument before any work: missing files and globs that
+    match nothing are named together (NotFound), then wrong types (InvalidArgument)."""
+    datasets, missing = [], []
+    for spec in specs:
+        pattern, sample = split_sample(spec)
+        if sample == 0:
+            raise InvalidArgument(f"{spec}: #N must sample at least one row", field="dataset")
+        try:
+            files = _files(pattern)
+        except NotFound as exc:
+            missing.append(exc.message)
+            continue
+        datasets.append(Dataset(spec, tuple(Source(f) for f in files), sample))
+    if missing:
+        raise NotFound("; ".join(missing), field="dataset")
+    for dataset in datasets:
+        for source in dataset.sources:
+            _check_type(source.path)
+    return datasets
+
+
+def _jsonl(path: str, lines: Iterator[bytes]) -> Iterator[Record]:
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            yield Record(path, number, text, json.loads(raw))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            yield Record(path, number, text, error=f"not a JSON object: {exc}")
+
+
+def _json(path: str) -> Iterator[Record]:
+    data = pathlib.Path(path).read_bytes()
+    if not data.lstrip().startswith(b"["):
+        # HF datasets reads JSON Lines from .json files too; so do we.
+        yield from _jsonl(path, iter(data.splitlines(keepends=True)))
+        return
+    try:
+        values = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"{path}: not a JSON array: {exc}", field="dataset") from None
+    for number, value in enumerate(values, start=1):
+        yield Record(path, number, json.dumps(value, ensure_ascii=False), value)
+
+
+def _csv(path: str) -> Iterator[Record]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        start = 2  # the header is line 1
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            raw = json.dumps(row, ensure_ascii=False)
+            if None in row:
+                yield Record(path, line, raw, error=f"{len(reader.fieldnames or [])} columns in the header, "
+                                                   f"more in this row")
+                continue
+            # an empty cell is a missing value, as in HF datasets' CSV loader
+            yield Record(path, line, raw, {k: (v if v != "" else None) for k, v in row.items()})
+
+
+def _parquet(path: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    with pq.ParquetFile(path) as f:
+        for batch in f.iter_batches():
+            for value in batch.to_pylist():
+                number += 1
+                yield Record(path, number, json.dumps(value, ensure_ascii=False, default=str), value)
+
+
+def _read_file(source: Source) -> Iterator[Record]:
+    suffix = pathlib.Path(source.path).suffix
+    if suffix == ".jsonl":
+        with open(source.path, "rb") as f:
+            records = _jsonl(source.path, f)
+            yield from _counted(source, records)
+    else:
+        reader = {".json": _json, ".csv": _csv, ".parquet": _parquet}[suffix]
+        yield from _counted(source, reader(source.path))
+    digest = hashlib.sha256()
+    with open(source.path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    source.sha256 = digest.hexdigest()
+
+
+def _counted(source: Source, records: Iterator[Record]) -> Iterator[Record]:
+    for record in records:
+        source.rows += 1
+        yield record
+
+
+def sample_indices(total: int, count: int, seed: int) -> list[int]:
+    """ms-swift's `#N`: N <= total takes N distinct rows; N > total takes every row
+    N // total times and a sample of the rest. Seeded; kept in file order per pass."""
+    rng = random.Random(seed)
+    whole, rest = divmod(count, total)
+    return [i for _ in range(whole) for i in range(total)] + sorted(rng.sample(range(total), rest))
+
+
+def read(datasets: list[Dataset], seed: int) -> Iterator[Record]:
+    """Every row of every dataset in argument order; blank lines are not rows.
+    A sampled dataset is read whole first (its size decides the sample)."""
+    for dataset in datasets:
+        if dataset.sample is None:
+            for source in dataset.sources:
+                yield from _read_file(source)
+            continue
+        records = [record for source in dataset.sources for record in _read_file(source)]
+        if not records:
+            raise InvalidArgument(f"{dataset.spec}: no rows to sample from", field="dataset")
+        for index in sample_indices(len(records), dataset.sample, seed):
+            yield records[index]

@@ -1,0 +1,95 @@
+"""Row formats detected per row with ms-swift's field names and aliases."""
+
+import pytest
+
+from services.dataprep import formats
+
+U, A = "user", "assistant"
+
+
+def chat(*turns):
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+@pytest.mark.parametrize("row, messages", [
+    ({"messages": chat((U, "q"), (A, "r")), "id": 3}, chat((U, "q"), (A, "r"))),
+    ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                        {"from": "gpt", "value": "r"}, {"from": "observation", "value": "o"},
+                        {"from": "bot", "value": "r2"}]},
+     chat(("system", "s"), (U, "q"), (A, "r"), ("tool", "o"), (A, "r2"))),
+    ({"conversation": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}], "system": "s"},
+     chat(("system", "s"), (U, "q"), (A, "r"))),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool_call", "content": "{}"},
+                   {"role": "tool_response", "content": "42"}, {"role": "assistant", "content": "r"}]},
+     chat((U, "q"), (A, "{}"), ("tool", "42"), (A, "r"))),
+    ({"instruction": "Translate", "input": "chat", "output": "cat", "system": "s"},
+     chat(("system", "s"), (U, "Translate\nchat"), (A, "cat"))),
+    ({"instruction": "Say hi", "input": None, "output": "hi"}, chat((U, "Say hi"), (A, "hi"))),
+    ({"instruction": "Say hi", "input": "", "output": "hi"}, chat((U, "Say hi"), (A, "hi"))),
+    ({"query": "q2", "response": "r2", "history": [["q1", "r1"]], "system": "s"},
+     chat(("system", "s"), (U, "q1"), (A, "r1"), (U, "q2"), (A, "r2"))),
+    ({"prompt": "q", "completion": "r", "system_prompt": "s"}, chat(("system", "s"), (U, "q"), (A, "r"))),
+    ({"question": "q", "answer": "r"}, chat((U, "q"), (A, "r"))),
+    ({"problem": "1+1", "solution": "2"}, chat((U, "1+1"), (A, "2"))),
+    ({"query": "q", "response": "r", "solution": "ignored"}, chat((U, "q"), (A, "r"))),
+    ({"text": "Once upon a time."}, chat((A, "Once upon a time."))),
+    ({"query": "q", "response": "r", "system": ""}, chat((U, "q"), (A, "r"))),
+])
+def test_formats_become_the_same_conversation(row, messages):
+    result = formats.to_conversation(row)
+    assert isinstance(result, formats.Conversation), result
+    assert result.messages == messages
+    assert result.losses == [None] * len(messages)
+
+
+def test_message_loss_is_read_and_not_handed_to_the_template_and_extra_keys_are():
+    row = {"messages": [{"role": "user", "content": "q", "loss": True},
+                        {"role": "assistant", "content": "r", "loss": False, "name": "bob", "weight": None},
+                        {"role": "tool", "content": "o", "tool_call_id": "t1"},
+                        {"role": "assistant", "content": "r2"}]}
+    result = formats.to_conversation(row)
+    assert result.losses == [True, False, None, None]
+    assert result.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r", "name": "bob"},
+                               {"role": "tool", "content": "o", "tool_call_id": "t1"},
+                               {"role": "assistant", "content": "r2"}]
+
+
+def test_columns_rename_before_detection_and_problems_name_the_row_own_column():
+    columns = formats.parse_columns('{"q": "query", "a": "response"}')
+    result = formats.to_conversation({"q": "hello", "a": "world"}, columns)
+    assert result.messages == chat((U, "hello"), (A, "world"))
+    problem = formats.to_conversation({"q": "hello", "a": 7}, columns)
+    assert (problem.field, problem.reason, problem.message) == ("a", "invalid_content", "expected a string; got 7")
+    chat_columns = formats.parse_columns('{"dialog": "messages"}')
+    problem = formats.to_conversation({"dialog": [{"role": "user", "content": "x"}]}, chat_columns)
+    assert (problem.field, problem.reason) == ("dialog", "no_assistant")
+    with pytest.raises(ValueError):
+        formats.parse_columns('["q", "query"]')
+
+
+@pytest.mark.parametrize("row, field, reason, message", [
+    ([1], None, "invalid_json", "expected a JSON object; got [1]"),
+    ({"foo": 1, "bar": 2}, None, "unknown_format",
+     "no known row format (messages, conversations, instruction/output, query/response, text); keys: bar, foo"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role", "invalid_role",
+     'expected one of system, user, assistant, tool, tool_call, tool_response; got "bot"'),
+    ({"conversations": [{"from": "alien", "value": "x"}]}, "conversations[0].from", "invalid_role",
+     'expected one of system, human, user, gpt, bot, assistant, tool, function, observation, tool_response, '
+     'function_call, tool_call; got "alien"'),
+    ({"conversations": [{"from": "human", "value": None}]}, "conversations[0].value", "invalid_content",
+     "expected a string; got null"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r", "loss": "yes"}]},
+     "messages[1].loss", "invalid_messages", 'expected true or false; got "yes"'),
+    ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no_assistant", "no assistant message to train on"),
+    ({"query": "q"}, "response", "no_assistant",
+     "no response to train on (expected one of response, answer, output, targets, target, answer_key, answers, "
+     "solution, text, completion, content)"),
+    ({"instruction": "i", "input": 3, "output": "o"}, "input", "invalid_content", "expected a string; got 3"),
+    ({"query": "q", "response": "r", "history": [["a"]]}, "history[0]", "invalid_content",
+     'expected [query, response] strings; got ["a"]'),
+    ({"query": "q", "response": "r", "system": 5}, "system", "invalid_content", "expected a string; got 5"),
+])
+def test_bad_rows_name_their_field(row, field, reason, message):
+    problem = formats.to_conversation(row)
+    assert isinstance(problem, formats.Problem)
+    assert (problem.field, problem.reason, problem.message) == (field, reason, message)

@@ -1,0 +1,104 @@
+"""Input files: .jsonl, .json arrays, .csv, .parquet, directories and globs of
+them, several datasets in one run, and `path#N` seeded sampling."""
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from libs.common.errors import InvalidArgument, NotFound
+from services.dataprep import inputs, template
+from services.dataprep.config import PrepareConfig
+from services.dataprep.pipeline import prepare
+
+
+def rows(datasets, seed=42):
+    return [(r.file.rsplit("/", 1)[-1], r.line, r.value, r.error) for r in inputs.read(datasets, seed)]
+
+
+def test_every_file_type_reads_rows_with_their_line(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "a1"}\n\n{broken\n')
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "b1"}, {"text": "b2"}], indent=2))
+    (tmp_path / "c.json").write_text('{"text": "c1"}\n{"text": "c2"}\n')  # JSON Lines named .json
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerows([["query", "response", "system"], ["q1", "two\nlines", ""], ["q2", "r2", "s"]])
+    pq.write_table(pa.table({"query": ["p1"], "response": ["r1"]}), tmp_path / "e.parquet")
+    datasets = inputs.resolve([str(tmp_path / n) for n in ("a.jsonl", "b.json", "c.json", "d.csv", "e.parquet")])
+    got = rows(datasets)
+    assert got[0] == ("a.jsonl", 1, {"text": "a1"}, None)
+    assert got[1][:2] == ("a.jsonl", 3) and got[1][3].startswith("not a JSON object")
+    assert got[2:] == [
+        ("b.json", 1, {"text": "b1"}, None), ("b.json", 2, {"text": "b2"}, None),
+        ("c.json", 1, {"text": "c1"}, None), ("c.json", 2, {"text": "c2"}, None),
+        ("d.csv", 2, {"query": "q1", "response": "two\nlines", "system": None}, None),
+        ("d.csv", 4, {"query": "q2", "response": "r2", "system": "s"}, None),  # the row above spans lines 2-3
+        ("e.parquet", 1, {"query": "p1", "response": "r1"}, None),
+    ]
+    assert [(s.rows, len(s.sha256)) for d in datasets for s in d.sources] == [(2, 64), (2, 64), (2, 64), (2, 64),
+                                                                               (1, 64)]
+
+
+def test_directories_and_globs_expand_sorted_and_missing_ones_are_all_named(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/b.jsonl", "d/sub/a.jsonl", "d/notes.txt"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    (directory,) = inputs.resolve([str(tmp_path / "d")])
+    assert [s.path for s in directory.sources] == [str(tmp_path / "d/b.jsonl"), str(tmp_path / "d/sub/a.jsonl")]
+    (globbed,) = inputs.resolve([str(tmp_path / "d" / "**" / "*.jsonl")])
+    assert [s.path for s in globbed.sources] == [str(tmp_path / "d/b.jsonl"), str(tmp_path / "d/sub/a.jsonl")]
+    with pytest.raises(NotFound) as error:
+        inputs.resolve([str(tmp_path / "d"), str(tmp_path / "none.jsonl"), str(tmp_path / "*.csv")])
+    assert str(error.value) == f"dataset: no such file: {tmp_path / 'none.jsonl'}; no file matches {tmp_path / '*.csv'}"
+    with pytest.raises(InvalidArgument, match="notes.txt: not a dataset file type"):
+        inputs.resolve([str(tmp_path / "d" / "notes.txt")])
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(InvalidArgument, match="bad.parquet: not a Parquet file"):
+        inputs.resolve([str(tmp_path / "bad.parquet")])
+    (tmp_path / "bad.json").write_text('[{"text": 1},')
+    with pytest.raises(InvalidArgument, match="bad.json: not a JSON array"):
+        list(inputs.read(inputs.resolve([str(tmp_path / "bad.json")]), 42))
+
+
+def test_sample_suffix_is_seeded_and_oversamples_past_the_end(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(10)))
+    assert inputs.split_sample(f"{path}#3") == (str(path), 3)
+    assert inputs.split_sample(str(path)) == (str(path), None)
+    three = [r[1] for r in rows(inputs.resolve([f"{path}#3"]))]
+    assert three == [r[1] for r in rows(inputs.resolve([f"{path}#3"]))]  # same seed, same rows
+    assert len(set(three)) == 3 and three == sorted(three)
+    assert any([r[1] for r in rows(inputs.resolve([f"{path}#3"]), seed=s)] != three for s in range(1, 20))
+    twelve = [r[1] for r in rows(inputs.resolve([f"{path}#12"]))]
+    assert twelve[:10] == list(range(1, 11)) and len(set(twelve[10:])) == 2
+    assert inputs.sample_indices(10, 12, 42)[10:] == sorted(__import__("random").Random(42).sample(range(10), 2))
+    with pytest.raises(InvalidArgument, match="at least one row"):
+        inputs.resolve([f"{path}#0"])
+
+
+def test_several_datasets_in_several_formats_prepare_into_one_run(tmp_path, tokenizer):
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "assistant", "content": "yo"}]}) + "\n")
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "hi", "input": "", "output": "yo"},
+                                                      {"instruction": "hi", "output": 5}]))
+    with open(tmp_path / "qa.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["question", "answer"], ["hi", "yo"], ["hi", ""]])
+    pq.write_table(pa.table({"conversations": [[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]]
+                                               * 4}), tmp_path / "sharegpt.parquet")
+    out = tmp_path / "out"
+    manifest = prepare(PrepareConfig(dataset=[str(tmp_path / "chat.jsonl"), str(tmp_path / "alpaca.json"),
+                                              str(tmp_path / "qa.csv"), f"{tmp_path / 'sharegpt.parquet'}#2"],
+                                     output_dir=str(out)))
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (7, 5, 2)
+    assert manifest["rejected_by_reason"] == {"invalid_content": 1, "no_assistant": 1}
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["file"].rsplit("/", 1)[-1], r["line"], r["field"]) for r in rejects] == [
+        ("alpaca.json", 2, "output"), ("qa.csv", 3, "response")]
+    assert [s["rows"] for s in manifest["sources"]] == [1, 2, 2, 4]
+    # every kept row is the same conversation, whatever its format
+    expected = template.encode(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    table = pa.ipc.open_file(pa.memory_map(str(out / "shard-00000.arrow"))).read_all()
+    assert table.column("input_ids").to_pylist() == [expected.input_ids] * 5
+    assert table.column("labels").to_pylist() == [expected.labels] * 5
