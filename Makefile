@@ -10,7 +10,7 @@ LOCK := $(if $(filter cpu,$(ENGINE)),-c requirements/lock-cpu.txt,)
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: install demo test test-fast bazel clean
+.PHONY: install tools demo test test-fast bazel clean
 
 install: $(VENV)/.installed $(GENERATED)
 
@@ -28,10 +28,17 @@ $(VENV)/.installed: requirements/base.txt requirements/engine-$(ENGINE).txt requ
 $(GENERATED): $(VENV)/.installed $(PROTOS) protos/codegen.py
 	$(PY) protos/codegen.py
 
+# promtool lints the /metrics pages in the tests (Debian's prometheus package).
+tools:
+	@command -v promtool >/dev/null || { \
+	  apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	  || echo "make: could not install promtool (needs root); its lint test will skip"
+
 demo: install
 	$(VENV)/bin/tuneforge demo
 
-test: install
+test: install tools
 	$(PY) -m pytest -q tests
 	bash bazel/ci.sh
 
