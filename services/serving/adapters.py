@@ -126,6 +126,7 @@ class AdapterRegistry:
         self._entries: dict[str, _Entry] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._removals: set[asyncio.Task] = set()
+        metrics.MODELS.add(base_name)
 
     # -- validation (no engine, any thread) -------------------------------------------------
 
@@ -203,6 +204,7 @@ class AdapterRegistry:
                 self._retire(served)
         metrics.ADAPTER_LOADS.labels(result="ok").inc()
         metrics.ADAPTER_LOAD_DURATION.observe(seconds)
+        metrics.MODELS.add(name)
         self._count_ready()
         logs.log(LOG, logging.INFO, "adapter ready", adapter=name, path=str(info.path), rank=info.rank,
                  seconds=round(seconds, 4), replaced=str(served.path) if served else None)
@@ -217,6 +219,7 @@ class AdapterRegistry:
             if self._entries.get(name) is not entry:
                 raise NotFound(f"no adapter named {name!r}", field="name")
             del self._entries[name]
+            metrics.MODELS.remove(name)
             if entry.version is not None:
                 self._retire(entry.version)
         self._count_ready()

@@ -39,6 +39,8 @@ class DeployConfig:
         "help": "longest prompt + completion in tokens; unset: the model's"})
     torch_dtype: str | None = field(default=None, metadata={
         "help": "weights dtype; unset: float32 on CPU, auto on GPU", "choices": list(DTYPES)})
+    max_concurrent_requests: int = field(default=256, metadata={
+        "help": "completion requests in flight (running or queued in the engine); more get HTTP 429"})
     api_key: str | None = field(default=None, metadata={"help": "require `Authorization: Bearer API_KEY` on /v1"})
     trainer_address: str | None = field(default=None, metadata={
         "help": "host:port of a trainer: hot-load every checkpoint it publishes"})
@@ -60,6 +62,8 @@ class DeployConfig:
             found.append(f"grpc_port: must differ from port ({self.port})")
         if self.max_loras < 1:
             found.append(f"max_loras: must be at least 1; got {self.max_loras}")
+        if self.max_concurrent_requests < 1:
+            found.append(f"max_concurrent_requests: must be at least 1; got {self.max_concurrent_requests}")
         if self.max_model_len is not None and self.max_model_len < 2:
             found.append(f"max_model_len: must be at least 2; got {self.max_model_len}")
         if self.served_model_name is not None and not NAME.match(self.served_model_name):

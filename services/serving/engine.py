@@ -109,14 +109,27 @@ class Engine:
         # The template already wrote any BOS it wants; adding special tokens again would double it.
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    def completion_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+    async def text_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw completion prompt, with the tokenizer's special tokens (BOS)
+        as vLLM adds them for /v1/completions."""
+        tokenizer = self.llm.get_tokenizer()
+        return await asyncio.to_thread(lambda: list(tokenizer.encode(text, add_special_tokens=True)))
+
+    def check_token_ids(self, token_ids: list[int], field: str) -> None:
+        """A prompt given as token ids must name tokens of this model's vocabulary."""
+        vocab = len(self.llm.get_tokenizer())
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidArgument(f"token id {bad} is outside the vocabulary [0, {vocab})", field=field)
+
+    def completion_budget(self, prompt_tokens: int, max_tokens: int | None, prompt_field: str = "messages") -> int:
         """The completion length to ask for: `max_tokens`, or what is left of the context.
         InvalidArgument when the prompt and completion do not fit (the OpenAI wording)."""
         room = self.max_model_len - prompt_tokens
         if room < 1:
             raise InvalidArgument(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your messages "
-                f"resulted in {prompt_tokens} tokens, leaving no room for a completion.", field="messages")
+                f"resulted in {prompt_tokens} tokens, leaving no room for a completion.", field=prompt_field)
         if max_tokens is None:
             return room
         if max_tokens > room:

@@ -23,6 +23,7 @@ from libs.common import logs
 from libs.common.errors import FailedPrecondition, Problems, TuneForgeError, Unavailable
 from libs.common.server import create_server, write_ready_file
 from services.serving.adapters import AdapterRegistry
+from services.serving.admission import Admission
 from services.serving.admin import AdapterService, registrar
 from services.serving.api.app import build_app
 from services.serving.api.state import ServingState
@@ -97,7 +98,8 @@ async def _serve(config: DeployConfig) -> int:
     try:
         for name, path in adapters.items():
             await registry.load(name, path)
-        state = ServingState(engine=engine, registry=registry, base_name=base_name, model_dir=model_dir)
+        state = ServingState(engine=engine, registry=registry, base_name=base_name, model_dir=model_dir,
+                             admission=Admission(config.max_concurrent_requests))
         http = _HttpServer(uvicorn.Config(
             build_app(state, config.api_key, config.metrics), log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=max(1, round(config.grace_period)), timeout_keep_alive=5))

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from services.serving.api import errors
 from services.serving.api.auth import ApiKeyMiddleware
 from services.serving.api.chat_completions.router import router as chat_completions
+from services.serving.api.completions.router import router as completions
 from services.serving.api.health.router import router as health
 from services.serving.api.models.router import router as models
 from services.serving.api.observe import RequestMetricsMiddleware
@@ -20,7 +21,7 @@ def build_app(state: ServingState, api_key: str | None = None, serve_metrics: bo
     app = FastAPI(title="TuneForge serving", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = state
     errors.install(app)
-    for router in (models, chat_completions, health):
+    for router in (models, chat_completions, completions, health):
         app.include_router(router)
     if serve_metrics:
         # A plain route, not a mounted app: a mount answers /metrics with a redirect to /metrics/.

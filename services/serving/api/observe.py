@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.serving import metrics
 
 # Label values stay bounded: known endpoints by name, everything else as "other".
-ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
 def endpoint_of(path: str) -> str:

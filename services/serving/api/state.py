@@ -1,5 +1,5 @@
 """What every HTTP handler shares: the engine, the adapter registry, the base
-model's name, and whether the server is draining."""
+model's name, admission control, and whether the server is draining."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from services.serving.adapters import AdapterRegistry
+from services.serving.admission import Admission
 from services.serving.engine import Engine
 
 
@@ -19,6 +20,7 @@ class ServingState:
     registry: AdapterRegistry
     base_name: str
     model_dir: pathlib.Path
+    admission: Admission = field(default_factory=lambda: Admission(256))
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
 

@@ -141,7 +141,7 @@ def test_unknown_model_is_404_with_openai_error_body(client):
     ({"messages": [{"role": "bot", "content": "hi"}]}, "messages.0.role"),
     ({"max_tokens": 10 ** 6}, "max_tokens"),
     ({"logprobs": True}, "logprobs"),
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
 ])
 def test_client_mistakes_are_400_never_500(serving, change, param):
     body = {"model": serving.base_name, "messages": QUESTION, **change}

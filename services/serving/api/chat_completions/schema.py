@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_N = 16
 # Sent by some clients with no effect on the answer; accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
@@ -52,8 +53,8 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # One choice per request in this version; more come with the widened sampling API.
-    n: int = Field(default=1, ge=1, le=1)
+    # Choices per prompt; bounded, as each one costs a sequence in the engine's batch.
+    n: int = Field(default=1, ge=1, le=MAX_N)
 
     @field_validator("stop")
     @classmethod
@@ -65,7 +66,7 @@ class ChatCompletionRequest(BaseModel):
     def unsupported(self) -> list[str]:
         """Parameters given with an effect this server does not implement (yet)."""
         return sorted(key for key, value in (self.model_extra or {}).items()
-                      if key not in IGNORED and not _is_noop(value))
+                      if key not in IGNORED and not is_noop(value))
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -77,7 +78,7 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-def _is_noop(value: Any) -> bool:
+def is_noop(value: Any) -> bool:
     """Values clients send for a parameter they did not mean to use."""
     return value in (None, False, 0, "", [], {}, "none") or value == {"type": "text"}
 

@@ -1,0 +1,105 @@
+"""Request and response shapes of POST /v1/completions (OpenAI's legacy text completions)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from services.serving.api.chat_completions.schema import IGNORED, MAX_N, StreamOptions, Usage, is_noop
+
+# A batch of prompts is bounded like OpenAI's (2048 per request).
+MAX_PROMPTS = 2048
+
+
+_FORMS = "a string, a list of strings, a list of token ids, or a list of non-empty token-id lists"
+
+
+def _token_ids(value: Any) -> bool:
+    # bool is an int in Python; `true` is not a token id.
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+
+
+class CompletionRequest(BaseModel):
+    """The parameters this server honours; any other one set to something other than its
+    no-op value is refused (400 naming it) rather than silently ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    # A string, a batch of strings, token ids, or a batch of token-id lists (OpenAI's four forms).
+    # Checked by `_prompt_form`, not a Union: a union's errors name each member, not the field.
+    prompt: Any
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # OpenAI's default for /v1/completions is 16 tokens, unlike chat's "the rest of the context".
+    max_tokens: int | None = Field(default=16, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_form(cls, prompt):
+        if isinstance(prompt, str):
+            return prompt
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError(f"expected {_FORMS}")
+        if len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request; got {len(prompt)}")
+        if all(isinstance(p, str) for p in prompt) or all(_token_ids(p) for p in prompt):
+            return prompt
+        if _token_ids(prompt):
+            return prompt
+        raise ValueError(f"expected {_FORMS}")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_not_empty(cls, stop):
+        if stop == "" or (isinstance(stop, list) and not all(stop)):
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo):
+        if echo:
+            raise ValueError("echo is not supported by this server")
+        return echo
+
+    def unsupported(self) -> list[str]:
+        return sorted(key for key, value in (self.model_extra or {}).items()
+                      if key not in IGNORED and not is_noop(value) and not (key == "best_of" and value == self.n))
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each entry a text or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if _token_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
