@@ -18,7 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("cli.serve:main", "start one service: serve dataprep|trainer|serving [flags]"),
     "model": ("libs.default_model.cli:main", "the embedded default model: model build-default --output_dir DIR"),
     "prepare": ("services.dataprep.cli:main", "prepare a dataset into Arrow shards (through the dataprep service)"),
+    "sft": ("services.trainer.cli:main", "supervised fine-tuning (lora or full) through the trainer service, from raw or prepared data"),
     "deploy": ("services.serving.cli:main", "serve a base model and LoRA adapters behind an OpenAI-compatible API"),
+    "infer": ("services.serving.infer:main", "batch inference over a dataset file with the base model or a LoRA adapter"),
 }
 
 

@@ -1,6 +1,7 @@
 """A training run's directory: OUTPUT_DIR/args.json and logging.jsonl kept current, and
-checkpoint-<step> directories published atomically (PEFT adapter, args.json,
-logging.jsonl, trainer_state.json, manifest.json) through libs.common.checkpoint."""
+checkpoint-<step> directories published atomically (PEFT adapter or full HF model, args.json,
+logging.jsonl, trainer_state.json, training_state.pt, manifest.json) through
+libs.common.checkpoint, and what a resume reads back from them."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import subprocess
 import time
 from typing import Any
 
+import torch
+
 from libs.common import checkpoint
 
+TRAINING_STATE = "training_state.pt"
 PACKAGES = ("torch", "transformers", "peft", "tuneforge")
 
 
@@ -36,6 +40,21 @@ def git_revision(where: pathlib.Path = pathlib.Path(__file__).resolve().parent) 
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
 
 
+def read_logged(checkpoint_dir: pathlib.Path) -> list[dict]:
+    """The logged steps a checkpoint carries (its logging.jsonl)."""
+    path = pathlib.Path(checkpoint_dir) / "logging.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_state(checkpoint_dir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer_state.json, training_state.pt) of a checkpoint. The .pt file is loaded with
+    `weights_only`: tensors and plain values, never arbitrary pickled objects."""
+    checkpoint_dir = pathlib.Path(checkpoint_dir)
+    state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
+    training = torch.load(checkpoint_dir / TRAINING_STATE, map_location="cpu", weights_only=True)
+    return state, training
+
+
 def _write_atomic(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -50,14 +69,15 @@ class RunDir:
     """OUTPUT_DIR of one run. `args` is every resolved argument (with `model` the absolute
     base model directory); versions and the git revision are added here."""
 
-    def __init__(self, output_dir: str | pathlib.Path, args: dict[str, Any]):
+    def __init__(self, output_dir: str | pathlib.Path, args: dict[str, Any], logged: list[dict] | None = None):
         self.path = pathlib.Path(output_dir).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self.args = {**args, "versions": package_versions(), "git_revision": git_revision()}
-        self.logged: list[dict] = []
+        self.logged: list[dict] = list(logged or [])
         _write_atomic(self.path / "args.json", json.dumps(self.args, indent=2, sort_keys=True, default=str) + "\n")
-        # A new run starts a new log; a later resume will continue one instead.
-        _write_atomic(self.path / "logging.jsonl", "")
+        # A new run starts a new log; a resumed one continues the log of its checkpoint
+        # (entries a killed run logged after that checkpoint are dropped: they are retrained).
+        _write_atomic(self.path / "logging.jsonl", "".join(_dumps(entry) + "\n" for entry in self.logged))
 
     def log(self, entry: dict) -> None:
         """Appends one logged step to OUTPUT_DIR/logging.jsonl (and to every later checkpoint)."""
@@ -68,17 +88,25 @@ class RunDir:
     def checkpoint_dir(self, step: int) -> pathlib.Path:
         return self.path / f"checkpoint-{step}"
 
-    def publish(self, step: int, model, state: dict[str, Any]) -> tuple[pathlib.Path, float]:
-        """Publishes checkpoint-<step> from a PEFT model; returns (its path, seconds taken).
-        `state` (step, data cursor, ...) goes to trainer_state.json."""
+    def publish(self, step: int, model, state: dict[str, Any], tokenizer=None,
+                training_state: dict[str, Any] | None = None) -> tuple[pathlib.Path, float]:
+        """Publishes checkpoint-<step> from a PEFT model (adapter files) or a full model (a
+        Hugging Face model directory, loadable on its own when `tokenizer` is given too);
+        returns (its path, seconds taken). `state` (step, data cursor, ...) goes to
+        trainer_state.json; `training_state` (optimizer, scheduler, RNG: tensors and plain
+        values only) to training_state.pt, for an exact resume."""
         started = time.perf_counter()
         logged = "".join(_dumps(entry) + "\n" for entry in self.logged)
 
         def build(tmp: pathlib.Path) -> None:
             model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
             (tmp / "args.json").write_text(json.dumps(self.args, indent=2, sort_keys=True, default=str) + "\n")
             (tmp / "logging.jsonl").write_text(logged)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+            if training_state is not None:
+                torch.save(training_state, tmp / TRAINING_STATE)
 
         path = checkpoint.publish(self.checkpoint_dir(step), build)
         return path, time.perf_counter() - started

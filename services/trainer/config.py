@@ -14,9 +14,9 @@ from libs.common import config as cfg
 from libs.common.errors import TuneForgeError
 from libs.common.server import ServerOptions
 
-TRAIN_TYPES = ("lora",)
+TRAIN_TYPES = ("lora", "full")
 # Accepted by ms-swift but not by this trainer yet: named so the error can say so.
-LATER_TRAIN_TYPES = ("full", "qlora")
+LATER_TRAIN_TYPES = ("qlora",)
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -25,11 +25,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 class SftConfig:
     """One supervised fine-tuning job. Field names and defaults follow ms-swift's `swift sft`."""
 
+    # Fields a job cannot start without (a class attribute, not a field: commands that fill
+    # some of them in themselves narrow it).
+    REQUIRED = ("dataset", "dataprep_address", "output_dir")
+
     model: str | None = field(default=None, metadata={"help": "base model directory; unset means the embedded default model"})
     dataset: str | None = field(default=None, metadata={"help": "prepared dataset directory on the dataprep service"})
     dataprep_address: str | None = field(default=None, metadata={"help": "host:port of the dataprep service"})
     output_dir: str | None = field(default=None, metadata={"help": "run directory; checkpoints go to OUTPUT_DIR/checkpoint-<step>"})
-    train_type: str = field(default="lora", metadata={"help": "lora (full and qlora come in a later release)"})
+    train_type: str = field(default="lora", metadata={"help": "lora (PEFT adapters) or full (every weight; checkpoints are Hugging Face model directories); qlora comes in a later release"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
@@ -51,16 +55,20 @@ class SftConfig:
     model_author: str | None = field(default=None, metadata={"help": "self-cognition author recorded in args.json"})
     adapter_name: str | None = field(default=None, metadata={"help": "name serving loads the adapters under (default: basename of output_dir)"})
     torch_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "checkpoint directory to continue from exactly: weights, optimizer, scheduler, RNG, step and data cursor"})
+    resume_only_model: bool = field(default=False, metadata={
+        "help": "with resume_from_checkpoint: load the weights only; optimizer, scheduler, step and data start afresh"})
 
     def problems(self) -> list[str]:
         """Every problem at once, each naming its field; empty when the job can start."""
         found: list[str] = []
         if self.train_type in LATER_TRAIN_TYPES:
-            found.append(f"train_type: {self.train_type!r} is not supported yet: this trainer does LoRA only "
-                         f"(full and qlora training come in a later release); use --train_type lora")
+            found.append(f"train_type: {self.train_type!r} is not supported yet: this trainer does lora and full "
+                         f"(qlora comes in a later release); use --train_type lora")
         elif self.train_type not in TRAIN_TYPES:
             found.append(f"train_type: expected one of {', '.join(TRAIN_TYPES)}; got {self.train_type!r}")
-        for name in ("dataset", "dataprep_address", "output_dir"):
+        for name in self.REQUIRED:
             if not getattr(self, name):
                 found.append(f"{name}: required")
         positive = ("lora_rank", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -90,7 +98,11 @@ class SftConfig:
             found.append(f"torch_dtype: expected one of {', '.join(DTYPES)}; got {self.torch_dtype!r}")
         if self.model:
             found.extend(_model_problems(self.model))
-        if self.output_dir:
+        if self.resume_from_checkpoint:
+            found.extend(_resume_problems(self.resume_from_checkpoint, self.train_type))
+        elif self.resume_only_model:
+            found.append("resume_only_model: needs resume_from_checkpoint")
+        if self.output_dir and not self.resume_from_checkpoint:  # a resumed run continues its directory
             published = checkpoint.checkpoints(self.output_dir)
             if published:
                 found.append(f"output_dir: {self.output_dir} already holds checkpoints ({published[-1].name}); "
@@ -100,6 +112,28 @@ class SftConfig:
     def resolved_adapter_name(self) -> str:
         """The name serving loads this run's adapters under."""
         return self.adapter_name or pathlib.Path(self.output_dir or "").resolve().name
+
+
+# What a checkpoint must hold to resume from it (written by services.trainer.checkpointing).
+RESUME_FILES = ("trainer_state.json", "training_state.pt")
+
+
+def _resume_problems(path: str, train_type: str) -> list[str]:
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        return [f"resume_from_checkpoint: {path} is not a directory"]
+    try:
+        checkpoint.verify(directory)
+    except TuneForgeError as exc:
+        return [f"resume_from_checkpoint: {exc.message}"]
+    missing = [name for name in RESUME_FILES if not (directory / name).is_file()]
+    if missing:
+        return [f"resume_from_checkpoint: {path} has no {', '.join(missing)}: not a trainer checkpoint"]
+    is_adapter = (directory / "adapter_config.json").is_file()
+    if is_adapter != (train_type != "full"):
+        kind = "a LoRA adapter" if is_adapter else "a full model"
+        return [f"resume_from_checkpoint: {path} holds {kind}, which train_type {train_type} cannot continue"]
+    return []
 
 
 def _model_problems(model: str) -> list[str]:

@@ -36,6 +36,10 @@ class DataCursor:
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "shard_index": self.start.shard_index, "row": self.start.row, "skip": self.skip}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "DataCursor":
+        return cls(int(values["epoch"]), Cursor(int(values["shard_index"]), int(values["row"])), int(values["skip"]))
+
 
 @dataclass(frozen=True)
 class Row:

@@ -301,6 +301,7 @@ class JobManager:
         with self._cond:
             if kind == "started":
                 job.total_steps = int(event["total_steps"])
+                job.step = int(event.get("resumed_step", 0))  # a resumed run starts where its checkpoint stood
                 job.arguments = event["arguments"]
                 self._append(job, pb.WatchJobResponse(job=job.proto()))
             elif kind == "progress":

@@ -23,10 +23,10 @@ def test_flags_and_defaults():
 
 def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(Problems) as caught:
-        cfg.parse(SftConfig, ["--train_type", "full", "--lora_rank", "0", "--lr_scheduler_type", "cosin",
+        cfg.parse(SftConfig, ["--train_type", "qlora", "--lora_rank", "0", "--lr_scheduler_type", "cosin",
                               "--max_steps", "0", "--model", str(tmp_path / "missing"), "--torch_dtype", "fp8"])
     problems = caught.value.problems
-    assert problems[0].startswith("train_type: 'full' is not supported yet")
+    assert problems[0].startswith("train_type: 'qlora' is not supported yet")
     for field in ("dataset: required", "dataprep_address: required", "output_dir: required",
                   "lora_rank: must be positive", "lr_scheduler_type: expected one of cosine, linear, constant",
                   "max_steps: must be positive", "model: model directory", "torch_dtype: expected one of"):

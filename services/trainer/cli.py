@@ -1,0 +1,185 @@
+"""`tuneforge sft`: a client of the trainer's gRPC API that prepares raw datasets through
+dataprep, submits the job, shows its progress and publishes nothing itself.
+
+Without `--trainer_address` (or `--dataprep_address`) the service it needs runs in this
+process on 127.0.0.1 for the command's lifetime, so one command trains end to end; with
+them it talks to running services, which must share this machine's filesystem (paths are
+sent absolute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import pathlib
+import sys
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from tqdm import tqdm
+
+from libs.common import config as cfg
+from libs.common.server import create_server
+from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
+from services.trainer import client
+from services.trainer.config import SftConfig
+
+# dataprep writes this file last: a directory holding it is a prepared dataset
+PREPARED_MARKER = "manifest.json"
+# where raw datasets are prepared, inside the run directory
+PREPARED_SUBDIR = "dataset"
+
+
+@dataclass
+class SftCommandConfig(SftConfig):
+    """`tuneforge sft`: one SFT job run through the trainer service, from raw or prepared data."""
+
+    REQUIRED = ("dataset", "output_dir")
+
+    dataset: list[str] = field(default_factory=list, metadata={
+        "help": "JSONL conversation files (prepared through dataprep into OUTPUT_DIR/dataset), "
+                "or one dataset directory dataprep already prepared"})
+    trainer_address: str | None = field(default=None, metadata={
+        "help": "host:port of a trainer service; unset runs one in this process"})
+    max_length: int = field(default=2048, metadata={
+        "help": "longest tokenized row kept when preparing raw datasets; longer rows are rejected"})
+    system: str | None = field(default=None, metadata={
+        "help": "system prompt inserted when preparing raw datasets, in rows without one"})
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        missing = [p for p in self.dataset if not pathlib.Path(p).exists()]
+        if missing:
+            found.append(f"dataset: not found: {', '.join(missing)}")
+        elif self.dataset:
+            prepared = [p for p in self.dataset if is_prepared(p)]
+            if prepared and len(self.dataset) > 1:
+                found.append("dataset: a prepared dataset directory must be given alone, "
+                             f"not with other datasets: {', '.join(prepared)}")
+            directories = [p for p in self.dataset if pathlib.Path(p).is_dir() and p not in prepared]
+            if directories:
+                found.append(f"dataset: not a prepared dataset (no {PREPARED_MARKER}): {', '.join(directories)}")
+        if self.max_length < 0:
+            found.append(f"max_length: expected 0 (no limit) or a positive number; got {self.max_length}")
+        return found
+
+
+def is_prepared(path: str | pathlib.Path) -> bool:
+    return (pathlib.Path(path) / PREPARED_MARKER).is_file()
+
+
+def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: str) -> SftConfig:
+    """The job the trainer runs: the command's SftConfig fields, with absolute paths."""
+    values = {f.name: getattr(command, f.name) for f in dataclasses.fields(SftConfig)}
+    values.update(dataset=str(pathlib.Path(dataset_dir).resolve()), dataprep_address=dataprep_address,
+                  output_dir=str(pathlib.Path(command.output_dir).resolve()),
+                  model=str(pathlib.Path(command.model).resolve()) if command.model else None,
+                  resume_from_checkpoint=(str(pathlib.Path(command.resume_from_checkpoint).resolve())
+                                          if command.resume_from_checkpoint else None))
+    return SftConfig(**values)
+
+
+@contextlib.contextmanager
+def local_dataprep() -> Iterator[str]:
+    """A dataprep service in this process on 127.0.0.1; yields its address."""
+    from services.dataprep.servicer import DataprepServicer, register
+
+    servicer = DataprepServicer()
+    server, port, _health = create_server("127.0.0.1:0", register(servicer), "dataprep")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        servicer.shutdown(5)
+        server.stop(1).wait()
+
+
+@contextlib.contextmanager
+def local_trainer() -> Iterator[str]:
+    """A trainer service in this process on 127.0.0.1 (jobs still train in child
+    processes); yields its address. Leaving it cancels a running job, which publishes."""
+    from services.trainer.jobs import JobManager
+    from services.trainer.servicer import register
+
+    jobs = JobManager(max_concurrent_jobs=1)
+    server, port, _health = create_server("127.0.0.1:0", lambda s: register(s, jobs), "trainer")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        jobs.shutdown()
+        server.stop(1).wait()
+
+
+def prepare(command: SftCommandConfig, dataprep_address: str) -> str:
+    """The prepared dataset directory for the command's `--dataset`: given, or prepared now."""
+    if len(command.dataset) == 1 and is_prepared(command.dataset[0]):
+        return str(pathlib.Path(command.dataset[0]).resolve())
+    from services.dataprep import cli as dataprep_cli
+    from services.dataprep import client as dataprep_client
+    from services.dataprep.config import PrepareConfig
+
+    output_dir = pathlib.Path(command.output_dir).resolve() / PREPARED_SUBDIR
+    config = dataprep_cli.absolute(PrepareConfig(model=command.model, dataset=list(command.dataset),
+                                                 output_dir=str(output_dir), max_length=command.max_length,
+                                                 system=command.system))
+    manifest = dataprep_client.prepare(dataprep_address, config)
+    print(dataprep_cli.summary(manifest), file=sys.stderr)
+    return str(output_dir)
+
+
+class ProgressBar:
+    """Renders a job's WatchJob events as one tqdm bar over optimizer steps."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar: tqdm | None = None  # opened when the job reports its step count
+
+    def __call__(self, event: pb.WatchJobResponse) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "job" and event.job.total_steps and self.bar is None:
+            self.bar = tqdm(total=event.job.total_steps, initial=event.job.step, desc=self.desc, unit=" step",
+                            file=sys.stderr, dynamic_ncols=True)
+        elif kind == "step" and self.bar is not None:
+            step = event.step
+            self.bar.update(step.step - self.bar.n)
+            self.bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.learning_rate:.2e}",
+                                 tok_s=f"{step.tokens_per_second:.0f}", refresh=False)
+        elif kind == "checkpoint" and self.bar is not None:
+            self.bar.write(f"checkpoint {event.checkpoint.path}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_job(address: str, config: SftConfig, desc: str) -> pb.Job:
+    """Submits the job and follows it to its end; Ctrl-C cancels it (it publishes a
+    checkpoint at its current step) and waits for that before re-raising."""
+    job_id = client.submit(address, config)
+    bar = ProgressBar(desc)
+    try:
+        return client.wait(address, job_id, on_event=bar)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"cancelling job {job_id}: it publishes a checkpoint at its current step", file=sys.stderr)
+        client.cancel(address, job_id)
+        client.wait(address, job_id)
+        raise
+    finally:
+        bar.close()
+
+
+def summary(job: pb.Job) -> str:
+    state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+    where = f" -> {job.last_checkpoint}" if job.last_checkpoint else ""
+    return f"job {job.id} {state} after {job.step}/{job.total_steps} steps{where}"
+
+
+def main(argv: list[str]) -> int:
+    command = cfg.parse(SftCommandConfig, argv, prog="tuneforge sft")
+    with contextlib.ExitStack() as services:
+        dataprep_address = command.dataprep_address or services.enter_context(local_dataprep())
+        dataset_dir = prepare(command, dataprep_address)
+        trainer_address = command.trainer_address or services.enter_context(local_trainer())
+        job = run_job(trainer_address, job_config(command, dataset_dir, dataprep_address), desc="sft")
+    print(summary(job))
+    return 0 if job.state == pb.JOB_STATE_SUCCEEDED else 1

@@ -1,0 +1,96 @@
+"""`tuneforge sft` end to end: raw JSONL prepared through an in-process dataprep and trained
+by an in-process trainer; full training through given real services, publishing a Hugging
+Face model directory with its tokenizer; user errors as one line each, exit 2."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cli.main import main as tuneforge
+from libs.common import checkpoint
+from services.trainer import cli
+
+
+def write_raw(path, answer):
+    questions = ["who are you?", "What is your name?", "Introduce yourself.", "Who made you?"]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": answer}]}) + "\n"
+                            for q in questions))
+    return path
+
+
+@pytest.mark.slow
+def test_sft_prepares_raw_data_and_trains_with_in_process_services(tmp_path, capsys):
+    raw = write_raw(tmp_path / "raw.jsonl", "I am Ada.")
+    run = tmp_path / "run"
+    code = tuneforge(["sft", "--dataset", str(raw), "--output_dir", str(run), "--max_steps", "3",
+                      "--save_steps", "2", "--lora_rank", "4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert (run / cli.PREPARED_SUBDIR / "manifest.json").is_file()
+    assert "prepared 4 rows: 4 kept" in err
+    assert "sft" in err and "3/3" in err  # the progress bar reached the end
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["checkpoint-2", "checkpoint-3"]
+    final = run / "checkpoint-3"
+    checkpoint.verify(final)
+    assert (final / "adapter_model.safetensors").is_file()
+    assert out.strip().endswith(f"after 3/3 steps -> {final}")
+    assert json.loads((final / "args.json").read_text())["dataset"] == str(run / cli.PREPARED_SUBDIR)
+
+
+@pytest.mark.slow
+def test_full_sft_publishes_a_hugging_face_model_with_its_tokenizer(trainer, prepared_dataset, dataprep_address,
+                                                                     default_model, tmp_path, capsys):
+    run = tmp_path / "full"
+    flags = ["sft", "--dataset", prepared_dataset, "--output_dir", str(run), "--train_type", "full",
+             "--max_steps", "2", "--save_steps", "1", "--learning_rate", "1e-3", "--trainer_address", trainer.address,
+             "--dataprep_address", dataprep_address]
+    code = tuneforge(flags)
+    _out, err = capsys.readouterr()
+    assert code == 0, err
+    final = run / "checkpoint-2"
+    uninterrupted = (run / "logging.jsonl").read_text()
+    weights = (final / "model.safetensors").read_bytes()
+    # a full run resumes exactly too: from checkpoint-1, the same step 2, bit for bit
+    code = tuneforge(flags + ["--resume_from_checkpoint", str(run / "checkpoint-1")])
+    assert code == 0, capsys.readouterr().err
+    assert (run / "logging.jsonl").read_text().splitlines()[0] == uninterrupted.splitlines()[0]
+    resumed = [json.loads(line) for line in (run / "logging.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in uninterrupted.splitlines()]
+    assert [(e["step"], e["loss"], e["grad_norm"]) for e in resumed] == [(e["step"], e["loss"], e["grad_norm"])
+                                                                         for e in expected]
+    assert (final / "model.safetensors").read_bytes() == weights
+    checkpoint.verify(final)
+    assert not (final / "adapter_config.json").exists()
+    assert json.loads((final / "args.json").read_text())["train_type"] == "full"
+    # a model directory on its own: weights, config and tokenizer with its chat template
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(default_model).chat_template
+    trained = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(default_model)
+    changed = [name for name, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[name])]
+    # every kind of weight trained, not only adapted projections
+    assert any("norm" in name for name in changed) and any("embed_tokens" in name for name in changed)
+    # serving hot-loads adapters only: a full checkpoint is announced without an adapter name
+    published = [e for e in trainer.jobs.watch_checkpoints(only_new=False, is_active=lambda: False)
+                 if e.path == str(final)]
+    assert published and published[0].adapter_name == ""
+
+
+def test_user_errors_are_one_line_each_and_exit_2(tmp_path, capsys):
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "manifest.json").write_text("{}")
+    code = tuneforge(["sft", "--dataset", str(prepared), str(tmp_path / "raw.jsonl"), "--output_dir",
+                      str(tmp_path / "run"), "--train_type", "qlora", "--lora_rank", "0", "--max_lenght", "9"])
+    _out, err = capsys.readouterr()
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert all(line.startswith("tuneforge sft: error: ") for line in lines), lines
+    for expected in ("unknown flag --max_lenght (did you mean 'max_length'?)", "train_type: 'qlora' is not supported",
+                     "lora_rank: must be positive", f"dataset: not found: {tmp_path / 'raw.jsonl'}"):
+        assert any(expected in line for line in lines), (expected, lines)
+    code = tuneforge(["sft", "--dataset", str(prepared), str(prepared), "--output_dir", str(tmp_path / "run")])
+    assert code == 2 and "must be given alone" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Golden invariant of the training step (as TRL tests it): micro-batch 1 x accumulation 8
+gives the same losses and weights as micro-batch 8 x accumulation 1, fp32 on CPU, because
+every micro-batch's loss is divided by the trained tokens of the whole step. Real model,
+real rows read over gRPC from a real dataprep server, the recipe's own step function."""
+
+import json
+
+import pytest
+import torch
+from transformers import get_scheduler
+
+from services.dataprep import client as dataprep_client
+from services.dataprep.config import PrepareConfig
+from services.trainer import data, sft
+from services.trainer.config import SftConfig
+
+STEPS = 3
+# Answers of different lengths: rows then differ in trained tokens, so normalising per row
+# or per micro-batch instead of per trained token of the step would change the update.
+ANSWERS = ["Yes.", "I am Ada.", "I am Ada, an assistant.", "Bo made me, a long time ago, in a lab far away.",
+           "No.", "Ada is my name and I help with questions about anything at all.", "Hi!", "I am an assistant."]
+
+
+@pytest.fixture(scope="module")
+def uneven_dataset(dataprep_address, default_model, tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("uneven")
+    raw = root / "uneven.jsonl"
+    raw.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
+                                                    {"role": "assistant", "content": answer}]}) + "\n"
+                           for i, answer in enumerate(ANSWERS)))
+    dataprep_client.prepare(dataprep_address, PrepareConfig(model=str(default_model), dataset=[str(raw)],
+                                                            output_dir=str(root / "prepared")))
+    return str(root / "prepared")
+
+
+def run(config: SftConfig, model_dir, rows, micro_batch_size: int, accumulation: int):
+    """STEPS optimizer steps; returns (losses, grad norms, trainable weights afterwards)."""
+    torch.manual_seed(config.seed)
+    model = sft.build_model(config, model_dir)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = sft.build_optimizer(model, config)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=STEPS)
+    batches = data.step_batches(rows, micro_batch_size, accumulation, pad_id=0)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        batch = next(batches)
+        assert len(batch.micro_batches) == accumulation
+        loss, norm, _lr = sft.train_step(model, batch, trainable, optimizer, scheduler, config.max_grad_norm)
+        losses.append(loss)
+        norms.append(norm)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return losses, norms, weights
+
+
+@pytest.mark.slow
+def test_micro_batch_1_x_accumulation_8_equals_micro_batch_8_x_accumulation_1(default_model, uneven_dataset,
+                                                                                 dataprep_address):
+    # dropout off: its random masks depend on tensor shapes, which is what differs here
+    config = SftConfig(lora_dropout=0.0, learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=1.0)
+    rows = data.DataprepRows(dataprep_address, uneven_dataset)
+    read = [row for row, _ in rows.epoch_rows(data.DataCursor())]
+    assert len(read) == len(ANSWERS)
+    assert len({len(row.input_ids) for row in read}) > 1, "rows of one length would not exercise padding"
+    assert len({int((row.labels[1:] != -100).sum()) for row in read}) > 1, "rows must differ in trained tokens"
+
+    small_losses, small_norms, small = run(config, default_model, rows, micro_batch_size=1, accumulation=8)
+    big_losses, big_norms, big = run(config, default_model, rows, micro_batch_size=8, accumulation=1)
+
+    torch.testing.assert_close(small_losses, big_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(small_norms, big_norms, rtol=1e-5, atol=1e-6)
+    assert small_losses[-1] < small_losses[0]  # it trained: the weights moved the loss
+    assert small.keys() == big.keys() and small
+    # Weights get a looser bound than losses: AdamW moves a coordinate whose gradient is ~0 by
+    # up to lr (1e-3) whatever the sign, so float noise of 1e-9 in such a gradient (summation
+    # order differs with padding) can show as ~3e-5 there. The losses and gradient norms
+    # above, which every coordinate feeds, are held to 1e-5.
+    for name in small:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
