@@ -12,6 +12,7 @@ import asyncio
 import enum
 import hashlib
 import logging
+import os
 import pathlib
 import time
 import weakref
@@ -118,8 +119,11 @@ class AdapterRegistry:
     """`engine` may be attached after construction: the server validates its startup
     adapters first, so a bad flag fails in a second instead of after the engine's start."""
 
-    def __init__(self, engine: LoraEngine | None, base_model: pathlib.Path, base_name: str, max_lora_rank: int):
+    def __init__(self, engine: LoraEngine | None, base_model: pathlib.Path, base_name: str, max_lora_rank: int,
+                 adapter_root: str | pathlib.Path | None = None):
         self.engine = engine
+        # Resolved once: a symlink swapped later under the root's own path changes nothing.
+        self.adapter_root = _realpath(adapter_root) if adapter_root is not None else None
         self.base_model = pathlib.Path(base_model).resolve()
         self.base_name = base_name
         self.max_lora_rank = max_lora_rank
@@ -135,7 +139,9 @@ class AdapterRegistry:
         check_name(name, self.base_name)
         if not str(path):
             raise InvalidArgument("must not be empty", field="path")
+        path = self._within_root(path)
         info = adapter_dir.inspect(path, field="path")
+        self._check_contained(info.path)
         if info.has_manifest:
             checkpoint.verify(info.path)  # FailedPrecondition naming the file whose sha256 differs
         if info.base_model is None:
@@ -155,6 +161,36 @@ class AdapterRegistry:
                 f"{info.path} sets modules_to_save ({', '.join(info.modules_to_save)}): vLLM serves LoRA "
                 "deltas only, not fully trained modules; merge the adapter into the model instead", field="path")
         return info
+
+    def _within_root(self, path: str | pathlib.Path) -> pathlib.Path:
+        """With an adapter root: a relative path is taken inside it, `..` is refused, and
+        the path must resolve (symlinks followed) inside the root."""
+        path = pathlib.Path(path).expanduser()
+        if self.adapter_root is None:
+            return path
+        if ".." in path.parts:
+            raise InvalidArgument(f"{path} contains `..`; give a path inside the adapter root {self.adapter_root}",
+                                  field="path")
+        if not path.is_absolute():
+            path = self.adapter_root / path
+        self._inside(path, path)
+        return path
+
+    def _check_contained(self, adapter: pathlib.Path) -> None:
+        """The adapter directory (a run directory's newest checkpoint) and every file in it
+        must resolve inside the root: a symlinked weights file must not read elsewhere."""
+        if self.adapter_root is None:
+            return
+        self._inside(adapter, adapter)
+        for file in sorted(adapter.rglob("*")):
+            self._inside(file, adapter)
+
+    def _inside(self, path: pathlib.Path, shown: pathlib.Path) -> None:
+        resolved = _realpath(path)
+        if resolved != self.adapter_root and self.adapter_root not in resolved.parents:
+            what = shown if path == shown else f"{path.relative_to(shown)} in {shown}"
+            raise InvalidArgument(f"{what} resolves to {resolved}, outside the adapter root {self.adapter_root} "
+                                  "(symlinks are followed)", field="path")
 
     # -- loop-side operations ---------------------------------------------------------------
 
@@ -284,6 +320,10 @@ class AdapterRegistry:
 
     def _count_ready(self) -> None:
         metrics.ADAPTERS_READY.set(sum(1 for entry in self._entries.values() if entry.version is not None))
+
+
+def _realpath(path: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(os.path.realpath(pathlib.Path(path).expanduser()))
 
 
 def _rank_at_least(rank: int) -> int:

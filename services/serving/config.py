@@ -32,7 +32,11 @@ class DeployConfig:
     metrics: bool = field(default=True, metadata={"help": "serve Prometheus /metrics on the HTTP port"})
     served_model_name: str | None = field(default=None, metadata={
         "help": "name of the base model in the API; unset: the base model directory's name"})
-    max_loras: int = field(default=4, metadata={"help": "adapters the engine runs in one batch"})
+    max_loras: int = field(default=4, metadata={
+        "help": "adapters the engine runs in one batch; requests for more wait for a slot, they do not fail"})
+    max_cpu_loras: int | None = field(default=None, metadata={
+        "help": "adapters kept in CPU memory, least recently used evicted (and reloaded from disk when asked for "
+                "again); unset: max_loras. The adapters registered are not bounded"})
     max_lora_rank: int = field(default=16, metadata={
         "help": "largest adapter rank accepted", "choices": list(LORA_RANKS)})
     max_model_len: int | None = field(default=None, metadata={
@@ -42,6 +46,8 @@ class DeployConfig:
     max_concurrent_requests: int = field(default=256, metadata={
         "help": "completion requests in flight (running or queued in the engine); more get HTTP 429"})
     api_key: str | None = field(default=None, metadata={"help": "require `Authorization: Bearer API_KEY` on /v1"})
+    adapter_root: str | None = field(default=None, metadata={
+        "help": "load adapters only from inside this directory (after resolving `..` and symlinks); unset: anywhere"})
     trainer_address: str | None = field(default=None, metadata={
         "help": "host:port of a trainer: hot-load every checkpoint it publishes"})
     ready_file: str | None = field(default=None, metadata={"help": "write pid and bound ports here (JSON) once serving"})
@@ -62,6 +68,10 @@ class DeployConfig:
             found.append(f"grpc_port: must differ from port ({self.port})")
         if self.max_loras < 1:
             found.append(f"max_loras: must be at least 1; got {self.max_loras}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            found.append(f"max_cpu_loras: must be at least max_loras ({self.max_loras}); got {self.max_cpu_loras}")
+        if self.adapter_root is not None and not pathlib.Path(self.adapter_root).expanduser().is_dir():
+            found.append(f"adapter_root: {self.adapter_root} is not a directory")
         if self.max_concurrent_requests < 1:
             found.append(f"max_concurrent_requests: must be at least 1; got {self.max_concurrent_requests}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -57,7 +57,8 @@ class Engine:
 
     @classmethod
     def start(cls, model_dir: pathlib.Path, max_loras: int, max_lora_rank: int,
-              max_model_len: int | None = None, torch_dtype: str | None = None) -> "Engine":
+              max_model_len: int | None = None, torch_dtype: str | None = None,
+              max_cpu_loras: int | None = None) -> "Engine":
         dtype = platform_defaults(torch_dtype)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -67,6 +68,9 @@ class Engine:
             dtype=dtype,
             enable_lora=True,
             max_loras=max_loras,
+            # vLLM's worker keeps this many adapters in an LRU cache and reloads an evicted one
+            # from its path on the next request; its scheduler holds back requests beyond max_loras.
+            max_cpu_loras=max_cpu_loras,
             max_lora_rank=max_lora_rank,
             max_model_len=max_model_len,
             # vLLM's own stat loggers register `vllm:` metrics (colon names fail promlint);
@@ -81,7 +85,8 @@ class Engine:
         seconds = time.perf_counter() - started
         engine = cls(llm, model_dir, seconds)
         logs.log(LOG, logging.INFO, "engine started", model=str(model_dir), dtype=dtype, seconds=round(seconds, 2),
-                 max_model_len=engine.max_model_len, max_loras=max_loras, max_lora_rank=max_lora_rank)
+                 max_model_len=engine.max_model_len, max_loras=max_loras, max_cpu_loras=max_cpu_loras or max_loras,
+                 max_lora_rank=max_lora_rank)
         return engine
 
     @property

@@ -82,14 +82,14 @@ async def _serve(config: DeployConfig) -> int:
     adapters = parse_adapters(config.adapters)
     base_name = served_name(config, model_dir)
     # Everything checkable without the engine fails now, in a second, not after a minute of engine start.
-    registry = AdapterRegistry(None, model_dir, base_name, config.max_lora_rank)
+    registry = AdapterRegistry(None, model_dir, base_name, config.max_lora_rank, config.adapter_root)
     check_adapters(registry, adapters)
     sock = bind(config.host, config.port)
     http_port = sock.getsockname()[1]
     logs.log(LOG, logging.INFO, "starting engine", model=str(model_dir), served_model_name=base_name)
     try:
         engine = Engine.start(model_dir, config.max_loras, config.max_lora_rank, config.max_model_len,
-                              config.torch_dtype)
+                              config.torch_dtype, config.max_cpu_loras)
     except BaseException:
         sock.close()
         raise

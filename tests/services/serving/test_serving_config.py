@@ -54,8 +54,17 @@ def test_every_problem_is_reported_at_once():
     assert "adapters: 'a' is given twice" in problems
     assert any(p.startswith("adapters: 'bad name' is not a valid adapter name") for p in problems)
     assert "max_loras: must be at least 1; got 0" in problems
+
     assert "port: must be in [0, 65535]; got 70000" in problems
     assert len(problems) == 5
+
+
+def test_cpu_cache_and_adapter_root_are_checked(tmp_path):
+    config = cfg.parse(DeployConfig, ["--max_loras", "2", "--max_cpu_loras", "8", "--adapter_root", str(tmp_path)])
+    assert (config.max_loras, config.max_cpu_loras, config.adapter_root) == (2, 8, str(tmp_path))
+    problems = DeployConfig(max_loras=4, max_cpu_loras=2, adapter_root=str(tmp_path / "nope")).problems()
+    assert problems == ["max_cpu_loras: must be at least max_loras (4); got 2",
+                        f"adapter_root: {tmp_path / 'nope'} is not a directory"]
 
 
 def test_unknown_flag_gets_a_hint():

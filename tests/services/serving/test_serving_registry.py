@@ -74,6 +74,31 @@ def test_base_paths_compare_after_resolving_symlinks(registry, base, tmp_path, p
     registry.validate("a", publish_adapter(tmp_path / "a", tmp_path / "link"))
 
 
+def test_adapter_root_refuses_dotdot_and_symlink_escapes(engine, base, tmp_path, publish_adapter):
+    root = tmp_path / "adapters"
+    inside = publish_adapter(root / "run" / "checkpoint-1", base)
+    outside = publish_adapter(tmp_path / "elsewhere", base)
+    registry = AdapterRegistry(engine, base, "base-model", max_lora_rank=16, adapter_root=root)
+    assert registry.validate("a", inside).path == inside.resolve()
+    assert registry.validate("a", "run").path == inside.resolve()  # relative: inside the root; a run: its newest
+    (root / "link").symlink_to(outside)
+    (root / "run" / "checkpoint-1" / "stolen").symlink_to(tmp_path / "elsewhere" / "adapter_model.safetensors")
+    refusals = {
+        "dotdot": (root / "run" / ".." / ".." / "elsewhere", "contains `..`"),
+        "relative dotdot": ("../elsewhere", "contains `..`"),
+        "outside": (outside, "outside the adapter root"),
+        "symlinked dir": (root / "link", "outside the adapter root"),
+        "symlinked file": (inside, "stolen in"),
+    }
+    for case, (path, words) in refusals.items():
+        with pytest.raises(InvalidArgument) as info:
+            registry.validate("a", path)
+        assert info.value.field == "path", case
+        assert words in info.value.message, (case, info.value.message)
+    # Without a root, an adapter may live anywhere.
+    AdapterRegistry(engine, base, "base-model", max_lora_rank=16).validate("a", outside)
+
+
 # -- loading, swapping, unloading -------------------------------------------------------
 
 
