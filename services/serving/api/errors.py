@@ -67,6 +67,13 @@ def sse_error(exc: TuneForgeError) -> str:
     return f"data: {json.dumps(body_of(exc))}\n\n"
 
 
+def sse_unexpected(exc: Exception, path: str) -> str:
+    """Our own bug after a stream has started: logged with its traceback, sent as a 500 error event."""
+    logs.log(LOG, logging.ERROR, "unhandled error in a stream", path=path, error=repr(exc))
+    LOG.error("unhandled error in a stream on %s", path, exc_info=exc)
+    return f"data: {json.dumps(error_body(500, 'internal server error; see the server log'))}\n\n"
+
+
 def _param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) or None

@@ -22,7 +22,7 @@ from services.serving.api.chat_completions.schema import (
     Delta,
     Usage,
 )
-from services.serving.api.errors import sse_error
+from services.serving.api.errors import sse_error, sse_unexpected
 from services.serving.api.state import ServingState
 
 DONE = "data: [DONE]\n\n"
@@ -88,6 +88,8 @@ async def _events(request: ChatCompletionRequest, job: generation.Job, deltas) -
     except TuneForgeError as exc:
         generation.count_error(request.model, exc)
         yield sse_error(exc)
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns of it only here
+        yield sse_unexpected(exc, "/v1/chat/completions")
     finally:
         await deltas.aclose()
         job.close()

@@ -14,7 +14,7 @@ from services.serving.api import generation
 from services.serving.api.chat_completions.handler import DONE
 from services.serving.api.chat_completions.schema import Usage
 from services.serving.api.completions.schema import Completion, CompletionChoice, CompletionRequest
-from services.serving.api.errors import sse_error
+from services.serving.api.errors import sse_error, sse_unexpected
 from services.serving.api.state import ServingState
 
 
@@ -87,6 +87,8 @@ async def _events(request: CompletionRequest, job: generation.Job, deltas) -> As
     except TuneForgeError as exc:
         generation.count_error(request.model, exc)
         yield sse_error(exc)
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns of it only here
+        yield sse_unexpected(exc, "/v1/completions")
     finally:
         await deltas.aclose()
         job.close()
