@@ -7,18 +7,24 @@ prefix as a prefix of the whole conversation:
   - start of assistant turn i: the length of the text of messages[:i] rendered
     with add_generation_prompt=True (everything the model is given at inference);
   - end: the length of messages[:i+1] rendered, less trailing whitespace (so the
-    end-of-turn token is trained and the newline a template puts after it is not).
+    end-of-turn token is trained and the newline a template puts after it is not);
+    a template that closes the last turn differently from earlier ones (ms-swift's
+    `default`: eos after the last answer, a blank line between rounds) ends an
+    earlier turn where the two renderings part, once all of its content is rendered.
 Character spans become token labels through the fast tokenizer's offset mapping
-of the full rendered text.
+of the full rendered text. Without a chat template (`--use_chat_template false`)
+a row is its texts concatenated with eos after them (see encode_plain).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import pathlib
 
 from libs.common.errors import FailedPrecondition
+from services.dataprep import templates
 from services.dataprep.loss_scale import trained_messages
 
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips (torch's and HF's default)
@@ -44,22 +50,73 @@ class Encoded:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def load_tokenizer(model_dir: str | pathlib.Path):
-    """The model's fast tokenizer; it must have a chat template (offsets need a fast one)."""
+def load_tokenizer(model_dir: str | pathlib.Path, template_name: str | None = None,
+                   use_chat_template: bool = True):
+    """The model's fast tokenizer (offsets need a fast one) with the chat template rows
+    are rendered with: built-in `template_name` when given, else the model's own,
+    which it must then have (unless use_chat_template is false)."""
     from transformers import AutoTokenizer
 
+    builtin = templates.load(template_name) if template_name else None  # unknown name: fail before loading
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if not getattr(tokenizer, "is_fast", False):
         raise FailedPrecondition(f"{model_dir}: tokenizer is not a fast (tokenizers) tokenizer; "
                                  "offsets are needed to mask labels", field="model")
-    if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template:
-        raise FailedPrecondition(f"{model_dir}: the tokenizer has no chat template", field="model")
+    if builtin is not None:
+        tokenizer.chat_template = builtin
+    elif use_chat_template and (not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template):
+        raise FailedPrecondition(f"{model_dir}: the tokenizer has no chat template; name a built-in one with "
+                                 f"--template ({', '.join(templates.NAMES)}) or pass --use_chat_template false",
+                                 field="model")
+    if not use_chat_template and tokenizer.eos_token_id is None:
+        raise FailedPrecondition(f"{model_dir}: the tokenizer has no eos token to end texts with "
+                                 "(--use_chat_template false)", field="model")
     return tokenizer
 
 
 def template_fingerprint(tokenizer) -> str:
-    """sha256 of the chat template text."""
-    return hashlib.sha256(tokenizer.chat_template.encode("utf-8")).hexdigest()
+    """sha256 of the chat template text (of the empty text when there is none)."""
+    return hashlib.sha256((tokenizer.chat_template or "").encode("utf-8")).hexdigest()
+
+
+def supports_tools(tokenizer) -> bool:
+    """Whether the chat template renders a `tools` list (it names the variable)."""
+    return "tools" in (tokenizer.chat_template or "")
+
+
+def supports_tool_calls(tokenizer) -> bool:
+    """Whether the chat template renders assistant `tool_calls`."""
+    return "tool_calls" in (tokenizer.chat_template or "")
+
+
+def with_tool_calls(tokenizer, messages: list[dict], losses: list[bool | None]) -> tuple[list[dict], list]:
+    """ms-swift's `tool_call` turns (assistant messages carrying TOOL_CALL, the parsed
+    call) for this template: where it renders `tool_calls`, each run of them becomes
+    one assistant message with those calls and no text; elsewhere the call's JSON
+    text is the turn's content, as ms-swift writes it."""
+    native = supports_tool_calls(tokenizer)
+    out, out_losses = [], []
+    for message, loss in zip(messages, losses, strict=True):
+        call = message.get(TOOL_CALL)
+        if call is None:
+            out.append(message)
+            out_losses.append(loss)
+            continue
+        plain = {k: v for k, v in message.items() if k != TOOL_CALL}
+        if not native:
+            out.append(plain)
+            out_losses.append(loss)
+        elif out and out[-1].get("tool_calls") is not None and out[-1].get("_merged"):
+            out[-1]["tool_calls"].append({"type": "function", "function": call})
+            out_losses[-1] = out_losses[-1] if out_losses[-1] is not None else loss
+        else:
+            out.append({**plain, "content": "", "tool_calls": [{"type": "function", "function": call}],
+                        "_merged": True})
+            out_losses.append(loss)
+    return [{k: v for k, v in m.items() if k != "_merged"} for m in out], out_losses
+
+
+TOOL_CALL = "_tuneforge_tool_call"  # key formats.py puts on an assistant message written as a tool_call turn
 
 
 def tokenizer_fingerprint(model_dir: str | pathlib.Path, tokenizer) -> str:
@@ -70,21 +127,24 @@ def tokenizer_fingerprint(model_dir: str | pathlib.Path, tokenizer) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
     """The template's text; its own refusals (`raise_exception(...)` in Jinja, e.g.
     roles that do not alternate) become TemplateError."""
     from jinja2.exceptions import TemplateError as JinjaError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except JinjaError as exc:
         raise TemplateError(f"the chat template refused the conversation: {exc}") from exc
 
 
-def template_ids(tokenizer, messages: list[dict]) -> list[int]:
+def template_ids(tokenizer, messages: list[dict], tools: list | None = None,
+                 add_generation_prompt: bool = False) -> list[int]:
     """The reference: apply_chat_template's own token ids (transformers 5 returns a
     BatchEncoding here, older versions a plain list)."""
-    result = tokenizer.apply_chat_template(messages, tokenize=True)
+    result = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
+                                           add_generation_prompt=add_generation_prompt)
     ids = result["input_ids"] if not isinstance(result, list) else result
     return list(ids)
 
@@ -95,38 +155,69 @@ def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[in
     return trained_spans(tokenizer, messages, text, [m["role"] == "assistant" for m in messages], everything=False)
 
 
-def _prefix(tokenizer, messages: list[dict], text: str, i: int, add_generation_prompt: bool = False) -> str:
-    rendered = render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+def _not_prefix(i: int) -> TemplateError:
+    return TemplateError("the chat template does not render the conversation up to this turn as a prefix "
+                         "of the whole conversation", field=f"messages[{i}]")
+
+
+def _prefix(tokenizer, messages: list[dict], text: str, i: int, add_generation_prompt: bool = False,
+            tools: list | None = None) -> str:
+    if not messages and not add_generation_prompt:
+        return ""
+    rendered = render(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
     if not text.startswith(rendered):
-        raise TemplateError("the chat template does not render the conversation up to this turn as a prefix "
-                            "of the whole conversation", field=f"messages[{i}]")
+        raise _not_prefix(i)
     return rendered
 
 
+def _turn_end(tokenizer, messages: list[dict], text: str, i: int, start: int, tools: list | None) -> int:
+    """Where turn i ends in `text`: through its end-of-turn marker (trailing
+    whitespace excluded) when messages[:i+1] renders as a prefix; else, for a
+    template that closes the last turn its own way, where the renderings part,
+    provided the turn's whole content precedes that point."""
+    through = render(tokenizer, messages[:i + 1], tools=tools)
+    if text.startswith(through):
+        return max(start, len(through.rstrip()))  # an empty answer with no end marker trains nothing
+    common = len(os.path.commonprefix([through, text]))
+    content = messages[i].get("content")
+    if common > start and isinstance(content, str) and content.strip() and \
+            text[start:common].rstrip().endswith(content.strip()):
+        return len(text[:common].rstrip())
+    raise _not_prefix(i)
+
+
 def trained_spans(tokenizer, messages: list[dict], text: str, trained: list[bool],
-                  everything: bool) -> list[tuple[int, int]]:
+                  everything: bool, tools: list | None = None) -> list[tuple[int, int]]:
     """Character spans of `text` to train. everything=False: the turns marked
     trained (an assistant turn from after its generation prompt, any other turn
     whole; both through the end-of-turn marker, not the whitespace after it).
-    everything=True (`loss_scale all`): the whole text less the untrained turns."""
+    everything=True (`loss_scale all`): the whole text less the untrained turns
+    (a run of untrained turns is cut out whole, so templates that group turns,
+    e.g. consecutive tool responses, need no prefix inside the run)."""
     if everything:
-        spans, start = [], 0
-        for i, keep in enumerate(trained):
-            if keep:
+        spans, start, i = [], 0, 0
+        while i < len(trained):
+            if trained[i]:
+                i += 1
                 continue
-            turn_start = len(_prefix(tokenizer, messages[:i], text, i)) if i else 0
+            last = i
+            while last + 1 < len(trained) and not trained[last + 1]:
+                last += 1
+            turn_start = len(_prefix(tokenizer, messages[:i], text, i, tools=tools))
             spans.append((start, turn_start))
-            start = len(_prefix(tokenizer, messages[:i + 1], text, i))
+            through = render(tokenizer, messages[:last + 1], tools=tools)
+            start = len(through) if text.startswith(through) else _turn_end(tokenizer, messages, text, last,
+                                                                               turn_start, tools)
+            i = last + 1
         spans.append((start, len(text)))
         return [(a, b) for a, b in spans if b > a]
     spans = []
     for i, message in enumerate(messages):
         if not trained[i]:
             continue
-        before = _prefix(tokenizer, messages[:i], text, i, add_generation_prompt=message["role"] == "assistant")
-        through = _prefix(tokenizer, messages[:i + 1], text, i)
-        # max(): an empty answer in a template without an end-of-turn marker trains nothing
-        spans.append((len(before), max(len(before), len(through.rstrip()))))
+        before = _prefix(tokenizer, messages[:i], text, i, add_generation_prompt=message["role"] == "assistant",
+                         tools=tools)
+        spans.append((len(before), _turn_end(tokenizer, messages, text, i, len(before), tools)))
     return spans
 
 
@@ -145,20 +236,57 @@ def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]],
     return labels
 
 
-def encode(tokenizer, messages: list[dict], losses: list[bool | None] | None = None,
-           loss_scale: str = "default") -> Encoded:
-    """input_ids exactly as apply_chat_template(tokenize=True) gives them, and labels
-    that are IGNORE_INDEX everywhere but the turns `loss_scale` and each message's
-    own `loss` (losses[i]) train; by default the assistant turns."""
-    text = render(tokenizer, messages)
-    trained = trained_messages([m["role"] for m in messages], list(losses or [None] * len(messages)), loss_scale)
-    spans = trained_spans(tokenizer, messages, text, trained, everything=loss_scale == "all")
+def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    reference = template_ids(tokenizer, messages)
+    return list(encoding["input_ids"]), encoding["offset_mapping"]
+
+
+def encode(tokenizer, messages: list[dict], losses: list[bool | None] | None = None,
+           loss_scale: str = "default", tools: list | None = None) -> Encoded:
+    """input_ids exactly as apply_chat_template(messages, tools=tools, tokenize=True)
+    gives them, and labels that are IGNORE_INDEX everywhere but the turns
+    `loss_scale` and each message's own `loss` (losses[i]) train; by default the
+    assistant turns. Messages written as ms-swift tool_call turns are adapted first."""
+    messages, losses = with_tool_calls(tokenizer, messages, list(losses or [None] * len(messages)))
+    text = render(tokenizer, messages, tools=tools)
+    trained = trained_messages([m["role"] for m in messages], losses, loss_scale)
+    spans = trained_spans(tokenizer, messages, text, trained, everything=loss_scale == "all", tools=tools)
+    input_ids, offsets = _tokenize(tokenizer, text)
+    _check_reference(input_ids, template_ids(tokenizer, messages, tools))
+    return Encoded(input_ids, labels_from_spans(input_ids, offsets, spans))
+
+
+def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
+    """A prompt for generation (GRPO/PPO rows): the conversation and the template's
+    generation prompt, exactly as apply_chat_template(add_generation_prompt=True)."""
+    messages, _ = with_tool_calls(tokenizer, messages, [None] * len(messages))
+    input_ids, _ = _tokenize(tokenizer, render(tokenizer, messages, add_generation_prompt=True, tools=tools))
+    _check_reference(input_ids, template_ids(tokenizer, messages, tools, add_generation_prompt=True))
+    return input_ids
+
+
+def encode_plain(tokenizer, messages: list[dict], losses: list[bool | None] | None = None,
+                 loss_scale: str = "all") -> Encoded:
+    """`--use_chat_template false` (`tuneforge pt`): the messages' texts concatenated
+    as they are, then eos. Under `all` every token trains; otherwise the trained
+    messages' texts do, and eos after a trained last message."""
+    losses = list(losses or [None] * len(messages))
+    trained = trained_messages([m["role"] for m in messages], losses, loss_scale)
+    text, spans = "", []
+    for message, keep in zip(messages, trained, strict=True):
+        if keep or loss_scale == "all" and message["role"] != "tool":
+            spans.append((len(text), len(text) + len(message["content"])))
+        text += message["content"]
+    input_ids, offsets = _tokenize(tokenizer, text)
+    labels = labels_from_spans(input_ids, offsets, spans)
+    eos = tokenizer.eos_token_id
+    last_trained = bool(spans) and spans[-1][1] == len(text) and spans[-1][1] > spans[-1][0]
+    return Encoded(input_ids + [eos], labels + [eos if last_trained else IGNORE_INDEX])
+
+
+def _check_reference(input_ids: list[int], reference: list[int]) -> None:
     if input_ids != reference:
         # Both tokenize the same rendered text; a difference means transformers
         # changed how apply_chat_template tokenizes, and the offsets cannot be trusted.
         raise RuntimeError("tokenizing the rendered chat template text does not reproduce "
                            "apply_chat_template's input_ids")
-    return Encoded(input_ids, labels_from_spans(input_ids, encoding["offset_mapping"], spans))
