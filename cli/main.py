@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("services.trainer.cli:main", "supervised fine-tuning (lora or full) through the trainer service, from raw or prepared data"),
     "deploy": ("services.serving.cli:main", "serve a base model and LoRA adapters behind an OpenAI-compatible API"),
     "infer": ("services.serving.infer:main", "batch inference over a dataset file with the base model or a LoRA adapter"),
+    "export": ("services.trainer.export:main", "merge a LoRA adapter into its base model: export --adapters DIR --merge_lora true"),
 }
 
 
