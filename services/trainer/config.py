@@ -13,10 +13,11 @@ from libs.common import checkpoint
 from libs.common import config as cfg
 from libs.common.errors import TuneForgeError
 from libs.common.server import ServerOptions
+from services.trainer import distributed
 
-TRAIN_TYPES = ("lora", "full")
-# Accepted by ms-swift but not by this trainer yet: named so the error can say so.
-LATER_TRAIN_TYPES = ("qlora",)
+TRAIN_TYPES = ("lora", "qlora", "full")
+# Train types whose checkpoints are PEFT adapters (the base model stays frozen).
+ADAPTER_TRAIN_TYPES = ("lora", "qlora")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -33,12 +34,17 @@ class SftConfig:
     dataset: str | None = field(default=None, metadata={"help": "prepared dataset directory on the dataprep service"})
     dataprep_address: str | None = field(default=None, metadata={"help": "host:port of the dataprep service"})
     output_dir: str | None = field(default=None, metadata={"help": "run directory; checkpoints go to OUTPUT_DIR/checkpoint-<step>"})
-    train_type: str = field(default="lora", metadata={"help": "lora (PEFT adapters) or full (every weight; checkpoints are Hugging Face model directories); qlora comes in a later release"})
+    train_type: str = field(default="lora", metadata={"help": "lora (PEFT adapters), qlora (PEFT adapters on a 4-bit nf4 base, bitsandbytes) or full (every weight; checkpoints are Hugging Face model directories)"})
+    quant_bits: int | None = field(default=None, metadata={"help": "bits of the frozen base's weights: 4 (nf4, bitsandbytes) with qlora; unset means 4 for qlora, unquantized otherwise"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
                                       metadata={"help": "module names to adapt, or all-linear (every linear layer but the output head)"})
+    modules_to_save: list[str] = field(default_factory=list, metadata={
+        "help": "lora/qlora: modules trained whole and saved beside the adapter (e.g. lm_head embed_tokens)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass: less memory, about a third more compute"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine, linear or constant"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps spent warming up linearly"})
@@ -49,6 +55,13 @@ class SftConfig:
     num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored when max_steps > 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 derives them from num_train_epochs"})
     save_steps: int = field(default=500, metadata={"help": "publish a checkpoint every N steps (and always at the end)"})
+    save_total_limit: int | None = field(default=None, metadata={
+        "help": "keep the newest N checkpoints (and the best by eval loss when eval runs); unset keeps all"})
+    eval_steps: int | None = field(default=None, metadata={
+        "help": "evaluate every N steps (and at the end) when there is eval data; unset means save_steps"})
+    split_dataset_ratio: float = field(default=0.0, metadata={
+        "help": "fraction of the dataset's rows held out for eval (every row i with ceil((i+1)r) > ceil(ir))"})
+    val_dataset: str | None = field(default=None, metadata={"help": "prepared eval dataset directory on the dataprep service"})
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
     seed: int = field(default=42, metadata={"help": "random seed (LoRA init, dropout)"})
     model_name: str | None = field(default=None, metadata={"help": "self-cognition name recorded in args.json"})
@@ -59,15 +72,27 @@ class SftConfig:
         "help": "checkpoint directory to continue from exactly: weights, optimizer, scheduler, RNG, step and data cursor"})
     resume_only_model: bool = field(default=False, metadata={
         "help": "with resume_from_checkpoint: load the weights only; optimizer, scheduler, step and data start afresh"})
+    # Distributed (services.trainer.distributed, services.trainer.launch). The launch fields
+    # are read from ms-swift's environment variables by `tuneforge sft`.
+    nproc_per_node: int = field(default=1, metadata={
+        "help": "training processes on this node (NPROC_PER_NODE); more than 1 runs the job under torchrun"})
+    nnodes: int = field(default=1, metadata={"help": "nodes taking part (NNODES)"})
+    node_rank: int = field(default=0, metadata={"help": "this node's index among nnodes (NODE_RANK)"})
+    master_addr: str = field(default="127.0.0.1", metadata={"help": "address of node 0's rendezvous (MASTER_ADDR)"})
+    master_port: int | None = field(default=None, metadata={
+        "help": "port of node 0's rendezvous (MASTER_PORT); unset picks a free one (one node only)"})
+    deepspeed: str | None = field(default=None, metadata={
+        "help": "DeepSpeed ZeRO: zero2, zero3 or a DeepSpeed JSON file; unset uses DDP when distributed"})
+    fsdp: bool = field(default=False, metadata={"help": "shard parameters, gradients and optimizer state with FSDP2"})
+    ddp_timeout: int = field(default=1800, metadata={
+        "help": "seconds a collective may wait for the other ranks before the job fails"})
 
     def problems(self) -> list[str]:
         """Every problem at once, each naming its field; empty when the job can start."""
         found: list[str] = []
-        if self.train_type in LATER_TRAIN_TYPES:
-            found.append(f"train_type: {self.train_type!r} is not supported yet: this trainer does lora and full "
-                         f"(qlora comes in a later release); use --train_type lora")
-        elif self.train_type not in TRAIN_TYPES:
+        if self.train_type not in TRAIN_TYPES:
             found.append(f"train_type: expected one of {', '.join(TRAIN_TYPES)}; got {self.train_type!r}")
+        found.extend(self._combination_problems())
         for name in self.REQUIRED:
             if not getattr(self, name):
                 found.append(f"{name}: required")
@@ -98,6 +123,14 @@ class SftConfig:
             found.append(f"torch_dtype: expected one of {', '.join(DTYPES)}; got {self.torch_dtype!r}")
         if self.model:
             found.extend(_model_problems(self.model))
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            found.append(f"save_total_limit: must be at least 1 (unset keeps all); got {self.save_total_limit}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            found.append(f"eval_steps: must be positive; got {self.eval_steps}")
+        if not 0.0 <= self.split_dataset_ratio < 1.0:
+            found.append(f"split_dataset_ratio: must be in [0, 1); got {self.split_dataset_ratio}")
+        if self.split_dataset_ratio > 0 and self.val_dataset:
+            found.append("split_dataset_ratio: give either split_dataset_ratio or val_dataset, not both")
         if self.resume_from_checkpoint:
             found.extend(_resume_problems(self.resume_from_checkpoint, self.train_type))
         elif self.resume_only_model:
@@ -107,7 +140,31 @@ class SftConfig:
             if published:
                 found.append(f"output_dir: {self.output_dir} already holds checkpoints ({published[-1].name}); "
                              f"choose a new run directory")
+        found.extend(distributed.problems(self))
         return found
+
+    def _combination_problems(self) -> list[str]:
+        """Flags that do not go with the train type."""
+        found = []
+        if self.quant_bits is not None and self.quant_bits != 4:
+            found.append(f"quant_bits: only 4 (nf4, bitsandbytes) is supported; got {self.quant_bits}")
+        elif self.quant_bits == 4 and self.train_type == "full":
+            found.append("quant_bits: 4-bit weights cannot be fully fine-tuned; use --train_type qlora")
+        elif self.quant_bits == 4 and self.train_type == "lora":
+            found.append("quant_bits: LoRA on a 4-bit base is --train_type qlora")
+        if self.modules_to_save and self.train_type == "full":
+            found.append("modules_to_save: only for lora and qlora (full trains every module)")
+        if any(not m for m in self.modules_to_save):
+            found.append("modules_to_save: module names must not be empty")
+        return found
+
+    @property
+    def is_adapter(self) -> bool:
+        """Checkpoints are PEFT adapters (lora, qlora), not whole models (full)."""
+        return self.train_type in ADAPTER_TRAIN_TYPES
+
+    def resolved_eval_steps(self) -> int:
+        return self.eval_steps or self.save_steps
 
     def resolved_adapter_name(self) -> str:
         """The name serving loads this run's adapters under."""
@@ -130,7 +187,7 @@ def _resume_problems(path: str, train_type: str) -> list[str]:
     if missing:
         return [f"resume_from_checkpoint: {path} has no {', '.join(missing)}: not a trainer checkpoint"]
     is_adapter = (directory / "adapter_config.json").is_file()
-    if is_adapter != (train_type != "full"):
+    if is_adapter != (train_type in ADAPTER_TRAIN_TYPES):
         kind = "a LoRA adapter" if is_adapter else "a full model"
         return [f"resume_from_checkpoint: {path} holds {kind}, which train_type {train_type} cannot continue"]
     return []

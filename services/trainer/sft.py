@@ -17,9 +17,10 @@ from typing import Any, Protocol
 import torch
 
 from libs.common.errors import InvalidArgument
-from services.trainer import checkpointing, data
+from services.trainer import checkpointing, data, distributed
 from services.trainer.config import SftConfig, as_dict
 from services.trainer.loss import sft_loss
+from services.trainer.modeling import build_model
 
 
 class Reporter(Protocol):
@@ -57,25 +58,6 @@ class LogWindow:
         }
 
 
-def build_model(config: SftConfig, model_dir):
-    """The base model (on CPU, in `torch_dtype`): every weight trainable for `full`, else
-    frozen with fresh LoRA adapters on `target_modules`."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config.torch_dtype))
-    if config.train_type == "full":
-        base.requires_grad_(True)
-        return base
-    targets = "all-linear" if config.target_modules == ["all-linear"] else list(config.target_modules)
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(base, lora)
-    except ValueError as exc:  # peft's message for target modules the base does not have
-        raise InvalidArgument(str(exc), field="target_modules") from exc
-
-
 def load_adapter_weights(model, checkpoint_dir: pathlib.Path) -> None:
     """Puts a published adapter's weights into a freshly built PEFT model of the same shape."""
     from peft import set_peft_model_state_dict
@@ -110,23 +92,25 @@ def build_optimizer(model, config: SftConfig) -> torch.optim.AdamW:
 
 
 def train_step(model, batch: data.StepBatch, trainable: list[torch.nn.Parameter], optimizer, scheduler,
-               max_grad_norm: float) -> tuple[float, float, float]:
-    """One optimizer step over the batch's micro-batches; returns (loss, grad norm before
-    clipping, learning rate used). Each micro-batch's loss is divided by the trained tokens
-    of the whole step, so how rows are split into micro-batches does not change the update."""
-    trained = batch.trained_tokens
+               max_grad_norm: float, engine: distributed.Engine | None = None,
+               trained: int | None = None) -> tuple[float, float, float]:
+    """One optimizer step over the batch's micro-batches; returns (this rank's loss, grad
+    norm before clipping, learning rate used). Each micro-batch's loss is divided by the
+    trained tokens of the whole step (`trained`: over every rank when distributed), so how
+    rows are split into micro-batches or ranks does not change the update. `engine` runs
+    forward, backward and the optimizer step for the back end (default: one process)."""
+    engine = engine or distributed.Engine(model, optimizer, distributed.World())
+    trained = batch.trained_tokens if trained is None else trained
     loss_value = 0.0
-    for micro in batch.micro_batches:
-        logits = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits  # [b, s, vocab]
+    last = len(batch.micro_batches) - 1
+    for i, micro in enumerate(batch.micro_batches):
+        logits = engine.forward(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits  # [b, s, vocab]
         loss = sft_loss(logits, micro.labels, trained)
-        loss.backward()
+        engine.backward(loss, last=i == last)
         loss_value += loss.item()
-    max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
     learning_rate = scheduler.get_last_lr()[0]
-    optimizer.step()
+    grad_norm = engine.step(trainable, max_grad_norm)  # clips, steps, clears the gradients
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     return loss_value, grad_norm, learning_rate
 
 
@@ -137,13 +121,14 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     from libs.default_model.resolve import resolve_model
 
     stop = stop or threading.Event()
+    world = distributed.init(config)  # torchrun's ranks join the process group; one process: nothing
 
     # --- setup
     model_dir = resolve_model(config.model).resolve()
     torch.manual_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    full = config.train_type == "full"
+    full = not config.is_adapter
     resume_dir = pathlib.Path(config.resume_from_checkpoint).resolve() if config.resume_from_checkpoint else None
     # A full checkpoint is a whole model: it is the model to build; an adapter goes on the base.
     model = build_model(config, resume_dir if resume_dir and full else model_dir)
@@ -151,12 +136,16 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         load_adapter_weights(model, resume_dir)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    model = distributed.shard(model, config, world)  # FSDP2: before the optimizer sees the parameters
     optimizer = build_optimizer(model, config)
+    engine = distributed.wrap(model, optimizer, config, world)
 
-    rows = data.DataprepRows(config.dataprep_address, config.dataset)
+    # each rank reads its own slice (rows i with i % world_size == rank)
+    rows = data.DataprepRows(config.dataprep_address, config.dataset, rank=world.rank, world_size=world.world_size)
     num_rows = rows.count_rows() if config.max_steps <= 0 else None
     total = data.total_steps(config.max_steps, config.num_train_epochs, num_rows or 0,
                              config.per_device_train_batch_size, config.gradient_accumulation_steps)
+    total = distributed.all_max(total, world)  # ranks whose slice is a row shorter still step together
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
                               num_warmup_steps=math.ceil(config.warmup_ratio * total), num_training_steps=total)
     step, cursor, logged = 0, data.DataCursor(), []
@@ -165,8 +154,12 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         # last: building the model and optimizer above consumed random numbers
-        set_rng_state(training["rng"])
-        step, cursor = int(state["step"]), data.DataCursor.from_dict(state["data_cursor"])
+        rng, cursors = training["rng"], state.get("data_cursors", [state["data_cursor"]])
+        if len(cursors) != world.world_size:
+            raise InvalidArgument(f"{resume_dir} was trained by {len(cursors)} processes; resume it with as many "
+                                  f"(this run has {world.world_size})", field="resume_from_checkpoint")
+        set_rng_state(rng[world.rank] if isinstance(rng, list) else rng)
+        step, cursor = int(state["step"]), data.DataCursor.from_dict(cursors[world.rank])
         logged = [entry for entry in checkpointing.read_logged(resume_dir) if entry["step"] <= step]
     batches = data.step_batches(rows, config.per_device_train_batch_size, config.gradient_accumulation_steps, pad_id,
                                 start=cursor)
@@ -174,8 +167,8 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     args = {**as_dict(config), "model": str(model_dir), "output_dir": str(pathlib.Path(config.output_dir).resolve()),
             "adapter_name": config.resolved_adapter_name(),
             "resume_from_checkpoint": str(resume_dir) if resume_dir else None}
-    run = checkpointing.RunDir(config.output_dir, args, logged=logged)
-    report("started", total_steps=total, rows=num_rows, arguments=run.args, resumed_step=step,
+    run = checkpointing.RunDir(config.output_dir, args, logged=logged) if world.is_main else None  # rank 0 writes
+    report("started", total_steps=total, rows=num_rows, arguments=run.args if run else args, resumed_step=step,
            trainable_parameters=sum(p.numel() for p in trainable))
 
     last_saved = step
@@ -186,8 +179,18 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         nonlocal last_saved
         state = {"step": step, "total_steps": total, "data_cursor": cursor.to_dict()}
         training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-        path, seconds = run.publish(step, model, state, tokenizer=tokenizer if full else None, training_state=training)
+        publishable = model
+        if world.distributed:  # collectives: every rank takes part, rank 0 publishes
+            state["data_cursors"] = distributed.gather(cursor.to_dict(), world)
+            training["rng"] = distributed.gather(rng_state(), world)
+            if config.deepspeed or config.fsdp:  # sharded optimizer state: not resumable yet (config says so)
+                del training["optimizer"]
+            publishable = engine.publishable()
         last_saved = step
+        if not world.is_main:
+            return
+        path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
+                                    training_state=training)
         # A full checkpoint is a whole model, not an adapter: no adapter name, so serving
         # (which hot-loads adapters) leaves it alone.
         report("checkpoint", step=step, path=str(path), final=final, base_model=str(model_dir),
@@ -197,27 +200,38 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         nonlocal window
         eta = (total - step) * sum(step_seconds) / len(step_seconds)
         entry = window.entry(step, total, learning_rate, grad_norm, eta)
-        run.log(entry)
+        if run is not None:
+            run.log(entry)
         report("step", **entry)
         window = LogWindow()
 
     # --- loop
     learning_rate = grad_norm = 0.0
-    while step < total and not stop.is_set():
+    agreed_stop = False  # distributed: ranks stop at the same step, when any was asked to
+
+    def stopping() -> bool:
+        return agreed_stop if world.distributed else stop.is_set()
+
+    while step < total and not stopping():
         started = time.perf_counter()
         batch = next(batches)
-        trained = batch.trained_tokens
+        trained, tokens = batch.trained_tokens, batch.tokens
+        if world.distributed:  # the loss is normalised by the step's trained tokens over all ranks
+            trained = int(distributed.all_sum([trained], world)[0])
         loss_value, grad_norm, learning_rate = train_step(model, batch, trainable, optimizer, scheduler,
-                                                          config.max_grad_norm)
+                                                          config.max_grad_norm, engine=engine, trained=trained)
+        if world.distributed:  # the step's loss and tokens over all ranks, and whether any rank must stop
+            loss_value, all_tokens, asked = distributed.all_sum([loss_value, tokens, float(stop.is_set())], world)
+            tokens, agreed_stop = int(all_tokens), asked > 0
         step, cursor = step + 1, batch.cursor
         seconds = time.perf_counter() - started
         step_seconds.append(seconds)
-        window.add(loss_value, batch.tokens, trained, batch.data_wait_seconds)
-        report("progress", step=step, seconds=seconds, tokens=batch.tokens, trained_tokens=trained,
+        window.add(loss_value, tokens, trained, batch.data_wait_seconds)
+        report("progress", step=step, seconds=seconds, tokens=tokens, trained_tokens=trained,
                data_wait_seconds=batch.data_wait_seconds)
         if step % config.logging_steps == 0 or step == total:
             log(learning_rate, grad_norm)
-        if step % config.save_steps == 0 and step < total and not stop.is_set():
+        if step % config.save_steps == 0 and step < total and not stopping():
             save(final=False)
 
     # --- save (a cancelled run keeps what it trained; nothing trained, nothing to save)
@@ -226,4 +240,5 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     if step > 0 and step != last_saved:
         save(final=True)
     report("done", step=step, total_steps=total, cancelled=step < total)
+    distributed.close()
     return step

@@ -23,14 +23,30 @@ def test_flags_and_defaults():
 
 def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(Problems) as caught:
-        cfg.parse(SftConfig, ["--train_type", "qlora", "--lora_rank", "0", "--lr_scheduler_type", "cosin",
+        cfg.parse(SftConfig, ["--train_type", "qlor", "--lora_rank", "0", "--lr_scheduler_type", "cosin",
                               "--max_steps", "0", "--model", str(tmp_path / "missing"), "--torch_dtype", "fp8"])
     problems = caught.value.problems
-    assert problems[0].startswith("train_type: 'qlora' is not supported yet")
+    assert problems[0] == "train_type: expected one of lora, qlora, full; got 'qlor'"
     for field in ("dataset: required", "dataprep_address: required", "output_dir: required",
                   "lora_rank: must be positive", "lr_scheduler_type: expected one of cosine, linear, constant",
                   "max_steps: must be positive", "model: model directory", "torch_dtype: expected one of"):
         assert any(p.startswith(field) for p in problems), (field, problems)
+
+
+def test_flags_that_do_not_go_with_the_train_type_are_all_named():
+    with pytest.raises(Problems) as caught:
+        cfg.parse(SftConfig, [*REQUIRED, "--train_type", "full", "--quant_bits", "4", "--modules_to_save", "lm_head",
+                              "--save_total_limit", "0", "--split_dataset_ratio", "0.1", "--val_dataset", "v"])
+    assert caught.value.problems == [
+        "quant_bits: 4-bit weights cannot be fully fine-tuned; use --train_type qlora",
+        "modules_to_save: only for lora and qlora (full trains every module)",
+        "save_total_limit: must be at least 1 (unset keeps all); got 0",
+        "split_dataset_ratio: give either split_dataset_ratio or val_dataset, not both",
+    ]
+    with pytest.raises(Problems, match="quant_bits: only 4"):
+        cfg.parse(SftConfig, [*REQUIRED, "--train_type", "qlora", "--quant_bits", "8"])
+    qlora = cfg.parse(SftConfig, [*REQUIRED, "--train_type", "qlora", "--modules_to_save", "lm_head"])
+    assert qlora.is_adapter and qlora.modules_to_save == ["lm_head"]
 
 
 def test_unknown_flag_gets_a_hint():
@@ -46,7 +62,9 @@ def test_an_output_dir_with_checkpoints_is_refused(tmp_path):
 
 def test_proto_round_trip_keeps_decimal_values():
     config = cfg.parse(SftConfig, [*REQUIRED, "--learning_rate", "1e-4", "--lora_dropout", "0.1",
-                                   "--model_name", "Ada", "--max_steps", "7"])
+                                   "--model_name", "Ada", "--max_steps", "7", "--train_type", "qlora",
+                                   "--modules_to_save", "lm_head", "--gradient_checkpointing", "true",
+                                   "--save_total_limit", "2", "--eval_steps", "3", "--split_dataset_ratio", "0.25"])
     message = to_arguments(config)
     assert message.learning_rate != 1e-4  # float32 on the wire
     back = from_arguments(message)

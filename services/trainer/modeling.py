@@ -1,0 +1,58 @@
+"""The model a job trains: the base loaded in `torch_dtype` (4-bit nf4 through bitsandbytes
+for qlora), every weight trainable for `full`, else frozen under fresh PEFT LoRA adapters on
+`target_modules` (plus `modules_to_save` trained whole), with gradient checkpointing on
+request."""
+
+from __future__ import annotations
+
+import torch
+
+from libs.common.errors import InvalidArgument
+from services.trainer.config import SftConfig
+
+
+def quantization_config(config: SftConfig):
+    """bitsandbytes' 4-bit nf4 config for qlora (None otherwise). Matmuls run in torch_dtype;
+    the nested (double) quantization of the scales saves ~0.4 bit a weight, as QLoRA does."""
+    if config.train_type != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, config.torch_dtype))
+
+
+def build_model(config: SftConfig, model_dir):
+    """The model to train from `model_dir` (on CPU; on CUDA with qlora when there is one)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    quantization = quantization_config(config)
+    extra = {"quantization_config": quantization}
+    if quantization is not None and torch.cuda.is_available():
+        extra["device_map"] = {"": torch.cuda.current_device()}
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config.torch_dtype), **extra)
+    checkpointing = {"use_reentrant": False}  # works with frozen inputs (no enable_input_require_grads)
+    if config.train_type == "full":
+        base.requires_grad_(True)
+        if config.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        return base
+    if quantization is not None:
+        # freezes the base and keeps norms in float32; checkpointing only when asked
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=checkpointing)
+    elif config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    targets = "all-linear" if config.target_modules == ["all-linear"] else list(config.target_modules)
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, modules_to_save=list(config.modules_to_save) or None,
+                      task_type="CAUSAL_LM")
+    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    missing = [m for m in config.modules_to_save if m not in names]
+    if missing:
+        raise InvalidArgument(f"the model has no module named {', '.join(missing)}", field="modules_to_save")
+    try:
+        return get_peft_model(base, lora)
+    except ValueError as exc:  # peft's message for target modules the base does not have
+        raise InvalidArgument(str(exc), field="target_modules") from exc
