@@ -25,8 +25,11 @@ def summary(manifest: dict) -> str:
     reasons = ", ".join(f"{reason} {count}" for reason, count in manifest["rejected_by_reason"].items())
     rejected = f"{manifest['rows_rejected']} rejected" + (f" ({reasons})" if reasons else "")
     shards = len(manifest["shards"])
+    packed = manifest.get("packing")
+    packing = (f", packed into {packed['bins']} rows of {packed['max_length']} tokens "
+               f"({packed['efficiency']:.2%} full)" if packed else "")
     return (f"prepared {manifest['rows_in']} rows: {manifest['rows_out']} kept, {rejected}; "
-            f"{manifest['tokens']} tokens ({manifest['trained_tokens']} trained) in {shards} "
+            f"{manifest['tokens']} tokens ({manifest['trained_tokens']} trained){packing} in {shards} "
             f"shard{'s' if shards != 1 else ''} -> {manifest['args']['output_dir']}")
 
 
@@ -34,9 +37,13 @@ def main(argv: list[str]) -> int:
     command = parse(PrepareCommandConfig, argv, prog="tuneforge prepare")
     config = PrepareConfig(**{f.name: getattr(command, f.name) for f in dataclasses.fields(PrepareConfig)})
     bar: tqdm | None = None  # opened at the first progress report, so an early error prints alone
+    reused = False
 
     def on_progress(progress: pipeline.Progress) -> None:
-        nonlocal bar
+        nonlocal bar, reused
+        if progress.reused:
+            reused = True
+            return
         if bar is None:
             bar = tqdm(desc="prepare", unit=" rows", file=sys.stderr, dynamic_ncols=True)
         bar.update(progress.rows_in - bar.n)
@@ -51,5 +58,8 @@ def main(argv: list[str]) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if reused:
+        print(f"reused the cached shards in {manifest['args']['output_dir']}: same input files, arguments and "
+              f"tokenizer (fingerprint {manifest['fingerprint'][:12]})")
     print(summary(manifest))
     return 0

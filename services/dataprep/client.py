@@ -59,7 +59,7 @@ def read_batches(address: str, dataset_dir: str, rank: int = 0, world_size: int 
 def _progress_of(preparation: pb.Preparation) -> Progress:
     return Progress(rows_in=preparation.rows_in, rows_out=preparation.rows_out,
                     rows_rejected=preparation.rows_rejected, tokens=preparation.tokens,
-                    shards_written=preparation.shards_written)
+                    shards_written=preparation.shards_written, reused=preparation.reused)
 
 
 def prepare(address: str, config: PrepareConfig, on_progress: Callable[[Progress], None] | None = None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from libs.common.server import ServerOptions
-from services.dataprep.formats import parse_columns
+from services.dataprep.formats import TASKS, parse_columns
+from services.dataprep.templates import NAMES as TEMPLATE_NAMES
 from services.dataprep.loss_scale import LOSS_SCALES
 
 
@@ -35,8 +36,26 @@ class PrepareConfig:
         "choices": list(LOSS_SCALES)})
     columns: str | None = field(default=None, metadata={
         "help": "JSON object renaming row columns before format detection, e.g. '{\"q\": \"query\", \"a\": \"response\"}'"})
+    task: str = field(default="auto", metadata={
+        "help": "what the rows train: sft, pt (plain text + eos, every token trained), preference (chosen/rejected "
+                "pairs), reward (pairs with an optional margin), kto (rows with a true/false label), prompt (prompts "
+                "for GRPO/PPO, extra columns kept); auto takes the kind of the first valid row",
+        "choices": list(TASKS)})
+    template: str | None = field(default=None, metadata={
+        "help": "built-in chat template replacing the model's own: " + ", ".join(TEMPLATE_NAMES)
+                + "; unset uses the model's own Jinja template"})
+    use_chat_template: bool = field(default=True, metadata={
+        "help": "false: no chat template, a row's texts are concatenated and end with eos (what `tuneforge pt` uses)"})
     data_seed: int = field(default=42, metadata={"help": "seed of PATH#N sampling"})
     shard_rows: int = field(default=1000, metadata={"help": "rows per shard file"})
+    packing: bool = field(default=False, metadata={
+        "help": "pack rows into rows of at most max_length tokens (best-fit-decreasing); packed rows carry "
+                "position_ids restarting at 0 per sample and seq_lens (docs/dataset-format.md)"})
+    streaming: bool = field(default=False, metadata={
+        "help": "bounded memory whatever the dataset size: packing works on windows of rows instead of the "
+                "whole dataset"})
+    num_proc: int = field(default=1, metadata={
+        "help": "processes tokenizing in parallel; the output is identical whatever the number"})
 
     def problems(self) -> list[str]:
         found = []
@@ -50,8 +69,17 @@ class PrepareConfig:
             parse_columns(self.columns)
         except ValueError as exc:
             found.append(f"columns: {exc}")
+        if self.task not in TASKS:
+            found.append(f"task: expected one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.template is not None and self.template not in TEMPLATE_NAMES:
+            found.append(f"template: unknown template {self.template!r}; built-in templates: "
+                         f"{', '.join(TEMPLATE_NAMES)}")
         if self.shard_rows < 1:
             found.append(f"shard_rows: expected a positive number; got {self.shard_rows}")
+        if self.packing and self.max_length == 0:
+            found.append("packing: needs max_length > 0 (the length of a packed row)")
+        if self.num_proc < 1:
+            found.append(f"num_proc: expected a positive number; got {self.num_proc}")
         return found
 
 

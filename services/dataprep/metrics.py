@@ -17,6 +17,9 @@ PREPARATIONS_ACTIVE = Gauge("tuneforge_dataprep_preparations_active",
                             "Preparations pending or running now, by state.", ["state"])
 SHARDS_SERVED = Counter("tuneforge_dataprep_shards_served", "Shards (verified) served by ReadShards.")
 ROWS_SERVED = Counter("tuneforge_dataprep_rows_served", "Rows served by ReadShards.")
+BYTES_SERVED = Counter("tuneforge_dataprep_served_bytes", "Arrow IPC bytes served by ReadShards.")
+PACKING_EFFICIENCY = Gauge("tuneforge_dataprep_packing_efficiency_ratio",
+                           "Real tokens over packed slots (rows x max_length) of the last packed preparation.")
 
 # Every label value exists from the start (at 0), so rates and alerts see a series before the first event.
 for _reason in REASONS:

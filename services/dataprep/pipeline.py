@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib.metadata
+import itertools
+import os
 import pathlib
 import threading
-from typing import Callable
+from typing import Callable, Iterator
+
+import numpy as np
 
 from libs.common.config import to_dict, validate
-from libs.common.errors import Cancelled
-from services.dataprep import formats, inputs, jsonl, manifest as manifest_file, metrics, shards, template
+from libs.common.errors import Cancelled, InvalidArgument
+from services.dataprep import (cache, formats, inputs, jsonl, manifest as manifest_file, metrics, packing, parallel,
+                               shards, template)
 from services.dataprep.config import PrepareConfig
 
 REJECTS = "rejects.jsonl"
-PROGRESS_EVERY = 100  # rows between progress reports (and every completed shard)
+CHUNK_ROWS = 256  # rows tokenized per task (and between progress reports)
+STREAMING_PACK_WINDOW = 10_000  # --streaming --packing: samples packed together, bounding memory
 
 
 @dataclasses.dataclass
@@ -28,6 +35,7 @@ class Progress:
     tokens: int = 0
     trained_tokens: int = 0
     shards_written: int = 0
+    reused: bool = False  # the output directory already held this very preparation
 
 
 def resolve_model(model: str | None) -> pathlib.Path:
@@ -41,7 +49,7 @@ def clear_outputs(output_dir: pathlib.Path) -> None:
     manifest first, so an interrupted re-run is never mistaken for complete."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / manifest_file.MANIFEST).unlink(missing_ok=True)
-    for stale in [*output_dir.glob("shard-*.arrow"), output_dir / REJECTS]:
+    for stale in [*output_dir.glob("shard-*.arrow"), output_dir / REJECTS, output_dir / shards.PARTIAL]:
         stale.unlink(missing_ok=True)
 
 
@@ -106,56 +114,166 @@ def versions() -> dict[str, str]:
     return found
 
 
+def encode_chunk(tokenizer, records: list[inputs.Record], columns: dict[str, str],
+                 config: PrepareConfig) -> list[template.Encoded | jsonl.Reject]:
+    """Raw rows to tokenized rows or rejects, in order: the work of one process."""
+    results = []
+    for record in records:
+        row = to_row(record, columns)
+        results.append(tokenize_row(tokenizer, row, config) if isinstance(row, jsonl.Row) else row)
+    return results
+
+
+_WORKER: dict = {}  # a --num_proc worker's tokenizer, columns and config, set up once per process
+
+
+def _init_worker(model_dir: str, config: PrepareConfig) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER.update(tokenizer=template.load_tokenizer(model_dir), columns=formats.parse_columns(config.columns),
+                   config=config)
+
+
+def _encode_in_worker(records: list[inputs.Record]) -> list[template.Encoded | jsonl.Reject]:
+    return encode_chunk(_WORKER["tokenizer"], records, _WORKER["columns"], _WORKER["config"])
+
+
+def chunked(records: Iterator[inputs.Record], size: int, cancelled: threading.Event | None,
+            where: pathlib.Path) -> Iterator[list[inputs.Record]]:
+    """Lists of `size` records; raises Cancelled between chunks once `cancelled` is set."""
+    while True:
+        if cancelled is not None and cancelled.is_set():
+            raise Cancelled(f"preparation of {where} cancelled")
+        chunk = list(itertools.islice(records, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+class Packer:
+    """Collects kept samples and writes them packed by best-fit-decreasing into rows
+    of at most `max_length` tokens: all at once, or (streaming) per `window` samples."""
+
+    def __init__(self, writer: shards.ShardWriter, max_length: int, window: int | None):
+        self.writer, self.max_length, self.window = writer, max_length, window
+        self.samples: list[tuple[np.ndarray, np.ndarray]] = []
+        self.bins = 0
+        self.packed_samples = 0
+
+    def add(self, input_ids: list[int], labels: list[int]) -> list[shards.ShardInfo]:
+        self.samples.append((np.asarray(input_ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)))
+        return self.flush() if self.window and len(self.samples) >= self.window else []
+
+    def flush(self) -> list[shards.ShardInfo]:
+        """Packs and writes the samples held; returns the shards that filled."""
+        bins = packing.best_fit_decreasing([len(ids) for ids, _ in self.samples], self.max_length)
+        completed = []
+        for members in bins:
+            parts = [self.samples[i] for i in members]
+            seq_lens = [len(ids) for ids, _ in parts]
+            info = self.writer.add({
+                "input_ids": np.concatenate([ids for ids, _ in parts]),
+                "labels": np.concatenate([labels for _, labels in parts]),
+                "position_ids": np.concatenate([np.arange(n, dtype=np.int32) for n in seq_lens]),
+                "seq_lens": seq_lens,
+            })
+            if info:
+                completed.append(info)
+        self.bins += len(bins)
+        self.packed_samples += len(self.samples)
+        self.samples = []
+        return completed
+
+
+def remove_partial(output_dir: pathlib.Path, written: list[shards.ShardInfo]) -> None:
+    """After a failure or cancel: the shards and the in-progress listing go, so
+    nothing is left that a reader could take for a (part of a) dataset."""
+    (output_dir / shards.PARTIAL).unlink(missing_ok=True)
+    for shard in written:
+        (output_dir / shard.file).unlink(missing_ok=True)
+    for stale in output_dir.glob(".shard-*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None = None,
             cancelled: threading.Event | None = None) -> dict:
-    """Runs one preparation to the end and returns its manifest. Raises Cancelled
-    when `cancelled` is set (no manifest is written then)."""
+    """Runs one preparation to the end and returns its manifest; reuses the shards
+    already in output_dir when they were prepared from the same input, arguments
+    and tokenizer (Progress.reused says so). Raises Cancelled when `cancelled` is
+    set (no manifest is written then, and the shards written so far are removed)."""
     validate(config)
     datasets = inputs.resolve(config.dataset)
     sources = [source for dataset in datasets for source in dataset.sources]
     columns = formats.parse_columns(config.columns)
     model_dir = resolve_model(config.model)
-    tokenizer = template.load_tokenizer(model_dir)
     output_dir = pathlib.Path(config.output_dir).resolve()
+    args = {**to_dict(config), "model": str(model_dir), "output_dir": str(output_dir)}
+    fingerprint = cache.fingerprint(args, [source.path for source in sources], model_dir, versions())
+    cached = cache.reusable(output_dir, fingerprint)
+    if cached is not None:
+        if progress:
+            progress(Progress(rows_in=cached["rows_in"], rows_out=cached["rows_out"],
+                              rows_rejected=cached["rows_rejected"], tokens=cached["tokens"],
+                              trained_tokens=cached["trained_tokens"], shards_written=len(cached["shards"]),
+                              reused=True))
+        return cached
+    tokenizer = template.load_tokenizer(model_dir)
     clear_outputs(output_dir)
 
     state = Progress()
     by_reason: collections.Counter[str] = collections.Counter()
-    writer = shards.ShardWriter(output_dir, config.shard_rows)
+    schema = shards.PACKED_SCHEMA if config.packing else shards.SCHEMA
+    writer = shards.ShardWriter(output_dir, config.shard_rows, schema)
+    packer = (Packer(writer, config.max_length, STREAMING_PACK_WINDOW if config.streaming else None)
+              if config.packing else None)
 
     def report() -> None:
         if progress:
             progress(dataclasses.replace(state))
 
-    def completed(shard: shards.ShardInfo | None) -> None:
-        if shard:
+    def completed(written: list[shards.ShardInfo]) -> None:
+        for _ in written:
             state.shards_written += 1
             metrics.SHARDS_WRITTEN.inc()
+        if written:
             report()
 
-    with open(output_dir / REJECTS, "w", encoding="utf-8") as rejects:
-        for record in inputs.read(datasets, config.data_seed):
-            if cancelled is not None and cancelled.is_set():
-                raise Cancelled(f"preparation of {output_dir} cancelled after {state.rows_in} rows")
-            state.rows_in += 1
-            metrics.ROWS.inc()
-            row = to_row(record, columns)
-            result = tokenize_row(tokenizer, row, config) if isinstance(row, jsonl.Row) else row
-            if isinstance(result, jsonl.Reject):
-                rejects.write(result.to_json() + "\n")
-                state.rows_rejected += 1
-                by_reason[result.reason] += 1
-                metrics.ROWS_REJECTED.labels(reason=result.reason).inc()
-            else:
-                state.rows_out += 1
-                state.tokens += len(result.input_ids)
-                state.trained_tokens += result.trained_tokens
-                metrics.TOKENS.inc(len(result.input_ids))
-                metrics.TRAINED_TOKENS.inc(result.trained_tokens)
-                completed(writer.add(result.input_ids, result.labels))
-            if state.rows_in % PROGRESS_EVERY == 0:
+    if config.num_proc > 1:
+        work, initargs = _encode_in_worker, (str(model_dir), config)
+    else:
+        work, initargs = functools.partial(encode_chunk, tokenizer, columns=columns, config=config), ()
+    try:
+        with open(output_dir / REJECTS, "w", encoding="utf-8") as rejects:
+            chunks = chunked(inputs.read(datasets, config.data_seed), CHUNK_ROWS, cancelled, output_dir)
+            for results in parallel.map_ordered(work, chunks, config.num_proc, _init_worker, initargs):
+                if cancelled is not None and cancelled.is_set():
+                    raise Cancelled(f"preparation of {output_dir} cancelled after {state.rows_in} rows")
+                for result in results:
+                    state.rows_in += 1
+                    if isinstance(result, jsonl.Reject):
+                        rejects.write(result.to_json() + "\n")
+                        state.rows_rejected += 1
+                        by_reason[result.reason] += 1
+                        metrics.ROWS_REJECTED.labels(reason=result.reason).inc()
+                        continue
+                    state.rows_out += 1
+                    state.tokens += len(result.input_ids)
+                    state.trained_tokens += result.trained_tokens
+                    metrics.TOKENS.inc(len(result.input_ids))
+                    metrics.TRAINED_TOKENS.inc(result.trained_tokens)
+                    if packer is not None:
+                        completed(packer.add(result.input_ids, result.labels))
+                    else:
+                        completed([info] if (info := writer.add_sample(result.input_ids, result.labels)) else [])
+                metrics.ROWS.inc(len(results))
                 report()
-    completed(writer.flush())
+        if not state.rows_in:
+            raise InvalidArgument(f"{', '.join(config.dataset)}: no rows", field="dataset")
+        if packer is not None:
+            completed(packer.flush())
+        completed([info] if (info := writer.flush()) else [])
+    except BaseException:
+        remove_partial(output_dir, writer.shards)
+        raise
 
     manifest = {
         "format": manifest_file.FORMAT,
@@ -165,16 +283,23 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "tokens": state.tokens,
         "trained_tokens": state.trained_tokens,
-        "args": {**to_dict(config), "model": str(model_dir), "output_dir": str(output_dir)},
+        "args": args,
+        "fingerprint": fingerprint,
         "chat_template_sha256": template.template_fingerprint(tokenizer),
         "tokenizer_sha256": template.tokenizer_fingerprint(model_dir, tokenizer),
-        "columns": {field.name: str(field.type) for field in shards.SCHEMA},
+        "columns": shards.describe(schema),
         "label_ignore_index": template.IGNORE_INDEX,
         "sources": [dataclasses.asdict(source) for source in sources],
         "shards": [dataclasses.asdict(shard) for shard in writer.shards],
         "rejects": REJECTS,
         "versions": versions(),
     }
+    if packer is not None:
+        efficiency = packing.efficiency(state.tokens, packer.bins, config.max_length)
+        manifest["packing"] = {"max_length": config.max_length, "samples": packer.packed_samples,
+                               "bins": packer.bins, "efficiency": efficiency}
+        metrics.PACKING_EFFICIENCY.set(efficiency)
     manifest_file.write(output_dir, manifest)
+    (output_dir / shards.PARTIAL).unlink(missing_ok=True)
     report()
     return manifest

@@ -161,7 +161,7 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
 
             def progress(p: pipeline.Progress) -> None:
                 self._update(operation, rows_in=p.rows_in, rows_out=p.rows_out, rows_rejected=p.rows_rejected,
-                             tokens=p.tokens, shards_written=p.shards_written)
+                             tokens=p.tokens, shards_written=p.shards_written, reused=p.reused)
 
             manifest = pipeline.prepare(operation.config, progress=progress, cancelled=operation.cancelled)
             self._update(operation, state=S.PREPARATION_STATE_SUCCEEDED,
@@ -198,24 +198,70 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
     @grpc_errors
     def ReadShards(self, request, context):
         dataset_dir = pathlib.Path(request.dataset_dir)
-        manifest = manifest_file.read(dataset_dir)
-        entries = manifest["shards"]
         world_size = request.world_size or 1  # unset means a single reader
         start = reading.Position(request.start.shard_index, request.start.row)
         max_batch_rows = request.max_batch_rows or reading.DEFAULT_BATCH_ROWS
-        shard_rows = [entry["rows"] for entry in entries]
-        reading.check(shard_rows, request.rank, world_size, start, max_batch_rows)
+        entries, columns, preparing = self._listing(dataset_dir, context)
+        while preparing is not None and start.shard_index > len(entries):  # resuming past what is written yet
+            entries, columns, preparing = self._wait_for_shards(dataset_dir, preparing, len(entries), context)
+        reading.check([entry["rows"] for entry in entries], request.rank, world_size, start, max_batch_rows)
         loaded: tuple[int, object] | None = None
-        for batch in reading.plan(shard_rows, request.rank, world_size, start, max_batch_rows):
-            entry = entries[batch.shard_index]
-            if loaded is None or loaded[0] != batch.shard_index:
-                loaded = (batch.shard_index, shards.read_verified(dataset_dir, entry["file"], entry["sha256"]))
-                metrics.SHARDS_SERVED.inc()
-            records = reading.take(loaded[1], batch)
-            metrics.ROWS_SERVED.inc(records.num_rows)
-            yield pb.ReadShardsResponse(
-                arrow_ipc=reading.to_ipc_stream(records), num_rows=records.num_rows, shard=entry["file"],
-                next=pb.Cursor(shard_index=batch.next.shard_index, row=batch.next.row))
+        while True:
+            shard_rows = [entry["rows"] for entry in entries]
+            for batch in reading.plan(shard_rows, request.rank, world_size, start, max_batch_rows):
+                entry = entries[batch.shard_index]
+                if loaded is None or loaded[0] != batch.shard_index:
+                    loaded = (batch.shard_index,
+                              shards.read_verified(dataset_dir, entry["file"], entry["sha256"], columns))
+                    metrics.SHARDS_SERVED.inc()
+                records = reading.take(loaded[1], batch)
+                data = reading.to_ipc_stream(records)
+                metrics.ROWS_SERVED.inc(records.num_rows)
+                metrics.BYTES_SERVED.inc(len(data))
+                yield pb.ReadShardsResponse(
+                    arrow_ipc=data, num_rows=records.num_rows, shard=entry["file"],
+                    next=pb.Cursor(shard_index=batch.next.shard_index, row=batch.next.row))
+            if preparing is None:
+                return
+            start = reading.Position(len(entries), 0)
+            entries, columns, preparing = self._wait_for_shards(dataset_dir, preparing, len(entries), context)
+
+    def _preparing(self, dataset_dir: pathlib.Path) -> Operation | None:
+        """The preparation of ours writing `dataset_dir` now, if any."""
+        target = str(dataset_dir.resolve())
+        with self._changed:
+            return next((op for op in self._operations.values()
+                         if op.proto.output_dir == target and op.proto.state in ACTIVE), None)
+
+    def _listing(self, dataset_dir: pathlib.Path, context) -> tuple[list[dict], dict | None, Operation | None]:
+        """(shards to serve, their columns, the running preparation or None when complete)."""
+        operation = self._preparing(dataset_dir)
+        if operation is None:
+            manifest = manifest_file.read(dataset_dir)
+            return manifest["shards"], manifest.get("columns"), None
+        partial = shards.read_partial(dataset_dir) or {"shards": [], "columns": None}
+        return partial["shards"], partial["columns"], operation
+
+    def _wait_for_shards(self, dataset_dir: pathlib.Path, operation: Operation, known: int,
+                         context) -> tuple[list[dict], dict | None, Operation | None]:
+        """Blocks until the preparation writes shards past the first `known` or ends;
+        returns the new listing (the manifest's once it succeeded)."""
+        while True:
+            with self._changed:
+                seen = operation.version
+                self._changed.wait_for(lambda: operation.version != seen or not context.is_active(), timeout=1.0)
+                state, error = operation.proto.state, operation.proto.error
+            if not context.is_active():
+                raise Cancelled("the reader went away")
+            if state == S.PREPARATION_STATE_SUCCEEDED:
+                manifest = manifest_file.read(dataset_dir)
+                return manifest["shards"], manifest.get("columns"), None
+            if state in TERMINAL:
+                raise FailedPrecondition(f"{dataset_dir}: preparation {operation.proto.id} {state_label(state)} "
+                                         f"while being read: {error}", field="dataset_dir")
+            partial = shards.read_partial(dataset_dir)
+            if partial is not None and len(partial["shards"]) > known:
+                return partial["shards"], partial["columns"], operation
 
 
 def register(servicer: DataprepServicer):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 import pathlib
 
 import pyarrow as pa
@@ -16,10 +18,24 @@ SCHEMA = pa.schema([
     pa.field("labels", pa.list_(pa.int32()), nullable=False),
     pa.field("length", pa.int32(), nullable=False),
 ])
+# --packing true: several samples per row; position_ids restart at 0 for each, seq_lens are their lengths.
+PACKED_SCHEMA = pa.schema([
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("labels", pa.list_(pa.int32()), nullable=False),
+    pa.field("position_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("seq_lens", pa.list_(pa.int32()), nullable=False),
+    pa.field("length", pa.int32(), nullable=False),
+])
+PARTIAL = "shards.partial.json"  # the shards written so far, while a preparation runs
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
+
+
+def describe(schema: pa.Schema) -> dict[str, str]:
+    """The manifest's `columns`: column name -> Arrow type."""
+    return {field.name: str(field.type) for field in schema}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,44 +57,74 @@ def to_batch(input_ids: list[list[int]], labels: list[list[int]]) -> pa.RecordBa
 
 
 class ShardWriter:
-    """Buffers rows and writes `shard_rows` of them per shard file, as each fills.
-    A shard is one record batch with no metadata, so the same rows give the same bytes."""
+    """Buffers rows (dicts of the schema's columns but `length`) and writes
+    `shard_rows` of them per shard file as each fills: through a temporary name,
+    renamed into place, then listed in shards.partial.json, so a reader never
+    sees a half-written shard. A shard is one record batch with no metadata,
+    so the same rows give the same bytes."""
 
-    def __init__(self, output_dir: pathlib.Path, shard_rows: int):
+    def __init__(self, output_dir: pathlib.Path, shard_rows: int, schema: pa.Schema = SCHEMA):
         self.output_dir = output_dir
         self.shard_rows = shard_rows
+        self.schema = schema
         self.shards: list[ShardInfo] = []
-        self._input_ids: list[list[int]] = []
-        self._labels: list[list[int]] = []
+        self._names = [f.name for f in schema if f.name != "length"]
+        self._columns: dict[str, list] = {name: [] for name in self._names}
 
-    def add(self, input_ids: list[int], labels: list[int]) -> ShardInfo | None:
+    def add(self, row: dict) -> ShardInfo | None:
         """Adds one row; returns the shard it completed, if any."""
-        self._input_ids.append(input_ids)
-        self._labels.append(labels)
-        return self.flush() if len(self._input_ids) >= self.shard_rows else None
+        for name in self._names:
+            self._columns[name].append(row[name])
+        return self.flush() if len(self._columns["input_ids"]) >= self.shard_rows else None
+
+    def add_sample(self, input_ids: list[int], labels: list[int]) -> ShardInfo | None:
+        return self.add({"input_ids": input_ids, "labels": labels})
 
     def flush(self) -> ShardInfo | None:
         """Writes the buffered rows as the next shard (none if the buffer is empty)."""
-        if not self._input_ids:
+        input_ids = self._columns["input_ids"]
+        if not input_ids:
             return None
-        batch = to_batch(self._input_ids, self._labels)
+        lengths = [len(ids) for ids in input_ids]
+        arrays = [pa.array(self._columns[f.name], type=f.type) if f.name != "length" else
+                  pa.array(lengths, type=pa.int32()) for f in self.schema]
+        batch = pa.record_batch(arrays, schema=self.schema)
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, SCHEMA) as writer:
+        with pa.ipc.new_file(sink, self.schema) as writer:
             writer.write_batch(batch)
         data = sink.getvalue()
         name = shard_name(len(self.shards))
-        with open(self.output_dir / name, "wb") as f:
+        tmp = self.output_dir / f".{name}.tmp"
+        with open(tmp, "wb") as f:
             f.write(data)
-        info = ShardInfo(name, batch.num_rows, sum(len(ids) for ids in self._input_ids),
-                         hashlib.sha256(data).hexdigest())
+        os.replace(tmp, self.output_dir / name)
+        info = ShardInfo(name, batch.num_rows, sum(lengths), hashlib.sha256(data).hexdigest())
         self.shards.append(info)
-        self._input_ids, self._labels = [], []
+        self._columns = {n: [] for n in self._names}
+        write_partial(self.output_dir, self.schema, self.shards)
         return info
 
 
-def read_verified(dataset_dir: pathlib.Path, file: str, sha256: str) -> pa.Table:
+def write_partial(output_dir: pathlib.Path, schema: pa.Schema, written: list[ShardInfo]) -> None:
+    """shards.partial.json: the shards complete so far, replaced atomically after each."""
+    tmp = output_dir / f".{PARTIAL}.tmp"
+    tmp.write_text(json.dumps({"columns": describe(schema), "shards": [dataclasses.asdict(s) for s in written]},
+                              sort_keys=True))
+    os.replace(tmp, output_dir / PARTIAL)
+
+
+def read_partial(dataset_dir: pathlib.Path) -> dict | None:
+    """The shards of a preparation still running (None before its first shard)."""
+    try:
+        return json.loads((dataset_dir / PARTIAL).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def read_verified(dataset_dir: pathlib.Path, file: str, sha256: str, columns: dict[str, str] | None = None) -> pa.Table:
     """Reads one shard, refusing it unless its bytes have the manifest's sha256.
-    Hashes and parses the same bytes, so what is served is what was verified."""
+    Hashes and parses the same bytes, so what is served is what was verified.
+    `columns`: the manifest's (column -> type); unset means the unpacked schema."""
     path = dataset_dir / file
     try:
         data = path.read_bytes()
@@ -89,7 +135,7 @@ def read_verified(dataset_dir: pathlib.Path, file: str, sha256: str) -> pa.Table
         raise FailedPrecondition(f"{path}: sha256 {actual} differs from the manifest's {sha256}; "
                                  "the shard changed after preparation", field="dataset_dir")
     table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
-    if not table.schema.equals(SCHEMA):
+    if describe(table.schema) != (columns or describe(SCHEMA)):
         raise FailedPrecondition(f"{path}: schema {table.schema} is not the prepared-dataset schema",
                                  field="dataset_dir")
     return table
