@@ -6,7 +6,10 @@ problem naming the offending field:
   - sharegpt: `conversation(s)`: [{from, value}] with from human/gpt/bot/system/tool/...;
   - alpaca: instruction, input, output (+ system);
   - query/response/history (+ system), with ms-swift's aliases; a row with only a
-    response alias (e.g. pre-training `text`) is a single assistant turn.
+    response alias (e.g. pre-training `text`) is a single assistant turn;
+and, on top of any of them (see to_example), the row's `tools`, its preference
+side (`rejected_response` / `rejected_messages`, `margin`), its KTO `label`, or,
+for prompt-only rows, every column no format consumed.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import dataclasses
 import json
 
 # Reject reasons of this stage (see jsonl.REASONS for the full bounded set).
-from services.dataprep.jsonl import (INVALID_CONTENT, INVALID_JSON, INVALID_MESSAGES, INVALID_ROLE, NO_ASSISTANT,
-                                     UNKNOWN_FORMAT)
+from services.dataprep.jsonl import (INVALID_CONTENT, INVALID_JSON, INVALID_LABEL, INVALID_MESSAGES, INVALID_ROLE,
+                                     INVALID_TOOLS, NO_ASSISTANT, NO_REJECTED, NOT_PROMPT, UNKNOWN_FORMAT)
+from services.dataprep.template import TOOL_CALL
 
 MESSAGE_KEYS = ("messages", "conversations", "conversation")
 # `role` keys take OpenAI/ms-swift role names; sharegpt `from` keys take its aliases.
@@ -32,12 +36,27 @@ RESPONSE_KEYS = ("response", "answer", "output", "targets", "target", "answer_ke
                  "text", "completion", "content")
 
 
+# Dataset tasks (--task); `auto` takes the kind of the first valid row.
+TASKS = ("auto", "sft", "pt", "preference", "kto", "reward", "prompt")
+REJECTED_KEYS = ("rejected_response", "rejected_messages")
+
+
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-    """messages as the chat template takes them; losses[i] is message i's `loss` or None."""
+    """messages as the chat template takes them; losses[i] is message i's `loss` or None.
+    The rest is set by to_example: the row's kind (one of TASKS but auto), its
+    tools, its rejected conversation (the same prompt, then the rejected answer),
+    preference margin, KTO label and, for prompt rows, the untouched extra columns."""
 
     messages: list[dict]
     losses: list[bool | None]
+    kind: str = "sft"
+    tools: list | None = None
+    rejected: list[dict] | None = None
+    rejected_losses: list[bool | None] | None = None
+    margin: float | None = None
+    label: bool | None = None
+    extras: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +98,8 @@ def _chat(key: str, value, system: str | None) -> Conversation | Problem:
             return Problem(f"{place}.{role_key}", INVALID_ROLE, f"expected one of {expected}; got {got}")
         content_key = "content" if "content" in message or "value" not in message else "value"
         content = message.get(content_key)
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            content = ""  # OpenAI-style assistant message carrying only tool_calls
         if not isinstance(content, str):
             got = "nothing" if content_key not in message else _text(content)
             return Problem(f"{place}.{content_key}", INVALID_CONTENT, f"expected a string; got {got}")
@@ -90,14 +111,35 @@ def _chat(key: str, value, system: str | None) -> Conversation | Problem:
         # the template gets the message's own extra keys (tool_call_id, name, ...), never ours
         extra = {k: v for k, v in message.items()
                  if k not in ("role", "from", "content", "value", "loss") and v is not None}
+        if message.get(role_key) in ("tool_call", "function_call"):
+            call = _tool_call(content)
+            if call is None:
+                return Problem(f"{place}.{content_key}", INVALID_CONTENT, "a tool_call turn's content must be a JSON "
+                               f'object {{"name": ..., "arguments": ...}}; got {_text(content)}')
+            extra[TOOL_CALL] = call
         messages.append({"role": role, "content": content, **extra})
         losses.append(loss)
-    if not any(m["role"] == "assistant" for m in messages):
-        return Problem(key, NO_ASSISTANT, "no assistant message to train on")
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
         losses.insert(0, None)
     return Conversation(messages, losses)
+
+
+def _tool_call(content: str) -> dict | None:
+    """A tool_call turn's JSON text -> {"name", "arguments" (an object)}, as chat templates take it."""
+    try:
+        call = json.loads(content)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    return {"name": call["name"], "arguments": arguments}
 
 
 def _first(row: dict, keys: tuple[str, ...]) -> str | None:
@@ -112,7 +154,7 @@ def _string(row: dict, key: str | None, names: dict[str, str]) -> str | None | P
     return row[key]
 
 
-def _response(row: dict, names: dict[str, str], system: str | None) -> Conversation | Problem:
+def _response(row: dict, names: dict[str, str], system: str | None, prompt: bool = False) -> Conversation | Problem:
     if row.get("instruction") is not None and "input" in row:  # alpaca, as ms-swift's AlpacaPreprocessor
         parts = [_string(row, k, names) for k in ("instruction", "input") if row.get(k) is not None]
         for part in parts:
@@ -121,12 +163,12 @@ def _response(row: dict, names: dict[str, str], system: str | None) -> Conversat
         query = "\n".join(p for p in parts if p)
     else:
         query = _string(row, _first(row, QUERY_KEYS), names)
-    response_key = _first(row, RESPONSE_KEYS)
+    response_key = None if prompt else _first(row, RESPONSE_KEYS)
     response = _string(row, response_key, names)
     for value in (query, response):
         if isinstance(value, Problem):
             return value
-    if response is None:
+    if response is None and not prompt:
         return Problem("response", NO_ASSISTANT, "no response to train on (expected one of "
                        f"{', '.join(RESPONSE_KEYS)})")
     messages = [] if system is None else [{"role": "system", "content": system}]
@@ -141,16 +183,14 @@ def _response(row: dict, names: dict[str, str], system: str | None) -> Conversat
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     if query is not None:
         messages.append({"role": "user", "content": query})
-    messages.append({"role": "assistant", "content": response})
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    elif query is None:
+        return Problem("query", NOT_PROMPT, f"no prompt (expected one of {', '.join(QUERY_KEYS)})")
     return Conversation(messages, [None] * len(messages))
 
 
-def to_conversation(value, columns: dict[str, str] | None = None) -> Conversation | Problem:
-    """One decoded row to a conversation. `columns` renames keys first; problems name
-    the row's own column names."""
-    if not isinstance(value, dict):
-        return Problem(None, INVALID_JSON, f"expected a JSON object; got {_text(value)}")
-    columns = columns or {}
+def _rename(value: dict, columns: dict[str, str]) -> tuple[dict, dict[str, str]]:
     row, names = {}, {}
     for key, item in value.items():
         target = columns.get(key, key)
@@ -159,16 +199,141 @@ def to_conversation(value, columns: dict[str, str] | None = None) -> Conversatio
         row[target] = item
         if target != key:
             names[target] = key
+    return row, names
+
+
+def _base(row: dict, names: dict[str, str], value: dict, prompt: bool) -> tuple[Conversation | Problem, set[str]]:
+    """The row's conversation (without the assistant-turn check) and the columns it consumed."""
     system_key = _first(row, SYSTEM_KEYS)
     system = _string(row, system_key, names)
     if isinstance(system, Problem):
-        return system
+        return system, set()
     system = system or None  # an empty system cell is no system prompt (CSV has no null)
+    used = {system_key} if system_key else set()
     chat_key = next((k for k in MESSAGE_KEYS if k in row), None)
     if chat_key is not None:
-        return _chat(names.get(chat_key, chat_key), row[chat_key], system)
+        return _chat(names.get(chat_key, chat_key), row[chat_key], system), used | {chat_key}
+    if prompt and (_first(row, QUERY_KEYS) is not None or row.get("history") is not None):
+        keys = {"history", "instruction", "input"} if row.get("instruction") is not None and "input" in row \
+            else {"history", _first(row, QUERY_KEYS)}
+        return _response(row, names, system, prompt=True), used | keys
     if _first(row, QUERY_KEYS + RESPONSE_KEYS) is not None or row.get("history") is not None:
-        return _response(row, names, system)
+        keys = {"history", "instruction", "input", _first(row, QUERY_KEYS), _first(row, RESPONSE_KEYS)}
+        return _response(row, names, system), used | keys
     keys = ", ".join(sorted(map(str, value))) or "none"
     return Problem(None, UNKNOWN_FORMAT, "no known row format (messages, conversations, instruction/output, "
-                   f"query/response, text); keys: {keys}")
+                   f"query/response, text); keys: {keys}"), set()
+
+
+def _tools(row: dict, names: dict[str, str]) -> list | None | Problem:
+    """`tools`: a JSON list (or its text) of tool/function schemas, handed to the template as they are."""
+    tools = row.get("tools")
+    name = names.get("tools", "tools")
+    if tools is None or tools == "":
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            return Problem(name, INVALID_TOOLS, f"not JSON: {exc}")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        return Problem(name, INVALID_TOOLS, f"expected a list of tool objects; got {_text(tools)}")
+    return tools or None
+
+
+def row_kind(row: dict) -> str:
+    """The kind a row declares by its columns: preference (a rejected side), kto (a
+    label), else sft; prompt rows are told apart by their conversation (see to_example)."""
+    if any(row.get(k) is not None for k in REJECTED_KEYS):
+        return "preference"
+    if "label" in row:
+        return "kto"
+    return "sft"
+
+
+def _label(value, name: str) -> bool | Problem:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # CSV cells are text
+        return value.strip().lower() == "true"
+    return Problem(name, INVALID_LABEL, f"expected true or false; got {_text(value)}")
+
+
+def _rejected(row: dict, names: dict[str, str], chosen: Conversation) -> Conversation | Problem:
+    """The rejected conversation: the chosen one's prompt, then the rejected answer."""
+    prompt, prompt_losses = chosen.messages[:-1], chosen.losses[:-1]
+    if row.get("rejected_messages") is not None:
+        name = names.get("rejected_messages", "rejected_messages")
+        system = chosen.messages[0]["content"] if chosen.messages[0]["role"] == "system" else None
+        rejected = _chat(name, row["rejected_messages"], system)
+        if isinstance(rejected, Problem):
+            return rejected
+        if rejected.messages[-1]["role"] != "assistant":
+            return Problem(name, NO_ASSISTANT, "the rejected conversation must end with an assistant turn")
+        if rejected.messages[:-1] != prompt:
+            return Problem(name, INVALID_MESSAGES, "must repeat the chosen conversation's prompt (every turn before "
+                           "the last answer) and differ only in the last assistant turn")
+        return Conversation(rejected.messages, [*prompt_losses, rejected.losses[-1]])
+    name = names.get("rejected_response", "rejected_response")
+    if not isinstance(row["rejected_response"], str):
+        return Problem(name, INVALID_CONTENT, f"expected a string; got {_text(row['rejected_response'])}")
+    return Conversation([*prompt, {"role": "assistant", "content": row["rejected_response"]}], [*prompt_losses, None])
+
+
+def to_example(value, columns: dict[str, str] | None = None, task: str = "auto") -> Conversation | Problem:
+    """One decoded row to what `task` trains on; `auto` takes the row's own kind.
+    `columns` renames keys first; problems name the row's own column names."""
+    if not isinstance(value, dict):
+        return Problem(None, INVALID_JSON, f"expected a JSON object; got {_text(value)}")
+    row, names = _rename(value, columns or {})
+    declared = row_kind(row)
+    kind = task if task != "auto" else declared
+    base, used = _base(row, names, value, prompt=kind == "prompt")
+    if isinstance(base, Problem):
+        return base
+    ends_on_prompt = base.messages[-1]["role"] in ("user", "tool")
+    if task == "auto" and declared == "sft" and not any(m["role"] == "assistant" for m in base.messages):
+        kind = "prompt"  # a conversation with no answer at all: a prompt for generation
+    tools = _tools(row, names)
+    if isinstance(tools, Problem):
+        return tools
+    if kind == "prompt":
+        if not ends_on_prompt:
+            return Problem(names.get(next(iter(used - {None}), ""), "messages"), NOT_PROMPT,
+                           "a prompt row must end on a user (or tool) turn")
+        consumed = used | {"tools"}
+        extras = {names.get(k, k): v for k, v in row.items() if k not in consumed}
+        return dataclasses.replace(base, kind="prompt", tools=tools, extras=extras)
+    if not any(m["role"] == "assistant" for m in base.messages):
+        chat_key = next((k for k in MESSAGE_KEYS if k in row), None)
+        return Problem(names.get(chat_key, chat_key) if chat_key else "response", NO_ASSISTANT,
+                       "no assistant message to train on")
+    if kind == "kto":
+        if "label" not in row:
+            return Problem("label", INVALID_LABEL, "missing (a KTO row needs label true or false)")
+        label = _label(row["label"], names.get("label", "label"))
+        if isinstance(label, Problem):
+            return label
+        return dataclasses.replace(base, kind="kto", tools=tools, label=label)
+    if kind in ("preference", "reward"):
+        if not any(row.get(k) is not None for k in REJECTED_KEYS):
+            return Problem("rejected_response", NO_REJECTED,
+                           "missing: a preference row needs rejected_response or rejected_messages")
+        if base.messages[-1]["role"] != "assistant":
+            return Problem(names.get(next(iter(used - {None}), ""), "messages"), NO_ASSISTANT,
+                           "the chosen conversation must end with an assistant turn")
+        rejected = _rejected(row, names, base)
+        if isinstance(rejected, Problem):
+            return rejected
+        margin = row.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            return Problem(names.get("margin", "margin"), INVALID_LABEL, f"expected a number; got {_text(margin)}")
+        return dataclasses.replace(base, kind=kind, tools=tools, rejected=rejected.messages,
+                                   rejected_losses=rejected.losses,
+                                   margin=None if margin is None else float(margin))
+    return dataclasses.replace(base, kind=kind, tools=tools)
+
+
+def to_conversation(value, columns: dict[str, str] | None = None) -> Conversation | Problem:
+    """One decoded row to a supervised conversation (to_example with task sft)."""
+    return to_example(value, columns, task="sft")

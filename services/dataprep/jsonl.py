@@ -24,8 +24,13 @@ NO_TRAINABLE = "no_trainable"
 UNKNOWN_FORMAT = "unknown_format"
 TOO_LONG = "too_long"
 TEMPLATE = "template"
+INVALID_TOOLS = "invalid_tools"
+INVALID_LABEL = "invalid_label"
+NO_REJECTED = "no_rejected"
+NOT_PROMPT = "not_prompt"
+INVALID_EXTRA = "invalid_extra"
 REASONS = (INVALID_JSON, INVALID_MESSAGES, INVALID_ROLE, INVALID_CONTENT, NO_ASSISTANT, NO_TRAINABLE, UNKNOWN_FORMAT,
-           TOO_LONG, TEMPLATE)
+           TOO_LONG, TEMPLATE, INVALID_TOOLS, INVALID_LABEL, NO_REJECTED, NOT_PROMPT, INVALID_EXTRA)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,10 @@
 import pytest
 
 from services.dataprep import formats
+from services.dataprep.template import TOOL_CALL
 
 U, A = "user", "assistant"
+CALL = '{"name": "add", "arguments": "{\\"a\\": 1}"}'  # OpenAI style: arguments as JSON text
 
 
 def chat(*turns):
@@ -19,9 +21,10 @@ def chat(*turns):
      chat(("system", "s"), (U, "q"), (A, "r"), ("tool", "o"), (A, "r2"))),
     ({"conversation": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}], "system": "s"},
      chat(("system", "s"), (U, "q"), (A, "r"))),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool_call", "content": "{}"},
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool_call", "content": CALL},
                    {"role": "tool_response", "content": "42"}, {"role": "assistant", "content": "r"}]},
-     chat((U, "q"), (A, "{}"), ("tool", "42"), (A, "r"))),
+     [*chat((U, "q")), {"role": A, "content": CALL, TOOL_CALL: {"name": "add", "arguments": {"a": 1}}},
+      *chat(("tool", "42"), (A, "r"))]),
     ({"instruction": "Translate", "input": "chat", "output": "cat", "system": "s"},
      chat(("system", "s"), (U, "Translate\nchat"), (A, "cat"))),
     ({"instruction": "Say hi", "input": None, "output": "hi"}, chat((U, "Say hi"), (A, "hi"))),

@@ -1,0 +1,239 @@
+"""What a dataset task (`--task`) writes: one raw row -> the shard columns of its
+kind (sft, pt, preference, reward, kto, prompt) or a Reject naming its field;
+each task's shard schema; and the dataset-level rule that every row is of the
+dataset's one kind (`auto`: the kind of the first valid row)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+
+from libs.common.errors import InvalidArgument
+from services.dataprep import formats, inputs, jsonl, template
+
+INT32S = pa.list_(pa.int32())
+PEEK_LIMIT = 10_000  # rows read ahead to find the first valid one, which fixes the dataset's kind and schema
+
+
+def _field(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+SCHEMAS = {
+    "sft": pa.schema([_field("input_ids", INT32S), _field("labels", INT32S), _field("length", pa.int32())]),
+    "kto": pa.schema([_field("input_ids", INT32S), _field("labels", INT32S), _field("label", pa.bool_()),
+                      _field("length", pa.int32())]),
+    "preference": pa.schema([_field("chosen_input_ids", INT32S), _field("chosen_labels", INT32S),
+                             _field("rejected_input_ids", INT32S), _field("rejected_labels", INT32S),
+                             _field("margin", pa.float64(), nullable=True), _field("length", pa.int32())]),
+    "prompt": pa.schema([_field("input_ids", INT32S), _field("length", pa.int32())]),
+}
+SCHEMAS["pt"] = SCHEMAS["sft"]
+SCHEMAS["reward"] = SCHEMAS["preference"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One row ready for a shard: `columns` holds every column of its kind's schema
+    (`length`: its tokens, for a pair both sides') and, for prompt rows, its extras."""
+
+    file: str
+    line: int
+    raw: str
+    kind: str
+    columns: dict
+    trained_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.columns["length"]
+
+    @property
+    def input_ids(self) -> list[int]:  # the sequence a packer places (sft, pt, kto, prompt)
+        return self.columns["input_ids"]
+
+    @property
+    def labels(self) -> list[int]:
+        return self.columns["labels"]
+
+    def reject(self, field: str | None, reason: str, message: str) -> jsonl.Reject:
+        return jsonl.Reject(self.file, self.line, field, reason, message, self.raw)
+
+
+def with_system(messages: list[dict], losses: list, system: str | None) -> tuple[list[dict], list]:
+    """System prompt priority: the row's own, then --system, then the template's default
+    (which the template adds itself when the conversation has none)."""
+    if system is None or messages[0]["role"] == "system":
+        return messages, losses
+    return [{"role": "system", "content": system}, *messages], [None, *losses]
+
+
+def _truncate(encoded: template.Encoded, max_length: int, strategy: str) -> template.Encoded | None:
+    """ms-swift's --truncation_strategy on a row longer than max_length; None means delete it."""
+    if strategy == "left":
+        return template.Encoded(encoded.input_ids[-max_length:], encoded.labels[-max_length:])
+    if strategy == "right":
+        return template.Encoded(encoded.input_ids[:max_length], encoded.labels[:max_length])
+    return None
+
+
+class _Refused(Exception):
+    def __init__(self, field: str | None, reason: str, message: str):
+        super().__init__(message)
+        self.field, self.reason, self.message = field, reason, message
+
+
+def _sequence(tokenizer, messages: list[dict], losses: list, tools: list | None, config, kind: str,
+              side: str = "") -> template.Encoded:
+    """One trained sequence: chat template (or plain text + eos for pt and
+    --use_chat_template false), then --max_length; refuses one with nothing to train."""
+    messages, losses = with_system(messages, losses, config.system)
+    try:
+        if kind == "pt":
+            encoded = template.encode_plain(tokenizer, messages, losses, "all")
+        elif not config.use_chat_template:
+            encoded = template.encode_plain(tokenizer, messages, losses, config.loss_scale)
+        else:
+            encoded = template.encode(tokenizer, messages, losses, config.loss_scale, tools)
+    except template.TemplateError as exc:
+        raise _Refused(side + exc.field if side else exc.field, jsonl.TEMPLATE, exc.message) from None
+    where = side.rstrip(".") or "messages"
+    if not encoded.trained_tokens:
+        raise _Refused(where, jsonl.NO_TRAINABLE,
+                       f"no token to train on under loss_scale {config.loss_scale} and the messages' loss")
+    if config.max_length and len(encoded.input_ids) > config.max_length:
+        length = len(encoded.input_ids)
+        encoded = _truncate(encoded, config.max_length, config.truncation_strategy)
+        if encoded is None:
+            raise _Refused(where, jsonl.TOO_LONG, f"{length} tokens; max_length is {config.max_length}")
+        if not encoded.trained_tokens:
+            raise _Refused(where, jsonl.TOO_LONG, f"{length} tokens; truncated {config.truncation_strategy} to "
+                           f"max_length {config.max_length}, no token to train on is left")
+    return encoded
+
+
+def _prompt(tokenizer, conversation: formats.Conversation, config) -> list[int]:
+    messages, _ = with_system(conversation.messages, conversation.losses, config.system)
+    try:
+        if config.use_chat_template:
+            input_ids = template.encode_prompt(tokenizer, messages, conversation.tools)
+        else:
+            input_ids = tokenizer("".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
+    except template.TemplateError as exc:
+        raise _Refused(exc.field, jsonl.TEMPLATE, exc.message) from None
+    if config.max_length and len(input_ids) > config.max_length:
+        if config.truncation_strategy != "left":  # cutting the end would cut the generation prompt
+            raise _Refused("messages", jsonl.TOO_LONG, f"{len(input_ids)} tokens; max_length is {config.max_length}")
+        input_ids = input_ids[-config.max_length:]
+    return list(input_ids)
+
+
+def _columns(tokenizer, conversation: formats.Conversation, config) -> tuple[dict, int]:
+    kind, tools = conversation.kind, conversation.tools
+    if tools is not None and config.use_chat_template and not template.supports_tools(tokenizer):
+        raise _Refused("tools", jsonl.TEMPLATE, "the chat template does not render tools; name one that does "
+                       "(--template qwen) or drop the column")
+    if kind == "prompt":
+        input_ids = _prompt(tokenizer, conversation, config)
+        return {"input_ids": input_ids, "length": len(input_ids), **conversation.extras}, 0
+    if kind in ("preference", "reward"):
+        chosen = _sequence(tokenizer, conversation.messages, conversation.losses, tools, config, kind, "chosen.")
+        rejected = _sequence(tokenizer, conversation.rejected, conversation.rejected_losses, tools, config, kind,
+                             "rejected.")
+        return {"chosen_input_ids": chosen.input_ids, "chosen_labels": chosen.labels,
+                "rejected_input_ids": rejected.input_ids, "rejected_labels": rejected.labels,
+                "margin": conversation.margin,
+                "length": len(chosen.input_ids) + len(rejected.input_ids)}, \
+            chosen.trained_tokens + rejected.trained_tokens
+    encoded = _sequence(tokenizer, conversation.messages, conversation.losses, tools, config, kind)
+    columns = {"input_ids": encoded.input_ids, "labels": encoded.labels, "length": len(encoded.input_ids)}
+    if kind == "kto":
+        columns["label"] = conversation.label
+    return columns, encoded.trained_tokens
+
+
+def encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], config) -> Example | jsonl.Reject:
+    """One raw row to its shard columns under config.task, or a Reject naming its field."""
+    if record.error is not None:
+        return jsonl.Reject(record.file, record.line, None, jsonl.INVALID_JSON, record.error, record.raw)
+    conversation = formats.to_example(record.value, columns, config.task)
+    if isinstance(conversation, formats.Problem):
+        return jsonl.Reject(record.file, record.line, conversation.field, conversation.reason, conversation.message,
+                            record.raw)
+    kind = "pt" if config.task == "pt" else conversation.kind
+    try:
+        values, trained = _columns(tokenizer, dataclasses.replace(conversation, kind=kind), config)
+    except _Refused as refused:
+        return jsonl.Reject(record.file, record.line, refused.field, refused.reason, refused.message, record.raw)
+    return Example(record.file, record.line, record.raw, kind, values, trained)
+
+
+def _arrow_type(value) -> pa.DataType:
+    if value is None:
+        return pa.string()
+    try:
+        return pa.array([value]).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.string()
+
+
+class Admission:
+    """The dataset's kind and schema, fixed by its first valid row (or by --task),
+    and the check of every later row against them, in row order."""
+
+    def __init__(self, task: str, first: Example | None):
+        self.task = task
+        self.kind = first.kind if first is not None else ("sft" if task == "auto" else task)
+        base = SCHEMAS[self.kind]
+        self.extra_types: dict[str, pa.DataType] = {}
+        if first is not None and self.kind == "prompt":
+            self.extra_types = {k: _arrow_type(v) for k, v in first.columns.items() if k not in base.names}
+        fields = list(base)
+        self.schema = pa.schema(fields[:-1] + [_field(k, t, True) for k, t in self.extra_types.items()]
+                                + fields[-1:])
+
+    def admit(self, example: Example) -> Example | jsonl.Reject:
+        """The row as its shard takes it, or a Reject (an extra column that does not fit);
+        a row of another kind fails the whole preparation (INVALID_ARGUMENT naming it)."""
+        if {example.kind, self.kind} == {"sft", "prompt"}:  # auto: told apart by whether an answer exists
+            if self.kind == "sft":
+                return example.reject("messages", jsonl.NO_ASSISTANT, "no assistant message to train on")
+            return example.reject("messages", jsonl.NOT_PROMPT, "a prompt row must end on a user (or tool) turn, "
+                                  "like the dataset's first row")
+        if example.kind != self.kind:
+            raise InvalidArgument(f"{example.file}:{example.line}: a {example.kind} row in a {self.kind} dataset "
+                                  f"(the dataset's kind {'is --task' if self.task != 'auto' else 'comes from its first row'}); "
+                                  "one dataset holds one kind of row", field="dataset")
+        if self.kind != "prompt":
+            return example
+        base = SCHEMAS["prompt"].names
+        for name, value in example.columns.items():
+            if name in base:
+                continue
+            if name not in self.extra_types:
+                return example.reject(name, jsonl.INVALID_EXTRA, "a column the dataset's first row does not have "
+                                      f"(its columns: {', '.join(self.extra_types) or 'none'})")
+            try:
+                pa.array([value], type=self.extra_types[name])
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                return example.reject(name, jsonl.INVALID_EXTRA, f"expected {self.extra_types[name]} like the "
+                                      f"dataset's first row; got {formats._text(value)}")
+        return dataclasses.replace(example, columns={**{k: None for k in self.extra_types}, **example.columns})
+
+
+def start(tokenizer, records: Iterable[inputs.Record], columns: dict[str, str],
+          config) -> tuple[Admission, Iterator[inputs.Record]]:
+    """Reads ahead to the first valid row (at most PEEK_LIMIT rows) to fix the
+    dataset's kind and schema; returns them with the records, none consumed."""
+    records = iter(records)
+    peeked, first = [], None
+    for record in itertools.islice(records, PEEK_LIMIT):
+        peeked.append(record)
+        result = encode_record(tokenizer, record, columns, config)
+        if isinstance(result, Example):
+            first = result
+            break
+    return Admission(config.task, first), itertools.chain(peeked, records)
