@@ -20,6 +20,7 @@ import torch
 
 from libs.common.errors import FailedPrecondition
 from services.dataprep.client import Cursor, read_batches
+from services.trainer import packing
 from services.trainer.loss import IGNORE_INDEX, trained_tokens
 
 
@@ -45,6 +46,7 @@ class DataCursor:
 class Row:
     input_ids: np.ndarray  # [length] int32
     labels: np.ndarray  # [length] int32, IGNORE_INDEX where not trained
+    seq_lens: np.ndarray | None = None  # [samples] int32 for a packed row: the lengths of its samples
 
 
 class RowSource(Protocol):
@@ -54,15 +56,19 @@ class RowSource(Protocol):
 
 
 def batch_rows(batch: pa.RecordBatch) -> Iterator[Row]:
-    """The rows of one record batch with `input_ids` and `labels` (list<int32>) columns."""
+    """The rows of one record batch with `input_ids` and `labels` (list<int32>) columns, and
+    `seq_lens` when the rows are packed."""
     columns = {}
-    for name in ("input_ids", "labels"):
+    packed = "seq_lens" in batch.schema.names
+    for name in ("input_ids", "labels", "seq_lens") if packed else ("input_ids", "labels"):
         array = batch.column(name)
         # offsets honour a sliced array; values are the unsliced child they index into
         columns[name] = (array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False))
     (id_offsets, ids), (label_offsets, labels) = columns["input_ids"], columns["labels"]
+    seq_offsets, seq_lens = columns["seq_lens"] if packed else (None, None)
     for i in range(batch.num_rows):
-        yield Row(ids[id_offsets[i]:id_offsets[i + 1]], labels[label_offsets[i]:label_offsets[i + 1]])
+        yield Row(ids[id_offsets[i]:id_offsets[i + 1]], labels[label_offsets[i]:label_offsets[i + 1]],
+                  seq_lens[seq_offsets[i]:seq_offsets[i + 1]] if packed else None)
 
 
 class DataprepRows:
@@ -98,17 +104,29 @@ class DataprepRows:
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor  # [batch, seq] int64, right-padded with the pad id
-    labels: torch.Tensor  # [batch, seq] int64, IGNORE_INDEX on padding
-    attention_mask: torch.Tensor  # [batch, seq] int64, 0 on padding
+    labels: torch.Tensor  # [batch, seq] int64, IGNORE_INDEX on padding (and at packed sample starts)
+    # [batch, seq] int64, 0 on padding; for packed rows [batch, 1, seq, seq] float32 additive
+    # block-diagonal causal mask (services.trainer.packing)
+    attention_mask: torch.Tensor
     tokens: int  # real (non-padding) input tokens
+    position_ids: torch.Tensor | None = None  # [batch, seq] int64 restarting per sample, packed rows only
 
     @property
     def trained_tokens(self) -> int:
         return trained_tokens(self.labels)
 
+    def model_inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward (an additive mask in the model's dtype)."""
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        mask = self.attention_mask.clamp(min=torch.finfo(dtype).min).to(dtype)
+        return {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": self.position_ids}
+
 
 def collate(rows: list[Row], pad_id: int) -> MicroBatch:
-    """Right-pads every row to the longest of the micro-batch."""
+    """Right-pads every row to the longest of the micro-batch; packed rows (with seq_lens)
+    get a block-diagonal causal mask, restarting position ids and labels cut at every sample
+    boundary, so each sample trains exactly as it would alone."""
     longest = max(len(row.input_ids) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
@@ -118,7 +136,14 @@ def collate(rows: list[Row], pad_id: int) -> MicroBatch:
         input_ids[i, :n] = torch.from_numpy(row.input_ids.astype(np.int64))
         labels[i, :n] = torch.from_numpy(row.labels.astype(np.int64))
         attention_mask[i, :n] = 1
-    return MicroBatch(input_ids, labels, attention_mask, tokens=sum(len(row.input_ids) for row in rows))
+    tokens = sum(len(row.input_ids) for row in rows)
+    if all(row.seq_lens is None for row in rows):
+        return MicroBatch(input_ids, labels, attention_mask, tokens=tokens)
+    rows_seq_lens = [[int(n) for n in row.seq_lens] if row.seq_lens is not None else [len(row.input_ids)]
+                     for row in rows]
+    return MicroBatch(input_ids, packing.cut_labels(labels, rows_seq_lens),
+                      packing.block_causal_mask(rows_seq_lens, longest), tokens=tokens,
+                      position_ids=packing.position_ids(rows_seq_lens, longest))
 
 
 @dataclass

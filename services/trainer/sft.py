@@ -104,7 +104,7 @@ def train_step(model, batch: data.StepBatch, trainable: list[torch.nn.Parameter]
     loss_value = 0.0
     last = len(batch.micro_batches) - 1
     for i, micro in enumerate(batch.micro_batches):
-        logits = engine.forward(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits  # [b, s, vocab]
+        logits = engine.forward(**micro.model_inputs(model.dtype)).logits  # [b, s, vocab]
         loss = sft_loss(logits, micro.labels, trained)
         engine.backward(loss, last=i == last)
         loss_value += loss.item()
