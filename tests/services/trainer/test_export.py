@@ -20,7 +20,7 @@ from libs.common import checkpoint
 PROMPT = "<|im_start|>user\nwho are you?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def make_adapter(base_dir: pathlib.Path, out: pathlib.Path, seed: int = 0) -> pathlib.Path:
+def make_adapter(base_dir: pathlib.Path, out: pathlib.Path, seed: int = 0, std: float = 0.05) -> pathlib.Path:
     """A LoRA adapter on `base_dir` whose B matrices are random (not PEFT's zeros), so the
     merge changes every adapted weight; saved as the trainer saves one (PEFT files + args.json)."""
     from peft import LoraConfig, get_peft_model
@@ -33,7 +33,7 @@ def make_adapter(base_dir: pathlib.Path, out: pathlib.Path, seed: int = 0) -> pa
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.05)
+                param.normal_(0, std)
     model.save_pretrained(out)
     (out / "args.json").write_text(json.dumps({"model": str(base_dir), "train_type": "lora"}) + "\n")
     return out
@@ -153,15 +153,21 @@ VLLM_GREEDY = textwrap.dedent("""
     if __name__ == "__main__":
         model, ids = sys.argv[1], json.loads(sys.argv[2])
         llm = LLM(model=model, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
-        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(temperature=0, max_tokens=16))
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
         print("TOKENS=" + json.dumps(list(out[0].outputs[0].token_ids)))
 """)
 
 
 @pytest.mark.slow
-def test_vllm_serves_the_merged_model_like_base_plus_adapter(default_model, adapter, merged, tmp_path):
+def test_vllm_serves_the_merged_model_like_base_plus_adapter(default_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # B ~ N(0, 0.2) changes the greedy continuation; its smallest top-1/top-2 logit gap along
+    # the way is about 0.1, far above float32 noise, so equal tokens are a fair test
+    adapter = make_adapter(default_model, tmp_path / "checkpoint-1", std=0.2)
+    merged = tmp_path / "merged"
+    assert tuneforge(["export", "--adapters", str(adapter), "--merge_lora", "true", "--output_dir", str(merged)]) == 0
 
     ids = AutoTokenizer.from_pretrained(merged)(PROMPT).input_ids
     base = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
@@ -184,5 +190,4 @@ def test_vllm_serves_the_merged_model_like_base_plus_adapter(default_model, adap
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("TOKENS="))
     vllm_tokens = json.loads(line.removeprefix("TOKENS="))
-    # vLLM stops at EOS; transformers was told not to: compare what vLLM produced
-    assert vllm_tokens and vllm_tokens == adapter_tokens[:len(vllm_tokens)]
+    assert vllm_tokens == adapter_tokens
