@@ -2,8 +2,9 @@
 [--events_fd FD]` runs the SFT recipe and reports its events as JSON lines on a pipe.
 
 Running the recipe in its own process keeps the service responsive, lets a job be
-cancelled with a signal and killed if it hangs, and is the seam a launcher such as
-torchrun plugs into later. SIGTERM (or SIGINT) stops training at the next step
+cancelled with a signal and killed if it hangs. A job of more than one process makes this
+process the launcher of torchrun, whose ranks run this module again with `--events_path`
+(services.trainer.launch). SIGTERM (or SIGINT) stops training at the next step
 boundary; the recipe then publishes a checkpoint and the process exits 0.
 
 Events (one JSON object a line, key "event"): started, progress (every step), step
@@ -23,6 +24,7 @@ from typing import Any, TextIO
 from libs.common import config as cfg
 from libs.common import logs
 from libs.common.errors import TuneForgeError
+from services.trainer import distributed, launch
 from services.trainer.config import SftConfig
 
 ERROR_EXIT = 2
@@ -42,6 +44,21 @@ class EventWriter:
             self.stream.flush()
 
 
+class RankEvents:
+    """A torchrun rank's events: the reporting rank (local rank 0) sends all of them, the
+    others only their errors; each names its rank."""
+
+    def __init__(self, write: EventWriter, world: distributed.World):
+        self.write = write
+        self.world = world
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if event == "progress":
+            launch.injected_fault(self.world.rank, fields["step"])
+        if self.world.reports or event in launch.ALWAYS_SENT:
+            self.write(event, rank=self.world.rank, **fields)
+
+
 def install_stop_handlers() -> threading.Event:
     stop = threading.Event()
 
@@ -57,20 +74,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.trainer.worker")
     parser.add_argument("--config", required=True, help="SftConfig as JSON")
     parser.add_argument("--events_fd", type=int, default=1, help="file descriptor for the JSON event lines")
+    parser.add_argument("--events_path", default=None,
+                        help="torchrun ranks started by the launcher: file the ranks append their event lines to")
     options = parser.parse_args(argv)
     stop = install_stop_handlers()
     logs.setup("trainer-worker")
-    # The events pipe is ours alone: nothing else may write to it.
-    events = EventWriter(os.fdopen(options.events_fd, "w", buffering=1, closefd=options.events_fd > 2))
+    world = distributed.world_from_env()
+    if options.events_path:  # appended to by every rank: one write per line
+        events: Any = EventWriter(open(options.events_path, "a", buffering=1))
+    else:  # The events pipe is ours alone: nothing else may write to it.
+        events = EventWriter(os.fdopen(options.events_fd, "w", buffering=1, closefd=options.events_fd > 2))
+    if world.distributed:
+        events = RankEvents(events, world)
+        launch.die_with_parent()
     try:
         with open(options.config) as f:
             config = cfg.from_dict(SftConfig, json.load(f), where=options.config)
+        if launch.needs_launch(config):
+            return launch.run(config, options.config, events, stop)
         from services.trainer import sft  # torch and transformers load after the arguments are known good
 
         sft.train(config, events, stop)
     except TuneForgeError as exc:
         events("error", message=str(exc), code=exc.code.name, field=exc.field)
         return ERROR_EXIT
+    except Exception as exc:
+        if not world.distributed:
+            raise
+        # named by rank so the job says which rank failed first; the traceback follows on stderr
+        events("error", message=f"{type(exc).__name__}: {exc}", code="INTERNAL", field=None)
+        raise
     return 0
 
 

@@ -1,0 +1,373 @@
+"""Data-parallel training across processes: which rank this process is (from torchrun's
+RANK / WORLD_SIZE / LOCAL_RANK), the process group (gloo on CPU, nccl on CUDA, with a
+timeout so a lost peer fails the job instead of hanging it), and one `Engine` per back end
+that the SFT recipe drives the same way: forward, backward, step, global sums, and a
+consolidated copy of the weights for rank 0 to publish.
+
+Back ends: one process (no wrapping), DDP, DeepSpeed ZeRO-2 / ZeRO-3 (`--deepspeed zero2|
+zero3|path.json`) and FSDP2 (`--fsdp true`, torch.distributed.fsdp.fully_shard).
+
+Loss semantics are those of one process with the same global batch: every rank divides its
+summed token losses by the trained tokens of the whole step summed over all ranks, and the
+loss is multiplied by the world size before backward because every back end averages
+gradients across ranks; the gradient is then the single-process one.
+
+torch, deepspeed and transformers are imported inside functions: the config checks here run
+in the CLI and the service, which must not pay for them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+DEEPSPEED_PRESETS = ("zero2", "zero3")
+# Sections of a DeepSpeed JSON that TuneForge owns itself: the optimizer is always the
+# recipe's AdamW and the schedule its --lr_scheduler_type, so runs compare across back ends.
+DEEPSPEED_OWNED = ("optimizer", "scheduler")
+
+
+def _preset(stage: int) -> dict[str, Any]:
+    """ms-swift's zero2.json / zero3.json, "auto" values filled in from the job's config."""
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
+                            "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "steps_per_print": 1e9,
+            "wall_clock_breakdown": False}
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (torchrun's environment)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone publishes checkpoints and writes the run directory."""
+        return self.rank == 0
+
+    @property
+    def reports(self) -> bool:
+        """The first process of each node reports the job's progress to its launcher."""
+        return self.local_rank == 0
+
+
+def world_from_env(environ: dict[str, str] | None = None) -> World:
+    environ = os.environ if environ is None else environ
+    return World(int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1)), int(environ.get("LOCAL_RANK", 0)))
+
+
+# --- configuration checks (no torch)
+
+def deepspeed_json(value: str) -> dict[str, Any]:
+    """The DeepSpeed config named by --deepspeed: a preset or a JSON file. Raises ValueError
+    with a one-line reason."""
+    if value in DEEPSPEED_PRESETS:
+        return _preset(int(value[-1]))
+    path = pathlib.Path(value)
+    if not value.endswith(".json"):
+        raise ValueError(f"expected {', '.join(DEEPSPEED_PRESETS)} or a .json file; got {value!r}")
+    if not path.is_file():
+        raise ValueError(f"{value}: no such file")
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{value}: cannot read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{value}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{value}: expected a JSON object")
+    owned = [key for key in DEEPSPEED_OWNED if key in loaded]
+    if owned:
+        raise ValueError(f"{value}: {', '.join(owned)}: TuneForge sets the optimizer (AdamW) and the learning-rate "
+                         f"schedule (--lr_scheduler_type) itself; remove this section")
+    stage = loaded.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{value}: zero_optimization.stage: expected 0, 1, 2 or 3; got {stage!r}")
+    if loaded.get("zero_optimization", {}).get("offload_optimizer") or loaded.get("zero_optimization", {}).get("offload_param"):
+        raise ValueError(f"{value}: zero_optimization.offload_*: offloading is not supported by this trainer yet")
+    return loaded
+
+
+def problems(config) -> list[str]:
+    """Problems of the distributed fields of an SftConfig, each naming its field."""
+    found: list[str] = []
+    if config.nproc_per_node < 1:
+        found.append(f"nproc_per_node: must be at least 1; got {config.nproc_per_node}")
+    if config.nnodes < 1:
+        found.append(f"nnodes: must be at least 1; got {config.nnodes}")
+    elif not 0 <= config.node_rank < config.nnodes:
+        found.append(f"node_rank: expected 0 <= node_rank < nnodes ({config.nnodes}); got {config.node_rank}")
+    if config.master_port is not None and not 0 < config.master_port < 65536:
+        found.append(f"master_port: expected a TCP port (1-65535); got {config.master_port}")
+    if config.nnodes > 1 and config.master_port is None:
+        found.append("master_port: required with nnodes > 1 (every node must name the same port)")
+    if config.ddp_timeout <= 0:
+        found.append(f"ddp_timeout: must be positive; got {config.ddp_timeout}")
+    if config.deepspeed:
+        try:
+            deepspeed_json(config.deepspeed)
+        except ValueError as exc:
+            found.append(f"deepspeed: {exc}")
+        if config.fsdp:
+            found.append("fsdp: cannot be combined with deepspeed; choose one back end")
+    sharded = "deepspeed" if config.deepspeed else "fsdp" if config.fsdp else None
+    if sharded and config.resume_from_checkpoint and not config.resume_only_model:
+        found.append(f"resume_from_checkpoint: an exact resume (optimizer state) is not supported with {sharded} yet; "
+                     f"add --resume_only_model true, or resume with DDP")
+    return found
+
+
+# --- process group
+
+def init(config) -> World:
+    """Joins the process group when started by torchrun with more than one process."""
+    import torch
+    import torch.distributed as dist
+
+    world = world_from_env()
+    if not world.distributed or dist.is_initialized():
+        return world
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(world.local_rank)
+    backend = "nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(seconds=config.ddp_timeout)
+    if config.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+    return world
+
+
+def close() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(values: list[float], world: World) -> list[float]:
+    """Element-wise sums over every rank (the values themselves in one process)."""
+    if not world.distributed:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_max(value: int, world: World) -> int:
+    if not world.distributed:
+        return value
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world.world_size
+    dist.all_gather_object(gathered, value)
+    return max(gathered)
+
+
+def gather(value: Any, world: World) -> list[Any]:
+    """`value` of every rank, in rank order, on every rank (picklable plain values)."""
+    if not world.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+# --- engines
+
+class Publishable:
+    """What RunDir.publish saves: the unwrapped model with a consolidated state dict."""
+
+    def __init__(self, module, state_dict: dict | None):
+        self.module = module
+        self.state_dict = state_dict
+
+    def save_pretrained(self, path) -> None:
+        if self.state_dict is None:
+            self.module.save_pretrained(path)
+        else:
+            self.module.save_pretrained(path, state_dict=self.state_dict)
+
+
+class Engine:
+    """One process, and the base of the data-parallel engines: forward on `model`,
+    `backward` per micro-batch, `step` once per optimizer step."""
+
+    name = "single"
+
+    def __init__(self, module, optimizer, world: World):
+        self.module = module  # the unwrapped (PEFT or HF) model
+        self.model = module  # what forward runs on
+        self.optimizer = optimizer
+        self.world = world
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def backward(self, loss, last: bool) -> None:
+        (loss * self.world.world_size).backward()
+
+    def step(self, trainable: list, max_grad_norm: float) -> float:
+        """Clips, steps the optimizer, clears gradients; returns the norm before clipping."""
+        import torch
+
+        norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):  # DTensor (FSDP2)
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def publishable(self) -> Publishable | None:
+        """Collective: every rank calls it; rank 0 gets what to publish, the others None."""
+        return Publishable(self.module, None) if self.world.is_main else None
+
+
+class DDPEngine(Engine):
+    name = "ddp"
+
+    def __init__(self, module, optimizer, world: World):
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().__init__(module, optimizer, world)
+        import torch
+
+        device_ids = [world.local_rank] if torch.cuda.is_available() else None
+        self.model = DistributedDataParallel(module, device_ids=device_ids)
+
+    def backward(self, loss, last: bool) -> None:
+        # gradients are all-reduced on the last micro-batch of the step only
+        if last:
+            (loss * self.world.world_size).backward()
+        else:
+            with self.model.no_sync():
+                (loss * self.world.world_size).backward()
+
+
+class FSDPEngine(Engine):
+    """FSDP2: parameters sharded across ranks. `shard` shards the model in place before
+    the optimizer is built over the sharded parameters; under a PEFT wrapper the sharded
+    root is its base model and the PEFT model is what gets published."""
+
+    name = "fsdp"
+
+    def __init__(self, module, optimizer, world: World):
+        super().__init__(module, optimizer, world)
+        self.root = module.get_base_model() if hasattr(module, "get_base_model") else module
+
+    def backward(self, loss, last: bool) -> None:
+        self.root.set_requires_gradient_sync(last)  # reduce-scatter on the last micro-batch only
+        (loss * self.world.world_size).backward()
+
+    def publishable(self) -> Publishable | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return Publishable(self.module, state) if self.world.is_main else None
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, module, optimizer, world: World, ds_config: dict[str, Any]):
+        import deepspeed
+
+        super().__init__(module, optimizer, world)
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.model, self.ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+
+    def backward(self, loss, last: bool) -> None:
+        self.model.set_gradient_accumulation_boundary(last)
+        self.model.backward(loss * self.world.world_size, scale_wrt_gas=False)
+
+    def step(self, trainable: list, max_grad_norm: float) -> float:
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def publishable(self) -> Publishable | None:
+        if self.stage != 3:
+            return super().publishable()
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if not self.world.is_main:
+                return None
+            state = {name: tensor.detach().clone().cpu() for name, tensor in self.module.state_dict().items()}
+        return Publishable(self.module, state)
+
+
+def shard(model, config, world: World):
+    """FSDP2 shards the model in place (each decoder layer, then the whole); call before
+    building the optimizer. Other back ends leave it alone."""
+    if not (world.distributed and config.fsdp):
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_classes = set(getattr(root, "_no_split_modules", None) or [])
+    for module in root.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module)
+    fully_shard(root)
+    return model
+
+
+def wrap(model, optimizer, config, world: World) -> Engine:
+    """The engine for this job's back end (one process: no wrapping at all)."""
+    if not world.distributed:
+        return Engine(model, optimizer, world)
+    if config.deepspeed:
+        ds_config = resolved_deepspeed_config(config, world)
+        return DeepSpeedEngine(model, optimizer, world, ds_config)
+    if config.fsdp:
+        return FSDPEngine(model, optimizer, world)
+    return DDPEngine(model, optimizer, world)
+
+
+def resolved_deepspeed_config(config, world: World) -> dict[str, Any]:
+    """The --deepspeed config with every "auto" filled in from the job."""
+    ds = deepspeed_json(config.deepspeed)
+    auto = {
+        "train_micro_batch_size_per_gpu": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "train_batch_size": config.per_device_train_batch_size * config.gradient_accumulation_steps * world.world_size,
+        "gradient_clipping": config.max_grad_norm,
+    }
+    for key, value in auto.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if isinstance(ds.get(section), dict) and ds[section].get("enabled") == "auto":
+            ds[section]["enabled"] = config.torch_dtype == dtype
+    zero = ds.get("zero_optimization", {})
+    for key, value in list(zero.items()):
+        if value == "auto":
+            zero.pop(key)  # DeepSpeed's own default
+    return ds
