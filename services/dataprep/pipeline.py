@@ -19,7 +19,7 @@ import numpy as np
 from libs.common.config import to_dict, validate
 from libs.common.errors import Cancelled, InvalidArgument
 from services.dataprep import (cache, formats, inputs, jsonl, manifest as manifest_file, metrics, packing, parallel,
-                               shards, template)
+                               shards, tasks, template)
 from services.dataprep.config import PrepareConfig
 
 REJECTS = "rejects.jsonl"
@@ -53,57 +53,6 @@ def clear_outputs(output_dir: pathlib.Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def with_default_system(messages: list[dict], system: str | None) -> list[dict]:
-    if system is None or messages[0]["role"] == "system":
-        return messages
-    return [{"role": "system", "content": system}, *messages]
-
-
-def to_row(record: inputs.Record, columns: dict[str, str]) -> jsonl.Row | jsonl.Reject:
-    """A raw row to a conversation in whichever format it is written, or a Reject naming its field."""
-    if record.error is not None:
-        return jsonl.Reject(record.file, record.line, None, jsonl.INVALID_JSON, record.error, record.raw)
-    result = formats.to_conversation(record.value, columns)
-    if isinstance(result, formats.Problem):
-        return jsonl.Reject(record.file, record.line, result.field, result.reason, result.message, record.raw)
-    return jsonl.Row(record.file, record.line, result.messages, record.raw, tuple(result.losses))
-
-
-def truncate(encoded: template.Encoded, max_length: int, strategy: str) -> template.Encoded | None:
-    """ms-swift's --truncation_strategy on a row longer than max_length; None means delete it."""
-    if strategy == "left":
-        return template.Encoded(encoded.input_ids[-max_length:], encoded.labels[-max_length:])
-    if strategy == "right":
-        return template.Encoded(encoded.input_ids[:max_length], encoded.labels[:max_length])
-    return None
-
-
-def tokenize_row(tokenizer, row: jsonl.Row, config: PrepareConfig) -> template.Encoded | jsonl.Reject:
-    """System prompt priority: the row's own, then --system, then the template's default
-    (which the template adds itself when the conversation has none)."""
-    messages = with_default_system(row.messages, config.system)
-    losses = list(row.losses or [None] * len(row.messages))
-    if len(messages) > len(row.messages):
-        losses.insert(0, None)
-    try:
-        encoded = template.encode(tokenizer, messages, losses, config.loss_scale)
-    except template.TemplateError as exc:
-        return row.reject(exc.field, jsonl.TEMPLATE, exc.message)
-    if not encoded.trained_tokens:
-        return row.reject("messages", jsonl.NO_TRAINABLE,
-                          f"no token to train on under loss_scale {config.loss_scale} and the messages' loss")
-    if config.max_length and len(encoded.input_ids) > config.max_length:
-        length = len(encoded.input_ids)
-        encoded = truncate(encoded, config.max_length, config.truncation_strategy)
-        if encoded is None:
-            return row.reject("messages", jsonl.TOO_LONG, f"{length} tokens; max_length is {config.max_length}")
-        if not encoded.trained_tokens:
-            return row.reject("messages", jsonl.TOO_LONG,
-                              f"{length} tokens; truncated {config.truncation_strategy} to max_length "
-                              f"{config.max_length}, no token to train on is left")
-    return encoded
-
-
 def versions() -> dict[str, str]:
     found = {}
     for package in ("tuneforge", "transformers", "tokenizers", "pyarrow"):
@@ -115,13 +64,10 @@ def versions() -> dict[str, str]:
 
 
 def encode_chunk(tokenizer, records: list[inputs.Record], columns: dict[str, str],
-                 config: PrepareConfig) -> list[template.Encoded | jsonl.Reject]:
-    """Raw rows to tokenized rows or rejects, in order: the work of one process."""
-    results = []
-    for record in records:
-        row = to_row(record, columns)
-        results.append(tokenize_row(tokenizer, row, config) if isinstance(row, jsonl.Row) else row)
-    return results
+                 config: PrepareConfig) -> list[tasks.Example | jsonl.Reject]:
+    """Raw rows to tokenized rows (their shard columns, per --task) or rejects, in order:
+    the work of one process."""
+    return [tasks.encode_record(tokenizer, record, columns, config) for record in records]
 
 
 _WORKER: dict = {}  # a --num_proc worker's tokenizer, columns and config, set up once per process
@@ -129,7 +75,8 @@ _WORKER: dict = {}  # a --num_proc worker's tokenizer, columns and config, set u
 
 def _init_worker(model_dir: str, config: PrepareConfig) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _WORKER.update(tokenizer=template.load_tokenizer(model_dir), columns=formats.parse_columns(config.columns),
+    _WORKER.update(tokenizer=template.load_tokenizer(model_dir, config.template, config.use_chat_template),
+                   columns=formats.parse_columns(config.columns),
                    config=config)
 
 
@@ -216,12 +163,17 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                               trained_tokens=cached["trained_tokens"], shards_written=len(cached["shards"]),
                               reused=True))
         return cached
-    tokenizer = template.load_tokenizer(model_dir)
+    tokenizer = template.load_tokenizer(model_dir, config.template, config.use_chat_template)
+    # the first valid row fixes the dataset's kind (--task auto) and so the shards' columns
+    admission, records = tasks.start(tokenizer, inputs.read(datasets, config.data_seed), columns, config)
+    if config.packing and admission.kind not in ("sft", "pt"):
+        raise InvalidArgument(f"packing: {admission.kind} rows are not packed yet; use --packing false",
+                              field="packing")
     clear_outputs(output_dir)
 
     state = Progress()
     by_reason: collections.Counter[str] = collections.Counter()
-    schema = shards.PACKED_SCHEMA if config.packing else shards.SCHEMA
+    schema = shards.PACKED_SCHEMA if config.packing else admission.schema
     writer = shards.ShardWriter(output_dir, config.shard_rows, schema)
     packer = (Packer(writer, config.max_length, STREAMING_PACK_WINDOW if config.streaming else None)
               if config.packing else None)
@@ -243,12 +195,14 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         work, initargs = functools.partial(encode_chunk, tokenizer, columns=columns, config=config), ()
     try:
         with open(output_dir / REJECTS, "w", encoding="utf-8") as rejects:
-            chunks = chunked(inputs.read(datasets, config.data_seed), CHUNK_ROWS, cancelled, output_dir)
+            chunks = chunked(records, CHUNK_ROWS, cancelled, output_dir)
             for results in parallel.map_ordered(work, chunks, config.num_proc, _init_worker, initargs):
                 if cancelled is not None and cancelled.is_set():
                     raise Cancelled(f"preparation of {output_dir} cancelled after {state.rows_in} rows")
                 for result in results:
                     state.rows_in += 1
+                    if not isinstance(result, jsonl.Reject):
+                        result = admission.admit(result)
                     if isinstance(result, jsonl.Reject):
                         rejects.write(result.to_json() + "\n")
                         state.rows_rejected += 1
@@ -256,14 +210,14 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                         metrics.ROWS_REJECTED.labels(reason=result.reason).inc()
                         continue
                     state.rows_out += 1
-                    state.tokens += len(result.input_ids)
+                    state.tokens += result.tokens
                     state.trained_tokens += result.trained_tokens
-                    metrics.TOKENS.inc(len(result.input_ids))
+                    metrics.TOKENS.inc(result.tokens)
                     metrics.TRAINED_TOKENS.inc(result.trained_tokens)
                     if packer is not None:
                         completed(packer.add(result.input_ids, result.labels))
                     else:
-                        completed([info] if (info := writer.add_sample(result.input_ids, result.labels)) else [])
+                        completed([info] if (info := writer.add(result.columns)) else [])
                 metrics.ROWS.inc(len(results))
                 report()
         if not state.rows_in:

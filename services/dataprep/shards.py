@@ -70,22 +70,24 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self._names = [f.name for f in schema if f.name != "length"]
         self._columns: dict[str, list] = {name: [] for name in self._names}
+        self._lengths: list[int] = []
 
     def add(self, row: dict) -> ShardInfo | None:
-        """Adds one row; returns the shard it completed, if any."""
+        """Adds one row; returns the shard it completed, if any. Its `length` is
+        row["length"] when given (a preference pair: both sides), else len(input_ids)."""
         for name in self._names:
             self._columns[name].append(row[name])
-        return self.flush() if len(self._columns["input_ids"]) >= self.shard_rows else None
+        self._lengths.append(int(row["length"]) if "length" in row else len(row["input_ids"]))
+        return self.flush() if len(self._lengths) >= self.shard_rows else None
 
     def add_sample(self, input_ids: list[int], labels: list[int]) -> ShardInfo | None:
         return self.add({"input_ids": input_ids, "labels": labels})
 
     def flush(self) -> ShardInfo | None:
         """Writes the buffered rows as the next shard (none if the buffer is empty)."""
-        input_ids = self._columns["input_ids"]
-        if not input_ids:
+        lengths = self._lengths
+        if not lengths:
             return None
-        lengths = [len(ids) for ids in input_ids]
         arrays = [pa.array(self._columns[f.name], type=f.type) if f.name != "length" else
                   pa.array(lengths, type=pa.int32()) for f in self.schema]
         batch = pa.record_batch(arrays, schema=self.schema)
@@ -101,6 +103,7 @@ class ShardWriter:
         info = ShardInfo(name, batch.num_rows, sum(lengths), hashlib.sha256(data).hexdigest())
         self.shards.append(info)
         self._columns = {n: [] for n in self._names}
+        self._lengths = []
         write_partial(self.output_dir, self.schema, self.shards)
         return info
 
