@@ -73,14 +73,12 @@ def encode_chunk(tokenizer, records: list[inputs.Record], columns: dict[str, str
 _WORKER: dict = {}  # a --num_proc worker's tokenizer, columns and config, set up once per process
 
 
-def _init_worker(model_dir: str, config: PrepareConfig) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _WORKER.update(tokenizer=template.load_tokenizer(model_dir, config.template, config.use_chat_template),
-                   columns=formats.parse_columns(config.columns),
-                   config=config)
+def _init_worker(tokenizer, config: PrepareConfig) -> None:
+    """In a forked worker: the parent's tokenizer (inherited, not reloaded)."""
+    _WORKER.update(tokenizer=tokenizer, columns=formats.parse_columns(config.columns), config=config)
 
 
-def _encode_in_worker(records: list[inputs.Record]) -> list[template.Encoded | jsonl.Reject]:
+def _encode_in_worker(records: list[inputs.Record]) -> list[tasks.Example | jsonl.Reject]:
     return encode_chunk(_WORKER["tokenizer"], records, _WORKER["columns"], _WORKER["config"])
 
 
@@ -190,7 +188,9 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
             report()
 
     if config.num_proc > 1:
-        work, initargs = _encode_in_worker, (str(model_dir), config)
+        # the processes are the parallelism; set before forking, so tokenizers does not warn in each worker
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        work, initargs = _encode_in_worker, (tokenizer, config)
     else:
         work, initargs = functools.partial(encode_chunk, tokenizer, columns=columns, config=config), ()
     try:
