@@ -23,7 +23,7 @@ import hashlib
 import os
 import pathlib
 
-from libs.common.errors import FailedPrecondition
+from libs.common.errors import FailedPrecondition, InvalidArgument
 from services.dataprep import templates
 from services.dataprep.loss_scale import trained_messages
 
@@ -64,6 +64,11 @@ def load_tokenizer(model_dir: str | pathlib.Path, template_name: str | None = No
                                  "offsets are needed to mask labels", field="model")
     if builtin is not None:
         tokenizer.chat_template = builtin
+        try:  # a built-in that needs what this tokenizer lacks (llama3's bos_token) fails here, not on every row
+            render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+        except TemplateError as exc:
+            raise InvalidArgument(f"template {template_name!r} does not fit the tokenizer of {model_dir}: "
+                                  f"{exc.message}", field="template") from None
     elif use_chat_template and (not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template):
         raise FailedPrecondition(f"{model_dir}: the tokenizer has no chat template; name a built-in one with "
                                  f"--template ({', '.join(templates.NAMES)}) or pass --use_chat_template false",
@@ -180,9 +185,11 @@ def _turn_end(tokenizer, messages: list[dict], text: str, i: int, start: int, to
         return max(start, len(through.rstrip()))  # an empty answer with no end marker trains nothing
     common = len(os.path.commonprefix([through, text]))
     content = messages[i].get("content")
-    if common > start and isinstance(content, str) and content.strip() and \
-            text[start:common].rstrip().endswith(content.strip()):
-        return len(text[:common].rstrip())
+    if common > start and isinstance(content, str) and content.strip():
+        if text[start:common].endswith(content):  # the answer as written, its own whitespace included
+            return common
+        if text[start:common].rstrip().endswith(content.strip()):
+            return len(text[:common].rstrip())
     raise _not_prefix(i)
 
 
