@@ -203,6 +203,11 @@ class Admission:
                 return example.reject("messages", jsonl.NO_ASSISTANT, "no assistant message to train on")
             return example.reject("messages", jsonl.NOT_PROMPT, "a prompt row must end on a user (or tool) turn, "
                                   "like the dataset's first row")
+        if example.kind == "sft" and self.kind in ("preference", "reward", "kto"):  # its marker column is missing
+            if self.kind == "kto":
+                return example.reject("label", jsonl.INVALID_LABEL, "missing (a KTO row needs label true or false)")
+            return example.reject("rejected_response", jsonl.NO_REJECTED,
+                                  "missing: a preference row needs rejected_response or rejected_messages")
         if example.kind != self.kind:
             raise InvalidArgument(f"{example.file}:{example.line}: a {example.kind} row in a {self.kind} dataset "
                                   f"(the dataset's kind {'is --task' if self.task != 'auto' else 'comes from its first row'}); "

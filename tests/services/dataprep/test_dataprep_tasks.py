@@ -1,0 +1,187 @@
+"""Dataset tasks end to end, in-process: real JSONL/CSV in, real Arrow shards out,
+with the columns each task writes (docs/dataset-format.md, *Shard schema*)."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from libs.common.errors import InvalidArgument
+from services.dataprep import template
+from services.dataprep.config import PrepareConfig
+from services.dataprep.pipeline import prepare
+from services.dataprep.template import IGNORE_INDEX
+
+Q = {"role": "user", "content": "What is 2+2?"}
+GOOD = {"role": "assistant", "content": "4."}
+BAD = {"role": "assistant", "content": "5."}
+
+
+def run(tmp_path, rows, **args):
+    """prepare() over rows -> (manifest, shard rows, rejects)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    manifest = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out), **args))
+    table = pa.concat_tables(pa.ipc.open_file(pa.memory_map(str(out / s["file"]))).read_all()
+                             for s in manifest["shards"])
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_rejected"]
+    assert manifest["columns"] == {f.name: str(f.type) for f in table.schema}
+    return manifest, table, [(r["line"], r["field"], r["reason"]) for r in rejects]
+
+
+def test_preference_pairs_share_the_prompt_and_carry_margin(tmp_path, tokenizer):
+    rows = [
+        {"messages": [Q, GOOD], "rejected_response": "5."},
+        {"messages": [Q, GOOD], "rejected_messages": [Q, BAD], "margin": 2},
+        {"messages": [Q, GOOD]},                                                       # no rejected side
+        {"messages": [Q, GOOD], "rejected_response": 5},                               # not a string
+        {"messages": [Q, GOOD], "rejected_messages": [{"role": "user", "content": "other"}, BAD]},  # other prompt
+        {"messages": [Q, GOOD], "rejected_response": "x", "margin": "big"},
+    ]
+    manifest, table, rejects = run(tmp_path, rows)
+    assert table.schema.names == ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
+                                  "margin", "length"]
+    assert str(table.schema.field("chosen_input_ids").type) == "list<item: int32>"
+    assert str(table.schema.field("margin").type) == "double"
+    chosen, rejected = template.encode(tokenizer, [Q, GOOD]), template.encode(tokenizer, [Q, BAD])
+    for row in table.to_pylist():
+        assert (row["chosen_input_ids"], row["chosen_labels"]) == (chosen.input_ids, chosen.labels)
+        assert (row["rejected_input_ids"], row["rejected_labels"]) == (rejected.input_ids, rejected.labels)
+        assert row["length"] == len(chosen.input_ids) + len(rejected.input_ids)
+    prompt = template.encode_prompt(tokenizer, [Q])
+    assert chosen.input_ids[:len(prompt)] == rejected.input_ids[:len(prompt)] == prompt
+    assert chosen.labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert table.column("margin").to_pylist() == [None, 2.0]
+    assert rejects == [(3, "rejected_response", "no_rejected"), (4, "rejected_response", "invalid_content"),
+                       (5, "rejected_messages", "invalid_messages"), (6, "margin", "invalid_label")]
+    assert manifest["trained_tokens"] == 2 * (chosen.trained_tokens + rejected.trained_tokens)
+
+
+def test_reward_task_takes_the_same_pairs(tmp_path):
+    manifest, table, rejects = run(tmp_path, [{"query": "2+2?", "response": "4", "rejected_response": "5",
+                                               "margin": 0.5}], task="reward")
+    assert table.column("margin").to_pylist() == [0.5] and table.num_rows == 1 and not rejects
+    assert manifest["args"]["task"] == "reward"
+
+
+def test_kto_rows_keep_their_boolean_label(tmp_path, tokenizer):
+    rows = [{"messages": [Q, GOOD], "label": True}, {"messages": [Q, BAD], "label": False},
+            {"messages": [Q, GOOD], "label": "yes"}, {"messages": [Q, GOOD], "label": 1}]
+    _, table, rejects = run(tmp_path, rows)
+    assert table.schema.names == ["input_ids", "labels", "label", "length"]
+    assert table.column("label").to_pylist() == [True, False]
+    assert table.column("input_ids").to_pylist()[1] == template.encode(tokenizer, [Q, BAD]).input_ids
+    assert rejects == [(3, "label", "invalid_label"), (4, "label", "invalid_label")]
+
+
+def test_kto_label_from_csv_text(tmp_path):
+    data = tmp_path / "kto.csv"
+    data.write_text('query,response,label\n"2+2?",4,true\n"2+2?",5,False\n')
+    manifest = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), task="kto"))
+    table = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / manifest["shards"][0]["file"]))).read_all()
+    assert table.column("label").to_pylist() == [True, False]
+
+
+def test_prompt_rows_get_the_generation_prompt_and_keep_every_extra_column(tmp_path, tokenizer):
+    rows = [
+        {"messages": [Q], "solution": "4", "level": 1, "tags": ["math"], "meta": {"src": "gsm"}},
+        {"messages": [{"role": "system", "content": "Be exact."}, Q], "solution": "4", "level": 3},
+        {"messages": [Q], "solution": "4", "level": "hard"},          # not an int like the first row's
+        {"messages": [Q], "solution": "4", "unknown": 1},              # a column the first row lacks
+        {"messages": [Q, GOOD], "solution": "4"},                      # ends on an answer
+    ]
+    manifest, table, rejects = run(tmp_path, rows)
+    assert table.schema.names == ["input_ids", "solution", "level", "tags", "meta", "length"]
+    assert {f.name: str(f.type) for f in table.schema} == {
+        "input_ids": "list<item: int32>", "solution": "string", "level": "int64", "tags": "list<item: string>",
+        "meta": "struct<src: string>", "length": "int32"}
+    first, second = table.to_pylist()
+    expected = template.template_ids(tokenizer, [Q], add_generation_prompt=True)
+    assert first == {"input_ids": expected, "solution": "4", "level": 1, "tags": ["math"], "meta": {"src": "gsm"},
+                     "length": len(expected)}
+    assert tokenizer.decode(first["input_ids"]).endswith("<|im_start|>assistant\n")
+    assert second["input_ids"] == template.template_ids(tokenizer, rows[1]["messages"], add_generation_prompt=True)
+    assert (second["tags"], second["meta"], second["level"]) == (None, None, 3)
+    assert rejects == [(3, "level", "invalid_extra"), (4, "unknown", "invalid_extra"), (5, "messages", "not_prompt")]
+    assert manifest["trained_tokens"] == 0
+
+
+def test_forced_prompt_task_reads_query_rows_and_keeps_solution(tmp_path, tokenizer):
+    _, table, rejects = run(tmp_path, [{"problem": "1+1?", "solution": "2"}], task="prompt")
+    assert table.to_pylist()[0]["solution"] == "2" and not rejects
+    assert table.to_pylist()[0]["input_ids"] == template.template_ids(
+        tokenizer, [{"role": "user", "content": "1+1?"}], add_generation_prompt=True)
+
+
+def test_mixed_kinds_fail_naming_the_row_and_leave_nothing(tmp_path):
+    rows = [{"messages": [Q, GOOD]}, {"messages": [Q, GOOD], "rejected_response": "5."}]
+    with pytest.raises(InvalidArgument, match=r"data.jsonl:2: a preference row in a sft dataset") as error:
+        run(tmp_path, rows)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").glob("shard-*.arrow"))
+
+
+def test_a_row_missing_its_kind_marker_is_rejected_not_a_mixed_dataset(tmp_path):
+    _, _, rejects = run(tmp_path / "sft", [{"messages": [Q, GOOD]}, {"messages": [Q]}])
+    assert rejects == [(2, "messages", "no_assistant")]
+    _, _, rejects = run(tmp_path / "kto", [{"messages": [Q, GOOD], "label": True}, {"messages": [Q, GOOD]}])
+    assert rejects == [(2, "label", "invalid_label")]
+    with pytest.raises(InvalidArgument, match=r"data.jsonl:2: a kto row in a preference dataset"):
+        run(tmp_path / "mixed", [{"messages": [Q, GOOD], "rejected_response": "x"}, {"messages": [Q, GOOD],
+                                                                                      "label": True}])
+
+
+def test_pt_task_is_text_and_eos_every_token_trained(tmp_path, tokenizer):
+    manifest, table, _ = run(tmp_path, [{"text": "Once upon a time."}], task="pt")
+    ids = tokenizer("Once upon a time.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert table.to_pylist() == [{"input_ids": ids, "labels": ids, "length": len(ids)}]
+    assert manifest["trained_tokens"] == len(ids)
+
+
+def test_use_chat_template_false_concatenates_and_ends_with_eos(tmp_path, tokenizer):
+    _, table, _ = run(tmp_path, [{"text": "Once upon a time."}], use_chat_template=False)
+    ids = tokenizer("Once upon a time.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert table.column("input_ids").to_pylist() == [ids]
+
+
+def test_tools_need_a_template_that_renders_them(tmp_path):
+    row = {"messages": [Q, GOOD], "tools": json.dumps([{"type": "function", "function": {"name": "add"}}])}
+    bad = {"messages": [Q, GOOD], "tools": "{not json"}
+    manifest, table, rejects = run(tmp_path / "qwen", [row, bad], template="qwen")
+    assert table.num_rows == 1 and rejects == [(2, "tools", "invalid_tools")]
+    _, table, rejects = run(tmp_path / "own", [row, {"messages": [Q, GOOD]}])  # the default ChatML renders no tools
+    assert table.num_rows == 1 and rejects == [(1, "tools", "template")]
+    reject = json.loads((tmp_path / "own" / "out" / "rejects.jsonl").read_text())
+    assert "does not render tools" in reject["error"]
+
+
+def test_system_prompt_priority_row_then_flag_then_template_default(tmp_path):
+    rows = [{"system": "Row system.", "query": "hi", "response": "yo"}, {"query": "hi", "response": "yo"}]
+    tokenizer = template.load_tokenizer(PrepareConfig().model or _default(), "qwen")
+    _, flagged, _ = run(tmp_path / "flag", rows, template="qwen", system="Flag system.")
+    _, default, _ = run(tmp_path / "none", rows, template="qwen")
+    texts = [tokenizer.decode(ids) for ids in flagged.column("input_ids").to_pylist()]
+    assert texts[0].startswith("<|im_start|>system\nRow system.<|im_end|>")
+    assert texts[1].startswith("<|im_start|>system\nFlag system.<|im_end|>")
+    assert tokenizer.decode(default.column("input_ids").to_pylist()[1]).startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>")
+
+
+def _default():
+    from libs.default_model.resolve import resolve_model
+
+    return resolve_model(None)
+
+
+def test_unknown_template_and_task_are_config_errors(tmp_path):
+    from libs.common.errors import Problems
+
+    with pytest.raises(Problems) as error:
+        prepare(PrepareConfig(dataset=["x.jsonl"], output_dir=str(tmp_path), template="vicuna", task="dpo"))
+    text = str(error.value)
+    assert "template: unknown template 'vicuna'; built-in templates: chatml, default, llama3, qwen" in text
+    assert "task: expected one of auto, sft, pt, preference, kto, reward, prompt; got 'dpo'" in text
