@@ -1,7 +1,9 @@
 """A training run's directory: OUTPUT_DIR/args.json and logging.jsonl kept current, and
 checkpoint-<step> directories published atomically (PEFT adapter or full HF model, args.json,
 logging.jsonl, trainer_state.json, training_state.pt, manifest.json) through
-libs.common.checkpoint, and what a resume reads back from them."""
+libs.common.checkpoint, and what a resume reads back from them. The run directory also gets
+TensorBoard events (runs/) and loss-curve images (images/), and keeps at most
+`save_total_limit` checkpoints (the newest, plus the best by eval loss)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,17 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import shutil
 import subprocess
+import uuid
 import time
 from typing import Any
 
 import torch
 
 from libs.common import checkpoint
+from services.trainer import plots
+from services.trainer.tensorboard_events import EventWriter
 
 TRAINING_STATE = "training_state.pt"
 PACKAGES = ("torch", "transformers", "peft", "tuneforge")
@@ -78,12 +84,52 @@ class RunDir:
         # A new run starts a new log; a resumed one continues the log of its checkpoint
         # (entries a killed run logged after that checkpoint are dropped: they are retrained).
         _write_atomic(self.path / "logging.jsonl", "".join(_dumps(entry) + "\n" for entry in self.logged))
+        self.events = EventWriter(self.path, resumed_step=self.logged[-1]["step"] if self.logged else 0)
+        self.save_total_limit = self.args.get("save_total_limit")
 
     def log(self, entry: dict) -> None:
-        """Appends one logged step to OUTPUT_DIR/logging.jsonl (and to every later checkpoint)."""
+        """Appends one logged step (or eval result) to OUTPUT_DIR/logging.jsonl (and to every
+        later checkpoint) and to the TensorBoard events."""
         self.logged.append(entry)
         with open(self.path / "logging.jsonl", "a") as f:
             f.write(_dumps(entry) + "\n")
+        self.events.log(entry)
+
+    def write_curves(self) -> None:
+        plots.write_loss_curves(self.path, self.logged)
+        self.events.flush()
+
+    def close(self) -> None:
+        """The final loss curves; closes the event files."""
+        self.write_curves()
+        self.events.close()
+
+    def best_step(self) -> int | None:
+        """The step with the lowest eval loss among the published checkpoints' steps."""
+        published = {checkpoint.step_of(p) for p in checkpoint.checkpoints(self.path)}
+        scored = [(e["eval_loss"], e["step"]) for e in self.logged if "eval_loss" in e and e["step"] in published]
+        return min(scored)[1] if scored else None
+
+    def prune(self) -> list[pathlib.Path]:
+        """Removes checkpoints beyond `save_total_limit`: keeps the newest N and the best by
+        eval loss. Each is renamed to a hidden name first, so a reader sees it whole or not
+        at all. Returns the removed checkpoint paths."""
+        if not self.save_total_limit:
+            return []
+        published = checkpoint.checkpoints(self.path)
+        keep = set(published[-self.save_total_limit:])
+        best = self.best_step()
+        if best is not None:
+            keep.add(self.checkpoint_dir(best))
+        removed = []
+        for path in published:
+            if path in keep:
+                continue
+            hidden = path.with_name(f".removed-{path.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(path, hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
+            removed.append(path)
+        return removed
 
     def checkpoint_dir(self, step: int) -> pathlib.Path:
         return self.path / f"checkpoint-{step}"
@@ -96,6 +142,7 @@ class RunDir:
         trainer_state.json; `training_state` (optimizer, scheduler, RNG: tensors and plain
         values only) to training_state.pt, for an exact resume."""
         started = time.perf_counter()
+        self.write_curves()
         logged = "".join(_dumps(entry) + "\n" for entry in self.logged)
 
         def build(tmp: pathlib.Path) -> None:
@@ -109,4 +156,6 @@ class RunDir:
                 torch.save(training_state, tmp / TRAINING_STATE)
 
         path = checkpoint.publish(self.checkpoint_dir(step), build)
-        return path, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.prune()
+        return path, seconds

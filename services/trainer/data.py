@@ -28,18 +28,22 @@ from services.trainer.loss import IGNORE_INDEX, trained_tokens
 class DataCursor:
     """Where reading stands: `skip` rows of this rank after dataprep cursor `start` of
     epoch `epoch`. Reading from it again yields exactly the rows not yet consumed,
-    whatever batch sizes the server picks."""
+    whatever batch sizes the server picks. `index` counts this rank's rows of the epoch
+    before the cursor (what a train/eval split keys on)."""
 
     epoch: int = 0
     start: Cursor = Cursor()
     skip: int = 0
+    index: int = 0
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "shard_index": self.start.shard_index, "row": self.start.row, "skip": self.skip}
+        return {"epoch": self.epoch, "shard_index": self.start.shard_index, "row": self.start.row, "skip": self.skip,
+                "index": self.index}
 
     @classmethod
     def from_dict(cls, values: dict) -> "DataCursor":
-        return cls(int(values["epoch"]), Cursor(int(values["shard_index"]), int(values["row"])), int(values["skip"]))
+        return cls(int(values["epoch"]), Cursor(int(values["shard_index"]), int(values["row"])), int(values["skip"]),
+                   int(values.get("index", 0)))
 
 
 @dataclass(frozen=True)
@@ -88,11 +92,12 @@ class DataprepRows:
                             start=start, max_batch_rows=max_batch_rows, timeout=self.timeout)
 
     def epoch_rows(self, cursor: DataCursor) -> Iterator[tuple[Row, DataCursor]]:
-        batch_start, skip = cursor.start, cursor.skip
+        batch_start, skip, index = cursor.start, cursor.skip, cursor.index
         for batch, after in self._batches(batch_start, self.max_batch_rows):
             for i, row in enumerate(batch_rows(batch)):
                 if i >= skip:
-                    yield row, DataCursor(cursor.epoch, batch_start, i + 1)
+                    index += 1
+                    yield row, DataCursor(cursor.epoch, batch_start, i + 1, index)
             skip = max(0, skip - batch.num_rows)
             batch_start = after
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from libs.common.errors import InvalidArgument
-from services.trainer import checkpointing, data, distributed
+from services.trainer import checkpointing, data, distributed, evaluation
 from services.trainer.config import SftConfig, as_dict
 from services.trainer.loss import sft_loss
 from services.trainer.modeling import build_model
@@ -142,7 +142,8 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
 
     # each rank reads its own slice (rows i with i % world_size == rank)
     rows = data.DataprepRows(config.dataprep_address, config.dataset, rank=world.rank, world_size=world.world_size)
-    num_rows = rows.count_rows() if config.max_steps <= 0 else None
+    num_rows = evaluation.train_row_count(config, rows) if config.max_steps <= 0 else None
+    rows, eval_rows = evaluation.sources(config, rows)
     total = data.total_steps(config.max_steps, config.num_train_epochs, num_rows or 0,
                              config.per_device_train_batch_size, config.gradient_accumulation_steps)
     total = distributed.all_max(total, world)  # ranks whose slice is a row shorter still step together
@@ -205,6 +206,20 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         report("step", **entry)
         window = LogWindow()
 
+    def run_eval() -> None:
+        model.eval()
+        result = evaluation.evaluate(engine.forward, eval_rows, config.per_device_train_batch_size, pad_id,
+                                     model.dtype)
+        model.train()
+        loss_sum, tokens, count = result.loss_sum, result.trained_tokens, result.rows
+        if world.distributed:  # every rank evaluated its own slice
+            loss_sum, tokens, count = distributed.all_sum([loss_sum, tokens, count], world)
+        entry = {"step": step, "eval_loss": loss_sum / max(tokens, 1), "eval_trained_tokens": int(tokens),
+                 "eval_rows": int(count)}
+        if run is not None:
+            run.log(entry)
+        report("eval", **entry)
+
     # --- loop
     learning_rate = grad_norm = 0.0
     agreed_stop = False  # distributed: ranks stop at the same step, when any was asked to
@@ -231,6 +246,8 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
                data_wait_seconds=batch.data_wait_seconds)
         if step % config.logging_steps == 0 or step == total:
             log(learning_rate, grad_norm)
+        if eval_rows is not None and (step % config.resolved_eval_steps() == 0 or step == total):
+            run_eval()  # before the save: save_total_limit keeps the best checkpoint by this loss
         if step % config.save_steps == 0 and step < total and not stopping():
             save(final=False)
 
@@ -239,6 +256,8 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         log(learning_rate, grad_norm)
     if step > 0 and step != last_saved:
         save(final=True)
+    if run is not None:
+        run.close()  # final loss curves, TensorBoard events flushed
     report("done", step=step, total_steps=total, cancelled=step < total)
     distributed.close()
     return step
