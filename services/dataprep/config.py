@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from libs.common.server import ServerOptions
-from services.dataprep.formats import TASKS, parse_columns
+from services.dataprep.formats import FORMATS, TASKS, parse_columns
 from services.dataprep.templates import NAMES as TEMPLATE_NAMES
 from services.dataprep.loss_scale import LOSS_SCALES
 
@@ -41,6 +41,9 @@ class PrepareConfig:
                 "pairs), reward (pairs with an optional margin), kto (rows with a true/false label), prompt (prompts "
                 "for GRPO/PPO, extra columns kept); auto takes the kind of the first valid row",
         "choices": list(TASKS)})
+    format: str = field(default="auto", metadata={
+        "help": "row format: messages, sharegpt, alpaca, query_response or text; auto detects it per row",
+        "choices": list(FORMATS)})
     template: str | None = field(default=None, metadata={
         "help": "built-in chat template replacing the model's own: " + ", ".join(TEMPLATE_NAMES)
                 + "; unset uses the model's own Jinja template"})
@@ -71,6 +74,8 @@ class PrepareConfig:
             found.append(f"columns: {exc}")
         if self.task not in TASKS:
             found.append(f"task: expected one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.format not in FORMATS:
+            found.append(f"format: expected one of {', '.join(FORMATS)}; got {self.format!r}")
         if self.template is not None and self.template not in TEMPLATE_NAMES:
             found.append(f"template: unknown template {self.template!r}; built-in templates: "
                          f"{', '.join(TEMPLATE_NAMES)}")

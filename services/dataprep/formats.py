@@ -39,6 +39,13 @@ RESPONSE_KEYS = ("response", "answer", "output", "targets", "target", "answer_ke
 # Dataset tasks (--task); `auto` takes the kind of the first valid row.
 TASKS = ("auto", "sft", "pt", "preference", "kto", "reward", "prompt")
 REJECTED_KEYS = ("rejected_response", "rejected_messages")
+# --format: forces one row format (auto detects it per row); the columns that make each.
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "query_response", "text")
+
+
+FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations", "conversation"),
+               "alpaca": ("instruction",), "query_response": QUERY_KEYS + RESPONSE_KEYS + ("history",),
+               "text": ("text",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,15 +209,35 @@ def _rename(value: dict, columns: dict[str, str]) -> tuple[dict, dict[str, str]]
     return row, names
 
 
-def _base(row: dict, names: dict[str, str], value: dict, prompt: bool) -> tuple[Conversation | Problem, set[str]]:
+def _forced(row: dict, value: dict, fmt: str) -> Problem | None:
+    """--format FMT: the row must have that format's column."""
+    if any(row.get(k) is not None for k in FORMAT_KEYS[fmt]):
+        return None
+    keys = ", ".join(sorted(map(str, value))) or "none"
+    return Problem(None, UNKNOWN_FORMAT, f"not a {fmt} row (--format {fmt} expects "
+                   f"{' or '.join(FORMAT_KEYS[fmt][:3])}{', ...' if len(FORMAT_KEYS[fmt]) > 3 else ''}); keys: {keys}")
+
+
+def _base(row: dict, names: dict[str, str], value: dict, prompt: bool,
+          fmt: str = "auto") -> tuple[Conversation | Problem, set[str]]:
     """The row's conversation (without the assistant-turn check) and the columns it consumed."""
+    if fmt != "auto":
+        problem = _forced(row, value, fmt)
+        if problem is not None:
+            return problem, set()
+        if fmt == "text":
+            text = _string(row, "text", names)
+            if isinstance(text, Problem):
+                return text, set()
+            return Conversation([{"role": "assistant", "content": text}], [None]), {"text"}
     system_key = _first(row, SYSTEM_KEYS)
     system = _string(row, system_key, names)
     if isinstance(system, Problem):
         return system, set()
     system = system or None  # an empty system cell is no system prompt (CSV has no null)
     used = {system_key} if system_key else set()
-    chat_key = next((k for k in MESSAGE_KEYS if k in row), None)
+    chat_key = next((k for k in FORMAT_KEYS.get(fmt, MESSAGE_KEYS) if k in row), None) \
+        if fmt in ("auto", "messages", "sharegpt") else None
     if chat_key is not None:
         return _chat(names.get(chat_key, chat_key), row[chat_key], system), used | {chat_key}
     if prompt and (_first(row, QUERY_KEYS) is not None or row.get("history") is not None):
@@ -280,15 +307,17 @@ def _rejected(row: dict, names: dict[str, str], chosen: Conversation) -> Convers
     return Conversation([*prompt, {"role": "assistant", "content": row["rejected_response"]}], [*prompt_losses, None])
 
 
-def to_example(value, columns: dict[str, str] | None = None, task: str = "auto") -> Conversation | Problem:
+def to_example(value, columns: dict[str, str] | None = None, task: str = "auto",
+               fmt: str = "auto") -> Conversation | Problem:
     """One decoded row to what `task` trains on; `auto` takes the row's own kind.
-    `columns` renames keys first; problems name the row's own column names."""
+    `columns` renames keys first; `fmt` forces a row format (FORMATS); problems
+    name the row's own column names."""
     if not isinstance(value, dict):
         return Problem(None, INVALID_JSON, f"expected a JSON object; got {_text(value)}")
     row, names = _rename(value, columns or {})
     declared = row_kind(row)
     kind = task if task != "auto" else declared
-    base, used = _base(row, names, value, prompt=kind == "prompt")
+    base, used = _base(row, names, value, prompt=kind == "prompt", fmt=fmt)
     if isinstance(base, Problem):
         return base
     ends_on_prompt = base.messages[-1]["role"] in ("user", "tool")

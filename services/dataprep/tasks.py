@@ -159,7 +159,7 @@ def encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], con
     """One raw row to its shard columns under config.task, or a Reject naming its field."""
     if record.error is not None:
         return jsonl.Reject(record.file, record.line, None, jsonl.INVALID_JSON, record.error, record.raw)
-    conversation = formats.to_example(record.value, columns, config.task)
+    conversation = formats.to_example(record.value, columns, config.task, config.format)
     if isinstance(conversation, formats.Problem):
         return jsonl.Reject(record.file, record.line, conversation.field, conversation.reason, conversation.message,
                             record.raw)

@@ -96,3 +96,53 @@ def test_bad_rows_name_their_field(row, field, reason, message):
     problem = formats.to_conversation(row)
     assert isinstance(problem, formats.Problem)
     assert (problem.field, problem.reason, problem.message) == (field, reason, message)
+
+
+def test_forced_format_takes_only_its_columns():
+    both = {"messages": chat((U, "m"), (A, "n")), "query": "q", "response": "r"}
+    assert formats.to_example(both).messages == chat((U, "m"), (A, "n"))  # auto: messages win
+    assert formats.to_example(both, fmt="query_response").messages == chat((U, "q"), (A, "r"))
+    assert formats.to_example({"text": "t", "response": "r"}, fmt="text").messages == chat((A, "t"))
+    problem = formats.to_example({"query": "q", "response": "r"}, fmt="sharegpt")
+    assert (problem.field, problem.reason, problem.message) == (
+        None, "unknown_format", "not a sharegpt row (--format sharegpt expects conversations or conversation); "
+                                "keys: query, response")
+    assert formats.to_example({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}]},
+                              fmt="messages").reason == "unknown_format"
+
+
+def test_sharegpt_agent_rows_with_function_call_and_observation():
+    row = {"tools": [{"name": "add"}], "conversations": [
+        {"from": "human", "value": "2+3?"}, {"from": "function_call", "value": '{"name": "add", "arguments": {}}'},
+        {"from": "observation", "value": "5"}, {"from": "gpt", "value": "5"}]}
+    example = formats.to_example(row)
+    assert [m["role"] for m in example.messages] == [U, A, "tool", A]
+    assert example.messages[1][TOOL_CALL] == {"name": "add", "arguments": {}}
+    assert example.tools == [{"name": "add"}]
+
+
+@pytest.mark.parametrize("row, field, reason", [
+    ({"messages": chat((U, "q"), (A, "r")), "tools": "{nope"}, "tools", "invalid_tools"),
+    ({"messages": chat((U, "q"), (A, "r")), "tools": {"name": "add"}}, "tools", "invalid_tools"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool_call", "content": "add(1)"}]},
+     "messages[1].content", "invalid_content"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool_response", "content": None}]},
+     "messages[1].content", "invalid_content"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "r"}]},
+     "messages[0].content", "invalid_content"),
+])
+def test_bad_agent_rows_name_their_field(row, field, reason):
+    problem = formats.to_example(row)
+    assert (problem.field, problem.reason) == (field, reason), problem
+
+
+def test_row_kinds_detected_from_their_columns():
+    assert formats.to_example({"messages": chat((U, "q"), (A, "r"))}).kind == "sft"
+    assert formats.to_example({"messages": chat((U, "q"))}).kind == "prompt"
+    assert formats.to_example({"messages": chat((U, "q"), (A, "r")), "label": False}).kind == "kto"
+    pair = formats.to_example({"query": "q", "response": "r", "rejected_response": "x", "margin": 1})
+    assert (pair.kind, pair.margin, pair.rejected) == ("preference", 1.0, chat((U, "q"), (A, "x")))
+    openai = formats.to_example({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]},
+                                {"role": "tool", "content": "1"}, {"role": "assistant", "content": "r"}]})
+    assert openai.messages[1]["content"] == "" and openai.messages[1]["tool_calls"][0]["function"]["name"] == "f"

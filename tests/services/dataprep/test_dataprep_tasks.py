@@ -185,3 +185,33 @@ def test_unknown_template_and_task_are_config_errors(tmp_path):
     text = str(error.value)
     assert "template: unknown template 'vicuna'; built-in templates: chatml, default, llama3, qwen" in text
     assert "task: expected one of auto, sft, pt, preference, kto, reward, prompt; got 'dpo'" in text
+
+
+def test_over_grpc_a_preference_dataset_is_prepared_and_served_with_its_columns(dataprep_server, tmp_path, tokenizer):
+    from services.dataprep import client
+
+    address, _ = dataprep_server
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"messages": [Q, GOOD], "rejected_response": "5.", "margin": 1.5}) + "\n")
+    manifest = client.prepare(address, PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"),
+                                                     task="preference", template="chatml"), timeout=60)
+    assert manifest["args"]["template"] == "chatml" and manifest["args"]["task"] == "preference"
+    rows = [row for batch, _ in client.read_batches(address, str(tmp_path / "out"), timeout=30)
+            for row in batch.to_pylist()]
+    chatml = template.load_tokenizer(_default(), "chatml")
+    assert len(rows) == 1 and rows[0]["margin"] == 1.5
+    assert rows[0]["chosen_input_ids"] == template.encode(chatml, [Q, GOOD]).input_ids
+    assert rows[0]["rejected_labels"] == template.encode(chatml, [Q, BAD]).labels
+
+
+def test_over_grpc_an_unknown_template_is_invalid_argument_in_one_line(dataprep_server, tmp_path):
+    from services.dataprep import client
+
+    address, _ = dataprep_server
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [Q, GOOD]}) + "\n")
+    with pytest.raises(InvalidArgument) as error:
+        client.prepare(address, PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"),
+                                              template="vicuna"), timeout=60)
+    assert "unknown template 'vicuna'; built-in templates: chatml, default, llama3, qwen" in str(error.value)
+    assert "\n" not in str(error.value)
