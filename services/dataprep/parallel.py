@@ -12,26 +12,28 @@ from typing import Callable, Iterable, Iterator, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+PRELOAD = ["services.dataprep.pipeline"]  # imported once by the fork server (transformers with it)
 IN_FLIGHT_PER_PROCESS = 2  # chunks queued per worker: enough to keep each busy, few enough to bound memory
 
 
 def map_ordered(work: Callable[[T], R], chunks: Iterable[T], num_proc: int,
                 initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[R]:
     """work(chunk) for each chunk, yielded in the chunks' order. num_proc 1 runs in this
-    process (no initializer); more runs in forked workers, each set up once by
-    initializer(*initargs) (inherited, not pickled: a loaded tokenizer costs nothing
-    to hand over). `work` must be a module-level function (pickled by name).
+    process (no initializer); more runs in worker processes, each set up once by
+    initializer(*initargs). `work`, `initializer` and `initargs` are pickled (a fast
+    tokenizer pickles in milliseconds).
 
-    fork, not spawn: a spawned worker imports transformers and loads the tokenizer
-    again (seconds each, more than a small preparation takes), and spawn re-runs the
-    caller's main module. The workers only tokenize: they touch neither gRPC nor the
-    parent's other threads' state."""
+    Workers come from a fork server that imported PRELOAD once: fork from this
+    process is unsafe (a gRPC server's threads crashed forked workers), and spawn
+    imports transformers again in every worker, seconds each."""
     if num_proc <= 1:
         for chunk in chunks:
             yield work(chunk)
         return
-    pool = concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"),
-                                                  initializer=initializer, initargs=initargs)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    pool = concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=context, initializer=initializer,
+                                                  initargs=initargs)
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
     try:
         for chunk in chunks:

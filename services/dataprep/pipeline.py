@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import importlib.metadata
 import itertools
-import os
 import pathlib
 import threading
 from typing import Callable, Iterator
@@ -74,7 +73,7 @@ _WORKER: dict = {}  # a --num_proc worker's tokenizer, columns and config, set u
 
 
 def _init_worker(tokenizer, config: PrepareConfig) -> None:
-    """In a forked worker: the parent's tokenizer (inherited, not reloaded)."""
+    """In a worker: the parent's tokenizer (pickled, not reloaded from disk)."""
     _WORKER.update(tokenizer=tokenizer, columns=formats.parse_columns(config.columns), config=config)
 
 
@@ -188,8 +187,6 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
             report()
 
     if config.num_proc > 1:
-        # the processes are the parallelism; set before forking, so tokenizers does not warn in each worker
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         work, initargs = _encode_in_worker, (tokenizer, config)
     else:
         work, initargs = functools.partial(encode_chunk, tokenizer, columns=columns, config=config), ()
