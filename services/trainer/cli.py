@@ -1,5 +1,6 @@
-"""`tuneforge sft`: a client of the trainer's gRPC API that prepares raw datasets through
-dataprep, submits the job, shows its progress and publishes nothing itself.
+"""`tuneforge sft` and `tuneforge pt`: clients of the trainer's gRPC API that prepare raw
+datasets through dataprep (chat template for sft; plain text + eos, every token trained, for
+pt), submit the job, show its progress and publish nothing themselves.
 
 Without `--trainer_address` (or `--dataprep_address`) the service it needs runs in this
 process on 127.0.0.1 for the command's lifetime, so one command trains end to end; with
@@ -28,6 +29,7 @@ from services.trainer.config import SftConfig
 PREPARED_MARKER = "manifest.json"
 # where raw datasets are prepared, inside the run directory
 PREPARED_SUBDIR = "dataset"
+PREPARED_VAL_SUBDIR = "val_dataset"
 
 
 @dataclass
@@ -41,37 +43,68 @@ class SftCommandConfig(SftConfig):
                 "or one dataset directory dataprep already prepared"})
     trainer_address: str | None = field(default=None, metadata={
         "help": "host:port of a trainer service; unset runs one in this process"})
+    val_dataset: list[str] = field(default_factory=list, metadata={
+        "help": "eval data like --dataset (prepared into OUTPUT_DIR/val_dataset), or one prepared directory"})
     max_length: int = field(default=2048, metadata={
-        "help": "longest tokenized row kept when preparing raw datasets; longer rows are rejected"})
+        "help": "longest tokenized row kept when preparing raw datasets (the packed row length with --packing); "
+                "longer rows are rejected"})
+    packing: bool = field(default=False, metadata={
+        "help": "pack prepared rows into rows of max_length tokens; samples stay apart (block-diagonal mask)"})
+    streaming: bool = field(default=False, metadata={
+        "help": "prepare with bounded memory (packing works on windows of rows)"})
     system: str | None = field(default=None, metadata={
         "help": "system prompt inserted when preparing raw datasets, in rows without one"})
 
+    # what dataprep prepares raw rows as (`tuneforge pt` narrows it)
+    TASK = "sft"
+
     def problems(self) -> list[str]:
         found = super().problems()
-        missing = [p for p in self.dataset if not pathlib.Path(p).exists()]
-        if missing:
-            found.append(f"dataset: not found: {', '.join(missing)}")
-        elif self.dataset:
-            prepared = [p for p in self.dataset if is_prepared(p)]
-            if prepared and len(self.dataset) > 1:
-                found.append("dataset: a prepared dataset directory must be given alone, "
-                             f"not with other datasets: {', '.join(prepared)}")
-            directories = [p for p in self.dataset if pathlib.Path(p).is_dir() and p not in prepared]
-            if directories:
-                found.append(f"dataset: not a prepared dataset (no {PREPARED_MARKER}): {', '.join(directories)}")
+        for name in ("dataset", "val_dataset"):
+            found.extend(_dataset_problems(name, getattr(self, name)))
         if self.max_length < 0:
             found.append(f"max_length: expected 0 (no limit) or a positive number; got {self.max_length}")
+        if self.packing and self.max_length == 0:
+            found.append("packing: needs max_length > 0 (the length of a packed row)")
         return found
+
+
+@dataclass
+class PtCommandConfig(SftCommandConfig):
+    """`tuneforge pt`: continued pre-training through the trainer service: no chat template,
+    every token trained (rows' texts + eos), full training by default as `swift pt`."""
+
+    train_type: str = field(default="full", metadata={
+        "help": "full (every weight; checkpoints are Hugging Face model directories), lora or qlora (PEFT adapters)"})
+
+    TASK = "pt"
+
+
+def _dataset_problems(name: str, paths: list[str]) -> list[str]:
+    missing = [p for p in paths if not pathlib.Path(p).exists()]
+    if missing:
+        return [f"{name}: not found: {', '.join(missing)}"]
+    found = []
+    prepared = [p for p in paths if is_prepared(p)]
+    if prepared and len(paths) > 1:
+        found.append(f"{name}: a prepared dataset directory must be given alone, "
+                     f"not with other datasets: {', '.join(prepared)}")
+    directories = [p for p in paths if pathlib.Path(p).is_dir() and p not in prepared]
+    if directories:
+        found.append(f"{name}: not a prepared dataset (no {PREPARED_MARKER}): {', '.join(directories)}")
+    return found
 
 
 def is_prepared(path: str | pathlib.Path) -> bool:
     return (pathlib.Path(path) / PREPARED_MARKER).is_file()
 
 
-def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: str) -> SftConfig:
+def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: str,
+               val_dataset_dir: str | None = None) -> SftConfig:
     """The job the trainer runs: the command's SftConfig fields, with absolute paths."""
     values = {f.name: getattr(command, f.name) for f in dataclasses.fields(SftConfig)}
     values.update(dataset=str(pathlib.Path(dataset_dir).resolve()), dataprep_address=dataprep_address,
+                  val_dataset=str(pathlib.Path(val_dataset_dir).resolve()) if val_dataset_dir else None,
                   output_dir=str(pathlib.Path(command.output_dir).resolve()),
                   model=str(pathlib.Path(command.model).resolve()) if command.model else None,
                   resume_from_checkpoint=(str(pathlib.Path(command.resume_from_checkpoint).resolve())
@@ -109,18 +142,29 @@ def local_trainer() -> Iterator[str]:
         server.stop(1).wait()
 
 
-def prepare(command: SftCommandConfig, dataprep_address: str) -> str:
-    """The prepared dataset directory for the command's `--dataset`: given, or prepared now."""
-    if len(command.dataset) == 1 and is_prepared(command.dataset[0]):
-        return str(pathlib.Path(command.dataset[0]).resolve())
-    from services.dataprep import cli as dataprep_cli
-    from services.dataprep import client as dataprep_client
+def prepare_config(command: SftCommandConfig, datasets: list[str], output_dir: pathlib.Path):
+    """How dataprep prepares the command's raw datasets (sft: chat template; pt: plain text
+    + eos, every token trained)."""
     from services.dataprep.config import PrepareConfig
 
-    output_dir = pathlib.Path(command.output_dir).resolve() / PREPARED_SUBDIR
-    config = dataprep_cli.absolute(PrepareConfig(model=command.model, dataset=list(command.dataset),
-                                                 output_dir=str(output_dir), max_length=command.max_length,
-                                                 system=command.system))
+    return PrepareConfig(model=command.model, dataset=list(datasets), output_dir=str(output_dir),
+                         max_length=command.max_length, system=command.system, task=command.TASK,
+                         use_chat_template=command.TASK != "pt", packing=command.packing,
+                         streaming=command.streaming)
+
+
+def prepare(command: SftCommandConfig, dataprep_address: str, datasets: list[str] | None = None,
+            subdir: str = PREPARED_SUBDIR) -> str:
+    """The prepared dataset directory for the command's `--dataset` (or `datasets`): given,
+    or prepared now into OUTPUT_DIR/`subdir`."""
+    datasets = command.dataset if datasets is None else datasets
+    if len(datasets) == 1 and is_prepared(datasets[0]):
+        return str(pathlib.Path(datasets[0]).resolve())
+    from services.dataprep import cli as dataprep_cli
+    from services.dataprep import client as dataprep_client
+
+    output_dir = pathlib.Path(command.output_dir).resolve() / subdir
+    config = dataprep_cli.absolute(prepare_config(command, datasets, output_dir))
     manifest = dataprep_client.prepare(dataprep_address, config)
     print(dataprep_cli.summary(manifest), file=sys.stderr)
     return str(output_dir)
@@ -174,12 +218,21 @@ def summary(job: pb.Job) -> str:
     return f"job {job.id} {state} after {job.step}/{job.total_steps} steps{where}"
 
 
-def main(argv: list[str]) -> int:
-    command = cfg.parse(SftCommandConfig, argv, prog="tuneforge sft")
+def run_command(command: SftCommandConfig, desc: str) -> int:
     with contextlib.ExitStack() as services:
         dataprep_address = command.dataprep_address or services.enter_context(local_dataprep())
         dataset_dir = prepare(command, dataprep_address)
+        val_dir = (prepare(command, dataprep_address, command.val_dataset, PREPARED_VAL_SUBDIR)
+                   if command.val_dataset else None)
         trainer_address = command.trainer_address or services.enter_context(local_trainer())
-        job = run_job(trainer_address, job_config(command, dataset_dir, dataprep_address), desc="sft")
+        job = run_job(trainer_address, job_config(command, dataset_dir, dataprep_address, val_dir), desc=desc)
     print(summary(job))
     return 0 if job.state == pb.JOB_STATE_SUCCEEDED else 1
+
+
+def main(argv: list[str]) -> int:
+    return run_command(cfg.parse(SftCommandConfig, argv, prog="tuneforge sft"), desc="sft")
+
+
+def pt_main(argv: list[str]) -> int:
+    return run_command(cfg.parse(PtCommandConfig, argv, prog="tuneforge pt"), desc="pt")

@@ -8,7 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import pyarrow as pa
+from pyarrow import ipc
+
 from cli.main import main as tuneforge
+from libs.common import config as cfg
+from libs.common.errors import Problems
 from libs.common import checkpoint
 from services.trainer import cli
 
@@ -84,13 +89,57 @@ def test_user_errors_are_one_line_each_and_exit_2(tmp_path, capsys):
     prepared.mkdir()
     (prepared / "manifest.json").write_text("{}")
     code = tuneforge(["sft", "--dataset", str(prepared), str(tmp_path / "raw.jsonl"), "--output_dir",
-                      str(tmp_path / "run"), "--train_type", "qlora", "--lora_rank", "0", "--max_lenght", "9"])
+                      str(tmp_path / "run"), "--train_type", "full", "--quant_bits", "4", "--lora_rank", "0", "--max_lenght", "9"])
     _out, err = capsys.readouterr()
     assert code == 2
     lines = err.strip().splitlines()
     assert all(line.startswith("tuneforge sft: error: ") for line in lines), lines
-    for expected in ("unknown flag --max_lenght (did you mean 'max_length'?)", "train_type: 'qlora' is not supported",
+    for expected in ("unknown flag --max_lenght (did you mean 'max_length'?)", "quant_bits: 4-bit weights cannot be fully fine-tuned",
                      "lora_rank: must be positive", f"dataset: not found: {tmp_path / 'raw.jsonl'}"):
         assert any(expected in line for line in lines), (expected, lines)
     code = tuneforge(["sft", "--dataset", str(prepared), str(prepared), "--output_dir", str(tmp_path / "run")])
     assert code == 2 and "must be given alone" in capsys.readouterr().err
+
+
+def test_pt_prepares_plain_text_with_every_token_trained_and_sft_flags_reach_dataprep(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")  # a prepared dataset directory
+    pt = cfg.parse(cli.PtCommandConfig, ["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "run"),
+                                         "--packing", "true", "--streaming", "true", "--max_length", "64"])
+    assert pt.train_type == "full"  # as swift pt
+    prepare = cli.prepare_config(pt, ["a.jsonl"], tmp_path / "out")
+    assert (prepare.task, prepare.use_chat_template, prepare.packing, prepare.streaming, prepare.max_length) == (
+        "pt", False, True, True, 64)
+    sft = cfg.parse(cli.SftCommandConfig, ["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "run")])
+    prepare = cli.prepare_config(sft, ["a.jsonl"], tmp_path / "out")
+    assert (prepare.task, prepare.use_chat_template, prepare.packing) == ("sft", True, False)
+    with pytest.raises(Problems, match="packing: needs max_length > 0"):
+        cfg.parse(cli.PtCommandConfig, ["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "r"),
+                                        "--packing", "true", "--max_length", "0"])
+    with pytest.raises(Problems, match="val_dataset: not found"):
+        cfg.parse(cli.SftCommandConfig, ["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "r"),
+                                         "--val_dataset", str(tmp_path / "missing.jsonl")])
+
+
+@pytest.mark.slow
+def test_pt_with_packing_trains_every_token_of_packed_plain_text(tmp_path, capsys):
+    texts = ["Ada is an assistant developed by Bo.", "The quick brown fox jumps over the lazy dog.",
+             "Bo built Ada to answer questions.", "Packing puts several samples in one row.",
+             "Every token of pre-training text is trained.", "A short one."]
+    raw = tmp_path / "corpus.jsonl"
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    run = tmp_path / "run"
+    code = tuneforge(["pt", "--dataset", str(raw), "--val_dataset", str(raw), "--output_dir", str(run),
+                      "--packing", "true", "--max_length", "40", "--max_steps", "4", "--save_steps", "4",
+                      "--eval_steps", "2", "--learning_rate", "1e-3"])
+    _out, err = capsys.readouterr()
+    assert code == 0, err
+    table = pa.concat_tables([ipc.open_file(p).read_all() for p in sorted((run / cli.PREPARED_SUBDIR).glob("*.arrow"))])
+    rows = table.to_pylist()
+    assert "seq_lens" in table.column_names and any(len(r["seq_lens"]) > 1 for r in rows)  # really packed
+    assert sum(len(r["seq_lens"]) for r in rows) == len(texts)
+    assert all(r["labels"] == r["input_ids"] for r in rows)  # every token trained, no chat template
+    assert (run / "val_dataset" / "manifest.json").is_file()
+    entries = [json.loads(line) for line in (run / "logging.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "loss" in e] == [1, 2, 3, 4]
+    assert [e["step"] for e in entries if "eval_loss" in e] == [2, 4]
+    assert (run / "checkpoint-4" / "model.safetensors").is_file()  # full, as swift pt
