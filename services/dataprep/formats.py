@@ -118,6 +118,11 @@ def _chat(key: str, value, system: str | None) -> Conversation | Problem:
         # the template gets the message's own extra keys (tool_call_id, name, ...), never ours
         extra = {k: v for k, v in message.items()
                  if k not in ("role", "from", "content", "value", "loss") and v is not None}
+        if isinstance(extra.get("tool_calls"), list):
+            calls = _openai_tool_calls(extra["tool_calls"])
+            if isinstance(calls, str):
+                return Problem(f"{place}.tool_calls", INVALID_MESSAGES, calls)
+            extra["tool_calls"] = calls
         if message.get(role_key) in ("tool_call", "function_call"):
             call = _tool_call(content)
             if call is None:
@@ -130,6 +135,25 @@ def _chat(key: str, value, system: str | None) -> Conversation | Problem:
         messages.insert(0, {"role": "system", "content": system})
         losses.insert(0, None)
     return Conversation(messages, losses)
+
+
+def _openai_tool_calls(calls: list) -> list | str:
+    """OpenAI-style `tool_calls` with `arguments` as JSON text get them as an object,
+    as chat templates render them (Qwen2.5 writes `arguments | tojson`); a problem as text."""
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return f"[{j}]: expected {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}; got {_text(call)}"
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                return f"[{j}].function.arguments: not JSON: {_text(arguments)}"
+        function = {**function, "arguments": arguments}
+        out.append({**call, "function": function} if "function" in call else function)
+    return out
 
 
 def _tool_call(content: str) -> dict | None:

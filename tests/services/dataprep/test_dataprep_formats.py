@@ -146,3 +146,15 @@ def test_row_kinds_detected_from_their_columns():
                                 "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]},
                                 {"role": "tool", "content": "1"}, {"role": "assistant", "content": "r"}]})
     assert openai.messages[1]["content"] == "" and openai.messages[1]["tool_calls"][0]["function"]["name"] == "f"
+
+
+def test_openai_tool_calls_get_their_arguments_as_an_object():
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "content": "1", "tool_call_id": "c1"}, {"role": "assistant", "content": "r"}]}
+    message = formats.to_example(row).messages[1]
+    assert message["tool_calls"] == [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
+    row["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{broken"
+    problem = formats.to_example(row)
+    assert (problem.field, problem.reason) == ("messages[1].tool_calls", "invalid_messages")
+    assert problem.message.startswith("[0].function.arguments: not JSON")
