@@ -91,6 +91,16 @@ def build_optimizer(model, config: SftConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
 
 
+def build_scheduler(optimizer, config: SftConfig, total_steps: int):
+    """The learning-rate schedule: linear warmup over ceil(warmup_ratio x steps), then cosine
+    to 0, linear to 0, or constant (Hugging Face's schedules, as ms-swift)."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
 def train_step(model, batch: data.StepBatch, trainable: list[torch.nn.Parameter], optimizer, scheduler,
                max_grad_norm: float, engine: distributed.Engine | None = None,
                trained: int | None = None) -> tuple[float, float, float]:
@@ -116,7 +126,7 @@ def train_step(model, batch: data.StepBatch, trainable: list[torch.nn.Parameter]
 
 def train(config: SftConfig, report: Reporter, stop: threading.Event | None = None) -> int:
     """Runs one job; returns the last step trained."""
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer
 
     from libs.default_model.resolve import resolve_model
 
@@ -147,8 +157,7 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     total = data.total_steps(config.max_steps, config.num_train_epochs, num_rows or 0,
                              config.per_device_train_batch_size, config.gradient_accumulation_steps)
     total = distributed.all_max(total, world)  # ranks whose slice is a row shorter still step together
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                              num_warmup_steps=math.ceil(config.warmup_ratio * total), num_training_steps=total)
+    scheduler = build_scheduler(optimizer, config, total)
     step, cursor, logged = 0, data.DataCursor(), []
     if resume_dir and not config.resume_only_model:
         state, training = checkpointing.read_state(resume_dir)
