@@ -8,6 +8,7 @@ spread evenly, the first row always among them (so a small dataset still evaluat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -40,6 +41,22 @@ class Split:
         for row, after in self.source.epoch_rows(cursor):
             if held_out(after.index - 1, self.ratio) == self.eval_part:
                 yield row, after
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Dropout off for the eval pass, training mode back after. bitsandbytes' 4-bit layers
+    stay in training mode (they have no dropout): in eval mode on a CPU with AVX512-BF16 they
+    repack their weights in place into a CPU-only layout, which fails for shapes that are not
+    multiples of 32 and would leave the training weights changed."""
+    model.eval()
+    try:
+        for module in model.modules():
+            if type(module).__name__ == "Linear4bit":
+                module.train()
+        yield
+    finally:
+        model.train()
 
 
 @dataclass

@@ -317,6 +317,8 @@ class JobManager:
                 metrics.LOSS.set(step.loss)
                 metrics.LEARNING_RATE.set(step.learning_rate)
                 self._append(job, pb.WatchJobResponse(step=step))
+            elif kind == "eval":
+                metrics.EVAL_LOSS.set(event["eval_loss"])
             elif kind == "checkpoint":
                 published = pb.CheckpointEvent(job_id=job.id, step=event["step"], path=event["path"],
                                                base_model=event["base_model"], adapter_name=event["adapter_name"],

@@ -16,6 +16,7 @@ DATA_WAIT = Histogram(
     buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 LOSS = Gauge("tuneforge_trainer_loss", "Training loss of the last logged step.")
 LEARNING_RATE = Gauge("tuneforge_trainer_learning_rate", "Learning rate of the last logged step.")
+EVAL_LOSS = Gauge("tuneforge_trainer_eval_loss", "Eval loss (per trained token) of the last evaluation.")
 CHECKPOINTS = Counter("tuneforge_trainer_checkpoints_published", "Checkpoints published.")
 PUBLICATION_DURATION = Histogram(
     "tuneforge_trainer_checkpoint_publication_duration_seconds",

@@ -216,10 +216,9 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         window = LogWindow()
 
     def run_eval() -> None:
-        model.eval()
-        result = evaluation.evaluate(engine.forward, eval_rows, config.per_device_train_batch_size, pad_id,
-                                     model.dtype)
-        model.train()
+        with evaluation.eval_mode(model):
+            result = evaluation.evaluate(engine.forward, eval_rows, config.per_device_train_batch_size, pad_id,
+                                         model.dtype)
         loss_sum, tokens, count = result.loss_sum, result.trained_tokens, result.rows
         if world.distributed:  # every rank evaluated its own slice
             loss_sum, tokens, count = distributed.all_sum([loss_sum, tokens, count], world)
