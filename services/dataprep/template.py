@@ -19,9 +19,13 @@ a row is its texts concatenated with eos after them (see encode_plain).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import pathlib
+import weakref
+
+import numpy as np
 
 from libs.common.errors import FailedPrecondition, InvalidArgument
 from services.dataprep import templates
@@ -45,7 +49,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
 
-    @property
+    @functools.cached_property  # read per row by the pipeline and the task; computed once
     def trained_tokens(self) -> int:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
@@ -232,20 +236,39 @@ def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]],
                       spans: list[tuple[int, int]]) -> list[int]:
     """Token j is trained when its characters overlap a span (a token straddling a
     span edge is trained: it holds characters the model must produce)."""
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for j, (token_start, token_end) in enumerate(offsets):
-        for start, end in spans:
-            overlaps = token_start < end and token_end > start
-            empty_inside = token_start == token_end and start <= token_start < end
-            if overlaps or empty_inside:
-                labels[j] = input_ids[j]
-                break
-    return labels
+    if not input_ids:
+        return []
+    ids = np.asarray(input_ids, dtype=np.int64)
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # [tokens, (start, end)]
+    token_start, token_end = bounds[:, 0], bounds[:, 1]
+    trained = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        trained |= (token_start < end) & (token_end > start)
+        trained |= (token_start == token_end) & (token_start >= start) & (token_start < end)  # empty, inside
+    return np.where(trained, ids, IGNORE_INDEX).tolist()
 
 
 def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(encoding["input_ids"]), encoding["offset_mapping"]
+    """The fast tokenizer's own encode (what tokenizer(text, add_special_tokens=False)
+    runs, without transformers' per-call wrapping, a third of the time on short rows)."""
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    return encoding.ids, encoding.offsets
+
+
+REFERENCE_CHECKS = 32  # rows per tokenizer checked against apply_chat_template(tokenize=True)
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _needs_reference(tokenizer) -> bool:
+    """Whether to check this row's ids against apply_chat_template's own: for the
+    first REFERENCE_CHECKS rows of each tokenizer. Both tokenize the same rendered
+    text, so they agree on every row once they agree on the first (the tests check
+    every row); re-tokenizing each row would double the preparation's cost."""
+    count = _checked.get(tokenizer, 0)
+    if count >= REFERENCE_CHECKS:
+        return False
+    _checked[tokenizer] = count + 1
+    return True
 
 
 def encode(tokenizer, messages: list[dict], losses: list[bool | None] | None = None,
@@ -259,7 +282,8 @@ def encode(tokenizer, messages: list[dict], losses: list[bool | None] | None = N
     trained = trained_messages([m["role"] for m in messages], losses, loss_scale)
     spans = trained_spans(tokenizer, messages, text, trained, everything=loss_scale == "all", tools=tools)
     input_ids, offsets = _tokenize(tokenizer, text)
-    _check_reference(input_ids, template_ids(tokenizer, messages, tools))
+    if _needs_reference(tokenizer):
+        _check_reference(input_ids, template_ids(tokenizer, messages, tools))
     return Encoded(input_ids, labels_from_spans(input_ids, offsets, spans))
 
 
@@ -268,7 +292,8 @@ def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None) ->
     generation prompt, exactly as apply_chat_template(add_generation_prompt=True)."""
     messages, _ = with_tool_calls(tokenizer, messages, [None] * len(messages))
     input_ids, _ = _tokenize(tokenizer, render(tokenizer, messages, add_generation_prompt=True, tools=tools))
-    _check_reference(input_ids, template_ids(tokenizer, messages, tools, add_generation_prompt=True))
+    if _needs_reference(tokenizer):
+        _check_reference(input_ids, template_ids(tokenizer, messages, tools, add_generation_prompt=True))
     return input_ids
 
 
