@@ -47,13 +47,14 @@ def test_health_is_serving(trainer):
 
 def test_bad_requests_list_every_problem_at_once(stub, tmp_path):
     request = pb.SubmitJobRequest(arguments=pb.TrainingArguments(
-        dataprep_address="127.0.0.1:1", output_dir=str(tmp_path / "run"), train_type="qlora", lora_rank=0,
-        model=str(tmp_path / "no-such-model")))
+        dataprep_address="127.0.0.1:1", output_dir=str(tmp_path / "run"), train_type="full", quant_bits=4,
+        lora_rank=0, model=str(tmp_path / "no-such-model"), modules_to_save=["lm_head"]))
     with pytest.raises(grpc.RpcError) as caught:
         stub.SubmitJob(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = caught.value.details()
-    for expected in ("lora_rank: must be positive; got 0", "train_type: 'qlora' is not supported yet",
+    for expected in ("lora_rank: must be positive; got 0", "quant_bits: 4-bit weights cannot be fully fine-tuned; use --train_type qlora",
+                     "modules_to_save: only for lora and qlora",
                      "dataset: required", "model: model directory", "no-such-model"):
         assert expected in details
     assert not (tmp_path / "run").exists()  # no work started
