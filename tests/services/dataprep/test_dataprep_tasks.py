@@ -215,3 +215,18 @@ def test_over_grpc_an_unknown_template_is_invalid_argument_in_one_line(dataprep_
                                               template="vicuna"), timeout=60)
     assert "unknown template 'vicuna'; built-in templates: chatml, default, llama3, qwen" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow  # worker start-up dominates: about 20 s on 2 cores
+def test_num_proc_2_writes_the_same_bytes_for_pairs_and_prompt_rows(tmp_path):
+    """600 rows: more than one tokenizing chunk, so both workers take part and the
+    main process admits their rows in order (extra-column types, kinds)."""
+    pairs = [{"query": f"{i}+{i}?", "response": str(2 * i), "rejected_response": str(i), "margin": i}
+             for i in range(600)]
+    prompts = [{"messages": [{"role": "user", "content": f"{i}+1?"}], "solution": str(i + 1), "n": i}
+               for i in range(600)]
+    for name, rows in (("pairs", pairs), ("prompts", prompts)):
+        one, _, _ = run(tmp_path / name / "one", rows, shard_rows=250)
+        two, _, _ = run(tmp_path / name / "two", rows, shard_rows=250, num_proc=2)
+        assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+        assert len(one["shards"]) == 3
