@@ -137,6 +137,10 @@ def _columns(tokenizer, conversation: formats.Conversation, config) -> tuple[dic
         raise _Refused("tools", jsonl.TEMPLATE, "the chat template does not render tools; name one that does "
                        "(--template qwen) or drop the column")
     if kind == "prompt":
+        taken = sorted(set(conversation.extras) & set(SCHEMAS["prompt"].names))
+        if taken:
+            raise _Refused(taken[0], jsonl.INVALID_EXTRA, "an extra column may not be named like an output column "
+                           f"({', '.join(SCHEMAS['prompt'].names)}); rename it with --columns")
         input_ids = _prompt(tokenizer, conversation, config)
         return {"input_ids": input_ids, "length": len(input_ids), **conversation.extras}, 0
     if kind in ("preference", "reward"):

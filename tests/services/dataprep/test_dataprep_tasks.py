@@ -92,6 +92,7 @@ def test_prompt_rows_get_the_generation_prompt_and_keep_every_extra_column(tmp_p
         {"messages": [Q], "solution": "4", "level": "hard"},          # not an int like the first row's
         {"messages": [Q], "solution": "4", "unknown": 1},              # a column the first row lacks
         {"messages": [Q, GOOD], "solution": "4"},                      # ends on an answer
+        {"messages": [Q], "solution": "4", "length": 7},               # named like an output column
     ]
     manifest, table, rejects = run(tmp_path, rows)
     assert table.schema.names == ["input_ids", "solution", "level", "tags", "meta", "length"]
@@ -105,7 +106,8 @@ def test_prompt_rows_get_the_generation_prompt_and_keep_every_extra_column(tmp_p
     assert tokenizer.decode(first["input_ids"]).endswith("<|im_start|>assistant\n")
     assert second["input_ids"] == template.template_ids(tokenizer, rows[1]["messages"], add_generation_prompt=True)
     assert (second["tags"], second["meta"], second["level"]) == (None, None, 3)
-    assert rejects == [(3, "level", "invalid_extra"), (4, "unknown", "invalid_extra"), (5, "messages", "not_prompt")]
+    assert rejects == [(3, "level", "invalid_extra"), (4, "unknown", "invalid_extra"), (5, "messages", "not_prompt"),
+                       (6, "length", "invalid_extra")]
     assert manifest["trained_tokens"] == 0
 
 
