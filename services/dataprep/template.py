@@ -184,7 +184,8 @@ def _turn_end(tokenizer, messages: list[dict], text: str, i: int, start: int, to
     whitespace excluded) when messages[:i+1] renders as a prefix; else, for a
     template that closes the last turn its own way, where the renderings part,
     provided the turn's whole content precedes that point."""
-    through = render(tokenizer, messages[:i + 1], tools=tools)
+    # the last turn's rendering through it is the whole text, rendered already
+    through = text if i + 1 == len(messages) else render(tokenizer, messages[:i + 1], tools=tools)
     if text.startswith(through):
         return max(start, len(through.rstrip()))  # an empty answer with no end marker trains nothing
     common = len(os.path.commonprefix([through, text]))
@@ -216,7 +217,7 @@ def trained_spans(tokenizer, messages: list[dict], text: str, trained: list[bool
                 last += 1
             turn_start = len(_prefix(tokenizer, messages[:i], text, i, tools=tools))
             spans.append((start, turn_start))
-            through = render(tokenizer, messages[:last + 1], tools=tools)
+            through = text if last + 1 == len(messages) else render(tokenizer, messages[:last + 1], tools=tools)
             start = len(through) if text.startswith(through) else _turn_end(tokenizer, messages, text, last,
                                                                                turn_start, tools)
             i = last + 1
