@@ -292,6 +292,29 @@ def _tools(row: dict, names: dict[str, str]) -> list | None | Problem:
     return tools or None
 
 
+def _conversation_field(row: dict, names: dict[str, str]) -> str:
+    """The row's own name of the column holding its conversation (for problems)."""
+    chat_key = next((k for k in MESSAGE_KEYS if k in row), None)
+    if chat_key is not None:
+        return names.get(chat_key, chat_key)
+    key = _first(row, QUERY_KEYS) or "query"
+    return names.get(key, key)
+
+
+def _margin(value, name: str) -> float | None | Problem:
+    """A pair's `margin`: a number (CSV text of one too); empty means none."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return Problem(name, INVALID_LABEL, f"expected a number; got {_text(value)}")
+
+
 def row_kind(row: dict) -> str:
     """The kind a row declares by its columns: preference (a rejected side), kto (a
     label), else sft; prompt rows are told apart by their conversation (see to_example)."""
@@ -352,7 +375,7 @@ def to_example(value, columns: dict[str, str] | None = None, task: str = "auto",
         return tools
     if kind == "prompt":
         if not ends_on_prompt:
-            return Problem(names.get(next(iter(used - {None}), ""), "messages"), NOT_PROMPT,
+            return Problem(_conversation_field(row, names), NOT_PROMPT,
                            "a prompt row must end on a user (or tool) turn")
         consumed = used | {"tools"}
         extras = {names.get(k, k): v for k, v in row.items() if k not in consumed}
@@ -373,17 +396,16 @@ def to_example(value, columns: dict[str, str] | None = None, task: str = "auto",
             return Problem("rejected_response", NO_REJECTED,
                            "missing: a preference row needs rejected_response or rejected_messages")
         if base.messages[-1]["role"] != "assistant":
-            return Problem(names.get(next(iter(used - {None}), ""), "messages"), NO_ASSISTANT,
+            return Problem(_conversation_field(row, names), NO_ASSISTANT,
                            "the chosen conversation must end with an assistant turn")
         rejected = _rejected(row, names, base)
         if isinstance(rejected, Problem):
             return rejected
-        margin = row.get("margin")
-        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-            return Problem(names.get("margin", "margin"), INVALID_LABEL, f"expected a number; got {_text(margin)}")
+        margin = _margin(row.get("margin"), names.get("margin", "margin"))
+        if isinstance(margin, Problem):
+            return margin
         return dataclasses.replace(base, kind=kind, tools=tools, rejected=rejected.messages,
-                                   rejected_losses=rejected.losses,
-                                   margin=None if margin is None else float(margin))
+                                   rejected_losses=rejected.losses, margin=margin)
     return dataclasses.replace(base, kind=kind, tools=tools)
 
 

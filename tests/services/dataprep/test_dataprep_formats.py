@@ -158,3 +158,25 @@ def test_openai_tool_calls_get_their_arguments_as_an_object():
     problem = formats.to_example(row)
     assert (problem.field, problem.reason) == ("messages[1].tool_calls", "invalid_messages")
     assert problem.message.startswith("[0].function.arguments: not JSON")
+
+
+@pytest.mark.parametrize("row, field, reason", [
+    ({"dialog": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}, "dialog", "not_prompt"),
+    ({"q": "2+2?", "a": "4"}, "q", "not_prompt"),
+])
+def test_forced_prompt_rows_ending_on_an_answer_name_the_row_own_column(row, field, reason):
+    columns = {"dialog": "messages", "q": "query", "a": "response"}
+    problem = formats.to_example(row, columns, task="prompt", fmt="messages" if "dialog" in row else "auto")
+    if "q" in row:  # a query row under --task prompt is a prompt; its response column is kept as an extra
+        assert problem.kind == "prompt" and problem.extras == {"a": "4"}
+    else:
+        assert (problem.field, problem.reason) == (field, reason)
+
+
+def test_margin_from_csv_text_and_bad_margins():
+    row = {"query": "q", "response": "r", "rejected_response": "x"}
+    assert formats.to_example({**row, "margin": "0.25"}).margin == 0.25
+    assert formats.to_example({**row, "margin": ""}).margin is None
+    for bad in ("lots", True, [1]):
+        problem = formats.to_example({**row, "margin": bad})
+        assert (problem.field, problem.reason) == ("margin", "invalid_label")
