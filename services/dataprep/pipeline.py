@@ -95,36 +95,51 @@ def chunked(records: Iterator[inputs.Record], size: int, cancelled: threading.Ev
 
 class Packer:
     """Collects kept samples and writes them packed by best-fit-decreasing into rows
-    of at most `max_length` tokens: all at once, or (streaming) per `window` samples."""
+    of at most `max_length` tokens: all at once, or (streaming) per `window` items.
+    An item is one sample, or a preference pair (chosen then rejected) that must share
+    a row; `pairs` packs pairs and adds each pair's margin (`margins` column)."""
 
-    def __init__(self, writer: shards.ShardWriter, max_length: int, window: int | None):
-        self.writer, self.max_length, self.window = writer, max_length, window
-        self.samples: list[tuple[np.ndarray, np.ndarray]] = []
+    def __init__(self, writer: shards.ShardWriter, max_length: int, window: int | None, pairs: bool = False):
+        self.writer, self.max_length, self.window, self.pairs = writer, max_length, window, pairs
+        self.items: list[tuple[list[tuple[np.ndarray, np.ndarray]], float | None]] = []
         self.bins = 0
         self.packed_samples = 0
 
-    def add(self, input_ids: list[int], labels: list[int]) -> list[shards.ShardInfo]:
-        self.samples.append((np.asarray(input_ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)))
-        return self.flush() if self.window and len(self.samples) >= self.window else []
+    def fits(self, example: tasks.Example) -> bool:
+        return example.tokens <= self.max_length
+
+    def add(self, example: tasks.Example) -> list[shards.ShardInfo]:
+        c = example.columns
+        if self.pairs:
+            parts = [(c["chosen_input_ids"], c["chosen_labels"]), (c["rejected_input_ids"], c["rejected_labels"])]
+        else:
+            parts = [(c["input_ids"], c["labels"])]
+        self.items.append(([(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
+                            for ids, labels in parts], c.get("margin")))
+        return self.flush() if self.window and len(self.items) >= self.window else []
 
     def flush(self) -> list[shards.ShardInfo]:
-        """Packs and writes the samples held; returns the shards that filled."""
-        bins = packing.best_fit_decreasing([len(ids) for ids, _ in self.samples], self.max_length)
+        """Packs and writes the items held; returns the shards that filled."""
+        lengths = [sum(len(ids) for ids, _ in parts) for parts, _ in self.items]
+        bins = packing.best_fit_decreasing(lengths, self.max_length)
         completed = []
         for members in bins:
-            parts = [self.samples[i] for i in members]
+            parts = [part for i in members for part in self.items[i][0]]
             seq_lens = [len(ids) for ids, _ in parts]
-            info = self.writer.add({
+            row = {
                 "input_ids": np.concatenate([ids for ids, _ in parts]),
                 "labels": np.concatenate([labels for _, labels in parts]),
                 "position_ids": np.concatenate([np.arange(n, dtype=np.int32) for n in seq_lens]),
                 "seq_lens": seq_lens,
-            })
+            }
+            if self.pairs:
+                row["margins"] = [self.items[i][1] for i in members]
+            info = self.writer.add(row)
             if info:
                 completed.append(info)
         self.bins += len(bins)
-        self.packed_samples += len(self.samples)
-        self.samples = []
+        self.packed_samples += len(self.items)
+        self.items = []
         return completed
 
 
@@ -163,16 +178,18 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     tokenizer = template.load_tokenizer(model_dir, config.template, config.use_chat_template)
     # the first valid row fixes the dataset's kind (--task auto) and so the shards' columns
     admission, records = tasks.start(tokenizer, inputs.read(datasets, config.data_seed), columns, config)
-    if config.packing and admission.kind not in ("sft", "pt"):
-        raise InvalidArgument(f"packing: {admission.kind} rows are not packed yet; use --packing false",
+    if config.packing and admission.kind not in ("sft", "pt", "preference", "reward"):
+        raise InvalidArgument(f"packing: {admission.kind} rows are not packed; use --packing false",
                               field="packing")
+    pairs = admission.kind in ("preference", "reward")
     clear_outputs(output_dir)
 
     state = Progress()
     by_reason: collections.Counter[str] = collections.Counter()
-    schema = shards.PACKED_SCHEMA if config.packing else admission.schema
+    schema = ((shards.PACKED_PAIR_SCHEMA if pairs else shards.PACKED_SCHEMA) if config.packing
+              else admission.schema)
     writer = shards.ShardWriter(output_dir, config.shard_rows, schema)
-    packer = (Packer(writer, config.max_length, STREAMING_PACK_WINDOW if config.streaming else None)
+    packer = (Packer(writer, config.max_length, STREAMING_PACK_WINDOW if config.streaming else None, pairs)
               if config.packing else None)
 
     def report() -> None:
@@ -200,6 +217,9 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                     state.rows_in += 1
                     if not isinstance(result, jsonl.Reject):
                         result = admission.admit(result)
+                    if packer is not None and not isinstance(result, jsonl.Reject) and not packer.fits(result):
+                        result = result.reject("rejected", jsonl.TOO_LONG, f"chosen + rejected = {result.tokens} "
+                                               f"tokens; a packed pair must fit max_length {config.max_length}")
                     if isinstance(result, jsonl.Reject):
                         rejects.write(result.to_json() + "\n")
                         state.rows_rejected += 1
@@ -212,7 +232,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                     metrics.TOKENS.inc(result.tokens)
                     metrics.TRAINED_TOKENS.inc(result.trained_tokens)
                     if packer is not None:
-                        completed(packer.add(result.input_ids, result.labels))
+                        completed(packer.add(result))
                     else:
                         completed([info] if (info := writer.add(result.columns)) else [])
                 metrics.ROWS.inc(len(results))

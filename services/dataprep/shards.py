@@ -26,6 +26,13 @@ PACKED_SCHEMA = pa.schema([
     pa.field("seq_lens", pa.list_(pa.int32()), nullable=False),
     pa.field("length", pa.int32(), nullable=False),
 ])
+# --packing true on preference/reward rows: each pair's chosen then rejected sequence, side by side in one
+# row (seq_lens holds two lengths a pair), and each pair's margin (null when the row has none).
+PACKED_PAIR_SCHEMA = pa.schema([
+    *list(PACKED_SCHEMA)[:-1],
+    pa.field("margins", pa.list_(pa.float64()), nullable=False),
+    PACKED_SCHEMA.field("length"),
+])
 PARTIAL = "shards.partial.json"  # the shards written so far, while a preparation runs
 
 

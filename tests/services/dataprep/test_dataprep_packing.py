@@ -109,3 +109,39 @@ def test_packing_needs_a_max_length(tmp_path, write_jsonl):
     data = write_jsonl("train.jsonl", conversations(2))
     with pytest.raises(Problems, match="packing: needs max_length > 0"):
         prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), max_length=0, packing=True))
+
+
+def test_preference_pairs_pack_with_chosen_and_rejected_side_by_side(tmp_path, write_jsonl):
+    rng = random.Random(2)
+    pairs = [{"messages": [{"role": "user", "content": f"q{i} " + "w " * rng.randint(0, 20)},
+                           {"role": "assistant", "content": f"good {i} " + "g " * rng.randint(0, 30)}],
+              "rejected_response": f"bad {i} " + "b " * rng.randint(0, 30),
+              **({"margin": i / 10} if i % 2 else {})} for i in range(30)]
+    too_long = {"messages": [{"role": "user", "content": "long"}, {"role": "assistant", "content": "x " * 100}],
+                "rejected_response": "y " * 100}
+    data = write_jsonl("pairs.jsonl", [*pairs, too_long])
+    plain = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "plain"), max_length=256))
+    packed = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "packed"), max_length=256,
+                                   packing=True))
+    unpacked = read_rows(tmp_path / "plain", plain)
+    assert len(unpacked) == 31 and "chosen_input_ids" in unpacked[0]
+    rows = read_rows(tmp_path / "packed", packed)
+    assert set(rows[0]) == {"input_ids", "labels", "position_ids", "seq_lens", "margins", "length"}
+    assert packed["rejected_by_reason"] == {"too_long": 1}  # each side fits 256, the pair does not
+    assert (packed["rows_in"], packed["rows_out"], packed["packing"]["samples"]) == (31, 30, 30)
+
+    found = []
+    for row in rows:
+        assert len(row["seq_lens"]) == 2 * len(row["margins"]) and sum(row["seq_lens"]) == row["length"] <= 256
+        assert row["position_ids"] == [p for n in row["seq_lens"] for p in range(n)]
+        at, sequences = 0, []
+        for n in row["seq_lens"]:
+            sequences.append((row["input_ids"][at:at + n], row["labels"][at:at + n]))
+            at += n
+        for k, margin in enumerate(row["margins"]):
+            found.append((sequences[2 * k], sequences[2 * k + 1], margin))
+    expected = [((r["chosen_input_ids"], r["chosen_labels"]), (r["rejected_input_ids"], r["rejected_labels"]),
+                 r["margin"]) for r in unpacked[:30]]
+    key = lambda t: (t[0], t[1])  # noqa: E731
+    assert sorted(found, key=key) == sorted(expected, key=key)
+    assert [m for *_, m in expected][:4] == [None, 0.1, None, 0.3]
