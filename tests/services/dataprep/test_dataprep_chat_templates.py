@@ -257,3 +257,32 @@ def test_plain_text_with_eos_for_pretraining(tokenizer):
     assert ids(tokenizer, "Question:\nAnswer.") == q + a  # the pieces tokenize apart here, so the mask is exact
     assert chat.input_ids == q + a + [eos]
     assert chat.labels == [IGNORE_INDEX] * len(q) + a + [eos]
+
+
+def test_prepare_with_a_qwen_model_dir_writes_apply_chat_template_ids_for_agent_rows(tmp_path, qwen_dir, qwen):
+    """--model pointing at a model directory with Qwen2.5's template: a sharegpt agent
+    row with tools goes through the whole pipeline into exactly the template's ids."""
+    import pyarrow as pa
+
+    from services.dataprep.config import PrepareConfig
+    from services.dataprep.pipeline import prepare
+
+    row = {"tools": TOOLS, "conversations": [
+        {"from": "human", "value": "What is 2+3?"},
+        {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 3}})},
+        {"from": "observation", "value": "5"}, {"from": "gpt", "value": "It is 5."}]}
+    data = tmp_path / "agent.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    manifest = prepare(PrepareConfig(model=str(qwen_dir), dataset=[str(data)], output_dir=str(tmp_path / "out"),
+                                     loss_scale="last_round"))
+    table = pa.ipc.open_file(pa.memory_map(str(tmp_path / "out" / manifest["shards"][0]["file"]))).read_all()
+    got = table.to_pylist()[0]
+    openai_style = [{"role": "user", "content": "What is 2+3?"},
+                    {"role": "assistant", "content": "",
+                     "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+                    {"role": "tool", "content": "5"}, {"role": "assistant", "content": "It is 5."}]
+    assert got["input_ids"] == reference(qwen, openai_style, tools=TOOLS)
+    # last_round: everything after the last user turn that is not a tool response, as default here
+    assert qwen.decode([i for i in got["labels"] if i != IGNORE_INDEX]) == \
+        '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>It is 5.<|im_end|>'
+    assert manifest["chat_template_sha256"] == template.template_fingerprint(qwen)
