@@ -158,9 +158,12 @@ def init(config) -> World:
 
 
 def close() -> None:
+    """Leaves the process group once every rank is done (rank 0 may still be publishing:
+    a rank tearing down its side early made the others abort at exit)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -200,12 +203,24 @@ def gather(value: Any, world: World) -> list[Any]:
 
 # --- engines
 
+def _retie(module, state_dict: dict) -> dict:
+    """Names that share one tensor in the model (tied embeddings) share one tensor in the
+    consolidated copy too, so save_pretrained writes it once, as it does for one process."""
+    first: dict[int, str] = {}
+    state_dict = dict(state_dict)
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        owner = first.setdefault(id(tensor), name)
+        if owner != name and owner in state_dict and name in state_dict:
+            state_dict[name] = state_dict[owner]
+    return state_dict
+
+
 class Publishable:
     """What RunDir.publish saves: the unwrapped model with a consolidated state dict."""
 
     def __init__(self, module, state_dict: dict | None):
         self.module = module
-        self.state_dict = state_dict
+        self.state_dict = _retie(module, state_dict) if state_dict is not None else None
 
     def save_pretrained(self, path) -> None:
         if self.state_dict is None:

@@ -145,8 +145,8 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     if resume_dir and not full:
         load_adapter_weights(model, resume_dir)
     model.train()
+    model = distributed.shard(model, config, world)  # FSDP2 replaces the parameters: before collecting them
     trainable = [p for p in model.parameters() if p.requires_grad]
-    model = distributed.shard(model, config, world)  # FSDP2: before the optimizer sees the parameters
     optimizer = build_optimizer(model, config)
     engine = distributed.wrap(model, optimizer, config, world)
 
@@ -188,13 +188,13 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     def save(final: bool) -> None:
         nonlocal last_saved
         state = {"step": step, "total_steps": total, "data_cursor": cursor.to_dict()}
-        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        training = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+        if not (world.distributed and (config.deepspeed or config.fsdp)):  # sharded state: not resumable yet
+            training["optimizer"] = optimizer.state_dict()
         publishable = model
         if world.distributed:  # collectives: every rank takes part, rank 0 publishes
             state["data_cursors"] = distributed.gather(cursor.to_dict(), world)
             training["rng"] = distributed.gather(rng_state(), world)
-            if config.deepspeed or config.fsdp:  # sharded optimizer state: not resumable yet (config says so)
-                del training["optimizer"]
             publishable = engine.publishable()
         last_saved = step
         if not world.is_main:
