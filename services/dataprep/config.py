@@ -39,7 +39,7 @@ class PrepareConfig:
     task: str = field(default="auto", metadata={
         "help": "what the rows train: sft, pt (plain text + eos, every token trained), preference (chosen/rejected "
                 "pairs), reward (pairs with an optional margin), kto (rows with a true/false label), prompt (prompts "
-                "for GRPO/PPO, extra columns kept); auto takes the kind of the first valid row",
+                "for GRPO/PPO, extra columns kept); auto takes the kind most of the first 256 valid rows have",
         "choices": list(TASKS)})
     format: str = field(default="auto", metadata={
         "help": "row format: messages, sharegpt, alpaca, query_response or text; auto detects it per row",

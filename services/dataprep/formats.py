@@ -36,7 +36,7 @@ RESPONSE_KEYS = ("response", "answer", "output", "targets", "target", "answer_ke
                  "text", "completion", "content")
 
 
-# Dataset tasks (--task); `auto` takes the kind of the first valid row.
+# Dataset tasks (--task); `auto` takes the most common kind of the first rows (tasks.start).
 TASKS = ("auto", "sft", "pt", "preference", "kto", "reward", "prompt")
 REJECTED_KEYS = ("rejected_response", "rejected_messages")
 # --format: forces one row format (auto detects it per row); the columns that make each.

@@ -1,10 +1,11 @@
 """What a dataset task (`--task`) writes: one raw row -> the shard columns of its
 kind (sft, pt, preference, reward, kto, prompt) or a Reject naming its field;
 each task's shard schema; and the dataset-level rule that every row is of the
-dataset's one kind (`auto`: the kind of the first valid row)."""
+dataset's one kind (`auto`: the most common kind of its first valid rows)."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from typing import Iterable, Iterator
@@ -15,7 +16,10 @@ from libs.common.errors import InvalidArgument
 from services.dataprep import formats, inputs, jsonl, template
 
 INT32S = pa.list_(pa.int32())
-PEEK_LIMIT = 10_000  # rows read ahead to find the first valid one, which fixes the dataset's kind and schema
+# --task auto: the dataset's kind is the one most of its first PEEK_VALID valid rows have (ties: the
+# earliest), so one odd first row (an SFT row missing its answer) does not decide for the rest.
+PEEK_VALID = 256
+PEEK_LIMIT = 10_000  # rows read ahead at most while looking for them
 
 
 def _field(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
@@ -185,7 +189,7 @@ def _arrow_type(value) -> pa.DataType:
 
 
 class Admission:
-    """The dataset's kind and schema, fixed by its first valid row (or by --task),
+    """The dataset's kind (from its first rows, or --task) and schema (its first row of that kind),
     and the check of every later row against them, in row order."""
 
     def __init__(self, task: str, first: Example | None):
@@ -206,7 +210,7 @@ class Admission:
             if self.kind == "sft":
                 return example.reject("messages", jsonl.NO_ASSISTANT, "no assistant message to train on")
             return example.reject("messages", jsonl.NOT_PROMPT, "a prompt row must end on a user (or tool) turn, "
-                                  "like the dataset's first row")
+                                  "like the dataset's rows")
         if example.kind == "sft" and self.kind in ("preference", "reward", "kto"):  # its marker column is missing
             if self.kind == "kto":
                 return example.reject("label", jsonl.INVALID_LABEL, "missing (a KTO row needs label true or false)")
@@ -214,7 +218,7 @@ class Admission:
                                   "missing: a preference row needs rejected_response or rejected_messages")
         if example.kind != self.kind:
             raise InvalidArgument(f"{example.file}:{example.line}: a {example.kind} row in a {self.kind} dataset "
-                                  f"(the dataset's kind {'is --task' if self.task != 'auto' else 'comes from its first row'}); "
+                                  f"(the dataset's kind {'is --task' if self.task != 'auto' else 'is the most common among its first rows'}); "
                                   "one dataset holds one kind of row", field="dataset")
         if self.kind != "prompt":
             return example
@@ -235,14 +239,19 @@ class Admission:
 
 def start(tokenizer, records: Iterable[inputs.Record], columns: dict[str, str],
           config) -> tuple[Admission, Iterator[inputs.Record]]:
-    """Reads ahead to the first valid row (at most PEEK_LIMIT rows) to fix the
-    dataset's kind and schema; returns them with the records, none consumed."""
+    """Reads ahead (PEEK_VALID valid rows, at most PEEK_LIMIT rows) to fix the
+    dataset's kind and schema: the most common kind, its first row giving the
+    extra columns; returns them with the records, none consumed."""
     records = iter(records)
-    peeked, first = [], None
+    peeked, found = [], []
     for record in itertools.islice(records, PEEK_LIMIT):
         peeked.append(record)
         result = encode_record(tokenizer, record, columns, config)
         if isinstance(result, Example):
-            first = result
-            break
+            found.append(result)
+            if len(found) >= PEEK_VALID:
+                break
+    counts = collections.Counter(example.kind for example in found)
+    kind = max(counts, key=counts.get, default=None)  # max keeps the first of equal counts: the earliest kind
+    first = next((example for example in found if example.kind == kind), None)
     return Admission(config.task, first), itertools.chain(peeked, records)

@@ -130,6 +130,12 @@ def test_mixed_kinds_fail_naming_the_row_and_leave_nothing(tmp_path):
 def test_a_row_missing_its_kind_marker_is_rejected_not_a_mixed_dataset(tmp_path):
     _, _, rejects = run(tmp_path / "sft", [{"messages": [Q, GOOD]}, {"messages": [Q]}])
     assert rejects == [(2, "messages", "no_assistant")]
+    # the kind is the most common among the first rows: an odd first row does not decide
+    manifest, _, rejects = run(tmp_path / "odd", [{"messages": [Q]}, {"messages": [Q, GOOD]}, {"messages": [Q, BAD]}])
+    assert rejects == [(1, "messages", "no_assistant")] and manifest["rows_out"] == 2
+    _, _, rejects = run(tmp_path / "pref", [{"messages": [Q, GOOD]}, {"messages": [Q, GOOD], "rejected_response": "x"},
+                                            {"messages": [Q, GOOD], "rejected_response": "y"}])
+    assert rejects == [(1, "rejected_response", "no_rejected")]
     _, _, rejects = run(tmp_path / "kto", [{"messages": [Q, GOOD], "label": True}, {"messages": [Q, GOOD]}])
     assert rejects == [(2, "label", "invalid_label")]
     with pytest.raises(InvalidArgument, match=r"data.jsonl:2: a kto row in a preference dataset"):
