@@ -144,7 +144,7 @@ def _openai_tool_calls(calls: list) -> list | str:
     for j, call in enumerate(calls):
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            return f"[{j}]: expected {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}; got {_text(call)}"
+            return f'[{j}]: expected {{"type": "function", "function": {{"name", "arguments"}}}}; got {_text(call)}'
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:

@@ -217,9 +217,9 @@ class Admission:
             return example.reject("rejected_response", jsonl.NO_REJECTED,
                                   "missing: a preference row needs rejected_response or rejected_messages")
         if example.kind != self.kind:
+            why = "is --task" if self.task != "auto" else "is the most common among its first rows"
             raise InvalidArgument(f"{example.file}:{example.line}: a {example.kind} row in a {self.kind} dataset "
-                                  f"(the dataset's kind {'is --task' if self.task != 'auto' else 'is the most common among its first rows'}); "
-                                  "one dataset holds one kind of row", field="dataset")
+                                  f"(the dataset's kind {why}); one dataset holds one kind of row", field="dataset")
         if self.kind != "prompt":
             return example
         base = SCHEMAS["prompt"].names
