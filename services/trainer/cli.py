@@ -109,6 +109,8 @@ def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: st
                   model=str(pathlib.Path(command.model).resolve()) if command.model else None,
                   resume_from_checkpoint=(str(pathlib.Path(command.resume_from_checkpoint).resolve())
                                           if command.resume_from_checkpoint else None))
+    if command.deepspeed and command.deepspeed.endswith(".json"):  # a file, not a preset name
+        values.update(deepspeed=str(pathlib.Path(command.deepspeed).resolve()))
     return SftConfig(**values)
 
 
@@ -230,9 +232,18 @@ def run_command(command: SftCommandConfig, desc: str) -> int:
     return 0 if job.state == pb.JOB_STATE_SUCCEEDED else 1
 
 
+def with_launch_environment(argv: list[str]) -> list[str]:
+    """ms-swift's NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT as flags
+    before the user's (a flag given on the command line wins): the job then runs under
+    torchrun in the trainer's training process (services.trainer.launch)."""
+    from services.trainer import launch
+
+    return [arg for name, value in launch.from_environment().items() for arg in (f"--{name}", value)] + list(argv)
+
+
 def main(argv: list[str]) -> int:
-    return run_command(cfg.parse(SftCommandConfig, argv, prog="tuneforge sft"), desc="sft")
+    return run_command(cfg.parse(SftCommandConfig, with_launch_environment(argv), prog="tuneforge sft"), desc="sft")
 
 
 def pt_main(argv: list[str]) -> int:
-    return run_command(cfg.parse(PtCommandConfig, argv, prog="tuneforge pt"), desc="pt")
+    return run_command(cfg.parse(PtCommandConfig, with_launch_environment(argv), prog="tuneforge pt"), desc="pt")

@@ -65,6 +65,14 @@ def torchrun_command(config, worker_args: list[str], python: str = sys.executabl
             f"--master_port={port}", "--max_restarts=0", "-m", "services.trainer.worker", *worker_args]
 
 
+def rank_environment(config, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The ranks of this node share the CPU threads the service gave this job."""
+    environ = dict(os.environ if environ is None else environ)
+    threads = int(environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    environ["OMP_NUM_THREADS"] = str(max(1, threads // config.nproc_per_node))
+    return environ
+
+
 def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent dies (torchrun starts ranks in
     their own sessions, so a killed launcher would otherwise leave them training)."""
@@ -146,7 +154,7 @@ def run(config, config_path: str, send: Callable[..., None], stop: threading.Eve
         relay.start()
         # torchrun's and the ranks' output goes to stderr: stdout may be the events stream
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
-                                   preexec_fn=die_with_parent)
+                                   env=rank_environment(config), preexec_fn=die_with_parent)
 
         def forward_stop() -> None:
             stop.wait()

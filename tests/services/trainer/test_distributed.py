@@ -154,3 +154,20 @@ def test_a_crashed_rank_fails_the_job_quickly(prepared_dataset, dataprep_address
     assert errors[0]["message"].startswith("rank 1 failed: RuntimeError: injected fault"), errors[0]
     assert "done" not in [e["event"] for e in events]
     assert seconds < 120, f"took {seconds:.0f} s"
+
+
+@pytest.mark.slow
+def test_nproc_per_node_makes_tuneforge_sft_launch_torchrun(prepared_dataset, dataprep_address, tmp_path,
+                                                             monkeypatch, capsys):
+    from cli.main import main as tuneforge
+
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    run = tmp_path / "run"
+    code = tuneforge(["sft", "--dataset", prepared_dataset, "--dataprep_address", dataprep_address,
+                      "--output_dir", str(run), "--max_steps", "3", "--save_steps", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert out.strip().endswith(f"after 3/3 steps -> {run / 'checkpoint-3'}")
+    assert json.loads((run / "checkpoint-3" / "args.json").read_text())["nproc_per_node"] == 2
+    assert len(json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["data_cursors"]) == 2
+    assert len(torch.load(run / "checkpoint-3" / "training_state.pt", weights_only=True)["rng"]) == 2
