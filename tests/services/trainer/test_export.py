@@ -20,7 +20,8 @@ from libs.common import checkpoint
 PROMPT = "<|im_start|>user\nwho are you?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def make_adapter(base_dir: pathlib.Path, out: pathlib.Path, seed: int = 0, std: float = 0.05) -> pathlib.Path:
+def make_adapter(base_dir: pathlib.Path, out: pathlib.Path, seed: int = 0, std: float = 0.05,
+                 modules_to_save: list[str] | None = None) -> pathlib.Path:
     """A LoRA adapter on `base_dir` whose B matrices are random (not PEFT's zeros), so the
     merge changes every adapted weight; saved as the trainer saves one (PEFT files + args.json)."""
     from peft import LoraConfig, get_peft_model
@@ -29,11 +30,13 @@ def make_adapter(base_dir: pathlib.Path, out: pathlib.Path, seed: int = 0, std: 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                            task_type="CAUSAL_LM"))
+                                            modules_to_save=modules_to_save, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, std)
+            elif "modules_to_save" in name:  # a module trained whole
+                param.add_(torch.randn_like(param) * std)
     model.save_pretrained(out)
     (out / "args.json").write_text(json.dumps({"model": str(base_dir), "train_type": "lora"}) + "\n")
     return out
@@ -65,6 +68,23 @@ def test_merged_logits_equal_base_plus_adapter(default_model, adapter, merged):
     adapted = logits_of(PeftModel.from_pretrained(base, adapter).eval(), input_ids)
     merged_logits = logits_of(AutoModelForCausalLM.from_pretrained(merged).eval(), input_ids)
     # the adapter must matter, or equality below would prove nothing
+    assert (adapted - base_logits).abs().max() > 0.1
+    assert (merged_logits - adapted).abs().max() < 1e-4
+
+
+def test_modules_to_save_are_merged_too(default_model, tmp_path):
+    """Adapters with modules_to_save are not servable by vLLM as LoRA; export is how they
+    are served. The default model ties embed_tokens to lm_head: the trained copy must win."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = make_adapter(default_model, tmp_path / "a", modules_to_save=["embed_tokens"])
+    assert tuneforge(["export", "--adapters", str(adapter), "--merge_lora", "true"]) == 0
+    input_ids = torch.tensor([[5, 60, 700, 8, 9, 1000]])
+    base = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
+    base_logits = logits_of(base, input_ids)
+    adapted = logits_of(PeftModel.from_pretrained(base, adapter).eval(), input_ids)
+    merged_logits = logits_of(AutoModelForCausalLM.from_pretrained(f"{adapter}-merged").eval(), input_ids)
     assert (adapted - base_logits).abs().max() > 0.1
     assert (merged_logits - adapted).abs().max() < 1e-4
 
