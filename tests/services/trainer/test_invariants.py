@@ -5,6 +5,7 @@ real rows read over gRPC from a real dataprep server, the recipe's own step func
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import get_scheduler
@@ -75,5 +76,36 @@ def test_micro_batch_1_x_accumulation_8_equals_micro_batch_8_x_accumulation_1(de
     # up to lr (1e-3) whatever the sign, so float noise of 1e-9 in such a gradient (summation
     # order differs with padding) can show as ~3e-5 there. The losses and gradient norms
     # above, which every coordinate feeds, are held to 1e-5.
+    for name in small:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class ListRows:
+    """A RowSource over rows in memory (the packed rows below are built here, not by dataprep)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def epoch_rows(self, cursor):
+        for i in range(cursor.skip, len(self.rows)):
+            yield self.rows[i], data.DataCursor(cursor.epoch, skip=i + 1, index=i + 1)
+
+
+@pytest.mark.slow
+def test_the_invariant_holds_for_packed_rows(default_model, uneven_dataset, dataprep_address):
+    """Packed rows of different lengths (so padded, with block masks) split 1 x 8 or 8 x 1."""
+    read = [row for row, _ in data.DataprepRows(dataprep_address, uneven_dataset).epoch_rows(data.DataCursor())]
+    packed = []
+    for i in range(8):  # each row packs 1 to 3 of the samples, in a different order
+        samples = [read[(i + k) % len(read)] for k in range(1 + i % 3)]
+        packed.append(data.Row(np.concatenate([s.input_ids for s in samples]),
+                               np.concatenate([s.labels for s in samples]),
+                               np.array([len(s.input_ids) for s in samples], dtype=np.int32)))
+    config = SftConfig(lora_dropout=0.0, learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=1.0)
+    small_losses, small_norms, small = run(config, default_model, ListRows(packed), micro_batch_size=1, accumulation=8)
+    big_losses, big_norms, big = run(config, default_model, ListRows(packed), micro_batch_size=8, accumulation=1)
+    torch.testing.assert_close(small_losses, big_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(small_norms, big_norms, rtol=1e-5, atol=1e-6)
+    assert small_losses[-1] < small_losses[0]
     for name in small:
         torch.testing.assert_close(small[name], big[name], rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
