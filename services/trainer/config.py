@@ -121,8 +121,10 @@ class SftConfig:
             found.append(f"num_train_epochs: must be positive when max_steps is -1; got {self.num_train_epochs}")
         if self.torch_dtype not in DTYPES:
             found.append(f"torch_dtype: expected one of {', '.join(DTYPES)}; got {self.torch_dtype!r}")
-        if self.model:
-            found.extend(_model_problems(self.model))
+        model_problems = _model_problems(self.model) if self.model else []
+        found.extend(model_problems)
+        if not model_problems and self.is_adapter:
+            found.extend(_module_problems(self.model, self.target_modules, self.modules_to_save))
         if self.save_total_limit is not None and self.save_total_limit < 1:
             found.append(f"save_total_limit: must be at least 1 (unset keeps all); got {self.save_total_limit}")
         if self.eval_steps is not None and self.eval_steps < 1:
@@ -201,6 +203,32 @@ def _model_problems(model: str) -> list[str]:
     except TuneForgeError as exc:
         return [f"model: {exc.message}"]
     return []
+
+
+def _module_problems(model: str | None, target_modules: list[str], modules_to_save: list[str]) -> list[str]:
+    """Module names the model does not have, found before any work starts from the model's
+    config alone (an empty skeleton on the meta device: no weights read). Nothing to check,
+    nothing loaded, for the default all-linear."""
+    named = [m for m in target_modules if m != "all-linear"]
+    if not named and not modules_to_save:
+        return []
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from libs.default_model.resolve import resolve_model
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
+    except (OSError, ValueError) as exc:  # not a causal LM transformers knows
+        return [f"model: cannot build {model or 'the default model'} from its config.json: {exc}"]
+    names = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules()}
+    found = []
+    for field_name, wanted in (("target_modules", named), ("modules_to_save", modules_to_save)):
+        missing = [m for m in wanted if m not in names]
+        if missing:
+            found.append(f"{field_name}: the model has no module named {', '.join(missing)}")
+    return found
 
 
 def _shortest_float32(value: float) -> float:

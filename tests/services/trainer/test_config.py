@@ -81,3 +81,12 @@ def test_server_config():
     assert (config.max_concurrent_jobs, config.cancel_timeout, config.host) == (2, 60.0, "127.0.0.1")
     with pytest.raises(Problems, match="max_concurrent_jobs"):
         cfg.parse(TrainerServerConfig, ["--max_concurrent_jobs", "0"])
+
+
+def test_module_names_the_model_lacks_are_found_before_any_work():
+    with pytest.raises(Problems) as caught:
+        cfg.parse(SftConfig, [*REQUIRED, "--target_modules", "q_proj", "qq_proj", "--modules_to_save", "lm_hed"])
+    assert caught.value.problems == ["target_modules: the model has no module named qq_proj",
+                                     "modules_to_save: the model has no module named lm_hed"]
+    config = cfg.parse(SftConfig, [*REQUIRED, "--target_modules", "q_proj", "v_proj", "--modules_to_save", "lm_head"])
+    assert config.target_modules == ["q_proj", "v_proj"]
