@@ -6,7 +6,9 @@ tokenizer), the same rows (synthetic conversations prepared once by a real datap
 service; TRL gets those very rows as input_ids + completion_mask and packs them itself, we
 read dataprep's packed rows over gRPC when dataprep packs, its plain rows otherwise), the
 same LoRA config (r 8, alpha 32, dropout 0.05, all-linear), lr 1e-4 constant, weight decay
-0.1, clip 1.0, batch 2 x max_length 1024, float32, the same steps. Each trainer runs alone
+0.1, clip 1.0, batch 2 x max_length 1024, float32, no gradient checkpointing (TRL's SFTConfig
+turns it on by default: the `trl-default` row keeps that default, for reference; the ratio
+that counts is against TRL with the same settings as ours), the same steps. Each trainer runs alone
 in its own process (so peak RSS is its own; the dataprep service runs in this parent),
 then the order is repeated ROUNDS times and the median kept. Tokens are counted the same
 way on both sides: non-padding input tokens. A step's time is wall time from the end of the
@@ -154,7 +156,7 @@ def worker_ours(spec: dict) -> dict:
     return result
 
 
-def worker_trl(spec: dict) -> dict:
+def worker_trl(spec: dict, default_checkpointing: bool = False) -> dict:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -169,7 +171,7 @@ def worker_trl(spec: dict) -> dict:
                      gradient_accumulation_steps=1, lr_scheduler_type="constant", packing=True,
                      packing_strategy="bfd", padding_free=True, max_length=MAX_LENGTH, completion_only_loss=True,
                      logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-                     bf16=False, fp16=False, **OPTIM)
+                     bf16=False, fp16=False, gradient_checkpointing=default_checkpointing, **OPTIM)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
     seen: list[int] = []
@@ -221,12 +223,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=240)
-    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--trl_default", action="store_true",
+                        help="also run TRL with its own default gradient_checkpointing=True")
+    parser.add_argument("--worker", choices=["ours", "trl", "trl-default"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.spec)
-        result = worker_ours(spec) if args.worker == "ours" else worker_trl(spec)
+        result = worker_ours(spec) if args.worker == "ours" else worker_trl(spec, args.worker == "trl-default")
         print("RESULT=" + json.dumps(result), flush=True)
         return 0
 
@@ -254,9 +258,10 @@ def main() -> int:
                   f"{plain.get('tokens', '?')} tokens; ours reads {'dataprep-packed' if packed else 'unpacked'} rows; "
                   f"batch {BATCH} x max_length {MAX_LENGTH}, {args.steps} steps ({args.warmup} warm-up), "
                   f"{args.threads} threads", file=sys.stderr)
-            results: dict[str, list[dict]] = {"ours": [], "trl": []}
+            kinds = ["ours", "trl"] + (["trl-default"] if args.trl_default else [])
+            results: dict[str, list[dict]] = {kind: [] for kind in kinds}
             for round_ in range(args.rounds):
-                for kind in ("ours", "trl"):
+                for kind in kinds:
                     spec = {"model": str(root / "model"), "dataset": str(ours_dataset), "dataprep": address,
                             "trl_rows": str(root / "trl_rows.jsonl"), "output_dir": str(root / f"{kind}-{round_}"),
                             "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "packed": packed}
@@ -281,6 +286,11 @@ def main() -> int:
           f"{median('ours', 'median_step_seconds') / median('trl', 'median_step_seconds'):>7.2f}x")
     print(f"{'peak RSS MiB':<26} {trl_rss:>26.0f} {ours_rss:>12.0f} {ours_rss / trl_rss:>7.2f}x")
     print(f"{'data wait / step time':<26} {'-':>26} {wait * 100:>11.2f}% {'':>8}")
+    if args.trl_default:
+        default_tps, default_rss = median("trl-default", "tokens_per_second"), median("trl-default", "peak_rss_mib")
+        print(f"{'tokens/s vs TRL default*':<26} {default_tps:>26.0f} {ours_tps:>12.0f} {ours_tps / default_tps:>7.2f}x")
+        print(f"{'peak RSS vs TRL default*':<26} {default_rss:>26.0f} {ours_rss:>12.0f} {ours_rss / default_rss:>7.2f}x")
+        print("* TRL's SFTConfig default gradient_checkpointing=True (recomputes activations: less memory, more compute)")
     print(f"targets: tokens/s ratio >= 1.20 ({'met' if ours_tps / trl_tps >= 1.2 else 'NOT met'}); "
           f"data wait < 2% ({'met' if wait < 0.02 else 'NOT met'})")
     return 0
