@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import pathlib
 import sys
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ class SftCommandConfig(SftConfig):
             found.append(f"max_length: expected 0 (no limit) or a positive number; got {self.max_length}")
         if self.packing and self.max_length == 0:
             found.append("packing: needs max_length > 0 (the length of a packed row)")
+        if self.packing and len(self.dataset) == 1 and is_prepared(self.dataset[0]) and not is_packed(self.dataset[0]):
+            found.append(f"packing: {self.dataset[0]} was prepared without packing; prepare it with --packing true, "
+                         f"or give the raw files")
         return found
 
 
@@ -97,6 +101,14 @@ def _dataset_problems(name: str, paths: list[str]) -> list[str]:
 
 def is_prepared(path: str | pathlib.Path) -> bool:
     return (pathlib.Path(path) / PREPARED_MARKER).is_file()
+
+
+def is_packed(path: str | pathlib.Path) -> bool:
+    """A prepared dataset whose rows were packed (its manifest says how)."""
+    try:
+        return bool(json.loads((pathlib.Path(path) / PREPARED_MARKER).read_text()).get("packing"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: str,

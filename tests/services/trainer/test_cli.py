@@ -102,7 +102,7 @@ def test_user_errors_are_one_line_each_and_exit_2(tmp_path, capsys):
 
 
 def test_pt_prepares_plain_text_with_every_token_trained_and_sft_flags_reach_dataprep(tmp_path):
-    (tmp_path / "manifest.json").write_text("{}")  # a prepared dataset directory
+    (tmp_path / "manifest.json").write_text('{"packing": {"max_length": 64}}')  # a packed prepared dataset
     pt = cfg.parse(cli.PtCommandConfig, ["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "run"),
                                          "--packing", "true", "--streaming", "true", "--max_length", "64"])
     assert pt.train_type == "full"  # as swift pt
@@ -115,6 +115,10 @@ def test_pt_prepares_plain_text_with_every_token_trained_and_sft_flags_reach_dat
     with pytest.raises(Problems, match="packing: needs max_length > 0"):
         cfg.parse(cli.PtCommandConfig, ["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "r"),
                                         "--packing", "true", "--max_length", "0"])
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(Problems, match="was prepared without packing"):
+        cfg.parse(cli.SftCommandConfig, ["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "r"),
+                                         "--packing", "true"])
     with pytest.raises(Problems, match="val_dataset: not found"):
         cfg.parse(cli.SftCommandConfig, ["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "r"),
                                          "--val_dataset", str(tmp_path / "missing.jsonl")])
