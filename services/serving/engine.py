@@ -10,6 +10,8 @@ import itertools
 import logging
 import os
 import pathlib
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -54,6 +56,9 @@ class Engine:
         self.model_dir = model_dir
         self.started_seconds = started_seconds
         self._lora_ids = itertools.count(1)
+        # What base-model requests run with: None, or a zero adapter (see `mix_safely`).
+        self.base_lora: "LoRARequest | None" = None
+        self._scratch: str | None = None
 
     @classmethod
     def start(cls, model_dir: pathlib.Path, max_loras: int, max_lora_rank: int,
@@ -62,6 +67,10 @@ class Engine:
         dtype = platform_defaults(torch_dtype)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        if on_cpu():  # one more slot, for the base model's zero adapter (see `mix_safely`)
+            max_cpu_loras = (max_cpu_loras or max_loras) + 1
+            max_loras += 1
 
         args = AsyncEngineArgs(
             model=str(model_dir),
@@ -159,8 +168,8 @@ class Engine:
             (engine_input,) = await self.llm.renderer.render_cmpl_async([{"prompt_token_ids": prompt_token_ids}])
             # aclosing: when our caller stops early (client gone), vLLM aborts the request now,
             # not whenever the garbage collector finalizes its generator.
-            async with contextlib.aclosing(
-                    self.llm.generate(engine_input, params, request_id, lora_request=lora)) as outputs:
+            async with contextlib.aclosing(self.llm.generate(
+                    engine_input, params, request_id, lora_request=lora or self.base_lora)) as outputs:
                 async for output in outputs:
                     yield output
         except VLLMValidationError as exc:
@@ -188,6 +197,26 @@ class Engine:
             raise FailedPrecondition(f"the engine could not load {path}", field="path")
         return lora
 
+    async def mix_safely(self) -> None:
+        """vLLM's PyTorch LoRA ops (the CPU backend's) pick each row's adapter weights by
+        indexing the stacked slots with the row's slot number, and a row without a LoRA has
+        slot -1: Python's indexing makes that the LAST slot, so in a batch mixing the base
+        model with adapters the base rows silently got an adapter applied (seen: 39 of 40
+        concurrent base answers were an adapter's, on vLLM's own server too). On those
+        backends base requests run with a zero adapter (B = 0: exactly the base model), so
+        no row of a batch is ever without a LoRA. CUDA's Triton kernels skip slot -1."""
+        if not on_cpu() or self.base_lora is not None:
+            return
+        from services.serving import zero_lora
+
+        self._scratch = tempfile.mkdtemp(prefix="tuneforge-zero-lora-")
+        path = await asyncio.to_thread(zero_lora.write, self.model_dir, pathlib.Path(self._scratch))
+        if path is None:
+            logs.log(LOG, logging.WARNING, "no module for a zero adapter found: base-model rows batched with "
+                     "adapter rows may get an adapter applied on this backend", model=str(self.model_dir))
+            return
+        self.base_lora = await self.add_lora("<base>", path)
+
     async def remove_lora(self, lora: "LoRARequest") -> None:
         await self.llm.remove_lora(lora.lora_int_id)
 
@@ -203,3 +232,5 @@ class Engine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)

@@ -96,6 +96,7 @@ async def _serve(config: DeployConfig) -> int:
     registry.engine = engine
     grpc_server = follower = None
     try:
+        await engine.mix_safely()
         for name, path in adapters.items():
             await registry.load(name, path)
         state = ServingState(engine=engine, registry=registry, base_name=base_name, model_dir=model_dir,
