@@ -74,8 +74,14 @@ def sse_unexpected(exc: Exception, path: str) -> str:
     return f"data: {json.dumps(error_body(500, 'internal server error; see the server log'))}\n\n"
 
 
+# pydantic names the member of a union an error came from (`content.str`, `content.list[TextPart]`);
+# clients know fields, not our types.
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for p in loc if p != "body" and not (
+        isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p))]
     return ".".join(parts) or None
 
 
@@ -91,7 +97,9 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
         place = _param(tuple(error.get("loc", ())))
         # pydantic prefixes messages of our own validators with "Value error, ".
         message = str(error.get("msg", "")).removeprefix("Value error, ")
-        parts.append(f"{place}: {message}" if place else message)
+        part = f"{place}: {message}" if place else message
+        if part not in parts:
+            parts.append(part)
     if len(errors) > 10:
         parts.append(f"... and {len(errors) - 10} more")
     first = _param(tuple(errors[0].get("loc", ()))) if errors else None

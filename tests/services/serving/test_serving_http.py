@@ -142,6 +142,15 @@ def test_unknown_model_is_404_with_openai_error_body(client):
     ({"max_tokens": 10 ** 6}, "max_tokens"),
     ({"logprobs": True}, "logprobs"),
     ({"n": 17}, "n"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": "ten"}, "max_tokens"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"model": 7}, "model"),
+    ({"messages": "who are you?"}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"stream_options": {"include_usage": "often"}}, "stream_options.include_usage"),
+    ({"messages": [{"role": "user", "content": "x " * 5000}]}, "messages"),  # over the context length
+    ({"frobnicate": 1}, "frobnicate"),  # unknown field: refused by name, as OpenAI does
 ])
 def test_client_mistakes_are_400_never_500(serving, change, param):
     body = {"model": serving.base_name, "messages": QUESTION, **change}
@@ -151,6 +160,19 @@ def test_client_mistakes_are_400_never_500(serving, change, param):
     assert error["error"]["code"] == 400
     assert error["error"]["param"] == param
     assert error["error"]["message"]
+
+
+def test_a_huge_prompt_is_a_400_and_the_server_stays_up(client, serving):
+    huge = "who are you? " * 400_000  # about 5 MB, far over the context length
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=serving.base_name, messages=[{"role": "user", "content": huge}],
+                                           max_tokens=2, stream=stream)
+        assert "maximum context length" in info.value.response.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=serving.base_name, prompt=huge, max_tokens=2)
+    assert _raw(f"{serving.http}/health") == (200, {"status": "ok"})
+    assert client.chat.completions.create(model=serving.base_name, messages=QUESTION, max_tokens=2).choices
 
 
 def test_malformed_json_is_400(serving):
