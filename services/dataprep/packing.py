@@ -5,20 +5,7 @@ restart at 0 for each sample, seq_lens). Pure functions, no I/O."""
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import heapq
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """What is packed as one unit: one sample, or the samples that must share a bin
-    (a preference pair's chosen and rejected). `sizes` are the samples' lengths."""
-
-    sizes: tuple[int, ...]
-
-    @property
-    def length(self) -> int:
-        return sum(self.sizes)
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

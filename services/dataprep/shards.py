@@ -87,9 +87,6 @@ class ShardWriter:
         self._lengths.append(int(row["length"]) if "length" in row else len(row["input_ids"]))
         return self.flush() if len(self._lengths) >= self.shard_rows else None
 
-    def add_sample(self, input_ids: list[int], labels: list[int]) -> ShardInfo | None:
-        return self.add({"input_ids": input_ids, "labels": labels})
-
     def flush(self) -> ShardInfo | None:
         """Writes the buffered rows as the next shard (none if the buffer is empty)."""
         lengths = self._lengths
