@@ -206,3 +206,52 @@ def test_two_process_ddp_resumes_within_1e_6(prepared_dataset, dataprep_address,
     assert worst <= 1e-6
     final, reference_final = weights(resumed, "lora"), weights(whole, "lora")
     assert max(float((final[k] - reference_final[k]).abs().max()) for k in final) <= 1e-6
+
+
+def training_processes(config_path: pathlib.Path) -> list[int]:
+    """Pids of live processes whose command line names this job's config file."""
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split()[2]
+        except (OSError, IndexError):
+            continue
+        if str(config_path).encode() in args and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_cancel_publishes_and_a_killed_launcher_leaves_no_rank_behind(trainer, prepared_dataset, dataprep_address,
+                                                                      tmp_path):
+    from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
+    from services.trainer import client
+
+    # cancel through the service: every rank stops at the same step, rank 0 publishes
+    run = tmp_path / "cancelled"
+    job_id = client.submit(trainer.address, job(prepared_dataset, dataprep_address, run, nproc_per_node=2,
+                                                max_steps=100000, save_steps=100000))
+    for event in client.watch(trainer.address, job_id):
+        if event.WhichOneof("event") == "step" and event.step.step >= 3:
+            client.cancel(trainer.address, job_id)
+            break
+    finished = client.wait(trainer.address, job_id)
+    assert finished.state == pb.JOB_STATE_CANCELLED, finished.error
+    state = json.loads((pathlib.Path(finished.last_checkpoint) / "trainer_state.json").read_text())
+    assert state["step"] == finished.step >= 3 and len(state["data_cursors"]) == 2
+
+    # SIGKILL of the job's process (the launcher): torchrun and both ranks go with it
+    process = run_worker(job(prepared_dataset, dataprep_address, tmp_path / "killed", nproc_per_node=2,
+                             max_steps=100000, save_steps=100000), tmp_path)
+    config_path = tmp_path / "job-0.json"
+    for line in process.stdout:
+        if '"event": "step"' in line:
+            break
+    assert len(training_processes(config_path)) == 4  # launcher, torchrun, 2 ranks
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while training_processes(config_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert training_processes(config_path) == []
