@@ -204,7 +204,8 @@ class Engine:
         model with adapters the base rows silently got an adapter applied (seen: 39 of 40
         concurrent base answers were an adapter's, on vLLM's own server too). On those
         backends base requests run with a zero adapter (B = 0: exactly the base model), so
-        no row of a batch is ever without a LoRA. CUDA's Triton kernels skip slot -1."""
+        no row of a batch is ever without a LoRA. CUDA's Triton kernels skip slot -1.
+        Upstream fix: vllm-project/vllm PR #48421 (open at vLLM 0.32); drop this with it."""
         if not on_cpu() or self.base_lora is not None:
             return
         from services.serving import zero_lora
