@@ -155,4 +155,6 @@ def test_streaming_peak_memory_stays_flat_when_the_input_grows_tenfold(tmp_path)
     grown = peak_rss(large, tmp_path / "large", "true")
     assert (base["rows"], grown["rows"]) == (1500, 15000)
     print(f"peak RSS, streaming: {base['peak_kib']} KiB at 1,500 rows, {grown['peak_kib']} KiB at 15,000")
-    assert grown["peak_kib"] <= 1.2 * base["peak_kib"]
+    # The promise is "within 20%"; the bound is tighter because at these sizes the whole-dataset
+    # packer (no --streaming) grew 14% (541 -> 615 MiB) and streaming 0.6%: 20% would not catch a regression.
+    assert grown["peak_kib"] <= 1.08 * base["peak_kib"]
