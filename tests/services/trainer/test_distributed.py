@@ -78,19 +78,25 @@ def grad_norms(run_dir: pathlib.Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def reference(prepared_dataset, dataprep_address, tmp_path_factory):
-    """One process, the same global batch (micro-batch 1 x accumulation 4), LoRA and full."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    runs = {}
-    try:
-        for train_type in ("lora", "full"):
-            out = tmp_path_factory.mktemp(f"single-{train_type}")
-            sft.train(job(prepared_dataset, dataprep_address, out, gradient_accumulation_steps=4,
-                          train_type=train_type), lambda *a, **k: None)
-            runs[train_type] = out
-    finally:
-        torch.set_num_threads(threads)
-    return runs
+    """One process, the same global batch (micro-batch 1 x accumulation 4): run dirs by
+    train type, each trained on first use."""
+    runs: dict[str, pathlib.Path] = {}
+
+    class Runs:
+        def __getitem__(self, train_type: str) -> pathlib.Path:
+            if train_type not in runs:
+                out = tmp_path_factory.mktemp(f"single-{train_type}")
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    sft.train(job(prepared_dataset, dataprep_address, out, gradient_accumulation_steps=4,
+                                  train_type=train_type), lambda *a, **k: None)
+                finally:
+                    torch.set_num_threads(threads)
+                runs[train_type] = out
+            return runs[train_type]
+
+    return Runs()
 
 
 def weights(run_dir: pathlib.Path, train_type: str) -> dict[str, torch.Tensor]:
