@@ -126,10 +126,9 @@ def problems(config) -> list[str]:
             found.append(f"deepspeed: {exc}")
         if config.fsdp:
             found.append("fsdp: cannot be combined with deepspeed; choose one back end")
-    sharded = "deepspeed" if config.deepspeed else "fsdp" if config.fsdp else None
-    if sharded and config.resume_from_checkpoint and not config.resume_only_model:
-        found.append(f"resume_from_checkpoint: an exact resume (optimizer state) is not supported with {sharded} yet; "
-                     f"add --resume_only_model true, or resume with DDP")
+    if config.deepspeed and config.resume_from_checkpoint and not config.resume_only_model:
+        found.append("resume_from_checkpoint: an exact resume (optimizer state) is not supported with deepspeed yet; "
+                     "add --resume_only_model true, or resume with DDP or FSDP2")
     return found
 
 
@@ -262,6 +261,13 @@ class Engine:
         """Collective: every rank calls it; rank 0 gets what to publish, the others None."""
         return Publishable(self.module, None) if self.world.is_main else None
 
+    def optimizer_state(self) -> dict:
+        """The whole optimizer state, for training_state.pt (collective when sharded)."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
 
 class DDPEngine(Engine):
     name = "ddp"
@@ -304,6 +310,19 @@ class FSDPEngine(Engine):
 
         state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return Publishable(self.module, state) if self.world.is_main else None
+
+    def optimizer_state(self) -> dict:
+        """Consolidated, keyed by parameter name (rank 0 gets it; the others an empty dict)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.module, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Every rank read the whole state from the checkpoint and keeps its shard of it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.module, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 class DeepSpeedEngine(Engine):

@@ -161,7 +161,7 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     step, cursor, logged = 0, data.DataCursor(), []
     if resume_dir and not config.resume_only_model:
         state, training = checkpointing.read_state(resume_dir)
-        optimizer.load_state_dict(training["optimizer"])
+        engine.load_optimizer_state(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         # last: building the model and optimizer above consumed random numbers
         rng, cursors = training["rng"], state.get("data_cursors", [state["data_cursor"]])
@@ -189,8 +189,8 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         nonlocal last_saved
         state = {"step": step, "total_steps": total, "data_cursor": cursor.to_dict()}
         training = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
-        if not (world.distributed and (config.deepspeed or config.fsdp)):  # sharded state: not resumable yet
-            training["optimizer"] = optimizer.state_dict()
+        if not (world.distributed and config.deepspeed):  # ZeRO's sharded state: not resumable yet
+            training["optimizer"] = engine.optimizer_state()  # FSDP2: gathered from every rank
         publishable = model
         if world.distributed:  # collectives: every rank takes part, rank 0 publishes
             state["data_cursors"] = distributed.gather(cursor.to_dict(), world)

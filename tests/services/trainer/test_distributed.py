@@ -192,12 +192,14 @@ def test_nproc_per_node_makes_tuneforge_sft_launch_torchrun(prepared_dataset, da
 
 
 @pytest.mark.slow
-def test_two_process_ddp_resumes_within_1e_6(prepared_dataset, dataprep_address, tmp_path):
-    """Resume restores every rank's RNG state (LoRA dropout on) and data cursor: the steps
-    after a resume from checkpoint-3 log the losses of the uninterrupted run. Each rank
-    has 4 rows an epoch, in steps of 3 and 1 micro-batches: step 3 ends mid-epoch."""
+@pytest.mark.parametrize("backend", [pytest.param({}, id="ddp"), pytest.param({"fsdp": True}, id="fsdp")])
+def test_two_processes_resume_within_1e_6(backend, prepared_dataset, dataprep_address, tmp_path):
+    """Resume restores every rank's RNG state (LoRA dropout on) and data cursor, and the
+    optimizer state (FSDP2: consolidated on save, re-sharded on load): the steps after a
+    resume from checkpoint-3 log the losses of the uninterrupted run. Each rank has 4
+    rows an epoch, in steps of 3 and 1 micro-batches: step 3 ends mid-epoch."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    common = dict(nproc_per_node=2, save_steps=3, lora_dropout=0.1, gradient_accumulation_steps=3)
+    common = dict(nproc_per_node=2, save_steps=3, lora_dropout=0.1, gradient_accumulation_steps=3, **backend)
     code, _events, err = finish(run_worker(job(prepared_dataset, dataprep_address, whole, **common), tmp_path))
     assert code == 0, err[-3000:]
     state = json.loads((whole / "checkpoint-3" / "trainer_state.json").read_text())
@@ -208,7 +210,7 @@ def test_two_process_ddp_resumes_within_1e_6(prepared_dataset, dataprep_address,
     expected, got = losses(whole), losses(resumed)
     assert len(got) == STEPS
     worst = max(abs(a - b) for a, b in zip(got[3:], expected[3:]))
-    print(f"resumed 2-process DDP: max |loss - uninterrupted loss| over steps 4-{STEPS} = {worst:.2e}")
+    print(f"resumed 2-process {backend or 'ddp'}: max |loss - uninterrupted loss| over steps 4-{STEPS} = {worst:.2e}")
     assert worst <= 1e-6
     final, reference_final = weights(resumed, "lora"), weights(whole, "lora")
     assert max(float((final[k] - reference_final[k]).abs().max()) for k in final) <= 1e-6
