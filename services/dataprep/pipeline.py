@@ -239,6 +239,12 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                 report()
         if not state.rows_in:
             raise InvalidArgument(f"{', '.join(config.dataset)}: no rows", field="dataset")
+        if not state.rows_out:
+            # Nothing to train on is a failed preparation, not an empty success; the rejects
+            # stay for the user to read (no manifest: the output is not a dataset).
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(by_reason.items()))
+            raise InvalidArgument(f"{', '.join(config.dataset)}: every row was rejected ({state.rows_rejected}; "
+                                  f"{reasons}); see {output_dir / REJECTS}", field="dataset")
         if packer is not None:
             completed(packer.flush())
         completed([info] if (info := writer.flush()) else [])

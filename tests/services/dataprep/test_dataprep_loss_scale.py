@@ -6,6 +6,7 @@ import json
 import pyarrow as pa
 import pytest
 
+from libs.common.errors import InvalidArgument
 from services.dataprep import loss_scale, template
 from services.dataprep.config import PrepareConfig
 from services.dataprep.pipeline import prepare
@@ -133,13 +134,16 @@ def test_truncation_strategy(tmp_path, write_jsonl, tokenizer, strategy):
     data = write_jsonl("d.jsonl", [{"messages": messages}])
     out = tmp_path / strategy
     config = PrepareConfig(dataset=[str(data)], output_dir=str(out), max_length=22, truncation_strategy=strategy)
-    manifest = prepare(config)
-    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_rejected"] == 1
     if strategy == "delete":
-        assert manifest["rejected_by_reason"] == {"too_long": 1}
+        # the only row is deleted: every row rejected fails the preparation, rejects kept, no manifest
+        with pytest.raises(InvalidArgument, match=r"every row was rejected \(1; too_long: 1\)") as info:
+            prepare(config)
+        assert info.value.field == "dataset" and not (out / "manifest.json").exists()
         reject = json.loads((out / "rejects.jsonl").read_text())
         assert reject["reason"] == "too_long" and "25 tokens; max_length is 22" in reject["error"]
         return
+    manifest = prepare(config)
+    assert manifest["rows_in"] == manifest["rows_out"] + manifest["rows_rejected"] == 1
     (row,) = read_rows(out)
     if strategy == "left":
         assert (row["input_ids"], row["labels"]) == (full.input_ids[-22:], full.labels[-22:])
@@ -147,5 +151,6 @@ def test_truncation_strategy(tmp_path, write_jsonl, tokenizer, strategy):
         assert (row["input_ids"], row["labels"]) == (full.input_ids[:22], full.labels[:22])
         assert tokenizer.decode(row["input_ids"][-1:]) == "y" and row["labels"][-1] == row["input_ids"][-1]
     # cut to the prompt alone, nothing is left to train: rejected as too_long
-    cut = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out), max_length=21, truncation_strategy="right"))
-    assert (cut["rows_out"], cut["rejected_by_reason"]) == (0, {"too_long": 1})
+    with pytest.raises(InvalidArgument, match="too_long: 1"):
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out), max_length=21, truncation_strategy="right"))
+    assert json.loads((out / "rejects.jsonl").read_text())["reason"] == "too_long"
