@@ -7,7 +7,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import multiprocessing
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, TypeVar
+
+from libs.common.errors import ResourceExhausted
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -15,6 +18,11 @@ R = TypeVar("R")
 # imported once by the fork server, so workers start without importing transformers (seconds) again
 PRELOAD = ["services.dataprep.pipeline", "transformers.tokenization_utils_tokenizers"]
 IN_FLIGHT_PER_PROCESS = 2  # chunks queued per worker: enough to keep each busy, few enough to bound memory
+
+
+class WorkerDied(ResourceExhausted):
+    """A worker process ended without a result: most often the kernel's OOM killer,
+    so RESOURCE_EXHAUSTED over gRPC."""
 
 
 def map_ordered(work: Callable[[T], R], chunks: Iterable[T], num_proc: int,
@@ -43,5 +51,9 @@ def map_ordered(work: Callable[[T], R], chunks: Iterable[T], num_proc: int,
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BrokenProcessPool:
+        # a worker died (killed, out of memory, a crash in native code): say so in one line
+        raise WorkerDied(f"a --num_proc worker process died unexpectedly (killed, out of memory, or a crash in "
+                         f"native code); retry with a smaller --num_proc, or --num_proc 1 to see the error") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
