@@ -8,7 +8,8 @@ problem naming the offending field:
   - query/response/history (+ system), with ms-swift's aliases; a row with only a
     response alias (e.g. pre-training `text`) is a single assistant turn;
 and, on top of any of them (see to_example), the row's `tools`, its preference
-side (`rejected_response` / `rejected_messages`, `margin`), its KTO `label`, or,
+side (`rejected_response` / `rejected_messages`, `margin`; TRL's `prompt`/`chosen`/
+`rejected` texts or message lists are read as these), its KTO `label`, or,
 for prompt-only rows, every column no format consumed.
 """
 
@@ -354,6 +355,33 @@ def _rejected(row: dict, names: dict[str, str], chosen: Conversation) -> Convers
     return Conversation([*prompt, {"role": "assistant", "content": row["rejected_response"]}], [*prompt_losses, None])
 
 
+def _trl_pair(row: dict, names: dict[str, str]) -> tuple[dict, dict[str, str]] | Problem:
+    """TRL's preference columns to ours: `prompt` + `chosen` + `rejected` as texts
+    (-> query, response, rejected_response) or as message lists (the prompt's turns,
+    then each side's answer -> messages, rejected_messages), or `chosen` + `rejected`
+    as whole conversations with the prompt inside them (implicit prompt)."""
+    chosen, rejected, prompt = row.pop("chosen"), row.pop("rejected"), row.get("prompt")
+    names = dict(names)
+    chosen_name, rejected_name = names.pop("chosen", "chosen"), names.pop("rejected", "rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if isinstance(prompt, list):
+            row.pop("prompt")
+            chosen, rejected = [*prompt, *chosen], [*prompt, *rejected]
+        elif prompt is not None:
+            return Problem(names.get("prompt", "prompt"), INVALID_MESSAGES,
+                           "chosen and rejected are message lists, so the prompt must be one too")
+        row["messages"], row["rejected_messages"] = chosen, rejected
+        names.update(messages=chosen_name, rejected_messages=rejected_name)
+        return row, names
+    if prompt is None:
+        return Problem(names.get("prompt", "prompt"), NOT_PROMPT,
+                       "chosen and rejected texts need a prompt column (TRL's explicit-prompt format), or give "
+                       "them as message lists")
+    row["response"], row["rejected_response"] = chosen, rejected
+    names.update(response=chosen_name, rejected_response=rejected_name)
+    return row, names
+
+
 def to_example(value, columns: dict[str, str] | None = None, task: str = "auto",
                fmt: str = "auto") -> Conversation | Problem:
     """One decoded row to what `task` trains on; `auto` takes the row's own kind.
@@ -362,6 +390,12 @@ def to_example(value, columns: dict[str, str] | None = None, task: str = "auto",
     if not isinstance(value, dict):
         return Problem(None, INVALID_JSON, f"expected a JSON object; got {_text(value)}")
     row, names = _rename(value, columns or {})
+    if row.get("chosen") is not None and row.get("rejected") is not None \
+            and not any(row.get(k) is not None for k in (*REJECTED_KEYS, *MESSAGE_KEYS)):
+        renamed = _trl_pair(row, names)
+        if isinstance(renamed, Problem):
+            return renamed
+        row, names = renamed
     declared = row_kind(row)
     kind = task if task != "auto" else declared
     base, used = _base(row, names, value, prompt=kind == "prompt", fmt=fmt)

@@ -60,6 +60,29 @@ def test_preference_pairs_share_the_prompt_and_carry_margin(tmp_path, tokenizer)
     assert manifest["trained_tokens"] == 2 * (chosen.trained_tokens + rejected.trained_tokens)
 
 
+def test_trl_prompt_chosen_rejected_columns_are_preference_pairs(tmp_path, tokenizer):
+    """TRL's preference columns, as texts or message lists, explicit or implicit prompt,
+    give the same pairs as ms-swift's messages + rejected_response."""
+    rows = [
+        {"prompt": Q["content"], "chosen": GOOD["content"], "rejected": BAD["content"]},
+        {"prompt": [Q], "chosen": [GOOD], "rejected": [BAD], "margin": 1},
+        {"chosen": [Q, GOOD], "rejected": [Q, BAD]},
+        {"chosen": "4.", "rejected": "5."},                                             # no prompt to split off
+        {"prompt": "What is 2+2?", "chosen": "4.", "rejected": 5},                      # not a string
+        {"chosen": [Q, GOOD], "rejected": [{"role": "user", "content": "other"}, BAD]},  # other prompt
+        {"prompt": "What is 2+2?", "chosen": [GOOD], "rejected": [BAD]},                # mixed shapes
+    ]
+    manifest, table, rejects = run(tmp_path, rows)
+    chosen, rejected = template.encode(tokenizer, [Q, GOOD]), template.encode(tokenizer, [Q, BAD])
+    assert table.num_rows == 3
+    for row in table.to_pylist():
+        assert (row["chosen_input_ids"], row["chosen_labels"]) == (chosen.input_ids, chosen.labels)
+        assert (row["rejected_input_ids"], row["rejected_labels"]) == (rejected.input_ids, rejected.labels)
+    assert table.column("margin").to_pylist() == [None, 1.0, None]
+    assert rejects == [(4, "prompt", "not_prompt"), (5, "rejected", "invalid_content"),
+                       (6, "rejected", "invalid_messages"), (7, "prompt", "invalid_messages")]
+
+
 def test_reward_task_takes_the_same_pairs(tmp_path):
     manifest, table, rejects = run(tmp_path, [{"query": "2+2?", "response": "4", "rejected_response": "5",
                                                "margin": 0.5}], task="reward")
