@@ -80,6 +80,13 @@ def _check_type(path: str) -> None:
     if suffix not in SUFFIXES:
         raise InvalidArgument(f"{path}: not a dataset file type; expected one of {', '.join(SUFFIXES)}",
                               field="dataset")
+    if suffix != ".parquet":
+        with open(path, "rb") as f:
+            head = f.read(8192)
+        if b"\0" in head:  # git's test for binary: text in UTF-8 has no NUL byte
+            kind = {".csv": "CSV", ".json": "JSON", ".jsonl": "JSON Lines"}[suffix]
+            raise InvalidArgument(f"{path}: not a {kind} file: binary data (a NUL byte at offset {head.index(0)}); "
+                                  f"expected UTF-8 text", field="dataset")
     if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq

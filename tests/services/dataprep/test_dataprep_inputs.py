@@ -62,6 +62,19 @@ def test_directories_and_globs_expand_sorted_and_missing_ones_are_all_named(tmp_
         list(inputs.read(inputs.resolve([str(tmp_path / "bad.json")]), 42))
 
 
+def test_binary_data_behind_a_text_suffix_fails_before_any_work(tmp_path):
+    """A .csv (or .json/.jsonl) that is really binary: one error naming the file, not
+    every row rejected as unknown_format."""
+    binary = bytes(range(256)) * 8  # has a NUL byte at offset 0 of each 256
+    for name, kind in (("data.csv", "CSV"), ("data.jsonl", "JSON Lines"), ("data.json", "JSON")):
+        (tmp_path / name).write_bytes(b"instruction,output\n" + binary)
+        with pytest.raises(InvalidArgument, match=rf"{name}: not a {kind} file: binary data \(a NUL byte at offset 19\)"):
+            inputs.resolve([str(tmp_path / name)])
+    (tmp_path / "text.csv").write_text("instruction,output\nhi,\u00e9t\u00e9\n", encoding="utf-8")
+    assert [s.path for d in inputs.resolve([str(tmp_path / "text.csv")]) for s in d.sources] == \
+        [str(tmp_path / "text.csv")]
+
+
 def test_sample_suffix_is_seeded_and_oversamples_past_the_end(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(10)))
