@@ -8,6 +8,7 @@ import os
 import pathlib
 
 from libs.common.errors import FailedPrecondition, NotFound
+from services.dataprep.shards import PARTIAL
 
 MANIFEST = "manifest.json"
 FORMAT = "tuneforge.dataset/v1"
@@ -38,6 +39,10 @@ def read(dataset_dir: str | pathlib.Path) -> dict:
         raise NotFound(f"{dataset_dir}: no such dataset directory", field="dataset_dir")
     path = directory / MANIFEST
     if not path.is_file():
+        if (directory / PARTIAL).is_file():  # a preparation was stopped (killed) midway, or runs elsewhere
+            raise FailedPrecondition(f"{dataset_dir}: no {MANIFEST}, only the {PARTIAL} of a preparation that did "
+                                     "not complete (stopped midway, or still running in another process); prepare "
+                                     "it again", field="dataset_dir")
         raise FailedPrecondition(f"{dataset_dir}: no {MANIFEST}; the preparation has not completed",
                                  field="dataset_dir")
     try:

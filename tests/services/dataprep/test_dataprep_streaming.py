@@ -158,3 +158,57 @@ def test_streaming_peak_memory_stays_flat_when_the_input_grows_tenfold(tmp_path)
     # The promise is "within 20%"; the bound is tighter because at these sizes the whole-dataset
     # packer (no --streaming) grew 14% (541 -> 615 MiB) and streaming 0.6%: 20% would not catch a regression.
     assert grown["peak_kib"] <= 1.08 * base["peak_kib"]
+
+
+KILLED_CHILD = textwrap.dedent("""
+    import pathlib, sys, time
+    from services.dataprep import pipeline
+    from services.dataprep.config import PrepareConfig
+
+    data, out, stuck = sys.argv[1:4]
+    real = pipeline.encode_chunk
+    pipeline.CHUNK_ROWS = 1
+
+    def encode_chunk(tokenizer, records, columns, config):
+        if records[0].line >= 5:  # two shards of two rows are written: stop here until killed
+            pathlib.Path(stuck).touch()
+            time.sleep(600)
+        return real(tokenizer, records, columns, config)
+
+    pipeline.encode_chunk = encode_chunk
+    pipeline.prepare(PrepareConfig(dataset=[data], output_dir=out, shard_rows=2))
+""")
+
+
+def test_a_preparation_killed_midway_is_refused_to_readers_and_prepared_again_on_rerun(
+        tmp_path, write_jsonl, conversation, dataprep_server):
+    """SIGKILL leaves shards and shards.partial.json but no manifest: a reader gets
+    FAILED_PRECONDITION saying the preparation did not complete, the cache does not take
+    it for a dataset, and re-running prepares it whole and removes the stale listing."""
+    address, _servicer = dataprep_server
+    data = write_jsonl("train.jsonl", [conversation(i) for i in range(8)])
+    out, stuck = tmp_path / "out", tmp_path / "stuck"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(data), str(out), str(stuck)], cwd=REPO)
+    try:
+        for _ in range(1200):
+            if stuck.exists() or child.poll() is not None:
+                break
+            threading.Event().wait(0.05)
+        assert stuck.exists(), f"the child ended with {child.returncode} before row 5"
+    finally:
+        child.kill()
+        child.wait()
+    listed = json.loads((out / "shards.partial.json").read_text())["shards"]
+    assert [s["file"] for s in listed] == ["shard-00000.arrow", "shard-00001.arrow"]
+    assert not (out / "manifest.json").exists()
+
+    with pytest.raises(FailedPrecondition, match="shards.partial.json of a preparation that did not complete"):
+        list(client.read_batches(address, str(out)))
+
+    progress = []
+    manifest = pipeline.prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out), shard_rows=2),
+                                progress=progress.append)
+    assert not any(p.reused for p in progress)
+    assert (manifest["rows_out"], len(manifest["shards"])) == (8, 4)
+    assert not (out / "shards.partial.json").exists()
+    assert sum(b.num_rows for b, _ in client.read_batches(address, str(out))) == 8
