@@ -58,7 +58,8 @@ class Engine:
         self._lora_ids = itertools.count(1)
         # What base-model requests run with: None, or a zero adapter (see `mix_safely`).
         self.base_lora: "LoRARequest | None" = None
-        self._scratch: str | None = None
+        # The engine's own hold on each adapter's files (see `add_lora`), removed at shutdown.
+        self._scratch = pathlib.Path(tempfile.mkdtemp(prefix="tuneforge-serving-"))
 
     @classmethod
     def start(cls, model_dir: pathlib.Path, max_loras: int, max_lora_rank: int,
@@ -186,14 +187,25 @@ class Engine:
         from vllm.lora.request import LoRARequest
 
         lora_id = next(self._lora_ids)
+        # vLLM's worker re-reads an adapter from lora_path whenever its LRU cache evicted it, in
+        # the middle of serving, and a read error there stops the engine. The files checked at
+        # load must stay what it reads, even if the trainer prunes or republishes the
+        # checkpoint: the engine gets its own hard links (a copy across file systems).
+        held = self._scratch / "adapters" / str(lora_id)
+        try:
+            await asyncio.to_thread(_hold, pathlib.Path(path), held)
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot read {path}: {exc}", field="path") from exc
         # vLLM's prefix cache keys KV blocks by (lora_name, lora_path). A checkpoint can be
         # republished at the same path with new weights, so each load gets its own name.
-        lora = LoRARequest(lora_name=f"{name}@{lora_id}", lora_int_id=lora_id, lora_path=str(path))
+        lora = LoRARequest(lora_name=f"{name}@{lora_id}", lora_int_id=lora_id, lora_path=str(held))
         try:
             loaded = await self.llm.add_lora(lora)
         except Exception as exc:  # the worker's error arrives as a bare Exception carrying its message
+            shutil.rmtree(held, ignore_errors=True)
             raise FailedPrecondition(f"the engine could not load {path}: {exc}", field="path") from exc
         if not loaded:
+            shutil.rmtree(held, ignore_errors=True)
             raise FailedPrecondition(f"the engine could not load {path}", field="path")
         return lora
 
@@ -210,8 +222,7 @@ class Engine:
             return
         from services.serving import zero_lora
 
-        self._scratch = tempfile.mkdtemp(prefix="tuneforge-zero-lora-")
-        path = await asyncio.to_thread(zero_lora.write, self.model_dir, pathlib.Path(self._scratch))
+        path = await asyncio.to_thread(zero_lora.write, self.model_dir, self._scratch / "zero")
         if path is None:
             logs.log(LOG, logging.WARNING, "no module for a zero adapter found: base-model rows batched with "
                      "adapter rows may get an adapter applied on this backend", model=str(self.model_dir))
@@ -220,6 +231,7 @@ class Engine:
 
     async def remove_lora(self, lora: "LoRARequest") -> None:
         await self.llm.remove_lora(lora.lora_int_id)
+        await asyncio.to_thread(shutil.rmtree, lora.lora_path, True)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -233,5 +245,17 @@ class Engine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def _hold(source: pathlib.Path, target: pathlib.Path) -> None:
+    """`source`'s files under `target`: hard links (instant, and they outlive the source's
+    deletion), copies where linking fails (another file system)."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy)

@@ -1,12 +1,13 @@
 """More adapters than the engine batches (--max_loras) and keeps in memory
 (--max_cpu_loras): requests for them wait for a slot instead of failing, an
 evicted adapter is read again from disk, and each answer is still its own
-adapter's; base-model requests batched with adapter requests stay the base
+adapter's, even when its checkpoint was deleted meanwhile; base-model requests batched with adapter requests stay the base
 model's (vLLM's CPU LoRA ops gave them an adapter). The session's serving
 process runs with max_loras = max_cpu_loras = 4."""
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -43,6 +44,12 @@ def test_more_adapters_than_max_loras_queue_and_answer_as_themselves(serving, ma
             with ThreadPoolExecutor(len(models) * 2) as pool:
                 together = list(pool.map(ask, models * 2))
             assert together == [alone[model] for model in models * 2]
+            # A checkpoint pruned from disk while its adapter is registered (and long evicted
+            # from the engine's cache): the engine reads its own hold on the files, and lives.
+            shutil.rmtree(make_lora("cache0", seed=100))
+            assert [ask(name) for name in names[1:]] == [alone[name] for name in names[1:]]  # cache0 evicted
+            assert ask("cache0") == alone["cache0"]
+            assert ask(serving.base_name) == alone[serving.base_name]
             listed = {a.name for a in admin.ListAdapters(serving_pb2.ListAdaptersRequest(), timeout=10).adapters}
             assert set(names) <= listed  # the registry is not bounded by the engine's cache
         finally:
