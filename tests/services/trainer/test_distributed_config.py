@@ -3,6 +3,8 @@ missing or broken DeepSpeed JSON, fsdp with deepspeed, bad node ranks all come b
 the real trainer service as one INVALID_ARGUMENT naming each field; ms-swift's launch
 environment variables become the job's fields; the torchrun command a job runs."""
 
+import os
+
 import pytest
 
 from libs.common.errors import InvalidArgument
@@ -81,3 +83,18 @@ def test_deepspeed_presets_fill_auto_from_the_job():
     assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"],
             resolved["train_batch_size"], resolved["gradient_clipping"]) == (2, 3, 24, 0.5)
     assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
+
+
+def test_a_killed_launchers_events_directory_is_removed_by_the_next_launch(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{launch.LAUNCH_DIR_PREFIX}{int(gone.stdout)}-abc"  # its launcher got SIGKILL
+    alive = tmp_path / f"{launch.LAUNCH_DIR_PREFIX}{os.getpid()}-def"  # a launch still running
+    other = tmp_path / f"{launch.LAUNCH_DIR_PREFIX}xyz"  # not named after a pid: not ours to judge
+    for directory in (dead, alive, other):
+        directory.mkdir()
+        (directory / "events.jsonl").write_text("{}\n")
+    assert launch.remove_stale_launch_dirs(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and alive.exists() and other.exists()
