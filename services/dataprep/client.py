@@ -39,12 +39,14 @@ def _channel(address: str) -> grpc.Channel:
 
 def read_batches(address: str, dataset_dir: str, rank: int = 0, world_size: int = 1,
                  start: Cursor | None = None, max_batch_rows: int = 256,
-                 timeout: float | None = None) -> Iterator[tuple[pa.RecordBatch, Cursor]]:
-    """Yields (record batch of this rank's rows, cursor after it)."""
+                 timeout: float | None = None, shuffle: bool = False, seed: int = 0,
+                 epoch: int = 0) -> Iterator[tuple[pa.RecordBatch, Cursor]]:
+    """Yields (record batch of this rank's rows, cursor after it); `shuffle` reads
+    in the order fixed by (seed, epoch), the cursors being positions in it."""
     start = start or Cursor()
     request = pb.ReadShardsRequest(dataset_dir=str(dataset_dir), rank=rank, world_size=world_size,
                                    start=pb.Cursor(shard_index=start.shard_index, row=start.row),
-                                   max_batch_rows=max_batch_rows)
+                                   max_batch_rows=max_batch_rows, shuffle=shuffle, seed=seed, epoch=epoch)
     with _channel(address) as channel:
         responses = pb_grpc.DataprepServiceStub(channel).ReadShards(request, timeout=timeout)
         try:

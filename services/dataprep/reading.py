@@ -1,12 +1,14 @@
 """Which rows of a prepared dataset one reader gets, in what batches, and the
-cursor after each batch: row i of the dataset (shards in manifest order) goes
-to rank i % world_size. Pure arithmetic, plus the Arrow IPC framing of a batch."""
+cursor after each batch: row i of the dataset (shards in manifest order, or in
+a seeded shuffled order) goes to rank i % world_size. Pure arithmetic, plus the
+Arrow IPC framing of a batch."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from libs.common.errors import InvalidArgument
@@ -78,9 +80,27 @@ def plan(shard_rows: list[int], rank: int, world_size: int, start: Position,
         offset += rows
 
 
-def take(table: pa.Table, batch: Batch) -> pa.RecordBatch:
-    """The batch's rows of its shard's table, as one record batch."""
-    if batch.step == 1:
+def _rng(seed: int, epoch: int, *more: int) -> np.random.Generator:
+    return np.random.default_rng([seed % 2**64, epoch % 2**32, *more])
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """A shuffled read: the manifest index of the shard served v-th (a block
+    shuffle: shards permuted, then each shard's rows, see row_order)."""
+    return [int(i) for i in _rng(seed, epoch).permutation(num_shards)]
+
+
+def row_order(rows: int, seed: int, epoch: int, shard: int) -> np.ndarray:
+    """A shuffled read: the order of the rows of manifest shard `shard`."""
+    return _rng(seed, epoch, 1, shard).permutation(rows)
+
+
+def take(table: pa.Table, batch: Batch, order: np.ndarray | None = None) -> pa.RecordBatch:
+    """The batch's rows of its shard's table, as one record batch; `order` (a
+    shuffled read) maps the batch's row positions to the table's rows."""
+    if order is not None:
+        rows = table.take(pa.array(order[batch.start:batch.stop:batch.step], type=pa.int64()))
+    elif batch.step == 1:
         rows = table.slice(batch.start, batch.stop - batch.start)
     else:
         rows = table.take(pa.array(range(batch.start, batch.stop, batch.step), type=pa.int64()))

@@ -202,19 +202,28 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
         start = reading.Position(request.start.shard_index, request.start.row)
         max_batch_rows = request.max_batch_rows or reading.DEFAULT_BATCH_ROWS
         entries, columns, preparing = self._listing(dataset_dir, context)
+        order: list[int] | None = None  # a shuffled read: the manifest index of the shard served v-th
+        if request.shuffle:
+            if preparing is not None:
+                raise FailedPrecondition(f"{dataset_dir}: shuffle needs a complete dataset; preparation "
+                                         f"{preparing.proto.id} is still running", field="shuffle")
+            order = reading.shard_order(len(entries), request.seed, request.epoch)
+            entries = [entries[i] for i in order]
         while preparing is not None and start.shard_index > len(entries):  # resuming past what is written yet
             entries, columns, preparing = self._wait_for_shards(dataset_dir, preparing, len(entries), context)
         reading.check([entry["rows"] for entry in entries], request.rank, world_size, start, max_batch_rows)
-        loaded: tuple[int, object] | None = None
+        loaded: tuple[int, object, object] | None = None  # (shard served, its table, its row order)
         while True:
             shard_rows = [entry["rows"] for entry in entries]
             for batch in reading.plan(shard_rows, request.rank, world_size, start, max_batch_rows):
                 entry = entries[batch.shard_index]
                 if loaded is None or loaded[0] != batch.shard_index:
-                    loaded = (batch.shard_index,
-                              shards.read_verified(dataset_dir, entry["file"], entry["sha256"], columns))
+                    table = shards.read_verified(dataset_dir, entry["file"], entry["sha256"], columns)
+                    rows_order = None if order is None else reading.row_order(
+                        table.num_rows, request.seed, request.epoch, order[batch.shard_index])
+                    loaded = (batch.shard_index, table, rows_order)
                     metrics.SHARDS_SERVED.inc()
-                records = reading.take(loaded[1], batch)
+                records = reading.take(loaded[1], batch, loaded[2])
                 data = reading.to_ipc_stream(records)
                 metrics.ROWS_SERVED.inc(records.num_rows)
                 metrics.BYTES_SERVED.inc(len(data))

@@ -151,6 +151,32 @@ def test_resuming_from_a_cursor_continues_exactly_where_it_left_off(dataprep_ser
     assert list(client.read_batches(address, str(out), rank=1, world_size=3, start=full[-1][1])) == []
 
 
+def test_shuffled_reads_are_seeded_per_epoch_disjoint_across_ranks_and_resumable(dataprep_server, dataset):
+    address, _ = dataprep_server
+    out, rows = dataset  # 23 rows in shards of 5
+
+    def read(rank, world_size=2, **args):
+        return [r for b, _ in client.read_batches(address, str(out), rank=rank, world_size=world_size,
+                                                  max_batch_rows=2, shuffle=True, **args) for r in b.to_pylist()]
+
+    key = lambda r: r["input_ids"]  # noqa: E731
+    epoch0 = [read(0, seed=7), read(1, seed=7)]
+    assert sorted(epoch0[0] + epoch0[1], key=key) == sorted(rows, key=key)  # every row once, across ranks
+    assert [read(0, seed=7), read(1, seed=7)] == epoch0  # the same seed and epoch: the same order
+    served = [r for pair in zip(epoch0[0], epoch0[1] + [None]) for r in pair if r is not None]
+    assert served != rows  # shuffled ...
+    assert read(0, world_size=1, seed=7) == served  # ... into one order that the ranks deal from
+    assert read(0, world_size=1, seed=7, epoch=1) not in (served, rows)  # another epoch, another order
+    assert read(0, world_size=1, seed=8) != served
+    full = [(b.to_pylist(), c) for b, c in client.read_batches(address, str(out), rank=1, world_size=3,
+                                                                max_batch_rows=1, shuffle=True, seed=7)]
+    for k in (0, 3, len(full) - 2):
+        resumed = [r for b, _ in client.read_batches(address, str(out), rank=1, world_size=3, start=full[k][1],
+                                                     max_batch_rows=1, shuffle=True, seed=7)
+                   for r in b.to_pylist()]
+        assert resumed == [r for rows_, _ in full[k + 1:] for r in rows_]
+
+
 def test_read_shards_responses_are_arrow_ipc_streams_with_cursor_and_shard(stub, dataset):
     out, rows = dataset
     responses = list(stub.ReadShards(pb.ReadShardsRequest(dataset_dir=str(out)), timeout=10))

@@ -71,6 +71,8 @@ def test_read_shards_serves_a_dataset_while_it_is_being_prepared(dataprep_server
         reader.close()
     assert state_of(address, operation_id) == pb.PREPARATION_STATE_RUNNING
     assert not (out / "manifest.json").exists()
+    with pytest.raises(FailedPrecondition, match="shuffle needs a complete dataset"):
+        next(client.read_batches(address, str(out), shuffle=True, seed=1, timeout=60))
 
     reader = client.read_batches(address, str(out), max_batch_rows=3, timeout=60)
     rows = [row for batch, _ in [next(reader)] for row in batch.to_pylist()]  # shard 0, before the gate opens
