@@ -203,6 +203,9 @@ class ProgressBar:
                                  tok_s=f"{step.tokens_per_second:.0f}", refresh=False)
         elif kind == "checkpoint" and self.bar is not None:
             self.bar.write(f"checkpoint {event.checkpoint.path}", file=sys.stderr)
+        elif kind == "eval" and self.bar is not None:
+            self.bar.write(f"step {event.eval.step}: eval_loss {event.eval.eval_loss:.4f} over {event.eval.eval_rows} rows",
+                           file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

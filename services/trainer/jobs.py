@@ -319,6 +319,8 @@ class JobManager:
                 self._append(job, pb.WatchJobResponse(step=step))
             elif kind == "eval":
                 metrics.EVAL_LOSS.set(event["eval_loss"])
+                evaluated = pb.EvalEvent(**{k: event[k] for k in pb.EvalEvent.DESCRIPTOR.fields_by_name if k in event})
+                self._append(job, pb.WatchJobResponse(eval=evaluated))
             elif kind == "checkpoint":
                 published = pb.CheckpointEvent(job_id=job.id, step=event["step"], path=event["path"],
                                                base_model=event["base_model"], adapter_name=event["adapter_name"],

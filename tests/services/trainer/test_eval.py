@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from libs.common import checkpoint
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import checkpointing, client, evaluation
+from services.trainer.cli import ProgressBar
 from services.trainer.config import SftConfig
 
 LOGGED_KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_second", "data_wait_seconds"}
@@ -31,19 +32,28 @@ def test_held_out_rows_are_exactly_ceil_n_r_and_spread():
     assert not any(evaluation.held_out(i, 0.0) for i in range(10))
 
 
-def run(trainer, output_dir, **values) -> pb.Job:
-    job = client.wait(trainer.address, client.submit(trainer.address, SftConfig(output_dir=str(output_dir), **values)))
+def run(trainer, output_dir, on_event=None, **values) -> pb.Job:
+    job = client.wait(trainer.address, client.submit(trainer.address, SftConfig(output_dir=str(output_dir), **values)),
+                      on_event=on_event)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     return job
 
 
 @pytest.mark.slow
-def test_split_eval_logging_images_and_tensorboard(trainer, prepared_dataset, dataprep_address, tmp_path):
+def test_split_eval_logging_images_and_tensorboard(trainer, prepared_dataset, dataprep_address, tmp_path,
+                                                   capsys):
     run_dir = tmp_path / "run"
     # 8 rows, 2 held out: 6 train rows in micro-batches of 2 -> 3 steps an epoch, 2 epochs
-    run(trainer, run_dir, dataset=prepared_dataset, dataprep_address=dataprep_address, split_dataset_ratio=0.25,
-        num_train_epochs=2, per_device_train_batch_size=2, eval_steps=2, save_steps=2, learning_rate=3e-3,
-        lora_dropout=0.0)
+    watched, bar = [], ProgressBar("sft")
+
+    def on_event(event):
+        watched.append(event)
+        bar(event)
+
+    run(trainer, run_dir, on_event=on_event, dataset=prepared_dataset, dataprep_address=dataprep_address,
+        split_dataset_ratio=0.25, num_train_epochs=2, per_device_train_batch_size=2, eval_steps=2, save_steps=2,
+        learning_rate=3e-3, lora_dropout=0.0)
+    bar.close()
     entries = logged(run_dir)
     train = [e for e in entries if "loss" in e]
     evals = [e for e in entries if "eval_loss" in e]
@@ -52,6 +62,11 @@ def test_split_eval_logging_images_and_tensorboard(trainer, prepared_dataset, da
     assert sum(e["tokens"] for e in train) > 0 and all(e["data_wait_seconds"] >= 0 for e in train)
     assert [e["step"] for e in evals] == [2, 4, 6] and all(e["eval_rows"] == 2 for e in evals)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # training on the 6 rows helps the 2 alike ones
+    # WatchJob streams each eval as it happens, and the CLI's progress bar prints it
+    streamed = [e.eval for e in watched if e.WhichOneof("event") == "eval"]
+    assert [(e.step, e.eval_loss, e.eval_trained_tokens, e.eval_rows) for e in streamed] == [
+        (e["step"], e["eval_loss"], e["eval_trained_tokens"], e["eval_rows"]) for e in evals]
+    assert "step 6: eval_loss" in capsys.readouterr().err
 
     for image in ("train_loss.png", "eval_loss.png"):
         assert (run_dir / "images" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
