@@ -200,16 +200,31 @@ def sample_indices(total: int, count: int, seed: int) -> list[int]:
     return [i for _ in range(whole) for i in range(total)] + sorted(rng.sample(range(total), rest))
 
 
+def _passes(dataset: Dataset) -> Iterator[Record]:
+    """One pass over a dataset's rows; a source's `rows` counts this pass only."""
+    for source in dataset.sources:
+        source.rows = 0
+        yield from _read_file(source)
+
+
 def read(datasets: list[Dataset], seed: int) -> Iterator[Record]:
     """Every row of every dataset in argument order; blank lines are not rows.
-    A sampled dataset is read whole first (its size decides the sample)."""
+    A sampled dataset is read more than once, never held: a first pass counts its
+    rows (its size decides the sample), then every row N // size times, then a
+    pass yields the sampled rest."""
     for dataset in datasets:
         if dataset.sample is None:
             for source in dataset.sources:
                 yield from _read_file(source)
             continue
-        records = [record for source in dataset.sources for record in _read_file(source)]
-        if not records:
+        total = sum(1 for _ in _passes(dataset))
+        if not total:
             raise InvalidArgument(f"{dataset.spec}: no rows to sample from", field="dataset")
-        for index in sample_indices(len(records), dataset.sample, seed):
-            yield records[index]
+        whole, rest = divmod(dataset.sample, total)
+        for _ in range(whole):
+            yield from _passes(dataset)
+        if rest:
+            chosen = set(sample_indices(total, rest, seed))  # the same draw as sample_indices(total, sample)
+            for index, record in enumerate(_passes(dataset)):
+                if index in chosen:
+                    yield record

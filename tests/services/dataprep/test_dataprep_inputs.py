@@ -91,6 +91,31 @@ def test_sample_suffix_is_seeded_and_oversamples_past_the_end(tmp_path):
         inputs.resolve([f"{path}#0"])
 
 
+def test_a_sampled_dataset_is_read_in_passes_not_held(tmp_path):
+    """path#N: rows stream through (a counting pass, then the sample), so memory does not
+    hold the dataset; the source's row count is its real one, not one per pass."""
+    import tracemalloc
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i} " + "x" * 300}) + "\n" for i in range(10_000)))
+    tracemalloc.start()
+    try:
+        held = list(inputs.read(inputs.resolve([str(path)]), 42))
+        whole = tracemalloc.get_traced_memory()[0]
+        del held
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        datasets = inputs.resolve([f"{path}#25000"])  # twice every row, then 5000 drawn
+        assert sum(1 for _ in inputs.read(datasets, 42)) == 25_000
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    lines = [record.line for record in inputs.read(datasets, 42)]
+    assert lines[:20_000] == [*range(1, 10_001)] * 2 and len(set(lines[20_000:])) == 5000
+    assert datasets[0].sources[0].rows == 10_000
+    assert peak < whole / 2, (peak, whole)  # read buffers and the drawn indices, not the rows
+
+
 def test_several_datasets_in_several_formats_prepare_into_one_run(tmp_path, tokenizer):
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                                   {"role": "assistant", "content": "yo"}]}) + "\n")
