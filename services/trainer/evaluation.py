@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from services.trainer import data
@@ -71,14 +72,29 @@ class EvalResult:
 
 
 def evaluate(forward: Callable[..., torch.Tensor], source: data.RowSource, micro_batch_size: int, pad_id: int,
-             dtype: torch.dtype = torch.float32) -> EvalResult:
-    """One pass over the eval rows without gradients; `forward(**inputs)` returns the model
-    output (the caller puts the model in eval mode and back)."""
+             dtype: torch.dtype = torch.float32, world=None) -> EvalResult:
+    """One pass over this rank's eval rows without gradients; `forward(**inputs)` returns the
+    model output (the caller puts the model in eval mode and back).
+
+    Distributed (`world`), every rank runs as many forwards as the rank with the most eval
+    micro-batches: a forward of FSDP2, ZeRO-3 or DDP is itself a collective (parameter
+    all-gathers, buffer broadcasts), and a rank whose slice is a row shorter would otherwise
+    leave the others waiting. Its extra forwards are on one pad token and count for nothing."""
     loss_sum, trained, count = 0.0, 0, 0
     rows = [row for row, _ in source.epoch_rows(data.DataCursor())]
+    batches = math.ceil(len(rows) / micro_batch_size)
+    if world is not None and world.distributed:
+        from services.trainer import distributed
+        agreed = distributed.all_max(batches, world)
+    else:
+        agreed = batches
+    filler = data.Row(np.array([pad_id], dtype=np.int32), np.array([data.IGNORE_INDEX], dtype=np.int32))
     with torch.no_grad():
-        for start in range(0, len(rows), micro_batch_size):
-            micro = data.collate(rows[start:start + micro_batch_size], pad_id)
+        for index in range(agreed):
+            if index >= batches:  # weight zero: only keeps this rank in step with the others
+                forward(**data.collate([filler], pad_id).model_inputs(dtype))
+                continue
+            micro = data.collate(rows[index * micro_batch_size:(index + 1) * micro_batch_size], pad_id)
             logits = forward(**micro.model_inputs(dtype)).logits  # [b, s, vocab]
             loss_sum += float(sft_loss(logits, micro.labels, 1))  # the summed token losses
             trained += micro.trained_tokens

@@ -218,7 +218,7 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     def run_eval() -> None:
         with evaluation.eval_mode(model):
             result = evaluation.evaluate(engine.forward, eval_rows, config.per_device_train_batch_size, pad_id,
-                                         model.dtype)
+                                         model.dtype, world)
         loss_sum, tokens, count = result.loss_sum, result.trained_tokens, result.rows
         if world.distributed:  # every rank evaluated its own slice
             loss_sum, tokens, count = distributed.all_sum([loss_sum, tokens, count], world)
