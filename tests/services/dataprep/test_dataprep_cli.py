@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cli.main import main as tuneforge
 
 
@@ -40,3 +42,28 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         "tuneforge prepare: error: dataset: at least one dataset file is required",
         "tuneforge prepare: error: output_dir: required",
     ]
+
+
+@pytest.mark.parametrize("case", ["empty", "blank_lines", "no_data_files", "every_row_rejected", "binary_csv"])
+def test_bad_datasets_are_one_line_exit_2_and_leave_no_manifest(tmp_path, capsys, case):
+    """Each user-facing dataset error: one line naming the dataset, exit 2, no traceback,
+    nothing left that looks like a prepared dataset."""
+    (tmp_path / "d").mkdir()
+    dataset, expected = {
+        "empty": ("empty.jsonl", "empty.jsonl: no rows"),
+        "blank_lines": ("blank.jsonl", "blank.jsonl: no rows"),  # blank lines are not rows
+        "no_data_files": ("d", "d: directory holds no dataset files"),
+        "every_row_rejected": ("bad.jsonl", "bad.jsonl: every row was rejected (2; invalid_json: 1, unknown_format: 1)"),
+        "binary_csv": ("bin.csv", "bin.csv: not a CSV file: binary data"),
+    }[case]
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n\n")
+    (tmp_path / "bad.jsonl").write_text('{"messages": [\n{"q": 1}\n')
+    (tmp_path / "bin.csv").write_bytes(b"a,b\n\x00\x01\x02\xff")
+    out = tmp_path / "out"
+    assert tuneforge(["prepare", "--dataset", str(tmp_path / dataset), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.strip() and not line.startswith("prepare: ")]  # no bar
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("tuneforge prepare: error: dataset: ") and expected in errors[0], errors
+    assert not (out / "manifest.json").exists() and not list(out.glob("shard-*.arrow"))
