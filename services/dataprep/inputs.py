@@ -130,18 +130,86 @@ def _jsonl(path: str, lines: Iterator[bytes]) -> Iterator[Record]:
             yield Record(path, number, text, error=f"not a JSON object: {exc}")
 
 
+JSON_CHUNK = 1 << 20  # characters of a .json array read at a time
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
+
+
+class _ArrayText:
+    """The text of a .json file read in chunks: a window `text[pos:]` that grows
+    on demand (`more`) and drops what was consumed."""
+
+    def __init__(self, f):
+        self.f, self.text, self.pos, self.eof = f, "", 0, False
+
+    def more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.f.read(JSON_CHUNK)
+        self.text = self.text[self.pos:] + chunk
+        self.pos = 0
+        self.eof = not chunk
+        return bool(chunk)
+
+    def skip_space(self) -> str:
+        """The next non-whitespace character ("" at the end), not consumed."""
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.text) or not self.more():
+                return self.text[self.pos:self.pos + 1]
+
+
+def _json_array(path: str, text: _ArrayText) -> Iterator[Record]:
+    """The rows of a JSON array, one at a time (never the whole array in memory)."""
+    decoder = json.JSONDecoder()
+
+    def bad(what: str) -> InvalidArgument:
+        return InvalidArgument(f"{path}: not a JSON array: {what}", field="dataset")
+
+    text.pos += 1  # the "["
+    number = 0
+    if text.skip_space() == "]":
+        text.pos += 1
+    else:
+        while True:
+            while True:  # decode one value, reading more while it is cut off by the window's end
+                try:
+                    value, end = decoder.raw_decode(text.text, text.pos)
+                except json.JSONDecodeError as exc:
+                    if text.more():
+                        continue
+                    raise bad(f"{exc.msg} in row {number + 1}") from None
+                cut = end == len(text.text) or (isinstance(value, (int, float)) and text.text[end] in _NUMBER_CHARS)
+                if not cut or not text.more():  # a number at the window's end may go on after it
+                    break
+            text.pos = end
+            number += 1
+            yield Record(path, number, json.dumps(value, ensure_ascii=False), value)
+            after = text.skip_space()
+            text.pos += 1
+            if after == "]":
+                break
+            if after != ",":
+                raise bad(f"expected ',' or ']' after row {number}, got {after!r}" if after
+                          else f"unterminated array after row {number}")
+            text.skip_space()
+    if text.skip_space():
+        raise bad("extra data after the array")
+
+
 def _json(path: str) -> Iterator[Record]:
-    data = pathlib.Path(path).read_bytes()
-    if not data.lstrip().startswith(b"["):
-        # HF datasets reads JSON Lines from .json files too; so do we.
-        yield from _jsonl(path, iter(data.splitlines(keepends=True)))
-        return
-    try:
-        values = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"{path}: not a JSON array: {exc}", field="dataset") from None
-    for number, value in enumerate(values, start=1):
-        yield Record(path, number, json.dumps(value, ensure_ascii=False), value)
+    """A .json file: a JSON array, streamed row by row; a file that does not start
+    with `[` is JSON Lines (HF datasets reads those from .json files too; so do we)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # as json.loads(bytes), a UTF-8 BOM is skipped
+        text = _ArrayText(f)
+        try:
+            if text.skip_space() != "[":
+                with open(path, "rb") as lines:
+                    yield from _jsonl(path, lines)
+                return
+            yield from _json_array(path, text)
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{path}: not a JSON array: not UTF-8: {exc}", field="dataset") from None
 
 
 def _csv(path: str) -> Iterator[Record]:

@@ -3,6 +3,7 @@ them, several datasets in one run, and `path#N` seeded sampling."""
 
 import csv
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -114,6 +115,41 @@ def test_a_sampled_dataset_is_read_in_passes_not_held(tmp_path):
     assert lines[:20_000] == [*range(1, 10_001)] * 2 and len(set(lines[20_000:])) == 5000
     assert datasets[0].sources[0].rows == 10_000
     assert peak < whole / 2, (peak, whole)  # read buffers and the drawn indices, not the rows
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+def test_json_arrays_stream_row_by_row_and_parse_as_json_loads(tmp_path, monkeypatch, chunk):
+    """A .json array is read in chunks (here as small as 1 character, so every value is
+    cut somewhere): the same values as json.loads, broken arrays named, rows not held."""
+    monkeypatch.setattr(inputs, "JSON_CHUNK", chunk)
+    path = tmp_path / "a.json"
+    values = [{"text": 'a]b,c"[ \u00e9\U0001F600', "n": 12345}, {"x": [1, {"y": None}]}, 12.5e3, -7, True, "s", []]
+    for text in (json.dumps(values), json.dumps(values, indent=2), "\ufeff" + json.dumps(values), " [ ] ", "[12]"):
+        path.write_text(text, encoding="utf-8")
+        got = [(r.line, r.value) for r in inputs.read(inputs.resolve([str(path)]), 42)]
+        assert got == list(enumerate(json.loads(text.lstrip("\ufeff")), start=1))
+    for broken, message in (('[{"a": 1},', "Expecting value in row 2"), ('[{"a": 1} {"b": 2}]', "after row 1, got '{'"),
+                            ("[1, 2] x", "extra data after the array"), ('[{"a": 1', "in row 1"),
+                            ("[1, 2", "unterminated array after row 2"), (b"[\"\xff\"]", "not UTF-8")):
+        path.write_bytes(broken if isinstance(broken, bytes) else broken.encode())
+        with pytest.raises(InvalidArgument, match=rf"a.json: not a JSON array: .*{re.escape(message)}"):
+            list(inputs.read(inputs.resolve([str(path)]), 42))
+    if chunk == 1 << 20:
+        import tracemalloc
+
+        path.write_text(json.dumps([{"text": f"row {i} " + "x" * 300} for i in range(10_000)]))
+        tracemalloc.start()
+        try:
+            held = list(inputs.read(inputs.resolve([str(path)]), 42))
+            whole = tracemalloc.get_traced_memory()[0]
+            del held
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            assert sum(1 for _ in inputs.read(inputs.resolve([str(path)]), 42)) == 10_000
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        assert peak < whole / 2, (peak, whole)  # a chunk of text, not the rows
 
 
 def test_several_datasets_in_several_formats_prepare_into_one_run(tmp_path, tokenizer):
