@@ -1,5 +1,6 @@
-"""Exact resume on packed data: a run over packed rows (prepared with --packing by the real
-dataprep service) killed with SIGKILL after a checkpoint and resumed from it logs bitwise the
+"""Exact resume on packed streaming data: a run over packed rows (prepared with --packing
+--streaming by the real dataprep service; the trainer reads every dataset as a stream over
+ReadShards and resumes from the saved stream cursor, nothing re-read and skipped) killed with SIGKILL after a checkpoint and resumed from it logs bitwise the
 same losses, gradient norms and learning rates as the uninterrupted run (CPU fp32, one
 process, dropout on, crossing an epoch)."""
 
@@ -30,7 +31,8 @@ def packed_dataset(dataprep_address, default_model, tmp_path_factory) -> str:
                                                     {"role": "assistant", "content": answer}]}) + "\n"
                            for i, answer in enumerate(ANSWERS)))
     manifest = dataprep_client.prepare(dataprep_address, PrepareConfig(
-        model=str(default_model), dataset=[str(raw)], output_dir=str(root / "prepared"), packing=True, max_length=80))
+        model=str(default_model), dataset=[str(raw)], output_dir=str(root / "prepared"), packing=True, max_length=80,
+        streaming=True))
     assert manifest["packing"]["samples"] == len(ANSWERS) and manifest["packing"]["bins"] < len(ANSWERS)
     return str(root / "prepared")
 
