@@ -19,9 +19,9 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
-from libs.common import checkpoint, logs
+from libs.common import adapter_dir, checkpoint, logs
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, TuneForgeError, Unavailable
-from services.serving import adapter_dir, metrics
+from services.serving import metrics
 from services.serving.config import LORA_RANKS, NAME
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 from libs.common.errors import NotFound, Problems, TuneForgeError
-from services.serving import adapter_dir
+from libs.common import adapter_dir
 
 # vLLM sizes its LoRA kernels for these ranks only (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

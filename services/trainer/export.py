@@ -16,7 +16,7 @@ from tqdm import tqdm
 from libs.common import checkpoint
 from libs.common import config as cfg
 from libs.common.errors import FailedPrecondition, InvalidArgument, TuneForgeError
-from services.serving import adapter_dir
+from libs.common import adapter_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 # config.json fields that decide the weights' shapes: two bases that differ in one of them
