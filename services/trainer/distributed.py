@@ -126,10 +126,17 @@ def problems(config) -> list[str]:
             found.append(f"deepspeed: {exc}")
         if config.fsdp:
             found.append("fsdp: cannot be combined with deepspeed; choose one back end")
-    if config.deepspeed and config.resume_from_checkpoint and not config.resume_only_model:
-        found.append("resume_from_checkpoint: an exact resume (optimizer state) is not supported with deepspeed yet; "
-                     "add --resume_only_model true, or resume with DDP or FSDP2")
+    if config.deepspeed and config.resume_from_checkpoint and not config.resume_only_model and _zero_stage(config) == 3:
+        found.append("resume_from_checkpoint: an exact resume (optimizer state) is not supported with ZeRO-3 yet; "
+                     "add --resume_only_model true, or resume with ZeRO-2, DDP or FSDP2")
     return found
+
+
+def _zero_stage(config) -> int | None:
+    try:
+        return deepspeed_json(config.deepspeed).get("zero_optimization", {}).get("stage", 0)
+    except ValueError:
+        return None  # reported above
 
 
 # --- process group
@@ -344,6 +351,25 @@ class DeepSpeedEngine(Engine):
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
+    def optimizer_state(self) -> dict:
+        """ZeRO-1/2 hand the recipe's AdamW this rank's flat fp32 partition of the parameters,
+        so its state is this rank's partition of the optimizer state: every rank's, in rank
+        order (collective). The fp32 partitions themselves are rebuilt from the published
+        weights on resume (fp32 training: the same numbers)."""
+        return {"zero_partitions": gather(_to_cpu(self.optimizer.state_dict()), self.world)}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        from libs.common.errors import InvalidArgument
+
+        partitions = state.get("zero_partitions")
+        if partitions is None:
+            raise InvalidArgument("the checkpoint holds no DeepSpeed optimizer partitions (it was not saved by a "
+                                  "DeepSpeed run); add --resume_only_model true", field="resume_from_checkpoint")
+        if len(partitions) != self.world.world_size:
+            raise InvalidArgument(f"the checkpoint was trained by {len(partitions)} processes; resume it with as many "
+                                  f"(this run has {self.world.world_size})", field="resume_from_checkpoint")
+        self.optimizer.load_state_dict(partitions[self.world.rank])
+
     def publishable(self) -> Publishable | None:
         if self.stage != 3:
             return super().publishable()
@@ -405,3 +431,14 @@ def resolved_deepspeed_config(config, world: World) -> dict[str, Any]:
         if value == "auto":
             zero.pop(key)  # DeepSpeed's own default
     return ds
+
+
+def _to_cpu(value: Any) -> Any:
+    """Tensors of a nested state dict moved to the CPU (to gather and save them)."""
+    if hasattr(value, "detach"):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
