@@ -91,6 +91,12 @@ async def _typed(request: Request, exc: TuneForgeError) -> JSONResponse:
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        # loc is ("body", character offset): a place in the text, not a field
+        error = errors[0]
+        offset = error.get("loc", ("body", None))[-1]
+        detail = (error.get("ctx") or {}).get("error") or error.get("msg", "")
+        return error_response(400, f"the request body is not valid JSON: {detail} (character {offset})", None)
     # Report every problem at once, each with its place (`messages.0.role: ...`), bounded in size.
     parts = []
     for error in errors[:10]:

@@ -181,7 +181,9 @@ def test_malformed_json_is_400(serving):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=10)
     assert info.value.code == 400
-    assert json.loads(info.value.read())["error"]["type"] == "BadRequestError"
+    error = json.loads(info.value.read())["error"]
+    assert error["type"] == "BadRequestError" and error["param"] is None
+    assert error["message"].startswith("the request body is not valid JSON: ") and "(character 1)" in error["message"]
 
 
 def test_health_and_metrics(serving, client):
