@@ -126,17 +126,7 @@ def problems(config) -> list[str]:
             found.append(f"deepspeed: {exc}")
         if config.fsdp:
             found.append("fsdp: cannot be combined with deepspeed; choose one back end")
-    if config.deepspeed and config.resume_from_checkpoint and not config.resume_only_model and _zero_stage(config) == 3:
-        found.append("resume_from_checkpoint: an exact resume (optimizer state) is not supported with ZeRO-3 yet; "
-                     "add --resume_only_model true, or resume with ZeRO-2, DDP or FSDP2")
     return found
-
-
-def _zero_stage(config) -> int | None:
-    try:
-        return deepspeed_json(config.deepspeed).get("zero_optimization", {}).get("stage", 0)
-    except ValueError:
-        return None  # reported above
 
 
 # --- process group
@@ -352,11 +342,19 @@ class DeepSpeedEngine(Engine):
         return float(norm) if norm is not None else 0.0
 
     def optimizer_state(self) -> dict:
-        """ZeRO-1/2 hand the recipe's AdamW this rank's flat fp32 partition of the parameters,
-        so its state is this rank's partition of the optimizer state: every rank's, in rank
-        order (collective). The fp32 partitions themselves are rebuilt from the published
-        weights on resume (fp32 training: the same numbers)."""
-        return {"zero_partitions": gather(_to_cpu(self.optimizer.state_dict()), self.world)}
+        """ZeRO partitions the optimizer state: the recipe's AdamW steps this rank's flat fp32
+        partitions of the parameters (ZeRO-1/2: one per parameter group, as its param_groups;
+        ZeRO-3: one per sub-group, put into its param_groups only while it steps). Every
+        rank's state of its partitions, in rank order (collective). The fp32 partitions
+        themselves are rebuilt from the published weights on resume (fp32: the same numbers)."""
+        if self.stage == 3:
+            flats = self.ds_optimizer.fp32_partitioned_groups_flat
+            mine = {"sub_groups": [dict(self.optimizer.state.get(flat, {})) for flat in flats],
+                    "param_groups": [{k: v for k, v in group.items() if k != "params"}
+                                     for group in self.optimizer.param_groups]}
+        else:
+            mine = self.optimizer.state_dict()
+        return {"zero_partitions": gather(_to_cpu(mine), self.world)}
 
     def load_optimizer_state(self, state: dict) -> None:
         from libs.common.errors import InvalidArgument
@@ -368,7 +366,18 @@ class DeepSpeedEngine(Engine):
         if len(partitions) != self.world.world_size:
             raise InvalidArgument(f"the checkpoint was trained by {len(partitions)} processes; resume it with as many "
                                   f"(this run has {self.world.world_size})", field="resume_from_checkpoint")
-        self.optimizer.load_state_dict(partitions[self.world.rank])
+        mine = partitions[self.world.rank]
+        if self.stage != 3:
+            self.optimizer.load_state_dict(mine)
+            return
+        flats = self.ds_optimizer.fp32_partitioned_groups_flat
+        if "sub_groups" not in mine or len(mine["sub_groups"]) != len(flats):
+            raise InvalidArgument("the checkpoint's ZeRO-3 optimizer partitions do not fit this run's (another "
+                                  "DeepSpeed configuration?)", field="resume_from_checkpoint")
+        for flat, saved in zip(flats, mine["sub_groups"]):
+            self.optimizer.state[flat] = {k: v.to(flat.device) if hasattr(v, "to") else v for k, v in saved.items()}
+        for group, saved in zip(self.optimizer.param_groups, mine["param_groups"]):  # lr and the rest
+            group.update(saved)
 
     def publishable(self) -> Publishable | None:
         if self.stage != 3:

@@ -189,8 +189,7 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         nonlocal last_saved
         state = {"step": step, "total_steps": total, "data_cursor": cursor.to_dict()}
         training = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
-        if not (world.distributed and config.deepspeed and engine.stage == 3):  # ZeRO-3: not resumable yet
-            training["optimizer"] = engine.optimizer_state()  # FSDP2, ZeRO-1/2: gathered from every rank
+        training["optimizer"] = engine.optimizer_state()  # FSDP2, ZeRO: gathered from every rank
         publishable = model
         if world.distributed:  # collectives: every rank takes part, rank 0 publishes
             state["data_cursors"] = distributed.gather(cursor.to_dict(), world)

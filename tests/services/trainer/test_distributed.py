@@ -193,11 +193,13 @@ def test_nproc_per_node_makes_tuneforge_sft_launch_torchrun(prepared_dataset, da
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [pytest.param({}, id="ddp"), pytest.param({"fsdp": True}, id="fsdp"),
-                                     pytest.param({"deepspeed": "zero2"}, id="zero2")])
+                                     pytest.param({"deepspeed": "zero2"}, id="zero2"),
+                                     pytest.param({"deepspeed": "zero3"}, id="zero3")])
 def test_two_processes_resume_within_1e_6(backend, prepared_dataset, dataprep_address, tmp_path):
     """Resume restores every rank's RNG state (LoRA dropout on) and data cursor, and the
     optimizer state (FSDP2: consolidated on save, re-sharded on load; ZeRO-2: every rank's
-    partition of the AdamW state, each rank loads its own): the steps after a
+    partition of the AdamW state, each rank loads its own; ZeRO-3 likewise per sub-group,
+    with the groups' learning rates): the steps after a
     resume from checkpoint-3 log the losses of the uninterrupted run. Each rank has 4
     rows an epoch, in steps of 3 and 1 micro-batches: step 3 ends mid-epoch."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
