@@ -39,7 +39,7 @@ demo: install
 	$(VENV)/bin/tuneforge demo
 
 test: install tools
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	bash bazel/ci.sh
 
 test-fast: install
