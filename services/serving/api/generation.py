@@ -120,6 +120,34 @@ class Job:
         self.tally.record()
 
 
+def start(state: ServingState, request, arrived: float) -> Job:
+    """Opens the job of a chat or text completion request: parameters this server does not
+    implement are refused first (400), then the model is pinned and the request admitted."""
+    unsupported = request.unsupported()
+    if unsupported:
+        raise InvalidArgument(f"{', '.join(unsupported)}: not supported by this server", field=unsupported[0])
+    try:
+        return Job.open(state, request.model, arrived)
+    except TuneForgeError as exc:
+        count_error(request.model, exc)
+        raise
+
+
+@contextlib.contextmanager
+def closed_on_failure(job: Job):
+    """Closes `job` when the block fails, counting a typed error under its model; on
+    success the caller closes it (at once, or when its stream ends)."""
+    try:
+        yield
+    except TuneForgeError as exc:
+        count_error(job.model, exc)
+        job.close()
+        raise
+    except BaseException:
+        job.close()
+        raise
+
+
 @dataclass
 class Choice:
     """One choice's text and finish reason, assembled from deltas."""

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from libs.common.errors import InvalidArgument, TuneForgeError
+from libs.common.errors import TuneForgeError
 from services.serving.api import generation
 from services.serving.api.chat_completions.schema import (
     AssistantMessage,
@@ -32,16 +32,8 @@ async def create(request: ChatCompletionRequest, state: ServingState) -> ChatCom
     """A whole completion, or (stream) an iterator of server-sent events. Errors
     before the first token raise (the HTTP status tells them); later ones end the
     stream with an error event."""
-    arrived = time.perf_counter()
-    unsupported = request.unsupported()
-    if unsupported:
-        raise InvalidArgument(f"{', '.join(unsupported)}: not supported by this server", field=unsupported[0])
-    try:
-        job = generation.Job.open(state, request.model, arrived)
-    except TuneForgeError as exc:
-        generation.count_error(request.model, exc)
-        raise
-    try:
+    job = generation.start(state, request, time.perf_counter())
+    with generation.closed_on_failure(job):
         prompt = await state.engine.chat_prompt([m.for_template() for m in request.messages])
         max_tokens = state.engine.completion_budget(len(prompt), request.completion_limit())
         params = generation.sampling_params(request, max_tokens)
@@ -50,13 +42,6 @@ async def create(request: ChatCompletionRequest, state: ServingState) -> ChatCom
             deltas = await generation.open_stream(job, [prompt], params, request.n)
             return _events(request, job, deltas)
         choices = await generation.complete(job, [prompt], params, request.n)
-    except TuneForgeError as exc:
-        generation.count_error(request.model, exc)
-        job.close()
-        raise
-    except BaseException:
-        job.close()
-        raise
     job.close()
     return ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model,

@@ -37,16 +37,8 @@ async def create(request: CompletionRequest, state: ServingState) -> Completion 
     """A whole completion, or (stream) an iterator of server-sent events. Errors
     before the first token raise (the HTTP status tells them); later ones end the
     stream with an error event."""
-    arrived = time.perf_counter()
-    unsupported = request.unsupported()
-    if unsupported:
-        raise InvalidArgument(f"{', '.join(unsupported)}: not supported by this server", field=unsupported[0])
-    try:
-        job = generation.Job.open(state, request.model, arrived)
-    except TuneForgeError as exc:
-        generation.count_error(request.model, exc)
-        raise
-    try:
+    job = generation.start(state, request, time.perf_counter())
+    with generation.closed_on_failure(job):
         prompts = await _token_ids(request, state)
         # Every prompt must fit with its completion; the tightest one decides, as in OpenAI's check.
         longest = max(len(p) for p in prompts)
@@ -57,13 +49,6 @@ async def create(request: CompletionRequest, state: ServingState) -> Completion 
             deltas = await generation.open_stream(job, prompts, params, request.n)
             return _events(request, job, deltas)
         choices = await generation.complete(job, prompts, params, request.n)
-    except TuneForgeError as exc:
-        generation.count_error(request.model, exc)
-        job.close()
-        raise
-    except BaseException:
-        job.close()
-        raise
     job.close()
     return Completion(
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model,
