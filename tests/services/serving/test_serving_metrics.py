@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 import urllib.request
 
 import grpc
@@ -41,12 +42,23 @@ def value(found: dict, name: str, **labels) -> float:
     return found.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def settled(serving, seconds: float = 30.0) -> dict[tuple, float]:
+    """Samples once no request is in flight: a request an earlier test left behind (an
+    abandoned stream) records its tokens when it closes, which must not land in a delta."""
+    deadline = time.monotonic() + seconds
+    found = samples(serving)
+    while value(found, "tuneforge_serving_in_flight_requests") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        found = samples(serving)
+    return found
+
+
 def test_per_adapter_series_count_each_model_and_vanish_on_unload(serving, client, make_lora):
     path = make_lora("metered", rank=8, seed=11)
     with grpc.insecure_channel(serving.grpc) as channel:
         admin = serving_pb2_grpc.AdapterServiceStub(channel)
         admin.LoadAdapter(serving_pb2.LoadAdapterRequest(name="metered", path=str(path)), timeout=60)
-        before = samples(serving)
+        before = settled(serving)
         base = client.completions.create(model=serving.base_name, prompt="Hi", max_tokens=5, temperature=0)
         adapter = [client.completions.create(model="metered", prompt="Hi there", max_tokens=6, temperature=0)
                    for _ in range(2)]
@@ -56,7 +68,7 @@ def test_per_adapter_series_count_each_model_and_vanish_on_unload(serving, clien
             client.completions.create(model="metered", prompt="x " * 5000, max_tokens=2)
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="never-loaded", prompt="Hi")
-        after = samples(serving)
+        after = settled(serving)
 
         def delta(name, **labels):
             return value(after, name, **labels) - value(before, name, **labels)
