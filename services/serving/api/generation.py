@@ -1,7 +1,8 @@
 """What the chat and text completion endpoints share: admitting a request, pinning
 its model, sampling parameters, running the engine for `n` choices (whole, or as a
 stream whose first output is awaited before answering, so refusals keep their
-4xx), and per-model token counts and latencies."""
+4xx), per-model token counts and latencies, and how a result goes out: JSON, or
+server-sent events ending in `[DONE]` with a failure on the way as a final error event."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel
+from starlette.responses import JSONResponse, StreamingResponse
+
 from libs.common.errors import InvalidArgument, TuneForgeError
 from services.serving import metrics
 from services.serving.adapters import Lease
 from services.serving.admission import Ticket
-from services.serving.api.errors import status_of
+from services.serving.api.errors import sse_error, sse_unexpected, status_of
 from services.serving.api.state import ServingState
 
 
@@ -131,6 +135,39 @@ def start(state: ServingState, request, arrived: float) -> Job:
     except TuneForgeError as exc:
         count_error(request.model, exc)
         raise
+
+
+DONE = "data: [DONE]\n\n"
+
+
+def response(result: BaseModel | AsyncIterator[str]) -> JSONResponse | StreamingResponse:
+    """A handler's answer as HTTP: a whole completion as JSON, a stream as server-sent events
+    (no-cache and no proxy buffering: each event must reach the client as it is written)."""
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(result, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def event_stream(model: str, job: Job, deltas: AsyncIterator, events: AsyncIterator[str],
+                       path: str) -> AsyncIterator[str]:
+    """A started stream: `events` (built from `deltas`), then `data: [DONE]`. The status line
+    is already sent, so a failure on the way becomes one final error event (typed errors are
+    counted under `model`); the events, the engine stream and the job are closed whatever
+    happens, a client that goes away included."""
+    try:
+        async for event in events:
+            yield event
+    except TuneForgeError as exc:
+        count_error(model, exc)
+        yield sse_error(exc)
+    except Exception as exc:  # noqa: BLE001 - the client learns of it only here
+        yield sse_unexpected(exc, path)
+    finally:
+        await events.aclose()
+        await deltas.aclose()
+        job.close()
+    yield DONE
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from libs.common.errors import TuneForgeError
 from services.serving.api import generation
 from services.serving.api.chat_completions.schema import (
     AssistantMessage,
@@ -22,11 +21,7 @@ from services.serving.api.chat_completions.schema import (
     Delta,
     Usage,
 )
-from services.serving.api.errors import sse_error, sse_unexpected
 from services.serving.api.state import ServingState
-
-DONE = "data: [DONE]\n\n"
-
 
 async def create(request: ChatCompletionRequest, state: ServingState) -> ChatCompletion | AsyncIterator[str]:
     """A whole completion, or (stream) an iterator of server-sent events. Errors
@@ -58,24 +53,18 @@ def _chunk(chunk_id: str, created: int, model: str, index: int, delta: Delta, fi
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _events(request: ChatCompletionRequest, job: generation.Job, deltas) -> AsyncIterator[str]:
+def _events(request: ChatCompletionRequest, job: generation.Job, deltas) -> AsyncIterator[str]:
+    return generation.event_stream(request.model, job, deltas, _chunks(request, job, deltas), "/v1/chat/completions")
+
+
+async def _chunks(request: ChatCompletionRequest, job: generation.Job, deltas) -> AsyncIterator[str]:
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    try:
-        for index in range(request.n):
-            yield _chunk(chunk_id, created, request.model, index, Delta(role="assistant", content=""))
-        async for delta in deltas:
-            yield _chunk(chunk_id, created, request.model, delta.index, Delta(content=delta.text or None),
-                         delta.finish_reason)
-        if request.stream_options and request.stream_options.include_usage:
-            usage = ChatCompletionChunk(id=chunk_id, created=created, model=request.model, choices=[],
-                                        usage=Usage(**job.tally.usage()))
-            yield f"data: {usage.model_dump_json()}\n\n"
-    except TuneForgeError as exc:
-        generation.count_error(request.model, exc)
-        yield sse_error(exc)
-    except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns of it only here
-        yield sse_unexpected(exc, "/v1/chat/completions")
-    finally:
-        await deltas.aclose()
-        job.close()
-    yield DONE
+    for index in range(request.n):
+        yield _chunk(chunk_id, created, request.model, index, Delta(role="assistant", content=""))
+    async for delta in deltas:
+        yield _chunk(chunk_id, created, request.model, delta.index, Delta(content=delta.text or None),
+                     delta.finish_reason)
+    if request.stream_options and request.stream_options.include_usage:
+        usage = ChatCompletionChunk(id=chunk_id, created=created, model=request.model, choices=[],
+                                    usage=Usage(**job.tally.usage()))
+        yield f"data: {usage.model_dump_json()}\n\n"

@@ -9,12 +9,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from libs.common.errors import InvalidArgument, TuneForgeError
+from libs.common.errors import InvalidArgument
 from services.serving.api import generation
-from services.serving.api.chat_completions.handler import DONE
 from services.serving.api.chat_completions.schema import Usage
 from services.serving.api.completions.schema import Completion, CompletionChoice, CompletionRequest
-from services.serving.api.errors import sse_error, sse_unexpected
 from services.serving.api.state import ServingState
 
 
@@ -57,24 +55,18 @@ async def create(request: CompletionRequest, state: ServingState) -> Completion 
         usage=Usage(**job.tally.usage()))
 
 
-async def _events(request: CompletionRequest, job: generation.Job, deltas) -> AsyncIterator[str]:
+def _events(request: CompletionRequest, job: generation.Job, deltas) -> AsyncIterator[str]:
+    return generation.event_stream(request.model, job, deltas, _chunks(request, job, deltas), "/v1/completions")
+
+
+async def _chunks(request: CompletionRequest, job: generation.Job, deltas) -> AsyncIterator[str]:
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def event(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         body = Completion(id=completion_id, created=created, model=request.model, choices=choices, usage=usage)
         return f"data: {body.model_dump_json()}\n\n"
 
-    try:
-        async for delta in deltas:
-            yield event([CompletionChoice(index=delta.index, text=delta.text, finish_reason=delta.finish_reason)])
-        if request.stream_options and request.stream_options.include_usage:
-            yield event([], Usage(**job.tally.usage()))
-    except TuneForgeError as exc:
-        generation.count_error(request.model, exc)
-        yield sse_error(exc)
-    except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns of it only here
-        yield sse_unexpected(exc, "/v1/completions")
-    finally:
-        await deltas.aclose()
-        job.close()
-    yield DONE
+    async for delta in deltas:
+        yield event([CompletionChoice(index=delta.index, text=delta.text, finish_reason=delta.finish_reason)])
+    if request.stream_options and request.stream_options.include_usage:
+        yield event([], Usage(**job.tally.usage()))
