@@ -28,7 +28,7 @@ import weakref
 import numpy as np
 
 from libs.common.errors import FailedPrecondition, InvalidArgument
-from services.dataprep import templates
+from services.dataprep import layout, templates
 from services.dataprep.loss_scale import trained_messages
 
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips (torch's and HF's default)
@@ -51,7 +51,7 @@ class Encoded:
 
     @functools.cached_property  # read per row by the pipeline and the task; computed once
     def trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        return len(self.labels) - list(self.labels).count(IGNORE_INDEX)
 
 
 def load_tokenizer(model_dir: str | pathlib.Path, template_name: str | None = None,
@@ -179,15 +179,18 @@ def _prefix(tokenizer, messages: list[dict], text: str, i: int, add_generation_p
     return rendered
 
 
-def _turn_end(tokenizer, messages: list[dict], text: str, i: int, start: int, tools: list | None) -> int:
+def _turn_end(tokenizer, messages: list[dict], text: str, i: int, start: int, tools: list | None,
+              prefix_only: bool = False) -> int:
     """Where turn i ends in `text`: through its end-of-turn marker (trailing
     whitespace excluded) when messages[:i+1] renders as a prefix; else, for a
-    template that closes the last turn its own way, where the renderings part,
-    provided the turn's whole content precedes that point."""
+    template that closes the last turn its own way (unless prefix_only), where
+    the renderings part, provided the turn's whole content precedes that point."""
     # the last turn's rendering through it is the whole text, rendered already
     through = text if i + 1 == len(messages) else render(tokenizer, messages[:i + 1], tools=tools)
     if text.startswith(through):
         return max(start, len(through.rstrip()))  # an empty answer with no end marker trains nothing
+    if prefix_only:
+        raise _not_prefix(i)
     common = len(os.path.commonprefix([through, text]))
     content = messages[i].get("content")
     if common > start and isinstance(content, str) and content.strip():
@@ -199,13 +202,15 @@ def _turn_end(tokenizer, messages: list[dict], text: str, i: int, start: int, to
 
 
 def trained_spans(tokenizer, messages: list[dict], text: str, trained: list[bool],
-                  everything: bool, tools: list | None = None) -> list[tuple[int, int]]:
+                  everything: bool, tools: list | None = None, prefix_only: bool = False) -> list[tuple[int, int]]:
     """Character spans of `text` to train. everything=False: the turns marked
     trained (an assistant turn from after its generation prompt, any other turn
     whole; both through the end-of-turn marker, not the whitespace after it).
     everything=True (`loss_scale all`): the whole text less the untrained turns
     (a run of untrained turns is cut out whole, so templates that group turns,
-    e.g. consecutive tool responses, need no prefix inside the run)."""
+    e.g. consecutive tool responses, need no prefix inside the run).
+    prefix_only: refuse (TemplateError) rather than find a turn's end where two
+    renderings part (see layout.py)."""
     if everything:
         spans, start, i = [], 0, 0
         while i < len(trained):
@@ -219,7 +224,7 @@ def trained_spans(tokenizer, messages: list[dict], text: str, trained: list[bool
             spans.append((start, turn_start))
             through = text if last + 1 == len(messages) else render(tokenizer, messages[:last + 1], tools=tools)
             start = len(through) if text.startswith(through) else _turn_end(tokenizer, messages, text, last,
-                                                                               turn_start, tools)
+                                                                               turn_start, tools, prefix_only)
             i = last + 1
         spans.append((start, len(text)))
         return [(a, b) for a, b in spans if b > a]
@@ -229,14 +234,16 @@ def trained_spans(tokenizer, messages: list[dict], text: str, trained: list[bool
             continue
         before = _prefix(tokenizer, messages[:i], text, i, add_generation_prompt=message["role"] == "assistant",
                          tools=tools)
-        spans.append((len(before), _turn_end(tokenizer, messages, text, i, len(before), tools)))
+        spans.append((len(before), _turn_end(tokenizer, messages, text, i, len(before), tools, prefix_only)))
     return spans
 
 
 def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]],
                       spans: list[tuple[int, int]]) -> list[int]:
     """Token j is trained when its characters overlap a span (a token straddling a
-    span edge is trained: it holds characters the model must produce)."""
+    span edge is trained: it holds characters the model must produce); a token
+    with no characters is trained when it sits inside a span; an empty span
+    trains nothing."""
     if not input_ids:
         return []
     ids = np.asarray(input_ids, dtype=np.int64)
@@ -244,16 +251,75 @@ def labels_from_spans(input_ids: list[int], offsets: list[tuple[int, int]],
     token_start, token_end = bounds[:, 0], bounds[:, 1]
     trained = np.zeros(len(ids), dtype=bool)
     for start, end in spans:
-        trained |= (token_start < end) & (token_end > start)
-        trained |= (token_start == token_end) & (token_start >= start) & (token_start < end)  # empty, inside
+        if end > start:
+            trained |= _overlaps(token_start, token_end, start, end)
     return np.where(trained, ids, IGNORE_INDEX).tolist()
 
 
-def _tokenize(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """The fast tokenizer's own encode (what tokenizer(text, add_special_tokens=False)
-    runs, without transformers' per-call wrapping, a third of the time on short rows)."""
+def _overlaps(token_start, token_end, start: int, end: int):
+    return (token_start < end) & (token_end > start) | (token_start == token_end) & (token_start >= start) & (
+        token_start < end)
+
+
+def _token_range(encoding, count: int, start: int, end: int) -> tuple[int, int] | None:
+    """[first, last) of the tokens labels_from_spans trains for span [start, end),
+    asking the encoding for a few tokens' offsets instead of all of them (which
+    costs more than the labels). Token offsets run in text order, so the trained
+    tokens are one run: found from a token holding a character of the span, then
+    widened while the neighbours overlap. None when no token holds one (the span
+    is only characters the offsets leave out, such as trimmed spaces)."""
+    token = None
+    for char in range(start, end):
+        token = encoding.char_to_token(char)
+        if token is not None:
+            break
+    if token is None:
+        return None
+
+    def inside(j: int) -> bool:
+        s, e = encoding.token_to_chars(j)
+        return bool(_overlaps(s, e, start, end))
+
+    first, last = token, token + 1
+    while first > 0 and inside(first - 1):
+        first -= 1
+    while last < count and inside(last):
+        last += 1
+    return first, last
+
+
+_OUT_OF_ORDER: weakref.WeakSet = weakref.WeakSet()  # tokenizers whose offsets do not run in text order
+
+
+def _encode_labels(tokenizer, text: str, spans: list[tuple[int, int]],
+                   check: bool = False) -> tuple[list[int], list[int]]:
+    """The fast tokenizer's own encode of `text` (what tokenizer(text,
+    add_special_tokens=False) runs, without transformers' per-call wrapping) and
+    the labels that train `spans`, as labels_from_spans gives them. check: compare
+    with labels_from_spans on every offset, and keep to it for good if they differ."""
     encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    return encoding.ids, encoding.offsets
+    input_ids = encoding.ids
+    if check or tokenizer in _OUT_OF_ORDER:
+        general = labels_from_spans(input_ids, encoding.offsets, spans)
+        if tokenizer in _OUT_OF_ORDER:
+            return input_ids, general
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start, end in spans:
+        found = _token_range(encoding, len(input_ids), start, end) if end > start else None
+        if found is None:
+            if end > start:  # only characters no token holds: the general rule decides (empty tokens)
+                return input_ids, labels_from_spans(input_ids, encoding.offsets, spans)
+            continue
+        first, last = found
+        labels[first:last] = input_ids[first:last]
+    if check and labels != general:
+        _OUT_OF_ORDER.add(tokenizer)
+        return input_ids, general
+    return input_ids, labels
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
 
 REFERENCE_CHECKS = 32  # rows per tokenizer checked against apply_chat_template(tokenize=True)
@@ -281,18 +347,45 @@ def encode(tokenizer, messages: list[dict], losses: list[bool | None] | None = N
     messages, losses = with_tool_calls(tokenizer, messages, list(losses or [None] * len(messages)))
     text = render(tokenizer, messages, tools=tools)
     trained = trained_messages([m["role"] for m in messages], losses, loss_scale)
-    spans = trained_spans(tokenizer, messages, text, trained, everything=loss_scale == "all", tools=tools)
-    input_ids, offsets = _tokenize(tokenizer, text)
-    if _needs_reference(tokenizer):
+    spans = _spans(tokenizer, messages, text, trained, loss_scale == "all", tools)
+    check = _needs_reference(tokenizer)
+    input_ids, labels = _encode_labels(tokenizer, text, spans, check)
+    if check:
         _check_reference(input_ids, template_ids(tokenizer, messages, tools))
-    return Encoded(input_ids, labels_from_spans(input_ids, offsets, spans))
+    return Encoded(input_ids, labels)
+
+
+_LAYOUTS = layout.Cache()
+_PLAIN = frozenset(("role", "content"))
+
+
+def _spans(tokenizer, messages: list[dict], text: str, trained: list[bool], everything: bool,
+           tools: list | None) -> list[tuple[int, int]]:
+    """trained_spans, through the layout of the conversation's shape when the row
+    fits it (rows without tools whose messages are a role and a text)."""
+    if tools is None and all(m.keys() <= _PLAIN and isinstance(m["content"], str) for m in messages):
+        shape = (tuple(m["role"] for m in messages), tuple(trained), everything)
+        found = _LAYOUTS.get(tokenizer, shape, lambda: _layout(tokenizer, messages, trained, everything))
+        spans = found.spans([m["content"] for m in messages], text) if found is not None else None
+        if spans is not None:
+            return spans
+    return trained_spans(tokenizer, messages, text, trained, everything, tools)
+
+
+def _layout(tokenizer, messages: list[dict], trained: list[bool], everything: bool) -> layout.Layout | None:
+    skeleton = [{"role": m["role"], "content": layout.marker(i)} for i, m in enumerate(messages)]
+    try:
+        text = render(tokenizer, skeleton)
+        return layout.build(text, trained_spans(tokenizer, skeleton, text, trained, everything, prefix_only=True))
+    except TemplateError:
+        return None
 
 
 def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
     """A prompt for generation (GRPO/PPO rows): the conversation and the template's
     generation prompt, exactly as apply_chat_template(add_generation_prompt=True)."""
     messages, _ = with_tool_calls(tokenizer, messages, [None] * len(messages))
-    input_ids, _ = _tokenize(tokenizer, render(tokenizer, messages, add_generation_prompt=True, tools=tools))
+    input_ids = _tokenize(tokenizer, render(tokenizer, messages, add_generation_prompt=True, tools=tools))
     if _needs_reference(tokenizer):
         _check_reference(input_ids, template_ids(tokenizer, messages, tools, add_generation_prompt=True))
     return input_ids
@@ -310,8 +403,7 @@ def encode_plain(tokenizer, messages: list[dict], losses: list[bool | None] | No
         if keep or loss_scale == "all" and message["role"] != "tool":
             spans.append((len(text), len(text) + len(message["content"])))
         text += message["content"]
-    input_ids, offsets = _tokenize(tokenizer, text)
-    labels = labels_from_spans(input_ids, offsets, spans)
+    input_ids, labels = _encode_labels(tokenizer, text, spans, _needs_reference(tokenizer))
     eos = tokenizer.eos_token_id
     last_trained = bool(spans) and spans[-1][1] == len(text) and spans[-1][1] > spans[-1][0]
     return Encoded(input_ids + [eos], labels + [eos if last_trained else IGNORE_INDEX])

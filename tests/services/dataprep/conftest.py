@@ -1,12 +1,16 @@
-"""Fixtures of the dataprep tests: the default model's tokenizer, dataset files
-and one real dataprep gRPC server on 127.0.0.1 for the session."""
+"""Fixtures of the dataprep tests: the default model's tokenizer, tokenizers with
+Qwen2.5's and Llama-3's real chat templates, dataset files and one real dataprep
+gRPC server on 127.0.0.1 for the session."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import pytest
+
+TESTDATA = pathlib.Path(__file__).parent / "testdata"
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +18,54 @@ def tokenizer(default_model):
     from services.dataprep.template import load_tokenizer
 
     return load_tokenizer(default_model)
+
+
+def model_dir(tmp_path_factory, default_model, name: str, jinja: str, special=(), added=(), bos=None, eos=None):
+    """A tokenizer-only model directory: the default model's tokenizer, `jinja` as its
+    chat template, the template's special tokens added; loadable as --model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    if added:
+        tokenizer.add_tokens(list(added))
+    if bos:
+        tokenizer.bos_token = bos
+    if eos:
+        tokenizer.eos_token = eos
+    tokenizer.chat_template = (TESTDATA / jinja).read_text(encoding="utf-8")
+    path = tmp_path_factory.mktemp(name)
+    tokenizer.save_pretrained(path)
+    shutil.copy(default_model / "config.json", path / "config.json")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory, default_model):
+    return model_dir(tmp_path_factory, default_model, "qwen2_5", "qwen2_5.jinja", added=["<tool_call>", "</tool_call>"],
+                     eos="<|im_end|>")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, default_model):
+    return model_dir(tmp_path_factory, default_model, "llama3", "llama3.jinja",
+                     special=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                     bos="<|begin_of_text|>", eos="<|eot_id|>")
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_dir):
+    from services.dataprep import template
+
+    return template.load_tokenizer(qwen_dir)
+
+
+@pytest.fixture(scope="session")
+def llama(llama_dir):
+    from services.dataprep import template
+
+    return template.load_tokenizer(llama_dir)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ tokenizer with their special tokens added, and the built-in `--template`s."""
 
 import json
 import pathlib
-import shutil
 
 import pytest
 
@@ -18,50 +17,6 @@ TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add tw
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
 TWO_ROUNDS = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "  Paris.  "},
               {"role": "user", "content": "And Italy?"}, {"role": "assistant", "content": "Rome."}]
-
-
-def model_dir(tmp_path_factory, default_model, name: str, jinja: str, special=(), added=(), bos=None, eos=None):
-    """A tokenizer-only model directory: the default model's tokenizer, `jinja` as its
-    chat template, the template's special tokens added; loadable as --model."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model)
-    if special:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
-    if added:
-        tokenizer.add_tokens(list(added))
-    if bos:
-        tokenizer.bos_token = bos
-    if eos:
-        tokenizer.eos_token = eos
-    tokenizer.chat_template = (TESTDATA / jinja).read_text(encoding="utf-8")
-    path = tmp_path_factory.mktemp(name)
-    tokenizer.save_pretrained(path)
-    shutil.copy(default_model / "config.json", path / "config.json")
-    return path
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory, default_model):
-    return model_dir(tmp_path_factory, default_model, "qwen2_5", "qwen2_5.jinja", added=["<tool_call>", "</tool_call>"],
-                     eos="<|im_end|>")
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, default_model):
-    return model_dir(tmp_path_factory, default_model, "llama3", "llama3.jinja",
-                     special=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                     bos="<|begin_of_text|>", eos="<|eot_id|>")
-
-
-@pytest.fixture(scope="module")
-def qwen(qwen_dir):
-    return template.load_tokenizer(qwen_dir)
-
-
-@pytest.fixture(scope="module")
-def llama(llama_dir):
-    return template.load_tokenizer(llama_dir)
 
 
 def ids(tokenizer, text: str) -> list[int]:
