@@ -265,22 +265,19 @@ def _token_range(encoding, count: int, start: int, end: int) -> tuple[int, int] 
     """[first, last) of the tokens labels_from_spans trains for span [start, end),
     asking the encoding for a few tokens' offsets instead of all of them (which
     costs more than the labels). Token offsets run in text order, so the trained
-    tokens are one run: found from a token holding a character of the span, then
-    widened while the neighbours overlap. None when no token holds one (the span
-    is only characters the offsets leave out, such as trimmed spaces)."""
-    token = None
-    for char in range(start, end):
-        token = encoding.char_to_token(char)
-        if token is not None:
-            break
-    if token is None:
+    tokens are one run: from the token holding the span's first character (that
+    any token holds) to the one holding its last, widened while the neighbours
+    overlap. None when no token holds one (the span is only characters the
+    offsets leave out, such as trimmed spaces)."""
+    first = next((t for t in map(encoding.char_to_token, range(start, end)) if t is not None), None)
+    if first is None:
         return None
+    last = next(t for t in map(encoding.char_to_token, range(end - 1, start - 1, -1)) if t is not None) + 1
 
     def inside(j: int) -> bool:
         s, e = encoding.token_to_chars(j)
         return bool(_overlaps(s, e, start, end))
 
-    first, last = token, token + 1
     while first > 0 and inside(first - 1):
         first -= 1
     while last < count and inside(last):
