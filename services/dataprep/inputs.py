@@ -40,13 +40,25 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One raw row: a decoded value (any JSON type) or, when the text is not JSON, `error`."""
+    """One raw row: a decoded value (any JSON type) or, when the text is not JSON, `error`.
+    A JSON Lines row holds its undecoded bytes (`data`) until decoded() is called where
+    the row is tokenized: a --num_proc worker, not the process reading the file."""
 
     file: str
     line: int
     raw: str
     value: object = None
     error: str | None = None
+    data: bytes | None = None
+
+    def decoded(self) -> Record:
+        if self.data is None:
+            return self
+        text = self.data.decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            return Record(self.file, self.line, text, json.loads(self.data))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return Record(self.file, self.line, text, error=f"not a JSON object: {exc}")
 
 
 def split_sample(spec: str) -> tuple[str, int | None]:
@@ -123,11 +135,7 @@ def _jsonl(path: str, lines: Iterator[bytes]) -> Iterator[Record]:
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-        try:
-            yield Record(path, number, text, json.loads(raw))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            yield Record(path, number, text, error=f"not a JSON object: {exc}")
+        yield Record(path, number, "", data=raw)
 
 
 JSON_CHUNK = 1 << 20  # characters of a .json array read at a time

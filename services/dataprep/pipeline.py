@@ -64,9 +64,13 @@ def versions() -> dict[str, str]:
 
 def encode_chunk(tokenizer, records: list[inputs.Record], columns: dict[str, str],
                  config: PrepareConfig) -> list[tasks.Example | jsonl.Reject]:
-    """Raw rows to tokenized rows (their shard columns, per --task) or rejects, in order:
-    the work of one process."""
-    return [tasks.encode_record(tokenizer, record, columns, config) for record in records]
+    """Raw rows to tokenized rows (their shard columns, per --task, token columns as
+    arrays) or rejects, in order: the work of one process."""
+    return [_as_arrays(tasks.encode_record(tokenizer, record, columns, config)) for record in records]
+
+
+def _as_arrays(result: tasks.Example | jsonl.Reject) -> tasks.Example | jsonl.Reject:
+    return result.as_arrays() if isinstance(result, tasks.Example) else result
 
 
 _WORKER: dict = {}  # a --num_proc worker's tokenizer, columns and config, set up once per process
@@ -177,7 +181,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         return cached
     tokenizer = template.load_tokenizer(model_dir, config.template, config.use_chat_template)
     # the first valid row fixes the dataset's kind (--task auto) and so the shards' columns
-    admission, records = tasks.start(tokenizer, inputs.read(datasets, config.data_seed), columns, config)
+    admission, peeked, records = tasks.start(tokenizer, inputs.read(datasets, config.data_seed), columns, config)
     if config.packing and admission.kind not in ("sft", "pt", "preference", "reward"):
         raise InvalidArgument(f"packing: {admission.kind} rows are not packed; use --packing false",
                               field="packing")
@@ -210,7 +214,9 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     try:
         with open(output_dir / REJECTS, "w", encoding="utf-8") as rejects:
             chunks = chunked(records, CHUNK_ROWS, cancelled, output_dir)
-            for results in parallel.map_ordered(work, chunks, config.num_proc, _init_worker, initargs):
+            encoded = parallel.map_ordered(work, chunks, config.num_proc, _init_worker, initargs)
+            # the rows read ahead to fix the dataset's kind are encoded already
+            for results in itertools.chain([[_as_arrays(result) for result in peeked]], encoded):
                 if cancelled is not None and cancelled.is_set():
                     raise Cancelled(f"preparation of {output_dir} cancelled after {state.rows_in} rows")
                 for result in results:

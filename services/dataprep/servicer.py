@@ -218,7 +218,15 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
             for batch in reading.plan(shard_rows, request.rank, world_size, start, max_batch_rows):
                 entry = entries[batch.shard_index]
                 if loaded is None or loaded[0] != batch.shard_index:
-                    table = shards.read_verified(dataset_dir, entry["file"], entry["sha256"], columns)
+                    try:
+                        table = shards.read_verified(dataset_dir, entry["file"], entry["sha256"], columns)
+                    except NotFound:
+                        if preparing is None:
+                            raise
+                        # a listed shard goes only when its preparation fails or is cancelled: wait
+                        # for its end and raise that (FAILED_PRECONDITION naming it), not the missing file
+                        self._wait_for_shards(dataset_dir, preparing, 1 << 62, context)
+                        raise
                     rows_order = None if order is None else reading.row_order(
                         table.num_rows, request.seed, request.epoch, order[batch.shard_index])
                     loaded = (batch.shard_index, table, rows_order)

@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 
+import numpy as np
 import pyarrow as pa
 
 from libs.common.errors import FailedPrecondition, NotFound
@@ -92,7 +93,7 @@ class ShardWriter:
         lengths = self._lengths
         if not lengths:
             return None
-        arrays = [pa.array(self._columns[f.name], type=f.type) if f.name != "length" else
+        arrays = [column(self._columns[f.name], f.type) if f.name != "length" else
                   pa.array(lengths, type=pa.int32()) for f in self.schema]
         batch = pa.record_batch(arrays, schema=self.schema)
         sink = pa.BufferOutputStream()
@@ -110,6 +111,19 @@ class ShardWriter:
         self._lengths = []
         write_partial(self.output_dir, self.schema, self.shards)
         return info
+
+
+def column(values: list, type_: pa.DataType) -> pa.Array:
+    """One shard column from its rows' values; rows of numpy arrays (token columns)
+    are joined as one buffer and their offsets, not converted value by value."""
+    if pa.types.is_list(type_) and values and all(isinstance(value, np.ndarray) for value in values):
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        offsets = np.zeros(len(values) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if offsets[-1] < 2 ** 31:
+            flat = pa.array(np.concatenate(values), type=type_.value_type)
+            return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat, type=type_)
+    return pa.array(values, type=type_)
 
 
 def write_partial(output_dir: pathlib.Path, schema: pa.Schema, written: list[ShardInfo]) -> None:

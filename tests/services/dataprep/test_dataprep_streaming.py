@@ -17,7 +17,7 @@ import pytest
 from libs.common.errors import Cancelled, FailedPrecondition, InvalidArgument
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
-from services.dataprep import client, pipeline
+from services.dataprep import client, pipeline, tasks
 from services.dataprep.config import PrepareConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -25,11 +25,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 
 @pytest.fixture
 def gated(monkeypatch):
-    """Preparations tokenize one row per chunk and stop before row (line) 5 until
-    gate is set; `fail` makes them fail there instead."""
+    """Preparations tokenize one row per chunk (after the first, read ahead to fix the
+    dataset's kind) and stop before row (line) 5 until gate is set; `fail` makes them
+    fail there instead."""
     gate, state = threading.Event(), {"fail": False}
     real = pipeline.encode_chunk
     monkeypatch.setattr(pipeline, "CHUNK_ROWS", 1)
+    monkeypatch.setattr(tasks, "PEEK_VALID", 1)
 
     def encode_chunk(tokenizer, records, columns, config):
         if records[0].line >= 5:
@@ -164,12 +166,13 @@ def test_streaming_peak_memory_stays_flat_when_the_input_grows_tenfold(tmp_path)
 
 KILLED_CHILD = textwrap.dedent("""
     import pathlib, sys, time
-    from services.dataprep import pipeline
+    from services.dataprep import pipeline, tasks
     from services.dataprep.config import PrepareConfig
 
     data, out, stuck = sys.argv[1:4]
     real = pipeline.encode_chunk
     pipeline.CHUNK_ROWS = 1
+    tasks.PEEK_VALID = 1  # only the first row is encoded ahead, to fix the dataset's kind
 
     def encode_chunk(tokenizer, records, columns, config):
         if records[0].line >= 5:  # two shards of two rows are written: stop here until killed
