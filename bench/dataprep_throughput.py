@@ -118,11 +118,13 @@ def main() -> None:
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in synthetic_rows(args.rows)))
 
-    # warm up both paths on a few rows (imports, tokenizer load, the default model's cache)
+    # warm up both paths on a few rows at each process count (imports, tokenizer load, the default
+    # model's cache, our --num_proc fork server, which a long-running dataprep service keeps)
     small = work / "small.jsonl"
     small.write_text("".join(json.dumps(row) + "\n" for row in synthetic_rows(200, seed=1)))
-    run_baseline(small, 1, model_dir)
-    run_ours(small, 1, work / "warm")
+    for num_proc in args.procs:
+        run_baseline(small, num_proc, model_dir)
+        run_ours(small, num_proc, work / f"warm-{num_proc}")
 
     table = []
     for num_proc in args.procs:

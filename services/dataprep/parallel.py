@@ -25,6 +25,16 @@ class WorkerDied(ResourceExhausted):
     so RESOURCE_EXHAUSTED over gRPC."""
 
 
+def start_early(num_proc: int) -> None:
+    """Starts the fork server now (it imports PRELOAD, seconds) when num_proc > 1, so that
+    it does so while this process loads the tokenizer rather than after."""
+    if num_proc > 1:
+        from multiprocessing import forkserver
+
+        multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+        forkserver.ensure_running()
+
+
 def map_ordered(work: Callable[[T], R], chunks: Iterable[T], num_proc: int,
                 initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> Iterator[R]:
     """work(chunk) for each chunk, yielded in the chunks' order. num_proc 1 runs in this

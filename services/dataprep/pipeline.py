@@ -179,6 +179,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                               trained_tokens=cached["trained_tokens"], shards_written=len(cached["shards"]),
                               reused=True))
         return cached
+    parallel.start_early(config.num_proc)
     tokenizer = template.load_tokenizer(model_dir, config.template, config.use_chat_template)
     # the first valid row fixes the dataset's kind (--task auto) and so the shards' columns
     admission, peeked, records = tasks.start(tokenizer, inputs.read(datasets, config.data_seed), columns, config)
