@@ -283,11 +283,17 @@ def _passes(dataset: Dataset) -> Iterator[Record]:
         yield from _read_file(source)
 
 
-def read(datasets: list[Dataset], seed: int) -> Iterator[Record]:
+def read(datasets: list[Dataset], seed: int, decode: bool = True) -> Iterator[Record]:
     """Every row of every dataset in argument order; blank lines are not rows.
     A sampled dataset is read more than once, never held: a first pass counts its
     rows (its size decides the sample), then every row N // size times, then a
-    pass yields the sampled rest."""
+    pass yields the sampled rest. decode=False leaves JSON Lines rows undecoded
+    (Record.decoded), for the process that tokenizes them to decode."""
+    records = _rows(datasets, seed)
+    return map(Record.decoded, records) if decode else records
+
+
+def _rows(datasets: list[Dataset], seed: int) -> Iterator[Record]:
     for dataset in datasets:
         if dataset.sample is None:
             for source in dataset.sources:

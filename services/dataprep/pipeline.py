@@ -182,7 +182,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     parallel.start_early(config.num_proc)
     tokenizer = template.load_tokenizer(model_dir, config.template, config.use_chat_template)
     # the first valid row fixes the dataset's kind (--task auto) and so the shards' columns
-    admission, peeked, records = tasks.start(tokenizer, inputs.read(datasets, config.data_seed), columns, config)
+    rows = inputs.read(datasets, config.data_seed, decode=False)  # JSON lines are decoded where tokenized
+    admission, peeked, records = tasks.start(tokenizer, rows, columns, config)
     if config.packing and admission.kind not in ("sft", "pt", "preference", "reward"):
         raise InvalidArgument(f"packing: {admission.kind} rows are not packed; use --packing false",
                               field="packing")

@@ -16,7 +16,7 @@ from services.dataprep.pipeline import prepare
 
 
 def rows(datasets, seed=42):
-    return [(r.file.rsplit("/", 1)[-1], r.line, r.value, r.error) for r in map(inputs.Record.decoded, inputs.read(datasets, seed))]
+    return [(r.file.rsplit("/", 1)[-1], r.line, r.value, r.error) for r in inputs.read(datasets, seed)]
 
 
 def test_every_file_type_reads_rows_with_their_line(tmp_path):
@@ -101,7 +101,7 @@ def test_a_sampled_dataset_is_read_in_passes_not_held(tmp_path):
     path.write_text("".join(json.dumps({"text": f"row {i} " + "x" * 300}) + "\n" for i in range(10_000)))
     tracemalloc.start()
     try:
-        held = [record.decoded() for record in inputs.read(inputs.resolve([str(path)]), 42)]
+        held = list(inputs.read(inputs.resolve([str(path)]), 42))
         whole = tracemalloc.get_traced_memory()[0]
         del held
         tracemalloc.reset_peak()
@@ -126,7 +126,7 @@ def test_json_arrays_stream_row_by_row_and_parse_as_json_loads(tmp_path, monkeyp
     values = [{"text": 'a]b,c"[ \u00e9\U0001F600', "n": 12345}, {"x": [1, {"y": None}]}, 12.5e3, -7, True, "s", []]
     for text in (json.dumps(values), json.dumps(values, indent=2), "\ufeff" + json.dumps(values), " [ ] ", "[12]"):
         path.write_text(text, encoding="utf-8")
-        got = [(r.line, r.decoded().value) for r in inputs.read(inputs.resolve([str(path)]), 42)]
+        got = [(r.line, r.value) for r in inputs.read(inputs.resolve([str(path)]), 42)]
         assert got == list(enumerate(json.loads(text.lstrip("\ufeff")), start=1))
     for broken, message in (('[{"a": 1},', "Expecting value in row 2"), ('[{"a": 1} {"b": 2}]', "after row 1, got '{'"),
                             ("[1, 2] x", "extra data after the array"), ('[{"a": 1', "in row 1"),
@@ -140,7 +140,7 @@ def test_json_arrays_stream_row_by_row_and_parse_as_json_loads(tmp_path, monkeyp
         path.write_text(json.dumps([{"text": f"row {i} " + "x" * 300} for i in range(10_000)]))
         tracemalloc.start()
         try:
-            held = [record.decoded() for record in inputs.read(inputs.resolve([str(path)]), 42)]
+            held = list(inputs.read(inputs.resolve([str(path)]), 42))
             whole = tracemalloc.get_traced_memory()[0]
             del held
             tracemalloc.reset_peak()
@@ -176,3 +176,16 @@ def test_several_datasets_in_several_formats_prepare_into_one_run(tmp_path, toke
     table = pa.ipc.open_file(pa.memory_map(str(out / "shard-00000.arrow"))).read_all()
     assert table.column("input_ids").to_pylist() == [expected.input_ids] * 5
     assert table.column("labels").to_pylist() == [expected.labels] * 5
+
+
+def test_undecoded_json_lines_decode_to_what_read_gives(tmp_path):
+    """decode=False (the pipeline: its --num_proc workers decode) holds each line's bytes;
+    decoded() gives the very record read() gives, broken lines included."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "a"}\n\n{broken\n\xff{"text": "b"}\n[1, 2]\n')
+    datasets = inputs.resolve([str(path)])
+    lazy = list(inputs.read(datasets, 0, decode=False))
+    assert [r.line for r in lazy] == [1, 3, 4, 5] and all(r.value is None and r.data for r in lazy)
+    assert [r.decoded() for r in lazy] == list(inputs.read(datasets, 0))
+    assert [(r.value, r.error is not None) for r in inputs.read(datasets, 0)] == [
+        ({"text": "a"}, False), (None, True), (None, True), ([1, 2], False)]
