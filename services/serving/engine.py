@@ -245,6 +245,10 @@ class Engine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        # Once is enough: vLLM's finalizer shuts down again, and when it runs at interpreter
+        # exit (a reference outlived the caller) vLLM's module globals are gone and it prints a
+        # TypeError traceback. An instance attribute wins over the method, so that call is a no-op.
+        self.llm.shutdown = lambda timeout=None: None
         shutil.rmtree(self._scratch, ignore_errors=True)
 
 

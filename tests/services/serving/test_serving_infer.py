@@ -79,6 +79,7 @@ def test_infer_in_a_subprocess_answers_like_the_server_with_the_same_adapter(ser
         capture_output=True, text=True, timeout=300, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     # One row is not a conversation: the file is complete, and the exit code says a row has no response.
     assert run.returncode == 1, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]  # nothing a user should see, exit included
     assert "3 rows" in run.stdout and "1 without a response" in run.stdout
     assert "row/s" in run.stderr or "3/3" in run.stderr  # the progress bar
     results = [json.loads(line) for line in out.read_text().splitlines()]
