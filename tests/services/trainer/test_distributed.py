@@ -62,8 +62,14 @@ def run_worker(config: SftConfig, where: pathlib.Path, env: dict[str, str] | Non
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, list[dict], str]:
-    out, err = process.communicate(timeout=timeout)
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, list[dict], str]:
+    """Waits for the training process (under Bazel's 300 s, so that a hang fails with its stderr)."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+        pytest.fail(f"the training process did not end in {timeout:.0f} s; its stderr ends:\n{err[-4000:]}")
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return process.returncode, events, err
 
