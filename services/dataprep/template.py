@@ -361,7 +361,9 @@ def _spans(tokenizer, messages: list[dict], text: str, trained: list[bool], ever
     """trained_spans, through the layout of the conversation's shape when the row
     fits it (rows without tools whose messages are a role and a text)."""
     if tools is None and all(m.keys() <= _PLAIN and isinstance(m["content"], str) for m in messages):
-        shape = (tuple(m["role"] for m in messages), tuple(trained), everything)
+        # the template text too: a layout belongs to the template it was rendered with, and a
+        # caller may set tokenizer.chat_template anew (str keys hash once; this is a lookup)
+        shape = (tokenizer.chat_template, tuple(m["role"] for m in messages), tuple(trained), everything)
         found = _LAYOUTS.get(tokenizer, shape, lambda: _layout(tokenizer, messages, trained, everything))
         spans = found.spans([m["content"] for m in messages], text) if found is not None else None
         if spans is not None:

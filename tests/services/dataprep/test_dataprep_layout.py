@@ -58,8 +58,7 @@ def test_layout_labels_equal_the_per_row_prefix_renders(request, builtin, which)
                 template._spans(tokenizer, messages, text, trained, loss_scale == "all", None)
             continue
         found = template._spans(tokenizer, messages, text, trained, loss_scale == "all", None)
-        fast = template._LAYOUTS.get(tokenizer, (tuple(m["role"] for m in messages), tuple(trained),
-                                                 loss_scale == "all"), lambda: None)
+        fast = template._layout(tokenizer, messages, trained, loss_scale == "all")
         if fast is not None and fast.spans([m["content"] for m in messages], text) is not None:
             fitted += 1
         assert template._encode_labels(tokenizer, text, found) == expected, (messages, losses, loss_scale)
@@ -90,3 +89,4 @@ def test_token_range_matches_the_overlap_rule_on_every_span(tokenizer):
         for end in range(start, len(text) + 1):
             expected = template.labels_from_spans(encoding.ids, encoding.offsets, [(start, end)])
             assert template._encode_labels(tokenizer, text, [(start, end)])[1] == expected, (start, end)
+
