@@ -12,6 +12,19 @@ import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+# Fuzzing budgets (Hypothesis). `ci`, the default: a fixed seed (derandomize) and a bounded number
+# of examples, so the suite's time and outcome do not vary between runs. `long`: fifty times the
+# examples, randomized; one flag away: `pytest --hypothesis-profile=long tests/...`. A fuzz test
+# states its share of the profile's budget, e.g. `@settings(max_examples=settings().max_examples // 4)`,
+# so both profiles scale it.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                 HealthCheck.function_scoped_fixture])
+settings.register_profile("long", parent=settings.get_profile("ci"), max_examples=5000, derandomize=False)
+settings.load_profile("ci")
+
 
 @pytest.fixture(scope="session")
 def default_model() -> pathlib.Path:
