@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -20,10 +21,11 @@ from typing import Any
 
 import torch
 
-from libs.common import checkpoint, disk, faults
+from libs.common import checkpoint, disk, faults, logs
 from services.trainer import plots
 from services.trainer.tensorboard_events import LOGGING_DIR, EventWriter
 
+LOG = logging.getLogger("tuneforge.trainer.checkpointing")
 TRAINING_STATE = "training_state.pt"
 PACKAGES = ("torch", "transformers", "peft", "tuneforge")
 
@@ -88,7 +90,10 @@ class RunDir:
         with disk.writing(self.path, field=FIELD):
             self.path.mkdir(parents=True, exist_ok=True)
         # The run owns its directory: what a killed run left hidden (a half-built checkpoint) goes.
-        self.leftovers = checkpoint.remove_leftovers(self.path)
+        leftovers = checkpoint.remove_leftovers(self.path)
+        if leftovers:
+            logs.log(LOG, logging.WARNING, "removed what a killed run left half-published",
+                     paths=[str(p) for p in leftovers])
         self.args = {**args, "versions": package_versions(), "git_revision": git_revision()}
         self.logged: list[dict] = list(logged or [])
         _write_atomic(self.path / "args.json", json.dumps(self.args, indent=2, sort_keys=True, default=str) + "\n")
