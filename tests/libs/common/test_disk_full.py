@@ -23,6 +23,7 @@ from libs.common import checkpoint, disk, faults
 from libs.common.errors import DiskFull, ResourceExhausted, status_code
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # Bazel's packages too
 
 
 def run_limited(code: str, limit: int, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -33,7 +34,7 @@ def run_limited(code: str, limit: int, env: dict | None = None) -> subprocess.Co
 
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, preexec_fn=limit_file_size,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})})
 
 
 def test_full_errno_finds_the_cause_of_every_writer_s_error():

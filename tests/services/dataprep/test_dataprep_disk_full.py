@@ -21,6 +21,7 @@ from services.dataprep import client
 from services.dataprep.config import PrepareConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # Bazel's packages too
 LIMIT = 16 << 10  # shard-00000 (8 short rows) is ~4 kB, shard-00001 (8 long rows) ~50 kB
 
 
@@ -40,7 +41,7 @@ def test_the_cli_fails_with_one_line_and_leaves_nothing(dataset, tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "cli.main", "prepare", "--dataset", str(dataset), "--output_dir",
                            str(out), "--shard_rows", "8"], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          preexec_fn=limit_file_size, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          preexec_fn=limit_file_size, env={**os.environ, "PYTHONPATH": PYTHONPATH})
     errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("prepare: ")]  # no bar
     assert errors == [f"tuneforge prepare: error: output_dir: no space to write {out}/shard-00001.arrow: "
                       "File too large (EFBIG)"], done.stderr

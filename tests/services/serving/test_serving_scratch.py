@@ -22,6 +22,7 @@ from libs.common.errors import FailedPrecondition
 from services.serving.scratch import PREFIX, Scratch
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # Bazel's packages too
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "args.json", "manifest.json"]
 
 
@@ -44,7 +45,7 @@ def hold_in_child(root: pathlib.Path, source: pathlib.Path, limit: int = resourc
 
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
                           cwd=ROOT, preexec_fn=limit_file_size,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})})
 
 
 @pytest.fixture

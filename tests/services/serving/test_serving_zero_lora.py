@@ -46,11 +46,12 @@ def test_no_room_for_the_zero_adapter_is_one_clear_error(default_model, tmp_path
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[3]
+    pythonpath = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))  # Bazel's packages too
     code = (f"import pathlib\nfrom libs.common.errors import DiskFull\nfrom services.serving import zero_lora\n"
             f"try:\n    zero_lora.write(pathlib.Path('{default_model}'), pathlib.Path('{tmp_path}/zero'))\n"
             f"except DiskFull as exc:\n    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
-                          env={**os.environ, "PYTHONPATH": str(root)},
+                          env={**os.environ, "PYTHONPATH": pythonpath},
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
                                                                 (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1])))
     assert done.returncode == 0, done.stderr
