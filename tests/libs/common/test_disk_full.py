@@ -2,7 +2,8 @@
 torch's, safetensors') in a child process whose file-size limit (RLIMIT_FSIZE) they pass fail
 with EFBIG and become DiskFull naming the path; a checkpoint publication that does not fit
 publishes nothing, leaves no temporary directory and the previous checkpoint verifies; the
-hidden leftovers of killed publications are cleared; the test-only fault points."""
+hidden leftovers of killed publications are cleared; the test-only fault points. Where the
+test may mount a small tmpfs (root), a really full file system (ENOSPC) too."""
 
 from __future__ import annotations
 
@@ -130,6 +131,47 @@ def test_a_publication_that_does_not_fit_publishes_nothing_and_keeps_the_previou
     assert checkpoint.checkpoints(run) == [run / "checkpoint-1"]
     assert sorted(checkpoint.verify(run / "checkpoint-1")["files"]) == ["config.json", "weights.bin"]
     assert (run / "checkpoint-1" / "weights.bin").stat().st_size == 32 << 10
+
+
+def test_a_really_full_file_system_is_disk_full_too(tmp_path):
+    """ENOSPC from a small tmpfs, where the test may mount one: in a private mount namespace
+    (`unshare -m`, root only), so nothing outlives the child."""
+    small = tmp_path / "small"
+    small.mkdir()
+    code = textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import save_file
+        from libs.common import checkpoint, disk
+        from libs.common.errors import DiskFull
+
+        checkpoint.publish("{small}/run/checkpoint-1", lambda tmp: save_file({{"w": torch.zeros(100)}}, str(tmp / "w")))
+        def weights(tmp):
+            save_file({{"w": torch.zeros(100_000)}}, str(tmp / "model.safetensors"))  # 400 kB into 256 kB
+        try:
+            checkpoint.publish("{small}/run/checkpoint-2", weights, field="output_dir")
+        except DiskFull as exc:
+            print(exc)
+        try:
+            with disk.writing("{small}/state.pt"):
+                torch.save({{"w": torch.zeros(100_000)}}, open("{small}/state.pt", "wb"))
+        except DiskFull as exc:
+            print(exc)
+        """)
+    script = 'mount -t tmpfs -o size=256k tmpfs "$1" || exit 99; exec "$2" -c "$3"'
+    try:
+        done = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(small), sys.executable, code],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": PYTHONPATH})
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) to mount a small file system privately")
+    if done.returncode != 0 and ("unshare" in done.stderr or done.returncode == 99):
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"output_dir: no space to write {small}/run/checkpoint-2: No space left on device (ENOSPC); nothing was published",
+        f"no space to write {small}/state.pt: No space left on device (ENOSPC)",
+    ]
+    assert list(small.iterdir()) == []  # the tmpfs was the child's alone
 
 
 def _publish(path: pathlib.Path, text: str) -> pathlib.Path:
