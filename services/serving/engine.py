@@ -242,4 +242,3 @@ class Engine:
         # TypeError traceback. An instance attribute wins over the method, so that call is a no-op.
         self.llm.shutdown = lambda timeout=None: None
         self._scratch.close()
-
