@@ -50,9 +50,8 @@ class DiskFull(ResourceExhausted):
     process's RLIMIT_FSIZE). Raised where the write happens (libs.common.disk.writing)."""
 
     def __init__(self, path, errno: int, field: str | None = None, context: str = ""):
-        name = errnos.errorcode.get(errno, str(errno))
-        super().__init__(f"no space to write {path}: {os.strerror(errno)} ({name})" + (f"; {context}" if context else ""),
-                         field=field)
+        message = f"no space to write {path}: {os.strerror(errno)} ({errnos.errorcode.get(errno, errno)})"
+        super().__init__(message + (f"; {context}" if context else ""), field=field)
         self.path = str(path)
         self.errno = errno
 

@@ -4,9 +4,9 @@
 Running the recipe in its own process keeps the service responsive, lets a job be
 cancelled with a signal and killed if it hangs. Started with `--parent_pid` (by the trainer
 service) it dies with that process: a service killed with SIGKILL leaves no job training
-unwatched, which a resumed job in the same directory would race. A job of more than one process makes this
-process the launcher of torchrun, whose ranks run this module again with `--events_path`
-(services.trainer.launch). SIGTERM (or SIGINT) stops training at the next step
+unwatched, which a resumed job in the same directory would race. A job of more than one
+process makes this process the launcher of torchrun, whose ranks run this module again with
+`--events_path` (services.trainer.launch). SIGTERM (or SIGINT) stops training at the next step
 boundary; the recipe then publishes a checkpoint and the process exits 0.
 
 Events (one JSON object a line, key "event"): started, progress (every step), step
