@@ -3,7 +3,10 @@
 
 A checkpoint is a directory `checkpoint-<step>` under a run directory. It is
 built in a hidden temporary sibling, every file and the directory fsynced,
-then renamed into place, so a reader sees either nothing or all of it.
+then renamed into place, so a reader sees either nothing or all of it. A
+publication that fails (a full disk: DiskFull) removes its temporary
+directory; one whose process was killed leaves it hidden, for the next run
+in that directory to remove (`remove_leftovers`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import shutil
 import uuid
 from typing import Callable
 
+from libs.common import disk, faults
 from libs.common.errors import FailedPrecondition, NotFound
 
 MANIFEST = "manifest.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
+# Hidden siblings of a publication: being built, the replaced version moved aside, being removed.
+_HIDDEN = re.compile(r"^\.(tmp|old|removed)-(checkpoint-\d+)-[0-9a-f]{8}$")
 
 
 def sha256_file(path: pathlib.Path) -> str:
@@ -48,33 +54,79 @@ def write_manifest(directory: pathlib.Path) -> dict:
     return manifest
 
 
-def publish(final_dir: str | pathlib.Path, build: Callable[[pathlib.Path], None]) -> pathlib.Path:
+def publish(final_dir: str | pathlib.Path, build: Callable[[pathlib.Path], None],
+            field: str | None = None) -> pathlib.Path:
     """Runs `build(tmp_dir)` to fill a temporary directory, writes its manifest,
     fsyncs everything and renames it to `final_dir`. An existing `final_dir`
-    is replaced (moved aside first, then removed)."""
+    is replaced (moved aside first, then removed). On any failure the temporary
+    directory is removed and `final_dir` is as it was; a full disk raises
+    DiskFull naming `final_dir` (and `field`, the argument that chose it)."""
     final_dir = pathlib.Path(final_dir).resolve()
     parent = final_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        build(tmp)
-        write_manifest(tmp)
-        for path in tmp.rglob("*"):
-            _fsync(path)
-        _fsync(tmp)
-        old = None
-        if final_dir.exists():
-            old = parent / f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final_dir, old)
-        os.rename(tmp, final_dir)
-        _fsync(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with disk.writing(final_dir, field=field, context="nothing was published"):
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            _build(final_dir, tmp, build)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final_dir
+
+
+def _build(final_dir: pathlib.Path, tmp: pathlib.Path, build: Callable[[pathlib.Path], None]) -> None:
+    parent = final_dir.parent
+    build(tmp)
+    if faults.ARMED:
+        faults.reach("checkpoint.built")
+    write_manifest(tmp)
+    for path in tmp.rglob("*"):
+        _fsync(path)
+    _fsync(tmp)
+    old = None
+    if final_dir.exists():
+        old = parent / f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final_dir, old)
+    try:
+        os.rename(tmp, final_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final_dir)
+        raise
+    _fsync(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(path: pathlib.Path) -> None:
+    """Removes a published checkpoint: renamed to a hidden name first, so a reader sees it
+    whole or not at all (a process killed midway leaves it hidden, for remove_leftovers)."""
+    hidden = path.with_name(f".removed-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def remove_leftovers(run_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """What publications and removals killed midway left hidden in `run_dir`: half-built
+    temporary directories and half-removed checkpoints go. A replaced checkpoint moved aside
+    whose replacement never arrived is put back. Only the one process writing the run
+    directory may call this. Returns the hidden paths removed or restored."""
+    run_dir = pathlib.Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(run_dir.iterdir()):
+        match = _HIDDEN.match(path.name)
+        if match is None or not path.is_dir() or path.is_symlink():
+            continue
+        final = run_dir / match.group(2)
+        if match.group(1) == "old" and not final.exists():
+            os.rename(path, final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        found.append(path)
+    return found
 
 
 def verify(directory: str | pathlib.Path) -> dict:

@@ -6,8 +6,10 @@ decides a status code.
 
 from __future__ import annotations
 
+import errno as errnos
 import functools
 import inspect
+import os
 
 import grpc
 
@@ -40,6 +42,18 @@ class FailedPrecondition(TuneForgeError):
 
 class ResourceExhausted(TuneForgeError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DiskFull(ResourceExhausted):
+    """Writing `path` failed for want of room: the file system is full (ENOSPC), a disk quota
+    is spent (EDQUOT), or the file would pass a size limit (EFBIG: the file system's, or the
+    process's RLIMIT_FSIZE). Raised where the write happens (libs.common.disk.writing)."""
+
+    def __init__(self, path, errno: int, field: str | None = None, context: str = ""):
+        message = f"no space to write {path}: {os.strerror(errno)} ({errnos.errorcode.get(errno, errno)})"
+        super().__init__(message + (f"; {context}" if context else ""), field=field)
+        self.path = str(path)
+        self.errno = errno
 
 
 class Unavailable(TuneForgeError):
@@ -122,10 +136,15 @@ _BY_STATUS: dict[grpc.StatusCode, type[TuneForgeError]] = {
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
+def code_from_number(number: int) -> grpc.StatusCode:
+    """The status code of a google.rpc.Code number (UNKNOWN for one that is none)."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def from_status(code: grpc.StatusCode | int, message: str) -> TuneForgeError:
     """The typed error for a status code (enum or google.rpc.Code number)."""
     if isinstance(code, int):
-        code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+        code = code_from_number(code)
     return _BY_STATUS.get(code, TuneForgeError)(message)
 
 

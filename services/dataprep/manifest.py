@@ -8,21 +8,17 @@ import os
 import pathlib
 
 from libs.common.errors import FailedPrecondition, NotFound
-from services.dataprep.shards import PARTIAL
+from services.dataprep.shards import PARTIAL, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "tuneforge.dataset/v1"
 
 
 def write(output_dir: pathlib.Path, manifest: dict) -> pathlib.Path:
-    """Writes manifest.json through a temporary file, fsynced, then renamed into place."""
+    """Writes manifest.json through a temporary file, fsynced, then renamed into place
+    (DiskFull naming it when there is no room)."""
     target = output_dir / MANIFEST
-    tmp = output_dir / f".{MANIFEST}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    write_atomic(target, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"), fsync=True)
     fd = os.open(output_dir, os.O_RDONLY)
     try:
         os.fsync(fd)

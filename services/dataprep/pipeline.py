@@ -1,6 +1,7 @@
 """One preparation, in-process: dataset rows (any supported file and row format)
 -> chat-template tokens and label masks -> Arrow shards + rejects.jsonl +
-manifest.json (written last)."""
+manifest.json (written last). A full disk fails it with DiskFull naming the file
+that did not fit; its shards and temporary files are removed, no manifest."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from libs.common import disk
 from libs.common.config import to_dict, validate
 from libs.common.errors import Cancelled, InvalidArgument
 from services.dataprep import (cache, formats, inputs, jsonl, manifest as manifest_file, metrics, packing, parallel,
@@ -46,9 +48,12 @@ def resolve_model(model: str | None) -> pathlib.Path:
 def clear_outputs(output_dir: pathlib.Path) -> None:
     """Removes what an earlier preparation left in `output_dir` (ours only), the
     manifest first, so an interrupted re-run is never mistaken for complete."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with disk.writing(output_dir, field=shards.FIELD):
+        output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / manifest_file.MANIFEST).unlink(missing_ok=True)
-    for stale in [*output_dir.glob("shard-*.arrow"), output_dir / REJECTS, output_dir / shards.PARTIAL]:
+    for stale in [*output_dir.glob("shard-*.arrow"), output_dir / REJECTS, output_dir / shards.PARTIAL,
+                  *output_dir.glob(".shard-*.tmp"), output_dir / f".{manifest_file.MANIFEST}.tmp",
+                  output_dir / f".{shards.PARTIAL}.tmp"]:  # the temporary files of a killed run too
         stale.unlink(missing_ok=True)
 
 
@@ -214,7 +219,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     else:
         work, initargs = functools.partial(encode_chunk, tokenizer, columns=columns, config=config), ()
     try:
-        with open(output_dir / REJECTS, "w", encoding="utf-8") as rejects:
+        with disk.writing(output_dir / REJECTS, field=shards.FIELD), open(output_dir / REJECTS, "w",
+                                                                         encoding="utf-8") as rejects:
             chunks = chunked(records, CHUNK_ROWS, cancelled, output_dir)
             encoded = parallel.map_ordered(work, chunks, config.num_proc, _init_worker, initargs)
             # the rows read ahead to fix the dataset's kind are encoded already
@@ -285,7 +291,11 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         manifest["packing"] = {"max_length": config.max_length, "samples": packer.packed_samples,
                                "bins": packer.bins, "efficiency": efficiency}
         metrics.PACKING_EFFICIENCY.set(efficiency)
-    manifest_file.write(output_dir, manifest)
+    try:
+        manifest_file.write(output_dir, manifest)
+    except BaseException:
+        remove_partial(output_dir, writer.shards)
+        raise
     (output_dir / shards.PARTIAL).unlink(missing_ok=True)
     report()
     return manifest

@@ -1,5 +1,7 @@
 """The prepared-dataset format on disk: Arrow IPC file shards of tokenized rows,
-written as they fill, and read back only after their sha256 is verified."""
+written as they fill, and read back only after their sha256 is verified. A write
+that fails for want of room raises DiskFull naming the file and leaves no
+temporary file behind."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pathlib
 import numpy as np
 import pyarrow as pa
 
+from libs.common import disk
 from libs.common.errors import FailedPrecondition, NotFound
 
 SCHEMA = pa.schema([
@@ -35,6 +38,7 @@ PACKED_PAIR_SCHEMA = pa.schema([
     PACKED_SCHEMA.field("length"),
 ])
 PARTIAL = "shards.partial.json"  # the shards written so far, while a preparation runs
+FIELD = "output_dir"  # what a full disk names: the argument that chose where shards go
 
 
 def shard_name(index: int) -> str:
@@ -101,10 +105,7 @@ class ShardWriter:
             writer.write_batch(batch)
         data = sink.getvalue()
         name = shard_name(len(self.shards))
-        tmp = self.output_dir / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self.output_dir / name)
+        write_atomic(self.output_dir / name, data)
         info = ShardInfo(name, batch.num_rows, sum(lengths), hashlib.sha256(data).hexdigest())
         self.shards.append(info)
         self._columns = {n: [] for n in self._names}
@@ -126,12 +127,26 @@ def column(values: list, type_: pa.DataType) -> pa.Array:
     return pa.array(values, type=type_)
 
 
+def write_atomic(path: pathlib.Path, data: bytes, fsync: bool = False) -> None:
+    """Writes `data` through `.<name>.tmp` renamed into place, so a reader sees all of it or
+    nothing; a full disk raises DiskFull naming `path`, and no temporary file stays."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with disk.writing(path, field=FIELD):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_partial(output_dir: pathlib.Path, schema: pa.Schema, written: list[ShardInfo]) -> None:
     """shards.partial.json: the shards complete so far, replaced atomically after each."""
-    tmp = output_dir / f".{PARTIAL}.tmp"
-    tmp.write_text(json.dumps({"columns": describe(schema), "shards": [dataclasses.asdict(s) for s in written]},
-                              sort_keys=True))
-    os.replace(tmp, output_dir / PARTIAL)
+    write_atomic(output_dir / PARTIAL, json.dumps(
+        {"columns": describe(schema), "shards": [dataclasses.asdict(s) for s in written]}, sort_keys=True).encode())
 
 
 def read_partial(dataset_dir: pathlib.Path) -> dict | None:

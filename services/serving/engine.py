@@ -10,8 +10,6 @@ import itertools
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from libs.common import logs
 from libs.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.serving.scratch import Scratch
 
 if TYPE_CHECKING:  # vLLM is imported when the engine starts, so that config and tests stay light
     from vllm.lora.request import LoRARequest
@@ -59,7 +58,7 @@ class Engine:
         # What base-model requests run with: None, or a zero adapter (see `mix_safely`).
         self.base_lora: "LoRARequest | None" = None
         # The engine's own hold on each adapter's files (see `add_lora`), removed at shutdown.
-        self._scratch = pathlib.Path(tempfile.mkdtemp(prefix="tuneforge-serving-"))
+        self._scratch = Scratch()
 
     @classmethod
     def start(cls, model_dir: pathlib.Path, max_loras: int, max_lora_rank: int,
@@ -187,25 +186,18 @@ class Engine:
         from vllm.lora.request import LoRARequest
 
         lora_id = next(self._lora_ids)
-        # vLLM's worker re-reads an adapter from lora_path whenever its LRU cache evicted it, in
-        # the middle of serving, and a read error there stops the engine. The files checked at
-        # load must stay what it reads, even if the trainer prunes or republishes the
-        # checkpoint: the engine gets its own hard links (a copy across file systems).
-        held = self._scratch / "adapters" / str(lora_id)
-        try:
-            await asyncio.to_thread(_hold, pathlib.Path(path), held)
-        except OSError as exc:
-            raise FailedPrecondition(f"cannot read {path}: {exc}", field="path") from exc
+        # The engine reads its own hard links of the files checked at load (services.serving.scratch).
+        held = await asyncio.to_thread(self._scratch.hold, pathlib.Path(path), str(lora_id))
         # vLLM's prefix cache keys KV blocks by (lora_name, lora_path). A checkpoint can be
         # republished at the same path with new weights, so each load gets its own name.
         lora = LoRARequest(lora_name=f"{name}@{lora_id}", lora_int_id=lora_id, lora_path=str(held))
         try:
             loaded = await self.llm.add_lora(lora)
         except Exception as exc:  # the worker's error arrives as a bare Exception carrying its message
-            shutil.rmtree(held, ignore_errors=True)
+            self._scratch.release(held)
             raise FailedPrecondition(f"the engine could not load {path}: {exc}", field="path") from exc
         if not loaded:
-            shutil.rmtree(held, ignore_errors=True)
+            self._scratch.release(held)
             raise FailedPrecondition(f"the engine could not load {path}", field="path")
         return lora
 
@@ -222,7 +214,7 @@ class Engine:
             return
         from services.serving import zero_lora
 
-        path = await asyncio.to_thread(zero_lora.write, self.model_dir, self._scratch / "zero")
+        path = await asyncio.to_thread(zero_lora.write, self.model_dir, self._scratch.path / "zero")
         if path is None:
             logs.log(LOG, logging.WARNING, "no module for a zero adapter found: base-model rows batched with "
                      "adapter rows may get an adapter applied on this backend", model=str(self.model_dir))
@@ -231,7 +223,7 @@ class Engine:
 
     async def remove_lora(self, lora: "LoRARequest") -> None:
         await self.llm.remove_lora(lora.lora_int_id)
-        await asyncio.to_thread(shutil.rmtree, lora.lora_path, True)
+        await asyncio.to_thread(self._scratch.release, lora.lora_path)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -249,17 +241,4 @@ class Engine:
         # exit (a reference outlived the caller) vLLM's module globals are gone and it prints a
         # TypeError traceback. An instance attribute wins over the method, so that call is a no-op.
         self.llm.shutdown = lambda timeout=None: None
-        shutil.rmtree(self._scratch, ignore_errors=True)
-
-
-def _hold(source: pathlib.Path, target: pathlib.Path) -> None:
-    """`source`'s files under `target`: hard links (instant, and they outlive the source's
-    deletion), copies where linking fails (another file system)."""
-
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link_or_copy)
+        self._scratch.close()

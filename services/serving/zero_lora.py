@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+from libs.common import disk
+
 # Modules vLLM can put a LoRA on, most common first (Llama/Qwen/Mistral names, then fused ones).
 TARGETS = ("q_proj", "o_proj", "down_proj", "qkv_proj", "dense")
 
@@ -38,11 +40,12 @@ def write(model_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path | None:
         return None
     module = name.removesuffix(".weight")
     out_features, in_features = shapes[name]
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({f"base_model.model.{module}.lora_A.weight": torch.zeros(1, in_features),
-               f"base_model.model.{module}.lora_B.weight": torch.zeros(out_features, 1)},
-              str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": [target], "bias": "none",
-        "base_model_name_or_path": str(model_dir), "task_type": "CAUSAL_LM"}))
+    with disk.writing(out, context="writing the base model's zero adapter"):  # DiskFull, not a traceback at start
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({f"base_model.model.{module}.lora_A.weight": torch.zeros(1, in_features),
+                   f"base_model.model.{module}.lora_B.weight": torch.zeros(out_features, 1)},
+                  str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": [target], "bias": "none",
+            "base_model_name_or_path": str(model_dir), "task_type": "CAUSAL_LM"}))
     return out

@@ -3,26 +3,29 @@ checkpoint-<step> directories published atomically (PEFT adapter or full HF mode
 logging.jsonl, trainer_state.json, training_state.pt, manifest.json) through
 libs.common.checkpoint, and what a resume reads back from them. The run directory also gets
 TensorBoard events (runs/) and loss-curve images (images/), and keeps at most
-`save_total_limit` checkpoints (the newest, plus the best by eval loss)."""
+`save_total_limit` checkpoints (the newest, plus the best by eval loss). Every write that fails
+for want of room raises DiskFull naming its path (field output_dir); a failed publication
+leaves the checkpoints before it as they were, and a run starting in the directory removes
+what a killed one left half-published."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import pathlib
-import shutil
 import subprocess
-import uuid
 import time
 from typing import Any
 
 import torch
 
-from libs.common import checkpoint
+from libs.common import checkpoint, disk, faults, logs
 from services.trainer import plots
-from services.trainer.tensorboard_events import EventWriter
+from services.trainer.tensorboard_events import LOGGING_DIR, EventWriter
 
+LOG = logging.getLogger("tuneforge.trainer.checkpointing")
 TRAINING_STATE = "training_state.pt"
 PACKAGES = ("torch", "transformers", "peft", "tuneforge")
 
@@ -61,10 +64,17 @@ def read_state(checkpoint_dir: pathlib.Path) -> tuple[dict[str, Any], dict[str, 
     return state, training
 
 
+FIELD = "output_dir"  # what a full disk names: the argument that chose where the run writes
+
+
 def _write_atomic(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with disk.writing(path, field=FIELD):
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _dumps(entry: dict) -> str:
@@ -77,7 +87,13 @@ class RunDir:
 
     def __init__(self, output_dir: str | pathlib.Path, args: dict[str, Any], logged: list[dict] | None = None):
         self.path = pathlib.Path(output_dir).resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
+        with disk.writing(self.path, field=FIELD):
+            self.path.mkdir(parents=True, exist_ok=True)
+        # The run owns its directory: what a killed run left hidden (a half-built checkpoint) goes.
+        leftovers = checkpoint.remove_leftovers(self.path)
+        if leftovers:
+            logs.log(LOG, logging.WARNING, "removed what a killed run left half-published",
+                     paths=[str(p) for p in leftovers])
         self.args = {**args, "versions": package_versions(), "git_revision": git_revision()}
         self.logged: list[dict] = list(logged or [])
         _write_atomic(self.path / "args.json", json.dumps(self.args, indent=2, sort_keys=True, default=str) + "\n")
@@ -91,13 +107,16 @@ class RunDir:
         """Appends one logged step (or eval result) to OUTPUT_DIR/logging.jsonl (and to every
         later checkpoint) and to the TensorBoard events."""
         self.logged.append(entry)
-        with open(self.path / "logging.jsonl", "a") as f:
+        with disk.writing(self.path / "logging.jsonl", field=FIELD), open(self.path / "logging.jsonl", "a") as f:
             f.write(_dumps(entry) + "\n")
-        self.events.log(entry)
+        with disk.writing(self.path / LOGGING_DIR, field=FIELD):
+            self.events.log(entry)
 
     def write_curves(self) -> None:
-        plots.write_loss_curves(self.path, self.logged)
-        self.events.flush()
+        with disk.writing(self.path / plots.IMAGES, field=FIELD):
+            plots.write_loss_curves(self.path, self.logged)
+        with disk.writing(self.path / LOGGING_DIR, field=FIELD):
+            self.events.flush()
 
     def close(self) -> None:
         """The final loss curves; closes the event files."""
@@ -125,9 +144,7 @@ class RunDir:
         for path in published:
             if path in keep:
                 continue
-            hidden = path.with_name(f".removed-{path.name}-{uuid.uuid4().hex[:8]}")
-            os.rename(path, hidden)
-            shutil.rmtree(hidden, ignore_errors=True)
+            checkpoint.discard(path)
             removed.append(path)
         return removed
 
@@ -142,6 +159,8 @@ class RunDir:
         trainer_state.json; `training_state` (optimizer, scheduler, RNG: tensors and plain
         values only) to training_state.pt, for an exact resume."""
         started = time.perf_counter()
+        if faults.ARMED:
+            faults.reach("trainer.publish")
         self.write_curves()
         logged = "".join(_dumps(entry) + "\n" for entry in self.logged)
 
@@ -153,9 +172,12 @@ class RunDir:
             (tmp / "logging.jsonl").write_text(logged)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
             if training_state is not None:
-                torch.save(training_state, tmp / TRAINING_STATE)
+                # through a Python file: a full disk then surfaces as the OSError behind torch's
+                # RuntimeError (torch's own file writer keeps no errno)
+                with open(tmp / TRAINING_STATE, "wb") as f:
+                    torch.save(training_state, f)
 
-        path = checkpoint.publish(self.checkpoint_dir(step), build)
+        path = checkpoint.publish(self.checkpoint_dir(step), build, field=FIELD)
         seconds = time.perf_counter() - started
         self.prune()
         return path, seconds

@@ -8,18 +8,21 @@ from typing import Callable, Iterator
 
 import grpc
 
-from libs.common.errors import FailedPrecondition, from_rpc_error
+from libs.common.errors import FailedPrecondition, code_from_number, from_rpc_error
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from protos.tuneforge.trainer.v1 import trainer_pb2_grpc
 from services.trainer.config import SftConfig, to_arguments
 
 
 class JobFailed(FailedPrecondition):
-    """The job ended FAILED; `job` is its final state."""
+    """The job ended FAILED; `job` is its final state. Its status code is the one the training
+    process reported (RESOURCE_EXHAUSTED for a full disk, ...), FAILED_PRECONDITION when none."""
 
     def __init__(self, job: pb.Job):
         super().__init__(f"training job {job.id} failed: {job.error}", field="job")
         self.job = job
+        if job.error_code:
+            self.code = code_from_number(job.error_code)
 
 
 @contextlib.contextmanager

@@ -15,14 +15,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import grpc
+
 from libs.common import config as cfg
-from libs.common import logs
+from libs.common import logs, tempdirs
 from libs.common.errors import FailedPrecondition, NotFound, Unavailable
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import metrics
@@ -33,6 +34,7 @@ LOG = logging.getLogger("tuneforge.trainer.jobs")
 TERMINAL = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
 STATES = [s for s in pb.JobState.values() if s != pb.JOB_STATE_UNSPECIFIED]
 TAIL_LINES = 20
+WORK_DIR_PREFIX = "tuneforge-trainer-"
 # The child must run the very code this server runs, installed or not.
 _CODE_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -51,6 +53,7 @@ class Job:
     total_steps: int = 0
     last_checkpoint: str = ""
     error: str = ""
+    error_code: int = 0  # google.rpc.Code of `error`, as the training process reported it
     # every WatchJobResponse so far, replayed to each new watcher
     events: list[pb.WatchJobResponse] = field(default_factory=list)
     cancel_requested: bool = False
@@ -61,7 +64,8 @@ class Job:
 
     def proto(self) -> pb.Job:
         return pb.Job(id=self.id, state=self.state, arguments_json=json.dumps(self.arguments, sort_keys=True, default=str),
-                      step=self.step, total_steps=self.total_steps, last_checkpoint=self.last_checkpoint, error=self.error)
+                      step=self.step, total_steps=self.total_steps, last_checkpoint=self.last_checkpoint, error=self.error,
+                      error_code=self.error_code)
 
 
 class JobManager:
@@ -81,7 +85,9 @@ class JobManager:
         self._runners: list[threading.Thread] = []
         self._closing = False  # no new jobs
         self._closed = False  # streams end
-        self._work_dir = pathlib.Path(tempfile.mkdtemp(prefix="tuneforge-trainer-"))
+        # jobs' config files; a server killed with SIGKILL leaves its own, the next one removes it
+        tempdirs.remove_stale(WORK_DIR_PREFIX)
+        self._work_dir = pathlib.Path(tempdirs.make(WORK_DIR_PREFIX))
         self._update_job_metrics()
 
     # --- API used by the servicer
@@ -227,7 +233,8 @@ class JobManager:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(_CODE_ROOT), os.environ.get("PYTHONPATH")]))}
         try:
             process = subprocess.Popen(
-                [self.python, "-m", "services.trainer.worker", "--config", str(config_path), "--events_fd", str(write_fd)],
+                [self.python, "-m", "services.trainer.worker", "--config", str(config_path), "--events_fd", str(write_fd),
+                 "--parent_pid", str(os.getpid())],
                 pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, env=env, start_new_session=True)  # its own group: a terminal's Ctrl-C reaches the server only
         except OSError as exc:
@@ -265,6 +272,8 @@ class JobManager:
         if job.done is not None:
             return (pb.JOB_STATE_CANCELLED if job.done.get("cancelled") else pb.JOB_STATE_SUCCEEDED), ""
         if job.failure is not None:
+            code = grpc.StatusCode.__members__.get(str(job.failure.get("code")), grpc.StatusCode.UNKNOWN)
+            job.error_code = code.value[0]
             return pb.JOB_STATE_FAILED, job.failure.get("message", "")
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
         if job.cancel_requested:  # stopped before its handler was installed, or killed after cancel_timeout

@@ -24,10 +24,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable
+
+from libs.common import tempdirs
 
 # ms-swift's environment variables and the SftConfig fields they fill
 ENVIRONMENT = {"NPROC_PER_NODE": "nproc_per_node", "NNODES": "nnodes", "NODE_RANK": "node_rank",
@@ -151,30 +152,15 @@ def remove_stale_launch_dirs(root: str | None = None) -> list[str]:
     """Removes the events directories of launchers that no longer run. A launcher killed with
     SIGKILL cannot remove its own; each is named after its launcher's pid
     (`tuneforge-launch-<pid>-*`), so the next launch removes those whose process is gone."""
-    root = root or tempfile.gettempdir()
-    removed = []
-    for entry in os.scandir(root):
-        parts = entry.name[len(LAUNCH_DIR_PREFIX):].split("-", 1)
-        if not (entry.name.startswith(LAUNCH_DIR_PREFIX) and entry.is_dir(follow_symlinks=False)
-                and len(parts) == 2 and parts[0].isdigit()):
-            continue
-        try:
-            os.kill(int(parts[0]), 0)
-            continue  # still running (or the pid was reused: removed by a later launch)
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # another user's live process
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        removed.append(entry.path)
-    return removed
+    return tempdirs.remove_stale(LAUNCH_DIR_PREFIX, root)
 
 
 def run(config, config_path: str, send: Callable[..., None], stop: threading.Event) -> int:
     """Runs the job under torchrun from this (launcher) process; returns the exit code
     for the worker: 0 done, 2 a rank reported an error, else torchrun's code."""
     remove_stale_launch_dirs()
-    with tempfile.TemporaryDirectory(prefix=f"{LAUNCH_DIR_PREFIX}{os.getpid()}-") as tmp:
+    tmp = tempdirs.make(LAUNCH_DIR_PREFIX)
+    try:
         events_path = os.path.join(tmp, "events.jsonl")
         open(events_path, "w").close()
         command = torchrun_command(config, ["--config", config_path, "--events_path", events_path])
@@ -192,6 +178,8 @@ def run(config, config_path: str, send: Callable[..., None], stop: threading.Eve
         threading.Thread(target=forward_stop, daemon=True).start()
         code = process.wait()
         relay.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if relay.error is not None:
         return 2
     return code

@@ -21,8 +21,11 @@ def _plot(path: pathlib.Path, steps: list[int], values: list[float], title: str,
     axes.set(title=title, xlabel="step", ylabel=ylabel)
     axes.grid(alpha=0.3)
     tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)  # a reader never sees half an image
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, path)  # a reader never sees half an image
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no temporary file
 
 
 def write_loss_curves(run_dir: str | pathlib.Path, logged: list[dict]) -> list[pathlib.Path]:

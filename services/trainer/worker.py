@@ -2,9 +2,11 @@
 [--events_fd FD]` runs the SFT recipe and reports its events as JSON lines on a pipe.
 
 Running the recipe in its own process keeps the service responsive, lets a job be
-cancelled with a signal and killed if it hangs. A job of more than one process makes this
-process the launcher of torchrun, whose ranks run this module again with `--events_path`
-(services.trainer.launch). SIGTERM (or SIGINT) stops training at the next step
+cancelled with a signal and killed if it hangs. Started with `--parent_pid` (by the trainer
+service) it dies with that process: a service killed with SIGKILL leaves no job training
+unwatched, which a resumed job in the same directory would race. A job of more than one
+process makes this process the launcher of torchrun, whose ranks run this module again with
+`--events_path` (services.trainer.launch). SIGTERM (or SIGINT) stops training at the next step
 boundary; the recipe then publishes a checkpoint and the process exits 0.
 
 Events (one JSON object a line, key "event"): started, progress (every step), step
@@ -76,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events_fd", type=int, default=1, help="file descriptor for the JSON event lines")
     parser.add_argument("--events_path", default=None,
                         help="torchrun ranks started by the launcher: file the ranks append their event lines to")
+    parser.add_argument("--parent_pid", type=int, default=None,
+                        help="the trainer service that started this process: die (SIGKILL) when it dies")
     options = parser.parse_args(argv)
+    if options.parent_pid is not None:
+        launch.die_with_parent()
+        if os.getppid() != options.parent_pid:  # it died before we asked to follow it
+            return ERROR_EXIT
     stop = install_stop_handlers()
     logs.setup("trainer-worker")
     world = distributed.world_from_env()

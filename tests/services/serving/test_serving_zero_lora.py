@@ -34,3 +34,26 @@ def test_no_adaptable_module_means_no_adapter(tmp_path):
 
     save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, str(tmp_path / "model.safetensors"))
     assert zero_lora.write(tmp_path, tmp_path / "zero") is None
+
+
+def test_no_room_for_the_zero_adapter_is_one_clear_error(default_model, tmp_path):
+    """At start, a full temporary directory fails serving with DiskFull (one CLI line), not a
+    safetensors traceback: here a 1 kB file-size limit (RLIMIT_FSIZE) on the writing process."""
+    import os
+    import pathlib
+    import resource
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[3]
+    pythonpath = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))  # Bazel's packages too
+    code = (f"import pathlib\nfrom libs.common.errors import DiskFull\nfrom services.serving import zero_lora\n"
+            f"try:\n    zero_lora.write(pathlib.Path('{default_model}'), pathlib.Path('{tmp_path}/zero'))\n"
+            f"except DiskFull as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
+                          env={**os.environ, "PYTHONPATH": pythonpath},
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                                (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1])))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (f"no space to write {tmp_path}/zero: File too large (EFBIG); writing the base model's "
+                           "zero adapter\n")
