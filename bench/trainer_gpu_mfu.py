@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from services.trainer.loss import sft_loss
+    from services.trainer.losses.sft import sft_loss
 
     cpu = args.cpu_smoke
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])

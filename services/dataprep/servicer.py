@@ -14,6 +14,7 @@ import grpc
 
 from libs.common import logs
 from libs.common.config import from_proto
+from libs.dataset.ipc import to_ipc_stream
 from libs.common.errors import (Cancelled, FailedPrecondition, NotFound, ResourceExhausted, TuneForgeError,
                                 grpc_errors)
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
@@ -232,7 +233,7 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
                     loaded = (batch.shard_index, table, rows_order)
                     metrics.SHARDS_SERVED.inc()
                 records = reading.take(loaded[1], batch, loaded[2])
-                data = reading.to_ipc_stream(records)
+                data = to_ipc_stream(records)
                 metrics.ROWS_SERVED.inc(records.num_rows)
                 metrics.BYTES_SERVED.inc(len(data))
                 yield pb.ReadShardsResponse(

@@ -1,4 +1,4 @@
-"""The trainer's configs: `SftConfig` (one supervised fine-tuning job, ms-swift flag names)
+"""The trainer's configs: `TrainConfig` (one supervised fine-tuning job, ms-swift flag names)
 and `TrainerServerConfig` (the trainer service process)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class SftConfig:
+class TrainConfig:
     """One supervised fine-tuning job. Field names and defaults follow ms-swift's `swift sft`."""
 
     # Fields a job cannot start without (a class attribute, not a field: commands that fill
@@ -242,24 +242,24 @@ def _shortest_float32(value: float) -> float:
     return value
 
 
-def from_arguments(message: Any) -> SftConfig:
-    """An SftConfig from a `TrainingArguments` message (unset fields take the defaults above);
+def from_arguments(message: Any) -> TrainConfig:
+    """An TrainConfig from a `TrainingArguments` message (unset fields take the defaults above);
     raises Problems listing every problem."""
-    config = cfg.from_proto(SftConfig, message)
+    config = cfg.from_proto(TrainConfig, message)
     for f in message.DESCRIPTOR.fields:
         if f.type == f.TYPE_FLOAT and hasattr(config, f.name):
             setattr(config, f.name, _shortest_float32(getattr(config, f.name)))
     return config
 
 
-def to_arguments(config: SftConfig):
+def to_arguments(config: TrainConfig):
     """The `TrainingArguments` message carrying `config`."""
     from protos.tuneforge.trainer.v1 import trainer_pb2
 
     return cfg.to_proto(config, trainer_pb2.TrainingArguments)
 
 
-def as_dict(config: SftConfig) -> dict[str, Any]:
+def as_dict(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 

@@ -19,9 +19,10 @@ import pyarrow as pa
 import torch
 
 from libs.common.errors import FailedPrecondition
-from services.dataprep.client import Cursor, read_batches
+from libs.dataset.client import Cursor, read_batches
 from services.trainer import packing
-from services.trainer.loss import IGNORE_INDEX, trained_tokens
+from libs.dataset.schema import IGNORE_INDEX
+from services.trainer.losses.sft import trained_tokens
 
 
 @dataclass(frozen=True)

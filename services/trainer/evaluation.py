@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from services.trainer import data
-from services.trainer.loss import sft_loss
+from services.trainer.losses.sft import sft_loss
 
 
 def held_out(index: int, ratio: float) -> bool:

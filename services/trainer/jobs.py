@@ -27,7 +27,7 @@ from libs.common import logs, tempdirs
 from libs.common.errors import FailedPrecondition, NotFound, Unavailable
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import metrics
-from services.trainer.config import SftConfig, as_dict
+from services.trainer.config import TrainConfig, as_dict
 
 LOG = logging.getLogger("tuneforge.trainer.jobs")
 
@@ -46,7 +46,7 @@ def state_name(state: int) -> str:
 @dataclass
 class Job:
     id: str
-    config: SftConfig
+    config: TrainConfig
     arguments: dict[str, Any]
     state: int = pb.JOB_STATE_PENDING
     step: int = 0
@@ -92,7 +92,7 @@ class JobManager:
 
     # --- API used by the servicer
 
-    def submit(self, config: SftConfig) -> pb.Job:
+    def submit(self, config: TrainConfig) -> pb.Job:
         """Queues a validated job; it starts as soon as a slot is free."""
         output_dir = pathlib.Path(config.output_dir).resolve()
         with self._cond:

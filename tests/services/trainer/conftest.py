@@ -11,7 +11,7 @@ import pytest
 
 from libs.common.server import create_server
 from protos.tuneforge.trainer.v1 import trainer_pb2_grpc
-from services.dataprep import client as dataprep_client
+from libs.dataset import client as dataprep_client
 from services.dataprep.config import PrepareConfig
 from services.dataprep.servicer import DataprepServicer, register as register_dataprep
 from services.trainer.jobs import JobManager

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from libs.common.errors import FailedPrecondition
-from services.dataprep.client import Cursor
+from libs.dataset.client import Cursor
 from services.trainer import data
 from services.trainer.data import DataCursor, Row
 

@@ -18,7 +18,7 @@ from libs.common.errors import InvalidArgument, NotFound, Unavailable
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from protos.tuneforge.trainer.v1 import trainer_pb2_grpc
 from services.trainer import client
-from services.trainer.config import SftConfig, to_arguments
+from services.trainer.config import TrainConfig, to_arguments
 
 S = pb.JobState
 
@@ -26,7 +26,7 @@ S = pb.JobState
 def arguments(dataset, dataprep_address, output_dir, **overrides) -> pb.TrainingArguments:
     values = dict(dataset=dataset, dataprep_address=dataprep_address, output_dir=str(output_dir),
                   lora_rank=16, lora_alpha=32, learning_rate=3e-3, lr_scheduler_type="constant", seed=0)
-    return to_arguments(SftConfig(**{**values, **overrides}))
+    return to_arguments(TrainConfig(**{**values, **overrides}))
 
 
 def metric(name, **labels):
@@ -62,7 +62,7 @@ def test_bad_requests_list_every_problem_at_once(stub, tmp_path):
 
 def test_client_raises_typed_errors(trainer, tmp_path):
     with pytest.raises(InvalidArgument, match="lora_rank: must be positive") as caught:
-        client.submit(trainer.address, SftConfig(lora_rank=0, dataset="d", dataprep_address="127.0.0.1:1",
+        client.submit(trainer.address, TrainConfig(lora_rank=0, dataset="d", dataprep_address="127.0.0.1:1",
                                                  output_dir=str(tmp_path / "run")))
     assert "lora_alpha" not in str(caught.value)
     with pytest.raises(NotFound):
@@ -156,12 +156,12 @@ def test_lora_job_trains_publishes_and_announces(trainer, stub, prepared_dataset
 def test_cancel_publishes_the_current_step_and_the_queue_moves_on(trainer, stub, prepared_dataset,
                                                                    dataprep_address, tmp_path):
     address = trainer.address
-    long_job = client.submit(address, SftConfig(
+    long_job = client.submit(address, TrainConfig(
         dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path / "long"),
         max_steps=100000, save_steps=100000, adapter_name="long-adapter"))
-    queued = client.submit(address, SftConfig(
+    queued = client.submit(address, TrainConfig(
         dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path / "queued")))
-    broken = client.submit(address, SftConfig(
+    broken = client.submit(address, TrainConfig(
         dataset=str(tmp_path / "not-prepared"), dataprep_address=dataprep_address, output_dir=str(tmp_path / "broken")))
 
     announced = []
@@ -213,7 +213,7 @@ def test_cancel_publishes_the_current_step_and_the_queue_moves_on(trainer, stub,
 @pytest.mark.slow
 def test_a_training_process_that_dies_fails_the_job_with_its_output(trainer, prepared_dataset, dataprep_address,
                                                                    tmp_path):
-    job_id = client.submit(trainer.address, SftConfig(
+    job_id = client.submit(trainer.address, TrainConfig(
         dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path / "doomed"),
         max_steps=100000))
     for event in client.watch(trainer.address, job_id):

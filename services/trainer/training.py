@@ -18,8 +18,8 @@ import torch
 
 from libs.common.errors import InvalidArgument
 from services.trainer import checkpointing, data, distributed, evaluation
-from services.trainer.config import SftConfig, as_dict
-from services.trainer.loss import sft_loss
+from services.trainer.config import TrainConfig, as_dict
+from services.trainer.losses.sft import sft_loss
 from services.trainer.modeling import build_model
 
 
@@ -81,7 +81,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def build_optimizer(model, config: SftConfig) -> torch.optim.AdamW:
+def build_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on 1-D ones (biases, norms)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -91,7 +91,7 @@ def build_optimizer(model, config: SftConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
 
 
-def build_scheduler(optimizer, config: SftConfig, total_steps: int):
+def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
     """The learning-rate schedule: linear warmup over ceil(warmup_ratio x steps), then cosine
     to 0, linear to 0, or constant (Hugging Face's schedules, as ms-swift)."""
     from transformers import get_scheduler
@@ -124,7 +124,7 @@ def train_step(model, batch: data.StepBatch, trainable: list[torch.nn.Parameter]
     return loss_value, grad_norm, learning_rate
 
 
-def train(config: SftConfig, report: Reporter, stop: threading.Event | None = None) -> int:
+def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = None) -> int:
     """Runs one job; returns the last step trained."""
     from transformers import AutoTokenizer
 

@@ -24,7 +24,7 @@ from libs.common import config as cfg
 from libs.common.server import create_server
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import client
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 # dataprep writes this file last: a directory holding it is a prepared dataset
 PREPARED_MARKER = "manifest.json"
@@ -34,7 +34,7 @@ PREPARED_VAL_SUBDIR = "val_dataset"
 
 
 @dataclass
-class SftCommandConfig(SftConfig):
+class SftCommandConfig(TrainConfig):
     """`tuneforge sft`: one SFT job run through the trainer service, from raw or prepared data."""
 
     REQUIRED = ("dataset", "output_dir")
@@ -112,9 +112,9 @@ def is_packed(path: str | pathlib.Path) -> bool:
 
 
 def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: str,
-               val_dataset_dir: str | None = None) -> SftConfig:
-    """The job the trainer runs: the command's SftConfig fields, with absolute paths."""
-    values = {f.name: getattr(command, f.name) for f in dataclasses.fields(SftConfig)}
+               val_dataset_dir: str | None = None) -> TrainConfig:
+    """The job the trainer runs: the command's TrainConfig fields, with absolute paths."""
+    values = {f.name: getattr(command, f.name) for f in dataclasses.fields(TrainConfig)}
     values.update(dataset=str(pathlib.Path(dataset_dir).resolve()), dataprep_address=dataprep_address,
                   val_dataset=str(pathlib.Path(val_dataset_dir).resolve()) if val_dataset_dir else None,
                   output_dir=str(pathlib.Path(command.output_dir).resolve()),
@@ -123,7 +123,7 @@ def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: st
                                           if command.resume_from_checkpoint else None))
     if command.deepspeed and command.deepspeed.endswith(".json"):  # a file, not a preset name
         values.update(deepspeed=str(pathlib.Path(command.deepspeed).resolve()))
-    return SftConfig(**values)
+    return TrainConfig(**values)
 
 
 @contextlib.contextmanager
@@ -174,8 +174,8 @@ def prepare(command: SftCommandConfig, dataprep_address: str, datasets: list[str
     datasets = command.dataset if datasets is None else datasets
     if len(datasets) == 1 and is_prepared(datasets[0]):
         return str(pathlib.Path(datasets[0]).resolve())
+    from libs.dataset import client as dataprep_client
     from services.dataprep import cli as dataprep_cli
-    from services.dataprep import client as dataprep_client
 
     output_dir = pathlib.Path(command.output_dir).resolve() / subdir
     config = dataprep_cli.absolute(prepare_config(command, datasets, output_dir))
@@ -212,7 +212,7 @@ class ProgressBar:
             self.bar.close()
 
 
-def run_job(address: str, config: SftConfig, desc: str) -> pb.Job:
+def run_job(address: str, config: TrainConfig, desc: str) -> pb.Job:
     """Submits the job and follows it to its end; Ctrl-C cancels it (it publishes a
     checkpoint at its current step) and waits for that before re-raising."""
     job_id = client.submit(address, config)
