@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("libs.default_model.cli:main", "the embedded default model: model build-default --output_dir DIR"),
     "prepare": ("services.dataprep.cli:main", "prepare a dataset into Arrow shards (through the dataprep service)"),
     "sft": ("cli.train:main", "supervised fine-tuning (lora, qlora or full) through the trainer service, from raw or prepared data"),
+    "rlhf": ("cli.train:rlhf_main", "preference and reward training (dpo, kto, orpo, simpo, cpo, rm) through the trainer service"),
     "pt": ("cli.train:pt_main", "continued pre-training (no chat template, every token trained) through the trainer service"),
     "deploy": ("services.serving.cli:main", "serve a base model and LoRA adapters behind an OpenAI-compatible API"),
     "infer": ("services.serving.infer:main", "batch inference over a dataset file with the base model or a LoRA adapter"),

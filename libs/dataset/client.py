@@ -70,6 +70,28 @@ def read_batches(address: str, dataset_dir: str, rank: int = 0, world_size: int 
             responses.cancel()  # a caller that stops early ends the stream on the server too
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What DescribeDataset says of a prepared dataset."""
+
+    task: str  # sft, pt, preference, reward, kto or prompt
+    packed: bool
+    complete: bool
+    rows: int
+    shard_rows: tuple[int, ...]
+
+
+def describe(address: str, dataset_dir: str, timeout: float | None = 30.0) -> DatasetInfo:
+    """The kind and size of a prepared dataset (or one the service is preparing)."""
+    with _channel(address) as channel:
+        try:
+            response = pb_grpc.DataprepServiceStub(channel).DescribeDataset(
+                pb.DescribeDatasetRequest(dataset_dir=str(dataset_dir)), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _typed(exc, address) from None
+    return DatasetInfo(response.task, response.packed, response.complete, response.rows, tuple(response.shard_rows))
+
+
 def _progress_of(preparation: pb.Preparation) -> Progress:
     return Progress(rows_in=preparation.rows_in, rows_out=preparation.rows_out,
                     rows_rejected=preparation.rows_rejected, tokens=preparation.tokens,

@@ -47,3 +47,16 @@ PACKED_PAIR_SCHEMA = pa.schema([
 def describe(schema: pa.Schema) -> dict[str, str]:
     """The manifest's `columns`: column name -> Arrow type."""
     return {field.name: str(field.type) for field in schema}
+
+
+def kind_of(columns: dict[str, str]) -> str:
+    """The kind of rows a dataset's columns (the manifest's `columns`) hold: sft (also pt),
+    preference (also reward), kto or prompt, packed or not; a manifest's own `task` says more
+    (pt, reward) where it has one."""
+    if "chosen_input_ids" in columns or "margins" in columns:
+        return "preference"
+    if "label" in columns:
+        return "kto"
+    if "labels" in columns:
+        return "sft"
+    return "prompt"

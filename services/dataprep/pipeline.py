@@ -260,6 +260,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
 
     manifest = {
         "format": manifest_file.FORMAT,
+        "task": admission.kind,
         "rows_in": state.rows_in,
         "rows_out": state.rows_out,
         "rows_rejected": state.rows_rejected,

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from libs.common import config as cfg
 from libs.dataset import client as dataprep_client
 from services.dataprep.config import PrepareConfig
-from services.trainer import data, evaluation
+from services.trainer import data, evaluation, methods
 from services.trainer.config import TrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -65,6 +65,7 @@ def test_fsdp_eval_with_uneven_rank_slices_finishes_and_sums_every_row(prepared_
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with evaluation.eval_mode(model):
-        alone = evaluation.evaluate(model, data.DataprepRows(dataprep_address, str(tmp_path / "val")), 1, pad_id)
+        sft = methods.get(None)(config, model, model, tokenizer)
+        alone = evaluation.evaluate(sft, model, data.DataprepRows(dataprep_address, str(tmp_path / "val")), 1, pad_id)
     assert alone.rows == 3 and alone.trained_tokens == evals[0]["eval_trained_tokens"]
     assert abs(alone.loss - evals[0]["eval_loss"]) <= 1e-5 * alone.loss, (alone.loss, evals[0]["eval_loss"])

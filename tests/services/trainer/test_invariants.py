@@ -12,7 +12,7 @@ from transformers import get_scheduler
 
 from libs.dataset import client as dataprep_client
 from services.dataprep.config import PrepareConfig
-from services.trainer import data, training
+from services.trainer import data, distributed, methods, modeling, training
 from services.trainer.config import TrainConfig
 
 STEPS = 3
@@ -37,19 +37,21 @@ def uneven_dataset(dataprep_address, default_model, tmp_path_factory) -> str:
 def run(config: TrainConfig, model_dir, rows, micro_batch_size: int, accumulation: int):
     """STEPS optimizer steps; returns (losses, grad norms, trainable weights afterwards)."""
     torch.manual_seed(config.seed)
-    model = training.build_model(config, model_dir)
+    model = modeling.build_model(config, model_dir)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = training.build_optimizer(model, config)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=STEPS)
-    batches = data.step_batches(rows, micro_batch_size, accumulation, pad_id=0)
+    engine = distributed.Engine(model, optimizer, distributed.World())
+    method = methods.get(None)(config, engine.forward, model, None)
+    batches = data.step_batches(rows, micro_batch_size, accumulation, lambda group: method.collate(group, 0))
     losses, norms = [], []
     for _ in range(STEPS):
         batch = next(batches)
         assert len(batch.micro_batches) == accumulation
-        loss, norm, _lr = training.train_step(model, batch, trainable, optimizer, scheduler, config.max_grad_norm)
-        losses.append(loss)
-        norms.append(norm)
+        result = training.train_step(method, batch, trainable, engine, scheduler, config.max_grad_norm)
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
     weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     return losses, norms, weights
 

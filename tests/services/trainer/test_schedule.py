@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from services.trainer import training
+from services.trainer import modeling, training
 from services.trainer.config import TrainConfig
 
 LR, TOTAL, WARMUP_RATIO = 1e-3, 10, 0.2  # 2 warmup steps
@@ -39,7 +39,7 @@ def test_schedules_follow_their_formulas_with_warmup(kind):
 
 def test_weight_decay_shrinks_matrices_only(default_model):
     config = TrainConfig(train_type="full", learning_rate=0.1, weight_decay=0.5)
-    model = training.build_model(config, default_model)
+    model = modeling.build_model(config, default_model)
     optimizer = training.build_optimizer(model, config)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():

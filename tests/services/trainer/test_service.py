@@ -223,3 +223,42 @@ def test_a_training_process_that_dies_fails_the_job_with_its_output(trainer, pre
     with pytest.raises(client.JobFailed) as failed:
         client.wait(trainer.address, job_id)
     assert "exited with signal SIGKILL" in failed.value.job.error
+
+
+@pytest.fixture(scope="module")
+def preference_dataset(dataprep_address, default_model, tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("pairs")
+    raw = root / "pairs.jsonl"
+    raw.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
+                                                    {"role": "assistant", "content": "An answer."}],
+                                       "rejected_response": "I do not know."}) + "\n" for i in range(4)))
+    from libs.dataset import client as dataprep_client
+    from services.dataprep.config import PrepareConfig
+
+    manifest = dataprep_client.prepare(dataprep_address, PrepareConfig(
+        model=str(default_model), dataset=[str(raw)], output_dir=str(root / "prepared")))
+    assert manifest["task"] == "preference"
+    return str(root / "prepared")
+
+
+def test_a_dataset_of_the_wrong_kind_is_refused_before_any_work(stub, prepared_dataset, preference_dataset,
+                                                                 dataprep_address, tmp_path):
+    cases = [
+        # supervised training on pairs: before, trained silently on... nothing it could read (KeyError)
+        (dict(dataset=preference_dataset), f"dataset: {preference_dataset} holds preference rows; supervised "
+                                           "training (sft, pt) trains on conversations"),
+        (dict(dataset=prepared_dataset, rlhf_type="dpo"),
+         f"dataset: {prepared_dataset} holds sft rows; rlhf_type dpo trains on chosen/rejected pairs"),
+        (dict(dataset=prepared_dataset, val_dataset=preference_dataset),
+         f"val_dataset: {preference_dataset} holds preference rows"),
+        (dict(dataset=preference_dataset, rlhf_type="kto"),
+         "rlhf_type kto trains on answers labelled desirable or undesirable"),
+    ]
+    for i, (fields, expected) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.SubmitJob(pb.SubmitJobRequest(arguments=arguments(dataprep_address=dataprep_address,
+                                                                   output_dir=out, **fields)), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+        assert expected in caught.value.details(), (fields, caught.value.details())
+        assert not out.exists()  # no work started
