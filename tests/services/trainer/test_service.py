@@ -4,6 +4,7 @@ server feeding it over gRPC, real training child processes, real checkpoints on 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import threading
 import time
@@ -161,8 +162,12 @@ def test_cancel_publishes_the_current_step_and_the_queue_moves_on(trainer, stub,
         max_steps=100000, save_steps=100000, adapter_name="long-adapter"))
     queued = client.submit(address, TrainConfig(
         dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path / "queued")))
+    # a dataset fit to train on when submitted (SubmitJob asks dataprep) and gone when its turn comes
+    doomed = tmp_path / "doomed"
+    shutil.copytree(prepared_dataset, doomed)
     broken = client.submit(address, TrainConfig(
-        dataset=str(tmp_path / "not-prepared"), dataprep_address=dataprep_address, output_dir=str(tmp_path / "broken")))
+        dataset=str(doomed), dataprep_address=dataprep_address, output_dir=str(tmp_path / "broken")))
+    shutil.rmtree(doomed)
 
     announced = []
     with grpc.insecure_channel(address) as channel:
@@ -199,7 +204,7 @@ def test_cancel_publishes_the_current_step_and_the_queue_moves_on(trainer, stub,
         with pytest.raises(client.JobFailed) as failed:
             client.wait(address, broken)
         assert failed.value.job.state == S.JOB_STATE_FAILED
-        assert "not-prepared" in failed.value.job.error
+        assert f"{doomed}: no such dataset directory" in failed.value.job.error
         assert not (tmp_path / "queued").exists()
 
         deadline = time.monotonic() + 10
