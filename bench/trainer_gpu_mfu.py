@@ -2,7 +2,7 @@
 config built here, no hub) against the card's peak, DDP against DeepSpeed ZeRO-2 in the same run.
 
 What runs is the SFT recipe's step: forward, the trainer's own loss
-(`services.trainer.loss.sft_loss`: summed token cross-entropy / trained tokens), backward,
+(`services.trainer.losses.sft.sft_loss`: summed token cross-entropy / trained tokens), backward,
 gradient clipping at 1.0, AdamW; every token trained (packed 2048-token rows of random ids,
 no padding, causal sdpa, which is flash attention on Hopper). Each back end runs under
 `torchrun --nproc_per_node <GPUs>`; weights are float32 masters with bf16 compute (DDP:
@@ -72,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from services.trainer.loss import sft_loss
+    from services.trainer.losses.sft import sft_loss
 
     cpu = args.cpu_smoke
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])

@@ -85,7 +85,7 @@ def write_conversations(path: pathlib.Path, rows: int, seed: int = 0) -> None:
 
 
 def prepare(address: str, model_dir: pathlib.Path, raw: pathlib.Path, out: pathlib.Path, packing: bool) -> dict:
-    from services.dataprep import client
+    from libs.dataset import client
     from services.dataprep.config import PrepareConfig
 
     fields = {f.name for f in dataclasses.fields(PrepareConfig)}
@@ -98,9 +98,9 @@ def prepare(address: str, model_dir: pathlib.Path, raw: pathlib.Path, out: pathl
 def rows_for_trl(address: str, dataset_dir: pathlib.Path, out: pathlib.Path) -> int:
     """The prepared (unpacked) rows, read over the same RPC our trainer uses, as JSONL with
     input_ids and completion_mask (1 where dataprep's labels train the token)."""
-    from services.dataprep.client import read_batches
+    from libs.dataset.client import read_batches
     from services.trainer.data import batch_rows
-    from services.trainer.loss import IGNORE_INDEX
+    from libs.dataset.schema import IGNORE_INDEX
 
     count = 0
     with open(out, "w") as f:
@@ -131,11 +131,11 @@ def summarise(times: list[float], tokens: list[int], waits: list[float], warmup:
 def worker_ours(spec: dict) -> dict:
     import torch
 
-    from services.trainer import sft
-    from services.trainer.config import SftConfig
+    from services.trainer import training
+    from services.trainer.config import TrainConfig
 
     torch.set_num_threads(spec["threads"])
-    fields = {f.name for f in dataclasses.fields(SftConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = dict(model=spec["model"], dataset=spec["dataset"], dataprep_address=spec["dataprep"],
                   output_dir=spec["output_dir"], train_type="lora", lora_rank=LORA["r"],
                   lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"], target_modules=["all-linear"],
@@ -153,7 +153,7 @@ def worker_ours(spec: dict) -> dict:
             tokens.append(int(fields_["tokens"]))
             waits.append(float(fields_["data_wait_seconds"]))
 
-    sft.train(SftConfig(**values), report)
+    training.train(TrainConfig(**values), report)
     # logging.jsonl is the user-visible record of the same numbers: check they agree
     logged = [json.loads(line) for line in (pathlib.Path(spec["output_dir"]) / "logging.jsonl").read_text().splitlines()
               if line.strip()]

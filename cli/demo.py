@@ -144,9 +144,9 @@ def run_path(endpoints: Endpoints, model_dir: pathlib.Path, config: DemoConfig, 
     adapter and the base. Returns answers, failures and timings."""
     import openai
 
-    from services.dataprep import client as dataprep_client
+    from libs.dataset import client as dataprep_client
     from services.dataprep.config import PrepareConfig
-    from services.trainer.config import SftConfig
+    from services.trainer.config import TrainConfig
 
     adapters = [f"lora{i + 1}" for i in range(len(config.model_name))]
     total = total or first_step + len(adapters)
@@ -166,7 +166,7 @@ def run_path(endpoints: Endpoints, model_dir: pathlib.Path, config: DemoConfig, 
             model=str(model_dir), dataset=[str(raw)], output_dir=str(prepared)))
         print(f"      dataprep: {manifest['rows_out']}/{rows} rows, {manifest['tokens']} tokens "
               f"({manifest['trained_tokens']} trained), {len(manifest['shards'])} shard(s)")
-        result = train_adapter(endpoints.trainer, SftConfig(
+        result = train_adapter(endpoints.trainer, TrainConfig(
             model=str(model_dir), dataset=str(prepared), dataprep_address=endpoints.dataprep,
             output_dir=str(out / adapter), train_type="lora", lora_rank=config.lora_rank,
             lora_alpha=config.lora_alpha, target_modules=["all-linear"],

@@ -3,7 +3,12 @@ JSON files and proto messages, with every problem reported at once.
 
 A config dataclass declares fields with defaults (the only place defaults live)
 and `field(metadata={"help": ..., "choices": [...]})`. It may define
-`problems(self) -> list[str]` for cross-field checks.
+`problems(self) -> list[str]` for cross-field checks. A field may itself be a config
+dataclass (a training method's own config): a nested JSON object, a nested proto
+message, never a flag (commands flatten what they offer as flags).
+
+A dataclass mapped onto a proto message has a same-named proto field for every field:
+`to_proto` refuses one it cannot carry rather than drop it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import pathlib
+import struct
 import types
 import typing
 from typing import Any, TypeVar
@@ -52,6 +58,16 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     base, is_list = _base_type(tp)
     if value is None:
         return None
+    if dataclasses.is_dataclass(base):
+        if isinstance(value, base):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"expected an object of {', '.join(f.name for f in dataclasses.fields(base))}; "
+                             f"got {value!r}")
+        try:  # its own checks run with the outer config's (problems() names them), all at once
+            return from_dict(base, value, check=False)
+        except Problems as exc:  # unknown keys and bad values, named by their place
+            raise ValueError("; ".join(exc.problems)) from None
     if is_list:
         if isinstance(value, str):
             value = [value]
@@ -78,8 +94,9 @@ def _resolved_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
-    """Builds `cls` from a mapping; unknown keys and bad values are all reported at once."""
+def from_dict(cls: type[T], values: dict[str, Any], where: str = "", check: bool = True) -> T:
+    """Builds `cls` from a mapping; unknown keys and bad values are all reported at once,
+    then (check) the object's own problems()."""
     hints = _resolved_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     problems: list[str] = []
@@ -100,7 +117,8 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
     if problems:
         raise Problems(problems)
     obj = cls(**kwargs)
-    validate(obj)
+    if check:
+        validate(obj)
     return obj
 
 
@@ -133,9 +151,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     only what the user gave overrides the dataclass default."""
     hints = _resolved_types(cls)
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
         base, is_list = _base_type(hints[f.name])
+        if f.metadata.get("cli") is False or dataclasses.is_dataclass(base):
+            continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", "")
@@ -183,13 +201,34 @@ def parse(cls: type[T], argv: list[str], prog: str | None = None) -> T:
 def from_proto(cls: type[T], message: Any) -> T:
     """Builds `cls` from a proto message whose field names match: unset optional
     fields and empty repeated/string fields fall back to the dataclass default."""
+    return from_dict(cls, _proto_values(cls, message))
+
+
+def shortest_float32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32: a float field of a proto
+    arrives as float32, and 1e-4 should stay 1e-4 in args.json, not 9.999999747e-05."""
+    packed = struct.pack("<f", value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack("<f", candidate) == packed:
+            return candidate
+    return value
+
+
+def _proto_values(cls: type, message: Any) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = _resolved_types(cls)
     values: dict[str, Any] = {}
     for desc in message.DESCRIPTOR.fields:
         if desc.name not in names:
             continue
         value = getattr(message, desc.name)
-        if desc.is_repeated:
+        if desc.type == desc.TYPE_FLOAT:
+            value = [shortest_float32(v) for v in value] if desc.is_repeated else shortest_float32(value)
+        if desc.message_type is not None and not desc.is_repeated:  # a nested config
+            if message.HasField(desc.name):
+                values[desc.name] = _proto_values(_base_type(hints[desc.name])[0], value)
+        elif desc.is_repeated:
             if len(value):
                 values[desc.name] = list(value)
         elif desc.has_presence:
@@ -197,19 +236,50 @@ def from_proto(cls: type[T], message: Any) -> T:
                 values[desc.name] = value
         elif value not in ("", 0, False):
             values[desc.name] = value
-    return from_dict(cls, values)
+    return values
+
+
+def _message_class(descriptor) -> type:
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(descriptor)
+
+
+def missing_proto_fields(cls: type, message_cls: type) -> list[str]:
+    """The fields of config dataclass `cls` (nested configs included, as `outer.inner`) that
+    proto message `message_cls` cannot carry."""
+    fields = message_cls.DESCRIPTOR.fields_by_name
+    hints = _resolved_types(cls)
+    missing = []
+    for f in dataclasses.fields(cls):
+        if f.name not in fields:
+            missing.append(f.name)
+            continue
+        base, _ = _base_type(hints[f.name])
+        if dataclasses.is_dataclass(base) and fields[f.name].message_type is not None:
+            nested = _message_class(fields[f.name].message_type)
+            missing += [f"{f.name}.{name}" for name in missing_proto_fields(base, nested)]
+    return missing
 
 
 def to_proto(obj: Any, message_cls: type) -> Any:
-    """Copies same-named dataclass fields into a new proto message."""
+    """Copies the dataclass fields into a new proto message of the same field names;
+    raises TypeError for a field the message lacks (it would be lost on the wire)."""
     message = message_cls()
+    if dataclasses.is_dataclass(obj):
+        missing = missing_proto_fields(type(obj), message_cls)
+        if missing:
+            raise TypeError(f"{message_cls.DESCRIPTOR.full_name} has no field for {type(obj).__name__}."
+                            f"{', '.join(missing)}")
     for desc in message.DESCRIPTOR.fields:
         if not hasattr(obj, desc.name):
             continue
         value = getattr(obj, desc.name)
         if value is None:
             continue
-        if isinstance(value, list):
+        if dataclasses.is_dataclass(value):
+            getattr(message, desc.name).CopyFrom(to_proto(value, _message_class(desc.message_type)))
+        elif isinstance(value, list):
             getattr(message, desc.name).extend(value)
         else:
             setattr(message, desc.name, value)

@@ -9,7 +9,8 @@ import sys
 from tqdm import tqdm
 
 from libs.common.config import parse
-from services.dataprep import client, pipeline
+from libs.dataset import client
+from services.dataprep import pipeline
 from services.dataprep.config import PrepareCommandConfig, PrepareConfig
 
 

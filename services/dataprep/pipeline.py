@@ -19,6 +19,8 @@ import numpy as np
 from libs.common import disk
 from libs.common.config import to_dict, validate
 from libs.common.errors import Cancelled, InvalidArgument
+from libs.dataset.client import Progress
+from libs.dataset.schema import IGNORE_INDEX, PACKED_PAIR_SCHEMA, PACKED_SCHEMA, describe
 from services.dataprep import (cache, formats, inputs, jsonl, manifest as manifest_file, metrics, packing, parallel,
                                shards, tasks, template)
 from services.dataprep.config import PrepareConfig
@@ -26,17 +28,6 @@ from services.dataprep.config import PrepareConfig
 REJECTS = "rejects.jsonl"
 CHUNK_ROWS = 256  # rows tokenized per task (and between progress reports)
 STREAMING_PACK_WINDOW = 10_000  # --streaming --packing: samples packed together, bounding memory
-
-
-@dataclasses.dataclass
-class Progress:
-    rows_in: int = 0
-    rows_out: int = 0
-    rows_rejected: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    shards_written: int = 0
-    reused: bool = False  # the output directory already held this very preparation
 
 
 def resolve_model(model: str | None) -> pathlib.Path:
@@ -197,7 +188,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
 
     state = Progress()
     by_reason: collections.Counter[str] = collections.Counter()
-    schema = ((shards.PACKED_PAIR_SCHEMA if pairs else shards.PACKED_SCHEMA) if config.packing
+    schema = ((PACKED_PAIR_SCHEMA if pairs else PACKED_SCHEMA) if config.packing
               else admission.schema)
     writer = shards.ShardWriter(output_dir, config.shard_rows, schema)
     packer = (Packer(writer, config.max_length, STREAMING_PACK_WINDOW if config.streaming else None, pairs)
@@ -269,6 +260,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
 
     manifest = {
         "format": manifest_file.FORMAT,
+        "task": admission.kind,
         "rows_in": state.rows_in,
         "rows_out": state.rows_out,
         "rows_rejected": state.rows_rejected,
@@ -279,8 +271,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         "fingerprint": fingerprint,
         "chat_template_sha256": template.template_fingerprint(tokenizer),
         "tokenizer_sha256": template.tokenizer_fingerprint(model_dir, tokenizer),
-        "columns": shards.describe(schema),
-        "label_ignore_index": template.IGNORE_INDEX,
+        "columns": describe(schema),
+        "label_ignore_index": IGNORE_INDEX,
         "sources": [dataclasses.asdict(source) for source in sources],
         "shards": [dataclasses.asdict(shard) for shard in writer.shards],
         "rejects": REJECTS,

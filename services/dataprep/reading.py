@@ -105,16 +105,3 @@ def take(table: pa.Table, batch: Batch, order: np.ndarray | None = None) -> pa.R
     else:
         rows = table.take(pa.array(range(batch.start, batch.stop, batch.step), type=pa.int64()))
     return rows.combine_chunks().to_batches()[0] if rows.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
-
-
-def to_ipc_stream(batch: pa.RecordBatch) -> bytes:
-    """One Arrow IPC stream: the schema and this one record batch."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
-
-
-def from_ipc_stream(data: bytes) -> pa.RecordBatch:
-    with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
-        return reader.read_next_batch()

@@ -14,6 +14,8 @@ import grpc
 
 from libs.common import logs
 from libs.common.config import from_proto
+from libs.dataset.ipc import to_ipc_stream
+from libs.dataset.schema import SCHEMAS, describe, kind_of
 from libs.common.errors import (Cancelled, FailedPrecondition, NotFound, ResourceExhausted, TuneForgeError,
                                 grpc_errors)
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
@@ -232,7 +234,7 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
                     loaded = (batch.shard_index, table, rows_order)
                     metrics.SHARDS_SERVED.inc()
                 records = reading.take(loaded[1], batch, loaded[2])
-                data = reading.to_ipc_stream(records)
+                data = to_ipc_stream(records)
                 metrics.ROWS_SERVED.inc(records.num_rows)
                 metrics.BYTES_SERVED.inc(len(data))
                 yield pb.ReadShardsResponse(
@@ -242,6 +244,25 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
                 return
             start = reading.Position(len(entries), 0)
             entries, columns, preparing = self._wait_for_shards(dataset_dir, preparing, len(entries), context)
+
+    @grpc_errors
+    def DescribeDataset(self, request, context):
+        dataset_dir = pathlib.Path(request.dataset_dir)
+        operation = self._preparing(dataset_dir)
+        if operation is None:
+            manifest = manifest_file.read(dataset_dir)
+            entries, columns = manifest["shards"], manifest.get("columns") or describe(SCHEMAS["sft"])
+            task = manifest.get("task") or kind_of(columns)  # manifests before `task` existed
+        else:
+            partial = shards.read_partial(dataset_dir) or {"shards": [], "columns": {}}
+            entries, columns = partial["shards"], partial["columns"] or {}
+            if not columns:
+                raise FailedPrecondition(f"{dataset_dir}: preparation {operation.proto.id} has written no shard yet; "
+                                         "its kind is not known", field="dataset_dir")
+            task = kind_of(columns)
+        return pb.DescribeDatasetResponse(task=task, packed="seq_lens" in columns, complete=operation is None,
+                                          rows=sum(entry["rows"] for entry in entries),
+                                          shard_rows=[entry["rows"] for entry in entries])
 
     def _preparing(self, dataset_dir: pathlib.Path) -> Operation | None:
         """The preparation of ours writing `dataset_dir` now, if any."""

@@ -16,38 +16,15 @@ import pyarrow as pa
 
 from libs.common import disk
 from libs.common.errors import FailedPrecondition, NotFound
+from libs.dataset.schema import SCHEMAS, describe
 
-SCHEMA = pa.schema([
-    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("labels", pa.list_(pa.int32()), nullable=False),
-    pa.field("length", pa.int32(), nullable=False),
-])
-# --packing true: several samples per row; position_ids restart at 0 for each, seq_lens are their lengths.
-PACKED_SCHEMA = pa.schema([
-    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("labels", pa.list_(pa.int32()), nullable=False),
-    pa.field("position_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("seq_lens", pa.list_(pa.int32()), nullable=False),
-    pa.field("length", pa.int32(), nullable=False),
-])
-# --packing true on preference/reward rows: each pair's chosen then rejected sequence, side by side in one
-# row (seq_lens holds two lengths a pair), and each pair's margin (null when the row has none).
-PACKED_PAIR_SCHEMA = pa.schema([
-    *list(PACKED_SCHEMA)[:-1],
-    pa.field("margins", pa.list_(pa.float64()), nullable=False),
-    PACKED_SCHEMA.field("length"),
-])
+SCHEMA = SCHEMAS["sft"]  # the shard schemas are the readers' contract too: libs/dataset/schema.py
 PARTIAL = "shards.partial.json"  # the shards written so far, while a preparation runs
 FIELD = "output_dir"  # what a full disk names: the argument that chose where shards go
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
-
-
-def describe(schema: pa.Schema) -> dict[str, str]:
-    """The manifest's `columns`: column name -> Arrow type."""
-    return {field.name: str(field.type) for field in schema}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,31 +14,15 @@ import numpy as np
 import pyarrow as pa
 
 from libs.common.errors import InvalidArgument
+from libs.dataset.schema import SCHEMAS, TOKEN_COLUMNS
 from services.dataprep import formats, inputs, jsonl, template
 
-INT32S = pa.list_(pa.int32())
 # --task auto: the dataset's kind is the one most of its first PEEK_VALID valid rows have (ties: the
 # earliest), so one odd first row (an SFT row missing its answer) does not decide for the rest.
 PEEK_VALID = 256
 PEEK_LIMIT = 10_000  # rows read ahead at most while looking for them
 
 
-def _field(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable)
-
-
-SCHEMAS = {
-    "sft": pa.schema([_field("input_ids", INT32S), _field("labels", INT32S), _field("length", pa.int32())]),
-    "kto": pa.schema([_field("input_ids", INT32S), _field("labels", INT32S), _field("label", pa.bool_()),
-                      _field("length", pa.int32())]),
-    "preference": pa.schema([_field("chosen_input_ids", INT32S), _field("chosen_labels", INT32S),
-                             _field("rejected_input_ids", INT32S), _field("rejected_labels", INT32S),
-                             _field("margin", pa.float64(), nullable=True), _field("length", pa.int32())]),
-    "prompt": pa.schema([_field("input_ids", INT32S), _field("length", pa.int32())]),
-}
-SCHEMAS["pt"] = SCHEMAS["sft"]
-SCHEMAS["reward"] = SCHEMAS["preference"]
-TOKEN_COLUMNS = frozenset(field.name for schema in SCHEMAS.values() for field in schema if field.type == INT32S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +194,7 @@ class Admission:
         if first is not None and self.kind == "prompt":
             self.extra_types = {k: _arrow_type(v) for k, v in first.columns.items() if k not in base.names}
         fields = list(base)
-        self.schema = pa.schema(fields[:-1] + [_field(k, t, True) for k, t in self.extra_types.items()]
+        self.schema = pa.schema(fields[:-1] + [pa.field(k, t, nullable=True) for k, t in self.extra_types.items()]
                                 + fields[-1:])
 
     def admit(self, example: Example) -> Example | jsonl.Reject:

@@ -28,10 +28,10 @@ import weakref
 import numpy as np
 
 from libs.common.errors import FailedPrecondition, InvalidArgument
+from libs.dataset.schema import IGNORE_INDEX
 from services.dataprep import layout, templates
 from services.dataprep.loss_scale import trained_messages
 
-IGNORE_INDEX = -100  # label value the cross-entropy loss skips (torch's and HF's default)
 
 
 class TemplateError(ValueError):

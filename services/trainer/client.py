@@ -11,7 +11,7 @@ import grpc
 from libs.common.errors import FailedPrecondition, code_from_number, from_rpc_error
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from protos.tuneforge.trainer.v1 import trainer_pb2_grpc
-from services.trainer.config import SftConfig, to_arguments
+from services.trainer.config import TrainConfig, to_arguments
 
 
 class JobFailed(FailedPrecondition):
@@ -34,7 +34,7 @@ def _stub(address: str) -> Iterator[trainer_pb2_grpc.TrainerServiceStub]:
             raise from_rpc_error(exc, "trainer", address) from None
 
 
-def submit(address: str, config: SftConfig, timeout: float = 30.0) -> str:
+def submit(address: str, config: TrainConfig, timeout: float = 30.0) -> str:
     """Submits a job; returns its id at once (training goes on in the service)."""
     with _stub(address) as stub:
         return stub.SubmitJob(pb.SubmitJobRequest(arguments=to_arguments(config)), timeout=timeout).job.id

@@ -1,11 +1,11 @@
-"""The trainer's configs: `SftConfig` (one supervised fine-tuning job, ms-swift flag names)
-and `TrainerServerConfig` (the trainer service process)."""
+"""The trainer's configs: `TrainConfig` (one training job, ms-swift flag names), one dataclass
+per RLHF method for that method's own arguments (TRL's habit), and `TrainerServerConfig`
+(the trainer service process)."""
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +20,146 @@ TRAIN_TYPES = ("lora", "qlora", "full")
 ADAPTER_TRAIN_TYPES = ("lora", "qlora")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+RLHF_TYPES = ("dpo", "kto", "orpo", "simpo", "cpo", "rm")
+# Methods that compare the policy with a reference model (the others have none).
+REFERENCE_METHODS = ("dpo", "kto")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_pair", "apo_zero", "apo_down", "discopop", "sft")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def _positive_beta(beta: float) -> list[str]:
+    return [] if beta > 0 else [f"beta: must be positive; got {beta}"]
 
 
 @dataclass
-class SftConfig:
+class DpoConfig:
+    """--rlhf_type dpo: direct preference optimisation against a reference model."""
+
+    beta: float = field(default=0.1, metadata={"help": "temperature of the implicit reward beta x (log pi - log ref)"})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
+        "help": f"one or more of {', '.join(DPO_LOSS_TYPES)}; several are summed with loss_weights"})
+    loss_weights: list[float] | None = field(default=None, metadata={
+        "help": "a weight per loss_type (default 1 each)"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "the probability that a pair's labels are flipped (cDPO; ms-swift applies it to sigmoid too)"})
+    rpo_alpha: float | None = field(default=None, metadata={
+        "help": "adds rpo_alpha x the NLL of the chosen answers (mean over their tokens), as ms-swift"})
+
+    def problems(self) -> list[str]:
+        found = _positive_beta(self.beta)
+        unknown = [t for t in self.loss_type if t not in DPO_LOSS_TYPES]
+        if not self.loss_type or unknown:
+            found.append(f"loss_type: expected one or more of {', '.join(DPO_LOSS_TYPES)}; got "
+                         f"{', '.join(unknown) or 'none'}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            found.append(f"loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            found.append(f"label_smoothing: must be in [0, 0.5); got {self.label_smoothing}")
+        return found
+
+
+@dataclass
+class KtoConfig:
+    """--rlhf_type kto: Kahneman-Tversky optimisation on rows labelled desirable or not."""
+
+    beta: float = field(default=0.1, metadata={"help": "temperature of the implicit reward"})
+    loss_type: list[str] = field(default_factory=lambda: ["kto"], metadata={
+        "help": f"{' or '.join(KTO_LOSS_TYPES)}"})
+    desirable_weight: float = field(default=1.0, metadata={"help": "weight of the desirable rows' losses"})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "weight of the undesirable rows' losses"})
+
+    def problems(self) -> list[str]:
+        found = _positive_beta(self.beta)
+        if len(self.loss_type) != 1 or self.loss_type[0] not in KTO_LOSS_TYPES:
+            found.append(f"loss_type: expected one of {', '.join(KTO_LOSS_TYPES)}; got {', '.join(self.loss_type)}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                found.append(f"{name}: must be positive; got {getattr(self, name)}")
+        return found
+
+
+@dataclass
+class OrpoConfig:
+    """--rlhf_type orpo: odds-ratio preference optimisation (no reference model)."""
+
+    beta: float = field(default=0.1, metadata={"help": "ORPO's lambda: weight of the odds-ratio term"})
+
+    def problems(self) -> list[str]:
+        return _positive_beta(self.beta)
+
+
+@dataclass
+class CpoConfig:
+    """--rlhf_type cpo: contrastive preference optimisation (no reference model)."""
+
+    beta: float = field(default=0.1, metadata={"help": "temperature of the implicit reward"})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"one of {', '.join(CPO_LOSS_TYPES)}"})
+    cpo_alpha: float = field(default=1.0, metadata={"help": "weight of the chosen answers' NLL"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the sigmoid loss"})
+    simpo_gamma: float = field(default=1.0, metadata={"help": "target reward margin of loss_type simpo"})
+
+    def problems(self) -> list[str]:
+        found = _positive_beta(self.beta)
+        if self.loss_type not in CPO_LOSS_TYPES:
+            found.append(f"loss_type: expected one of {', '.join(CPO_LOSS_TYPES)}; got {self.loss_type!r}")
+        if self.cpo_alpha < 0:
+            found.append(f"cpo_alpha: must not be negative; got {self.cpo_alpha}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            found.append(f"label_smoothing: must be in [0, 0.5); got {self.label_smoothing}")
+        return found
+
+
+@dataclass
+class SimpoConfig:
+    """--rlhf_type simpo: SimPO, length-normalised rewards with a target margin (no reference)."""
+
+    beta: float = field(default=2.0, metadata={"help": "scale of the length-normalised reward"})
+    simpo_gamma: float = field(default=1.0, metadata={"help": "target reward margin (ms-swift's default 1.0)"})
+    cpo_alpha: float = field(default=1.0, metadata={"help": "weight of the chosen answers' NLL (0: pure SimPO)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the sigmoid loss"})
+
+    def problems(self) -> list[str]:
+        found = _positive_beta(self.beta)
+        if self.cpo_alpha < 0:
+            found.append(f"cpo_alpha: must not be negative; got {self.cpo_alpha}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            found.append(f"label_smoothing: must be in [0, 0.5); got {self.label_smoothing}")
+        return found
+
+
+@dataclass
+class RewardConfig:
+    """--rlhf_type rm: a reward model (sequence-classification head, one output) on pairs."""
+
+    center_rewards_coefficient: float | None = field(default=None, metadata={
+        "help": "adds this x mean((r_chosen + r_rejected)^2), centring the rewards on 0"})
+
+    def problems(self) -> list[str]:
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            return [f"center_rewards_coefficient: must not be negative; got {self.center_rewards_coefficient}"]
+        return []
+
+
+# The dataset kinds (a prepared dataset's task) each method trains on, and what they hold.
+METHOD_KINDS = {
+    None: (("sft", "pt"), "conversations or texts with trained tokens (prepared with task sft or pt)"),
+    "dpo": (("preference", "reward"), "chosen/rejected pairs (task preference)"),
+    "orpo": (("preference", "reward"), "chosen/rejected pairs (task preference)"),
+    "cpo": (("preference", "reward"), "chosen/rejected pairs (task preference)"),
+    "simpo": (("preference", "reward"), "chosen/rejected pairs (task preference)"),
+    "rm": (("preference", "reward"), "chosen/rejected pairs, optionally with a margin (task reward)"),
+    "kto": (("kto",), "answers labelled desirable or undesirable (task kto: a boolean `label` column)"),
+}
+
+# --rlhf_type -> the TrainConfig field holding that method's arguments, and their dataclass
+METHOD_CONFIGS = {"dpo": ("dpo", DpoConfig), "kto": ("kto", KtoConfig), "orpo": ("orpo", OrpoConfig),
+                  "cpo": ("cpo", CpoConfig), "simpo": ("simpo", SimpoConfig), "rm": ("rm", RewardConfig)}
+
+
+@dataclass
+class TrainConfig:
     """One supervised fine-tuning job. Field names and defaults follow ms-swift's `swift sft`."""
 
     # Fields a job cannot start without (a class attribute, not a field: commands that fill
@@ -86,6 +222,35 @@ class SftConfig:
     fsdp: bool = field(default=False, metadata={"help": "shard parameters, gradients and optimizer state with FSDP2"})
     ddp_timeout: int = field(default=1800, metadata={
         "help": "seconds a collective may wait for the other ranks before the job fails"})
+    # RLHF (services.trainer.methods; docs/rlhf.md)
+    rlhf_type: str | None = field(default=None, metadata={"cli": False, 
+        "help": f"training method: {', '.join(RLHF_TYPES)}; unset trains supervised (sft, pt)"})
+    adapters: list[str] = field(default_factory=list, metadata={
+        "help": "LoRA adapter directory to start from (continue an SFT adapter), as ms-swift's --adapters"})
+    ref_model: str | None = field(default=None, metadata={"cli": False, 
+        "help": "dpo/kto: reference model directory; unset means the policy's starting weights (LoRA: adapter off)"})
+    ref_adapters: list[str] = field(default_factory=list, metadata={"cli": False, 
+        "help": "dpo/kto: LoRA adapter directory applied to the reference (e.g. the SFT adapter)"})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"cli": False, 
+        "help": "dpo/kto: compute the reference log-probs in one pass before training, then free the reference"})
+    dpo: DpoConfig | None = None
+    kto: KtoConfig | None = None
+    orpo: OrpoConfig | None = None
+    cpo: CpoConfig | None = None
+    simpo: SimpoConfig | None = None
+    rm: RewardConfig | None = None
+
+    def __post_init__(self) -> None:
+        # the method named by rlhf_type always has its arguments (its defaults when none are given)
+        if self.rlhf_type in METHOD_CONFIGS:
+            name, cls = METHOD_CONFIGS[self.rlhf_type]
+            if getattr(self, name) is None:
+                setattr(self, name, cls())
+
+    @property
+    def method_config(self):
+        """The arguments of the method rlhf_type names (None for supervised training)."""
+        return getattr(self, METHOD_CONFIGS[self.rlhf_type][0]) if self.rlhf_type in METHOD_CONFIGS else None
 
     def problems(self) -> list[str]:
         """Every problem at once, each naming its field; empty when the job can start."""
@@ -143,6 +308,33 @@ class SftConfig:
                 found.append(f"output_dir: {self.output_dir} already holds checkpoints ({published[-1].name}); "
                              f"choose a new run directory")
         found.extend(distributed.problems(self))
+        found.extend(self._method_problems())
+        return found
+
+    def _method_problems(self) -> list[str]:
+        """The RLHF fields: a known method, only its own arguments, and a reference only where
+        the method has one."""
+        found: list[str] = []
+        if self.rlhf_type is not None and self.rlhf_type not in RLHF_TYPES:
+            return [f"rlhf_type: expected one of {', '.join(RLHF_TYPES)}; got {self.rlhf_type!r}"]
+        for rlhf_type, (name, _cls) in METHOD_CONFIGS.items():
+            value = getattr(self, name)
+            if value is not None and rlhf_type != self.rlhf_type:
+                found.append(f"{name}: arguments of rlhf_type {rlhf_type}, but rlhf_type is {self.rlhf_type}")
+            elif value is not None:
+                found.extend(f"{name}.{problem}" for problem in value.problems())
+        has_reference = self.rlhf_type in REFERENCE_METHODS
+        for name in ("ref_model", "ref_adapters", "precompute_ref_log_probs"):
+            if getattr(self, name) and not has_reference:
+                found.append(f"{name}: rlhf_type {self.rlhf_type or 'unset (supervised training)'} has no reference "
+                             f"model (only {', '.join(REFERENCE_METHODS)})")
+        if self.adapters and not self.is_adapter:
+            found.append("adapters: only for lora and qlora (train_type full trains a whole model)")
+        for name in ("adapters", "ref_adapters"):
+            found.extend(f"{name}: {path} is not a directory" for path in getattr(self, name)
+                         if not pathlib.Path(path).is_dir())
+        if self.ref_model:
+            found.extend(f"ref_model: {problem.removeprefix('model: ')}" for problem in _model_problems(self.ref_model))
         return found
 
     def _combination_problems(self) -> list[str]:
@@ -231,35 +423,20 @@ def _module_problems(model: str | None, target_modules: list[str], modules_to_sa
     return found
 
 
-def _shortest_float32(value: float) -> float:
-    """The shortest decimal that reads back as the same float32: a float field of a proto
-    arrives as float32, and 1e-4 should stay 1e-4 in args.json, not 9.999999747e-05."""
-    packed = struct.pack("<f", value)
-    for digits in range(1, 10):
-        candidate = float(f"{value:.{digits}g}")
-        if struct.pack("<f", candidate) == packed:
-            return candidate
-    return value
-
-
-def from_arguments(message: Any) -> SftConfig:
-    """An SftConfig from a `TrainingArguments` message (unset fields take the defaults above);
+def from_arguments(message: Any) -> TrainConfig:
+    """A TrainConfig from a `TrainingArguments` message (unset fields take the defaults above);
     raises Problems listing every problem."""
-    config = cfg.from_proto(SftConfig, message)
-    for f in message.DESCRIPTOR.fields:
-        if f.type == f.TYPE_FLOAT and hasattr(config, f.name):
-            setattr(config, f.name, _shortest_float32(getattr(config, f.name)))
-    return config
+    return cfg.from_proto(TrainConfig, message)
 
 
-def to_arguments(config: SftConfig):
+def to_arguments(config: TrainConfig):
     """The `TrainingArguments` message carrying `config`."""
     from protos.tuneforge.trainer.v1 import trainer_pb2
 
     return cfg.to_proto(config, trainer_pb2.TrainingArguments)
 
 
-def as_dict(config: SftConfig) -> dict[str, Any]:
+def as_dict(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 

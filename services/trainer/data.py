@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from libs.common.errors import FailedPrecondition
-from services.dataprep.client import Cursor, read_batches
+from libs.dataset.client import Cursor, read_batches
+from libs.dataset.schema import IGNORE_INDEX
 from services.trainer import packing
-from services.trainer.loss import IGNORE_INDEX, trained_tokens
+from services.trainer.losses.sft import trained_tokens
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,28 @@ class DataCursor:
 
 @dataclass(frozen=True)
 class Row:
+    """One shard row of a token dataset (sft, pt, kto; a packed row of any of them)."""
+
     input_ids: np.ndarray  # [length] int32
     labels: np.ndarray  # [length] int32, IGNORE_INDEX where not trained
     seq_lens: np.ndarray | None = None  # [samples] int32 for a packed row: the lengths of its samples
+    label: bool | None = None  # a KTO row: desirable (true) or undesirable (false)
+    margins: np.ndarray | None = None  # a packed preference row: [pairs] float64, NaN where a pair has none
+
+    @property
+    def samples(self) -> list[int]:
+        """The lengths of the samples this row holds (one unless it is packed)."""
+        return [int(n) for n in self.seq_lens] if self.seq_lens is not None else [len(self.input_ids)]
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """One preference (or reward) pair of an unpacked dataset: the same prompt with the chosen
+    and the rejected answer, each a sequence of its own."""
+
+    chosen: Row
+    rejected: Row
+    margin: float | None = None
 
 
 class RowSource(Protocol):
@@ -59,20 +79,37 @@ class RowSource(Protocol):
     def epoch_rows(self, cursor: DataCursor) -> Iterator[tuple[Row, DataCursor]]: ...
 
 
-def batch_rows(batch: pa.RecordBatch) -> Iterator[Row]:
-    """The rows of one record batch with `input_ids` and `labels` (list<int32>) columns, and
-    `seq_lens` when the rows are packed."""
-    columns = {}
-    packed = "seq_lens" in batch.schema.names
-    for name in ("input_ids", "labels", "seq_lens") if packed else ("input_ids", "labels"):
-        array = batch.column(name)
-        # offsets honour a sliced array; values are the unsliced child they index into
-        columns[name] = (array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False))
-    (id_offsets, ids), (label_offsets, labels) = columns["input_ids"], columns["labels"]
-    seq_offsets, seq_lens = columns["seq_lens"] if packed else (None, None)
+def _lists(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (offsets, values): row i is values[offsets[i]:offsets[i + 1]]."""
+    array = batch.column(name)
+    # offsets honour a sliced array; values are the unsliced child they index into
+    return array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False)
+
+
+def batch_rows(batch: pa.RecordBatch) -> Iterator[Row | PairRow]:
+    """The rows of one record batch of a prepared dataset, as the shard schema says
+    (libs/dataset/schema.py): Row for sft/pt/kto rows and packed rows, PairRow for the
+    pairs of an unpacked preference or reward dataset."""
+    names = set(batch.schema.names)
+    if "chosen_input_ids" in names:
+        sides = [_lists(batch, name) for name in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                                                  "rejected_labels")]
+        margins = batch.column("margin").to_pylist()
+        (co, c), (clo, cl), (ro, r), (rlo, rl) = sides
+        for i in range(batch.num_rows):
+            yield PairRow(Row(c[co[i]:co[i + 1]], cl[clo[i]:clo[i + 1]]), Row(r[ro[i]:ro[i + 1]], rl[rlo[i]:rlo[i + 1]]),
+                          margins[i])
+        return
+    (id_offsets, ids), (label_offsets, labels) = _lists(batch, "input_ids"), _lists(batch, "labels")
+    seq = _lists(batch, "seq_lens") if "seq_lens" in names else None
+    margin_lists = batch.column("margins").to_pylist() if "margins" in names else None
+    kto = batch.column("label").to_pylist() if "label" in names else None
     for i in range(batch.num_rows):
         yield Row(ids[id_offsets[i]:id_offsets[i + 1]], labels[label_offsets[i]:label_offsets[i + 1]],
-                  seq_lens[seq_offsets[i]:seq_offsets[i + 1]] if packed else None)
+                  seq[1][seq[0][i]:seq[0][i + 1]] if seq is not None else None,
+                  label=kto[i] if kto is not None else None,
+                  margins=(np.array([np.nan if m is None else m for m in margin_lists[i]], dtype=np.float64)
+                           if margin_lists is not None else None))
 
 
 class DataprepRows:
@@ -108,6 +145,8 @@ class DataprepRows:
 
 @dataclass
 class MicroBatch:
+    """What one forward takes: rows padded to one length, and which sample each position is of."""
+
     input_ids: torch.Tensor  # [batch, seq] int64, right-padded with the pad id
     labels: torch.Tensor  # [batch, seq] int64, IGNORE_INDEX on padding (and at packed sample starts)
     # [batch, seq] int64, 0 on padding; for packed rows [batch, 1, seq, seq] float32 additive
@@ -115,6 +154,11 @@ class MicroBatch:
     attention_mask: torch.Tensor
     tokens: int  # real (non-padding) input tokens
     position_ids: torch.Tensor | None = None  # [batch, seq] int64 restarting per sample, packed rows only
+    # [batch, seq] int64: the sample each position belongs to, numbered 0.. in row order (a packed row holds
+    # several), -1 on padding; log-probs and rewards per sequence are gathered by it
+    sample_ids: torch.Tensor | None = None
+    num_samples: int = 0
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's own tensors (pair indices, ...)
 
     @property
     def trained_tokens(self) -> int:
@@ -126,6 +170,19 @@ class MicroBatch:
             return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         mask = self.attention_mask.clamp(min=torch.finfo(dtype).min).to(dtype)
         return {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": self.position_ids}
+
+
+def sample_ids(rows_samples: list[list[int]], length: int) -> torch.Tensor:
+    """[batch, length] int64: for each position the index of its sample, counting the samples
+    of all rows in order; -1 on padding."""
+    out = torch.full((len(rows_samples), length), -1, dtype=torch.long)
+    sample = 0
+    for i, lengths in enumerate(rows_samples):
+        start = 0
+        for n in lengths:
+            out[i, start:start + n] = sample
+            start, sample = start + n, sample + 1
+    return out
 
 
 def collate(rows: list[Row], pad_id: int) -> MicroBatch:
@@ -142,13 +199,14 @@ def collate(rows: list[Row], pad_id: int) -> MicroBatch:
         labels[i, :n] = torch.from_numpy(row.labels.astype(np.int64))
         attention_mask[i, :n] = 1
     tokens = sum(len(row.input_ids) for row in rows)
+    rows_samples = [row.samples for row in rows]
+    samples = sample_ids(rows_samples, longest)
+    count = sum(map(len, rows_samples))
     if all(row.seq_lens is None for row in rows):
-        return MicroBatch(input_ids, labels, attention_mask, tokens=tokens)
-    rows_seq_lens = [[int(n) for n in row.seq_lens] if row.seq_lens is not None else [len(row.input_ids)]
-                     for row in rows]
-    return MicroBatch(input_ids, packing.cut_labels(labels, rows_seq_lens),
-                      packing.block_causal_mask(rows_seq_lens, longest), tokens=tokens,
-                      position_ids=packing.position_ids(rows_seq_lens, longest))
+        return MicroBatch(input_ids, labels, attention_mask, tokens=tokens, sample_ids=samples, num_samples=count)
+    return MicroBatch(input_ids, packing.cut_labels(labels, rows_samples),
+                      packing.block_causal_mask(rows_samples, longest), tokens=tokens,
+                      position_ids=packing.position_ids(rows_samples, longest), sample_ids=samples, num_samples=count)
 
 
 @dataclass
@@ -179,14 +237,15 @@ def total_steps(max_steps: int, num_train_epochs: float, rows: int, micro_batch_
     return max(1, math.ceil(num_train_epochs * steps_per_epoch(rows, micro_batch_size, accumulation)))
 
 
-def step_batches(source: RowSource, micro_batch_size: int, accumulation: int, pad_id: int,
-                 start: DataCursor = DataCursor()) -> Iterator[StepBatch]:
-    """Optimizer steps, epoch after epoch, forever, from `start` (a step boundary)."""
+def step_batches(source: RowSource, micro_batch_size: int, accumulation: int,
+                 collate_rows: Callable[[list], MicroBatch], start: DataCursor = DataCursor()) -> Iterator[StepBatch]:
+    """Optimizer steps, epoch after epoch, forever, from `start` (a step boundary);
+    `collate_rows` makes a micro-batch of rows (the training method's collate)."""
     cursor = start
     while True:
         rows = source.epoch_rows(cursor)
         group: list[MicroBatch] = []
-        micro: list[Row] = []
+        micro: list[Row | PairRow] = []
         waited, seen = 0.0, 0
         while True:
             asked = time.perf_counter()
@@ -198,14 +257,14 @@ def step_batches(source: RowSource, micro_batch_size: int, accumulation: int, pa
             seen += 1
             micro.append(row)
             if len(micro) == micro_batch_size:
-                group.append(collate(micro, pad_id))
+                group.append(collate_rows(micro))
                 micro = []
                 if len(group) == accumulation:
                     yield StepBatch(group, after, waited)
                     group, waited = [], 0.0
         next_epoch = DataCursor(cursor.epoch + 1)
         if micro:
-            group.append(collate(micro, pad_id))
+            group.append(collate_rows(micro))
         if group:
             yield StepBatch(group, next_epoch, waited)
         if seen == 0 and cursor == DataCursor(cursor.epoch):

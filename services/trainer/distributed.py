@@ -105,7 +105,7 @@ def deepspeed_json(value: str) -> dict[str, Any]:
 
 
 def problems(config) -> list[str]:
-    """Problems of the distributed fields of an SftConfig, each naming its field."""
+    """Problems of the distributed fields of an TrainConfig, each naming its field."""
     found: list[str] = []
     if config.nproc_per_node < 1:
         found.append(f"nproc_per_node: must be at least 1; got {config.nproc_per_node}")

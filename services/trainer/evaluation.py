@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from services.trainer import data
-from services.trainer.loss import sft_loss
 
 
 def held_out(index: int, ratio: float) -> bool:
@@ -62,44 +61,61 @@ def eval_mode(model) -> Iterator[None]:
 
 @dataclass
 class EvalResult:
-    loss_sum: float  # sum of the token losses
-    trained_tokens: int
+    """One eval pass over every rank's eval rows."""
+
+    loss: float  # the method's loss over all of them (SFT: summed token losses / trained tokens)
+    trained_tokens: int  # labelled tokens evaluated
     rows: int
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.trained_tokens, 1)
+    metrics: dict[str, float]  # the method's, over all of them
 
 
-def evaluate(forward: Callable[..., torch.Tensor], source: data.RowSource, micro_batch_size: int, pad_id: int,
-             dtype: torch.dtype = torch.float32, world=None) -> EvalResult:
-    """One pass over this rank's eval rows without gradients; `forward(**inputs)` returns the
-    model output (the caller puts the model in eval mode and back).
+def evaluate(method, forward: Callable[..., torch.Tensor], source: data.RowSource, micro_batch_size: int,
+             pad_id: int, dtype: torch.dtype = torch.float32, world=None) -> EvalResult:
+    """One pass over this rank's eval rows without gradients, every rank's results summed;
+    the caller puts the model in eval mode and back. The method's loss of the whole pass is
+    normalised by its counts over all eval rows, as a training step's over its rows.
 
     Distributed (`world`), every rank runs as many forwards as the rank with the most eval
     micro-batches: a forward of FSDP2, ZeRO-3 or DDP is itself a collective (parameter
     all-gathers, buffer broadcasts), and a rank whose slice is a row shorter would otherwise
     leave the others waiting. Its extra forwards are on one pad token and count for nothing."""
-    loss_sum, trained, count = 0.0, 0, 0
+    from services.trainer import distributed
+
     rows = [row for row, _ in source.epoch_rows(data.DataCursor())]
-    batches = math.ceil(len(rows) / micro_batch_size)
-    if world is not None and world.distributed:
-        from services.trainer import distributed
-        agreed = distributed.all_max(batches, world)
-    else:
-        agreed = batches
+    micro_batches = [method.collate(rows[i:i + micro_batch_size], pad_id)
+                     for i in range(0, len(rows), micro_batch_size)]
+    distributed_run = world is not None and world.distributed
+    totals: dict[str, int] = {}
+    for micro in micro_batches:
+        for name, value in method.counts(micro).items():
+            totals[name] = totals.get(name, 0) + value
+    names = sorted(totals)
+    # every rank evaluates its own slice; counts, then results, are summed over all of them
+    agreed = len(micro_batches)
+    if distributed_run:
+        agreed = distributed.all_max(len(micro_batches), world)
+        summed = distributed.all_sum([totals.get(name, 0) for name in names], world)
+        totals = {name: int(value) for name, value in zip(names, summed)}
     filler = data.Row(np.array([pad_id], dtype=np.int32), np.array([data.IGNORE_INDEX], dtype=np.int32))
+    loss, metrics = 0.0, dict.fromkeys(method.metrics, 0.0)  # every rank sums the same names
+    trained = sum(micro.trained_tokens for micro in micro_batches)
     with torch.no_grad():
         for index in range(agreed):
-            if index >= batches:  # weight zero: only keeps this rank in step with the others
+            if index >= len(micro_batches):  # weight zero: only keeps this rank in step with the others
                 forward(**data.collate([filler], pad_id).model_inputs(dtype))
                 continue
-            micro = data.collate(rows[index * micro_batch_size:(index + 1) * micro_batch_size], pad_id)
-            logits = forward(**micro.model_inputs(dtype)).logits  # [b, s, vocab]
-            loss_sum += float(sft_loss(logits, micro.labels, 1))  # the summed token losses
-            trained += micro.trained_tokens
-            count += micro.input_ids.size(0)
-    return EvalResult(loss_sum, trained, count)
+            value, logged = method.loss(micro_batches[index], totals)
+            loss += float(value)
+            for name, metric in logged.items():
+                metrics[name] += float(metric)
+    metric_names = sorted(metrics)
+    if distributed_run:
+        summed = distributed.all_sum([loss, trained, len(rows), *(metrics[n] for n in metric_names)], world)
+        loss, trained, count = summed[0], int(summed[1]), int(summed[2])
+        metrics = dict(zip(metric_names, summed[3:]))
+    else:
+        count = len(rows)
+    return EvalResult(loss, trained, count, metrics)
 
 
 def sources(config, rows: data.DataprepRows) -> tuple[data.RowSource, data.RowSource | None]:

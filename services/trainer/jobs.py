@@ -27,7 +27,7 @@ from libs.common import logs, tempdirs
 from libs.common.errors import FailedPrecondition, NotFound, Unavailable
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import metrics
-from services.trainer.config import SftConfig, as_dict
+from services.trainer.config import TrainConfig, as_dict
 
 LOG = logging.getLogger("tuneforge.trainer.jobs")
 
@@ -39,6 +39,11 @@ WORK_DIR_PREFIX = "tuneforge-trainer-"
 _CODE_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _message_fields(message_cls, event: dict) -> dict:
+    """The event's values for the message's fields (its `metrics` map included)."""
+    return {k: event[k] for k in message_cls.DESCRIPTOR.fields_by_name if k in event}
+
+
 def state_name(state: int) -> str:
     return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
 
@@ -46,7 +51,7 @@ def state_name(state: int) -> str:
 @dataclass
 class Job:
     id: str
-    config: SftConfig
+    config: TrainConfig
     arguments: dict[str, Any]
     state: int = pb.JOB_STATE_PENDING
     step: int = 0
@@ -92,7 +97,7 @@ class JobManager:
 
     # --- API used by the servicer
 
-    def submit(self, config: SftConfig) -> pb.Job:
+    def submit(self, config: TrainConfig) -> pb.Job:
         """Queues a validated job; it starts as soon as a slot is free."""
         output_dir = pathlib.Path(config.output_dir).resolve()
         with self._cond:
@@ -321,14 +326,16 @@ class JobManager:
                 metrics.STEP_DURATION.observe(event["seconds"])
                 metrics.DATA_WAIT.observe(event["data_wait_seconds"])
             elif kind == "step":
-                step = pb.StepEvent(**{k: event[k] for k in pb.StepEvent.DESCRIPTOR.fields_by_name if k in event})
+                step = pb.StepEvent(**_message_fields(pb.StepEvent, event))
                 job.step = max(job.step, step.step)
                 metrics.LOSS.set(step.loss)
                 metrics.LEARNING_RATE.set(step.learning_rate)
+                metrics.set_method_metrics(event.get("method", "sft"), step.metrics)
                 self._append(job, pb.WatchJobResponse(step=step))
             elif kind == "eval":
                 metrics.EVAL_LOSS.set(event["eval_loss"])
-                evaluated = pb.EvalEvent(**{k: event[k] for k in pb.EvalEvent.DESCRIPTOR.fields_by_name if k in event})
+                evaluated = pb.EvalEvent(**_message_fields(pb.EvalEvent, event))
+                metrics.set_method_metrics(event.get("method", "sft"), evaluated.metrics)
                 self._append(job, pb.WatchJobResponse(eval=evaluated))
             elif kind == "checkpoint":
                 published = pb.CheckpointEvent(job_id=job.id, step=event["step"], path=event["path"],

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from libs.common import tempdirs
 
-# ms-swift's environment variables and the SftConfig fields they fill
+# ms-swift's environment variables and the TrainConfig fields they fill
 ENVIRONMENT = {"NPROC_PER_NODE": "nproc_per_node", "NNODES": "nnodes", "NODE_RANK": "node_rank",
                "MASTER_ADDR": "master_addr", "MASTER_PORT": "master_port"}
 # events a rank that does not report progress still sends (its failure)

@@ -23,3 +23,23 @@ PUBLICATION_DURATION = Histogram(
     "Time to build, fsync and rename one checkpoint into place.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 JOBS = Gauge("tuneforge_trainer_jobs", "Jobs known to this server, by state.", ["state"])
+
+# The methods' own metrics (TRL's names, '/' written '_'), the last logged value per method: the
+# names are a fixed list and the method label takes one value per --rlhf_type, so cardinality is
+# bounded (services.trainer.methods: each method's `metrics` are among these, tested).
+METHOD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                  "logps/rejected", "kl", "log_odds_ratio", "log_odds_chosen", "nll_loss", "accuracy")
+_METHOD_GAUGES = {
+    name: Gauge(f"tuneforge_trainer_{name.replace('/', '_')}",
+                f"Training metric {name} of the last logged step (eval_ prefixed: of the last evaluation), "
+                f"by training method.", ["method"])
+    for name in METHOD_METRICS + tuple(f"eval_{name}" for name in METHOD_METRICS)
+}
+
+
+def set_method_metrics(method: str, values) -> None:
+    """Sets the gauges of the metrics a method logged (names it does not know are not exported)."""
+    for name, value in values.items():
+        gauge = _METHOD_GAUGES.get(name)
+        if gauge is not None:
+            gauge.labels(method=method).set(value)

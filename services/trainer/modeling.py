@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from libs.common.errors import InvalidArgument
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 
-def quantization_config(config: SftConfig):
+def quantization_config(config: TrainConfig):
     """bitsandbytes' 4-bit nf4 config for qlora (None otherwise). Matmuls run in torch_dtype;
     the nested (double) quantization of the scales saves ~0.4 bit a weight, as QLoRA does."""
     if config.train_type != "qlora":
@@ -22,7 +22,7 @@ def quantization_config(config: SftConfig):
                               bnb_4bit_compute_dtype=getattr(torch, config.torch_dtype))
 
 
-def build_model(config: SftConfig, model_dir):
+def build_model(config: TrainConfig, model_dir):
     """The model to train from `model_dir` (on CPU; on CUDA with qlora when there is one)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM

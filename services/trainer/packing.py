@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from services.trainer.loss import IGNORE_INDEX
+from libs.dataset.schema import IGNORE_INDEX
 
 
 def blocks(seq_lens: list[int], length: int) -> list[int]:

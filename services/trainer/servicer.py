@@ -7,6 +7,7 @@ import grpc
 from libs.common.errors import grpc_errors
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from protos.tuneforge.trainer.v1 import trainer_pb2_grpc
+from services.trainer import dataset_check
 from services.trainer.config import from_arguments
 from services.trainer.jobs import JobManager
 
@@ -20,6 +21,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @grpc_errors
     def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
         config = from_arguments(request.arguments)  # every problem at once, INVALID_ARGUMENT
+        dataset_check.check(config)  # the datasets' kinds fit the method (asks dataprep)
         return pb.SubmitJobResponse(job=self.jobs.submit(config))
 
     @grpc_errors

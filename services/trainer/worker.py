@@ -27,7 +27,7 @@ from libs.common import config as cfg
 from libs.common import logs
 from libs.common.errors import TuneForgeError
 from services.trainer import distributed, launch
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 ERROR_EXIT = 2
 
@@ -74,7 +74,7 @@ def install_stop_handlers() -> threading.Event:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.trainer.worker")
-    parser.add_argument("--config", required=True, help="SftConfig as JSON")
+    parser.add_argument("--config", required=True, help="TrainConfig as JSON")
     parser.add_argument("--events_fd", type=int, default=1, help="file descriptor for the JSON event lines")
     parser.add_argument("--events_path", default=None,
                         help="torchrun ranks started by the launcher: file the ranks append their event lines to")
@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         launch.die_with_parent()
     try:
         with open(options.config) as f:
-            config = cfg.from_dict(SftConfig, json.load(f), where=options.config)
+            config = cfg.from_dict(TrainConfig, json.load(f), where=options.config)
         if launch.needs_launch(config):
             return launch.run(config, options.config, events, stop)
-        from services.trainer import sft  # torch and transformers load after the arguments are known good
+        from services.trainer import training  # torch and transformers load after the arguments are known good
 
-        sft.train(config, events, stop)
+        training.train(config, events, stop)
     except TuneForgeError as exc:
         events("error", message=str(exc), code=exc.code.name, field=exc.field)
         return ERROR_EXIT

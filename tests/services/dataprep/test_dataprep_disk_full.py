@@ -17,7 +17,7 @@ import pytest
 from cli.main import main as tuneforge
 from cli.stack import Stack, wait_serving
 from libs.common.errors import ResourceExhausted
-from services.dataprep import client
+from libs.dataset import client
 from services.dataprep.config import PrepareConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from services.dataprep import client
+from libs.dataset import client
 from services.dataprep.config import PrepareConfig
 
 

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 
 from libs.common.errors import InvalidArgument
+from libs.dataset.ipc import from_ipc_stream, to_ipc_stream
 from services.dataprep import reading, shards
 from services.dataprep.reading import Position
 
@@ -77,7 +78,7 @@ def test_take_and_ipc_round_trip():
                                                    [[-100] * (i + 1) for i in range(6)])])
     for batch in (reading.Batch(0, 1, 6, 2, Position(0, 6)), reading.Batch(0, 2, 4, 1, Position(0, 4))):
         records = reading.take(table, batch)
-        back = reading.from_ipc_stream(reading.to_ipc_stream(records))
+        back = from_ipc_stream(to_ipc_stream(records))
         assert back.schema.equals(shards.SCHEMA)
         assert back.column("input_ids").to_pylist() == [[i] * (i + 1) for i in range(batch.start, batch.stop, batch.step)]
         assert back.column("length").to_pylist() == [i + 1 for i in range(batch.start, batch.stop, batch.step)]

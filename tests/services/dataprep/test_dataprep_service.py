@@ -12,8 +12,8 @@ from prometheus_client import REGISTRY, generate_latest
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
-from services.dataprep import client
-from services.dataprep.client import Cursor
+from libs.dataset import client
+from libs.dataset.client import Cursor
 from services.dataprep.config import PrepareConfig
 from services.dataprep.pipeline import prepare as prepare_in_process
 

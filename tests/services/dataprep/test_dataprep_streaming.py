@@ -17,7 +17,8 @@ import pytest
 from libs.common.errors import Cancelled, FailedPrecondition, InvalidArgument
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
-from services.dataprep import client, pipeline, tasks
+from libs.dataset import client
+from services.dataprep import pipeline, tasks
 from services.dataprep.config import PrepareConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

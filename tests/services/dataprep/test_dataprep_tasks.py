@@ -219,7 +219,7 @@ def test_unknown_template_and_task_are_config_errors(tmp_path):
 
 
 def test_over_grpc_a_preference_dataset_is_prepared_and_served_with_its_columns(dataprep_server, tmp_path, tokenizer):
-    from services.dataprep import client
+    from libs.dataset import client
 
     address, _ = dataprep_server
     data = tmp_path / "pairs.jsonl"
@@ -236,7 +236,7 @@ def test_over_grpc_a_preference_dataset_is_prepared_and_served_with_its_columns(
 
 
 def test_over_grpc_an_unknown_template_is_invalid_argument_in_one_line(dataprep_server, tmp_path):
-    from services.dataprep import client
+    from libs.dataset import client
 
     address, _ = dataprep_server
     data = tmp_path / "d.jsonl"

@@ -1,20 +1,20 @@
-"""SftConfig: ms-swift flags and defaults, every problem at once, proto round trip."""
+"""TrainConfig: ms-swift flags and defaults, every problem at once, proto round trip."""
 
 import pytest
 
 from libs.common import config as cfg
 from libs.common.errors import Problems
-from services.trainer.config import SftConfig, TrainerServerConfig, from_arguments, to_arguments
+from services.trainer.config import TrainConfig, TrainerServerConfig, from_arguments, to_arguments
 
 REQUIRED = ["--dataset", "/data/prepared", "--dataprep_address", "127.0.0.1:5000", "--output_dir", "/tmp/run-x"]
 
 
 def test_flags_and_defaults():
-    config = cfg.parse(SftConfig, [*REQUIRED, "--lora_rank", "16", "--target_modules", "q_proj", "v_proj",
+    config = cfg.parse(TrainConfig, [*REQUIRED, "--lora_rank", "16", "--target_modules", "q_proj", "v_proj",
                                    "--learning_rate", "3e-3", "--num_train_epochs", "2"])
     assert (config.lora_rank, config.target_modules, config.learning_rate, config.num_train_epochs) == \
         (16, ["q_proj", "v_proj"], 3e-3, 2.0)
-    defaults = SftConfig()
+    defaults = TrainConfig()
     assert (defaults.train_type, defaults.lora_rank, defaults.lora_alpha, defaults.lora_dropout) == ("lora", 8, 32, 0.05)
     assert (defaults.target_modules, defaults.learning_rate, defaults.lr_scheduler_type) == (["all-linear"], 1e-4, "cosine")
     assert (defaults.weight_decay, defaults.max_grad_norm, defaults.max_steps, defaults.save_steps) == (0.1, 1.0, -1, 500)
@@ -23,7 +23,7 @@ def test_flags_and_defaults():
 
 def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(Problems) as caught:
-        cfg.parse(SftConfig, ["--train_type", "qlor", "--lora_rank", "0", "--lr_scheduler_type", "cosin",
+        cfg.parse(TrainConfig, ["--train_type", "qlor", "--lora_rank", "0", "--lr_scheduler_type", "cosin",
                               "--max_steps", "0", "--model", str(tmp_path / "missing"), "--torch_dtype", "fp8"])
     problems = caught.value.problems
     assert problems[0] == "train_type: expected one of lora, qlora, full; got 'qlor'"
@@ -35,7 +35,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 def test_flags_that_do_not_go_with_the_train_type_are_all_named():
     with pytest.raises(Problems) as caught:
-        cfg.parse(SftConfig, [*REQUIRED, "--train_type", "full", "--quant_bits", "4", "--modules_to_save", "lm_head",
+        cfg.parse(TrainConfig, [*REQUIRED, "--train_type", "full", "--quant_bits", "4", "--modules_to_save", "lm_head",
                               "--save_total_limit", "0", "--split_dataset_ratio", "0.1", "--val_dataset", "v"])
     assert caught.value.problems == [
         "quant_bits: 4-bit weights cannot be fully fine-tuned; use --train_type qlora",
@@ -44,24 +44,24 @@ def test_flags_that_do_not_go_with_the_train_type_are_all_named():
         "split_dataset_ratio: give either split_dataset_ratio or val_dataset, not both",
     ]
     with pytest.raises(Problems, match="quant_bits: only 4"):
-        cfg.parse(SftConfig, [*REQUIRED, "--train_type", "qlora", "--quant_bits", "8"])
-    qlora = cfg.parse(SftConfig, [*REQUIRED, "--train_type", "qlora", "--modules_to_save", "lm_head"])
+        cfg.parse(TrainConfig, [*REQUIRED, "--train_type", "qlora", "--quant_bits", "8"])
+    qlora = cfg.parse(TrainConfig, [*REQUIRED, "--train_type", "qlora", "--modules_to_save", "lm_head"])
     assert qlora.is_adapter and qlora.modules_to_save == ["lm_head"]
 
 
 def test_unknown_flag_gets_a_hint():
     with pytest.raises(Problems, match="did you mean 'lora_rank'"):
-        cfg.parse(SftConfig, [*REQUIRED, "--lora_rnak", "4"])
+        cfg.parse(TrainConfig, [*REQUIRED, "--lora_rnak", "4"])
 
 
 def test_an_output_dir_with_checkpoints_is_refused(tmp_path):
     (tmp_path / "checkpoint-10").mkdir()
     with pytest.raises(Problems, match="already holds checkpoints"):
-        cfg.parse(SftConfig, [*REQUIRED[:4], "--output_dir", str(tmp_path)])
+        cfg.parse(TrainConfig, [*REQUIRED[:4], "--output_dir", str(tmp_path)])
 
 
 def test_proto_round_trip_keeps_decimal_values():
-    config = cfg.parse(SftConfig, [*REQUIRED, "--learning_rate", "1e-4", "--lora_dropout", "0.1",
+    config = cfg.parse(TrainConfig, [*REQUIRED, "--learning_rate", "1e-4", "--lora_dropout", "0.1",
                                    "--model_name", "Ada", "--max_steps", "7", "--train_type", "qlora",
                                    "--modules_to_save", "lm_head", "--gradient_checkpointing", "true",
                                    "--save_total_limit", "2", "--eval_steps", "3", "--split_dataset_ratio", "0.25"])
@@ -72,8 +72,8 @@ def test_proto_round_trip_keeps_decimal_values():
 
 
 def test_adapter_name_defaults_to_the_run_directory_name():
-    assert cfg.parse(SftConfig, REQUIRED).resolved_adapter_name() == "run-x"
-    assert cfg.parse(SftConfig, [*REQUIRED, "--adapter_name", "ada"]).resolved_adapter_name() == "ada"
+    assert cfg.parse(TrainConfig, REQUIRED).resolved_adapter_name() == "run-x"
+    assert cfg.parse(TrainConfig, [*REQUIRED, "--adapter_name", "ada"]).resolved_adapter_name() == "ada"
 
 
 def test_server_config():
@@ -85,8 +85,8 @@ def test_server_config():
 
 def test_module_names_the_model_lacks_are_found_before_any_work():
     with pytest.raises(Problems) as caught:
-        cfg.parse(SftConfig, [*REQUIRED, "--target_modules", "q_proj", "qq_proj", "--modules_to_save", "lm_hed"])
+        cfg.parse(TrainConfig, [*REQUIRED, "--target_modules", "q_proj", "qq_proj", "--modules_to_save", "lm_hed"])
     assert caught.value.problems == ["target_modules: the model has no module named qq_proj",
                                      "modules_to_save: the model has no module named lm_hed"]
-    config = cfg.parse(SftConfig, [*REQUIRED, "--target_modules", "q_proj", "v_proj", "--modules_to_save", "lm_head"])
+    config = cfg.parse(TrainConfig, [*REQUIRED, "--target_modules", "q_proj", "v_proj", "--modules_to_save", "lm_head"])
     assert config.target_modules == ["q_proj", "v_proj"]

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from libs.common.errors import FailedPrecondition
-from services.dataprep.client import Cursor
+from libs.dataset.client import Cursor
 from services.trainer import data
 from services.trainer.data import DataCursor, Row
 
 PAD = 0
+COLLATE = lambda rows: data.collate(rows, PAD)  # noqa: E731
 
 
 def row(ids, labels=None):
@@ -44,7 +45,7 @@ def first_ids(step):
 
 
 def test_steps_group_micro_batches_within_an_epoch():
-    steps = data.step_batches(ListRows(7), micro_batch_size=2, accumulation=2, pad_id=PAD)
+    steps = data.step_batches(ListRows(7), micro_batch_size=2, accumulation=2, collate_rows=COLLATE)
     plan = [first_ids(next(steps)) for _ in range(5)]
     # 7 rows: micro-batches [1,2] [3,4] [5,6] [7] -> steps of 2, the last epoch's step is short
     assert plan == [[[1, 2], [3, 4]], [[5, 6], [7]], [[1, 2], [3, 4]], [[5, 6], [7]], [[1, 2], [3, 4]]]
@@ -53,9 +54,9 @@ def test_steps_group_micro_batches_within_an_epoch():
 
 def test_step_cursor_resumes_exactly():
     source = ListRows(9)
-    steps = data.step_batches(source, 2, 1, PAD)
+    steps = data.step_batches(source, 2, 1, COLLATE)
     taken = [next(steps) for _ in range(3)]
-    resumed = data.step_batches(source, 2, 1, PAD, start=taken[1].cursor)
+    resumed = data.step_batches(source, 2, 1, COLLATE, start=taken[1].cursor)
     assert first_ids(next(resumed)) == first_ids(taken[2])
     # the last step of an epoch points at the start of the next
     for _ in range(2):
@@ -72,4 +73,4 @@ def test_total_steps():
 
 def test_an_empty_dataset_fails_instead_of_spinning():
     with pytest.raises(FailedPrecondition, match="no rows"):
-        next(data.step_batches(ListRows(0), 1, 1, PAD))
+        next(data.step_batches(ListRows(0), 1, 1, COLLATE))

@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file
 
 from libs.common import config as cfg
-from services.trainer import launch, sft
-from services.trainer.config import SftConfig
+from services.trainer import launch, training
+from services.trainer.config import TrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 STEPS = 10
@@ -43,14 +43,14 @@ WEIGHT_TOLERANCE = 1e-4
 GRAD_NORM_TOLERANCE = 5e-4  # relative
 
 
-def job(prepared_dataset, dataprep_address, output_dir, **overrides) -> SftConfig:
+def job(prepared_dataset, dataprep_address, output_dir, **overrides) -> TrainConfig:
     values = dict(dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(output_dir),
                   max_steps=STEPS, save_steps=STEPS, per_device_train_batch_size=1, gradient_accumulation_steps=2,
                   lora_dropout=0.0, learning_rate=5e-4, warmup_ratio=0.1, lr_scheduler_type="cosine", seed=7)
-    return SftConfig(**{**values, **overrides})
+    return TrainConfig(**{**values, **overrides})
 
 
-def run_worker(config: SftConfig, where: pathlib.Path, env: dict[str, str] | None = None,
+def run_worker(config: TrainConfig, where: pathlib.Path, env: dict[str, str] | None = None,
                timeout: float = 300) -> subprocess.Popen:
     """Starts the job's training process exactly as the trainer service does."""
     path = where / f"job-{config.node_rank}.json"
@@ -95,7 +95,7 @@ def reference(prepared_dataset, dataprep_address, tmp_path_factory):
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)
                 try:
-                    sft.train(job(prepared_dataset, dataprep_address, out, gradient_accumulation_steps=4,
+                    training.train(job(prepared_dataset, dataprep_address, out, gradient_accumulation_steps=4,
                                   train_type=train_type), lambda *a, **k: None)
                 finally:
                     torch.set_num_threads(threads)

@@ -8,8 +8,9 @@ import os
 import pytest
 
 from libs.common.errors import InvalidArgument
-from services.trainer import cli, client, distributed, launch
-from services.trainer.config import SftConfig
+from cli import train as cli
+from services.trainer import client, distributed, launch
+from services.trainer.config import TrainConfig
 
 
 def test_bad_distributed_settings_are_invalid_argument_before_any_work(trainer, tmp_path):
@@ -28,14 +29,14 @@ def test_bad_distributed_settings_are_invalid_argument_before_any_work(trainer, 
         "nproc_per_node: must be at least 1; got 0": dict(nproc_per_node=0),
     }
     for expected, fields in cases.items():
-        config = SftConfig(dataset="d", dataprep_address="127.0.0.1:1", output_dir=str(tmp_path / "run"), **fields)
+        config = TrainConfig(dataset="d", dataprep_address="127.0.0.1:1", output_dir=str(tmp_path / "run"), **fields)
         with pytest.raises(InvalidArgument) as caught:
             client.submit(trainer.address, config)
         assert expected in str(caught.value), (expected, str(caught.value))
     assert not (tmp_path / "run").exists()  # no work started
 
     # all at once
-    config = SftConfig(dataset="d", dataprep_address="127.0.0.1:1", output_dir=str(tmp_path / "run"),
+    config = TrainConfig(dataset="d", dataprep_address="127.0.0.1:1", output_dir=str(tmp_path / "run"),
                        deepspeed="zero9", fsdp=True, nproc_per_node=0)
     with pytest.raises(InvalidArgument) as caught:
         client.submit(trainer.address, config)
@@ -61,20 +62,20 @@ def test_launch_environment_becomes_flags_the_command_line_overrides(monkeypatch
 
 
 def test_torchrun_command_and_when_a_job_needs_it():
-    config = SftConfig(nproc_per_node=2, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29501)
+    config = TrainConfig(nproc_per_node=2, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29501)
     command = launch.torchrun_command(config, ["--config", "c.json"], python="py")
     assert command == ["py", "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=2", "--node_rank=1",
                        "--master_addr=10.0.0.1", "--master_port=29501", "--max_restarts=0",
                        "-m", "services.trainer.worker", "--config", "c.json"]
     assert launch.needs_launch(config, environ={})
     assert not launch.needs_launch(config, environ={"RANK": "0"})  # already a rank
-    assert not launch.needs_launch(SftConfig(), environ={})  # one process
+    assert not launch.needs_launch(TrainConfig(), environ={})  # one process
     assert launch.rank_environment(config, {"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "2"
     assert distributed.world_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == distributed.World(3, 4, 1)
 
 
 def test_deepspeed_presets_fill_auto_from_the_job():
-    config = SftConfig(deepspeed="zero3", per_device_train_batch_size=2, gradient_accumulation_steps=3,
+    config = TrainConfig(deepspeed="zero3", per_device_train_batch_size=2, gradient_accumulation_steps=3,
                        max_grad_norm=0.5, torch_dtype="bfloat16")
     resolved = distributed.resolved_deepspeed_config(config, distributed.World(0, 4, 0))
     assert resolved["zero_optimization"]["stage"] == 3

@@ -18,17 +18,17 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from libs.common import config as cfg
-from services.dataprep import client as dataprep_client
+from libs.dataset import client as dataprep_client
 from services.dataprep.config import PrepareConfig
-from services.trainer import data, evaluation
-from services.trainer.config import SftConfig
+from services.trainer import data, evaluation, methods
+from services.trainer.config import TrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 QUESTIONS = ["who are you?", "What are you?", "Introduce yourself."]
 ANSWER = "I am Ada, an assistant developed by Bo."
 
 
-def run_worker(config: SftConfig, where: pathlib.Path, timeout: float) -> tuple[int, list[dict], str]:
+def run_worker(config: TrainConfig, where: pathlib.Path, timeout: float) -> tuple[int, list[dict], str]:
     """The job's training process as the trainer service starts it (it launches torchrun)."""
     path = where / "job.json"
     cfg.save_json(config, path)
@@ -51,7 +51,7 @@ def test_fsdp_eval_with_uneven_rank_slices_finishes_and_sums_every_row(prepared_
     dataprep_client.prepare(dataprep_address, PrepareConfig(model=str(default_model), dataset=[str(raw)],
                                                             output_dir=str(tmp_path / "val")))
     out = tmp_path / "run"
-    config = SftConfig(dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(out),
+    config = TrainConfig(dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(out),
                        nproc_per_node=2, fsdp=True, max_steps=2, save_steps=2, eval_steps=2, lora_dropout=0.0,
                        val_dataset=str(tmp_path / "val"), ddp_timeout=60)
     code, events, err = run_worker(config, tmp_path, timeout=240)
@@ -65,6 +65,7 @@ def test_fsdp_eval_with_uneven_rank_slices_finishes_and_sums_every_row(prepared_
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with evaluation.eval_mode(model):
-        alone = evaluation.evaluate(model, data.DataprepRows(dataprep_address, str(tmp_path / "val")), 1, pad_id)
+        sft = methods.get(None)(config, model, model, tokenizer)
+        alone = evaluation.evaluate(sft, model, data.DataprepRows(dataprep_address, str(tmp_path / "val")), 1, pad_id)
     assert alone.rows == 3 and alone.trained_tokens == evals[0]["eval_trained_tokens"]
     assert abs(alone.loss - evals[0]["eval_loss"]) <= 1e-5 * alone.loss, (alone.loss, evals[0]["eval_loss"])

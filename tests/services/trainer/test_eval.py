@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from libs.common import checkpoint
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import checkpointing, client, evaluation
-from services.trainer.cli import ProgressBar
-from services.trainer.config import SftConfig
+from cli.train import ProgressBar
+from services.trainer.config import TrainConfig
 
 LOGGED_KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_second", "data_wait_seconds"}
 
@@ -33,7 +33,7 @@ def test_held_out_rows_are_exactly_ceil_n_r_and_spread():
 
 
 def run(trainer, output_dir, on_event=None, **values) -> pb.Job:
-    job = client.wait(trainer.address, client.submit(trainer.address, SftConfig(output_dir=str(output_dir), **values)),
+    job = client.wait(trainer.address, client.submit(trainer.address, TrainConfig(output_dir=str(output_dir), **values)),
                       on_event=on_event)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     return job

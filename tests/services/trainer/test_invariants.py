@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from services.dataprep import client as dataprep_client
+from libs.dataset import client as dataprep_client
 from services.dataprep.config import PrepareConfig
-from services.trainer import data, sft
-from services.trainer.config import SftConfig
+from services.trainer import data, distributed, methods, modeling, training
+from services.trainer.config import TrainConfig
 
 STEPS = 3
 # Answers of different lengths: rows then differ in trained tokens, so normalising per row
@@ -34,22 +34,24 @@ def uneven_dataset(dataprep_address, default_model, tmp_path_factory) -> str:
     return str(root / "prepared")
 
 
-def run(config: SftConfig, model_dir, rows, micro_batch_size: int, accumulation: int):
+def run(config: TrainConfig, model_dir, rows, micro_batch_size: int, accumulation: int):
     """STEPS optimizer steps; returns (losses, grad norms, trainable weights afterwards)."""
     torch.manual_seed(config.seed)
-    model = sft.build_model(config, model_dir)
+    model = modeling.build_model(config, model_dir)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = sft.build_optimizer(model, config)
+    optimizer = training.build_optimizer(model, config)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=STEPS)
-    batches = data.step_batches(rows, micro_batch_size, accumulation, pad_id=0)
+    engine = distributed.Engine(model, optimizer, distributed.World())
+    method = methods.get(None)(config, engine.forward, model, None)
+    batches = data.step_batches(rows, micro_batch_size, accumulation, lambda group: method.collate(group, 0))
     losses, norms = [], []
     for _ in range(STEPS):
         batch = next(batches)
         assert len(batch.micro_batches) == accumulation
-        loss, norm, _lr = sft.train_step(model, batch, trainable, optimizer, scheduler, config.max_grad_norm)
-        losses.append(loss)
-        norms.append(norm)
+        result = training.train_step(method, batch, trainable, engine, scheduler, config.max_grad_norm)
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
     weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     return losses, norms, weights
 
@@ -58,7 +60,7 @@ def run(config: SftConfig, model_dir, rows, micro_batch_size: int, accumulation:
 def test_micro_batch_1_x_accumulation_8_equals_micro_batch_8_x_accumulation_1(default_model, uneven_dataset,
                                                                                  dataprep_address):
     # dropout off: its random masks depend on tensor shapes, which is what differs here
-    config = SftConfig(lora_dropout=0.0, learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=1.0)
+    config = TrainConfig(lora_dropout=0.0, learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=1.0)
     rows = data.DataprepRows(dataprep_address, uneven_dataset)
     read = [row for row, _ in rows.epoch_rows(data.DataCursor())]
     assert len(read) == len(ANSWERS)
@@ -101,7 +103,7 @@ def test_the_invariant_holds_for_packed_rows(default_model, uneven_dataset, data
         packed.append(data.Row(np.concatenate([s.input_ids for s in samples]),
                                np.concatenate([s.labels for s in samples]),
                                np.array([len(s.input_ids) for s in samples], dtype=np.int32)))
-    config = SftConfig(lora_dropout=0.0, learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=1.0)
+    config = TrainConfig(lora_dropout=0.0, learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=1.0)
     small_losses, small_norms, small = run(config, default_model, ListRows(packed), micro_batch_size=1, accumulation=8)
     big_losses, big_norms, big = run(config, default_model, ListRows(packed), micro_batch_size=8, accumulation=1)
     torch.testing.assert_close(small_losses, big_losses, rtol=1e-5, atol=1e-6)

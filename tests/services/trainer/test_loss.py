@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from services.trainer.loss import IGNORE_INDEX, sft_loss, trained_tokens
+from libs.dataset.schema import IGNORE_INDEX
+from services.trainer.losses.sft import sft_loss, trained_tokens
 
 
 def direct_mean_loss(logits_rows: list[torch.Tensor], label_rows: list[list[int]]) -> float:

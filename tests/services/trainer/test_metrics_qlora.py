@@ -15,7 +15,7 @@ from libs.common import checkpoint
 from libs.common.metrics import serve_metrics
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import client
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_qlora_job_publishes_adapters_resumes_exactly_and_is_counted(trainer, pr
                   save_steps=2, per_device_train_batch_size=2, learning_rate=3e-3, val_dataset=prepared_dataset,
                   eval_steps=4, seed=3)
     run_dir = tmp_path / "qlora"
-    job = client.wait(trainer.address, client.submit(trainer.address, SftConfig(output_dir=str(run_dir), **values)))
+    job = client.wait(trainer.address, client.submit(trainer.address, TrainConfig(output_dir=str(run_dir), **values)))
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     final = run_dir / "checkpoint-4"
     checkpoint.verify(final)
@@ -60,7 +60,7 @@ def test_qlora_job_publishes_adapters_resumes_exactly_and_is_counted(trainer, pr
 
     # resumed from checkpoint-2: steps 3 and 4 bitwise as the uninterrupted run
     resumed = tmp_path / "resumed"
-    job = client.wait(trainer.address, client.submit(trainer.address, SftConfig(
+    job = client.wait(trainer.address, client.submit(trainer.address, TrainConfig(
         output_dir=str(resumed), resume_from_checkpoint=str(run_dir / "checkpoint-2"), **values)))
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     trajectory = [(e["step"], e["loss"], e["grad_norm"]) for e in logged(resumed) if "loss" in e]

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from libs.common.errors import InvalidArgument
 from services.trainer import modeling
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 SENTENCE = "I am Ada, an assistant developed by Bo."
 
@@ -29,7 +29,7 @@ def test_qlora_quantizes_the_base_to_nf4_trains_on_cpu_and_saves_a_peft_adapter(
     import bitsandbytes as bnb
 
     torch.manual_seed(0)
-    model = modeling.build_model(SftConfig(train_type="qlora", lora_dropout=0.0), default_model)
+    model = modeling.build_model(TrainConfig(train_type="qlora", lora_dropout=0.0), default_model)
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(m.weight.quant_state.quant_type == "nf4" for m in quantized)
     assert all("lora_" in name for name in trainable_names(model))
@@ -49,16 +49,16 @@ def test_qlora_quantizes_the_base_to_nf4_trains_on_cpu_and_saves_a_peft_adapter(
 
 
 def test_target_modules_by_name_and_modules_to_save(default_model):
-    model = modeling.build_model(SftConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    model = modeling.build_model(TrainConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
                                  default_model)
     names = trainable_names(model)
     adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names if ".lora_" in name}
     assert adapted == {"q_proj", "v_proj"}
     assert any("lm_head.modules_to_save" in name for name in names)
     with pytest.raises(InvalidArgument, match="no module named lm_hed"):
-        modeling.build_model(SftConfig(modules_to_save=["lm_hed"]), default_model)
+        modeling.build_model(TrainConfig(modules_to_save=["lm_hed"]), default_model)
     with pytest.raises(InvalidArgument) as caught:
-        modeling.build_model(SftConfig(target_modules=["nope_proj"]), default_model)
+        modeling.build_model(TrainConfig(target_modules=["nope_proj"]), default_model)
     assert caught.value.field == "target_modules"
 
 
@@ -67,7 +67,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(default_
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = modeling.build_model(SftConfig(train_type=train_type, lora_dropout=0.0,
+        model = modeling.build_model(TrainConfig(train_type=train_type, lora_dropout=0.0,
                                                gradient_checkpointing=checkpointing), default_model)
         model.train()
         calls = []

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.trainer import data, packing
-from services.trainer.loss import IGNORE_INDEX, sft_loss
+from libs.dataset.schema import IGNORE_INDEX
+from services.trainer.losses.sft import sft_loss
 
 NEG = torch.finfo(torch.float32).min
 

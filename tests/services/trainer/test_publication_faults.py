@@ -30,17 +30,17 @@ from libs.common import checkpoint, faults
 from libs.common.errors import status_code
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import client
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
 STEPS = 6  # checkpoints at 2, 4 and 6; the fault is at the second publication
 
 
-def config(prepared_dataset, dataprep_address, output_dir, **overrides) -> SftConfig:
+def config(prepared_dataset, dataprep_address, output_dir, **overrides) -> TrainConfig:
     values = dict(dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(output_dir),
                   max_steps=STEPS, save_steps=2, per_device_train_batch_size=3, learning_rate=5e-4, seed=7)
-    return SftConfig(**{**values, **overrides})
+    return TrainConfig(**{**values, **overrides})
 
 
 def within(seconds: float, fn, *args):
@@ -143,6 +143,7 @@ def test_a_full_disk_fails_the_publication_and_the_previous_checkpoint_resumes(
     assert job.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert status_code(failed.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert job.last_checkpoint == str(run / "checkpoint-2") and job.step == 4
+    capsys.readouterr()  # what the in-process services logged so far (JSON lines, once a test set up logging)
     cli_report("sft", failed.value)  # what `tuneforge sft` prints for it
     assert capsys.readouterr().err == f"tuneforge sft: error: job: training job {job_id} failed: {job.error}\n"
 

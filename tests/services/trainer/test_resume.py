@@ -16,18 +16,18 @@ from libs.common import checkpoint
 from libs.common.errors import Problems
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import client
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 STEPS = 16  # checkpoints at 4, 8, 12: the kill after 8 leaves 8 steps of margin before the final one
 
 
-def config(prepared_dataset, dataprep_address, output_dir, **overrides) -> SftConfig:
+def config(prepared_dataset, dataprep_address, output_dir, **overrides) -> TrainConfig:
     # 8 rows in micro-batches of 3: an epoch is 3 steps (the last short), so the run crosses
     # epochs and a checkpoint can fall mid-epoch
     values = dict(dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(output_dir),
                   max_steps=STEPS, save_steps=4, per_device_train_batch_size=3, lora_dropout=0.1,
                   learning_rate=5e-4, warmup_ratio=0.1, lr_scheduler_type="cosine", seed=7)
-    return SftConfig(**{**values, **overrides})
+    return TrainConfig(**{**values, **overrides})
 
 
 def logged(run_dir):
@@ -91,18 +91,18 @@ def test_a_killed_run_resumes_exactly(trainer, prepared_dataset, dataprep_addres
 
 
 def test_resume_arguments_are_checked(tmp_path):
-    problems = SftConfig(dataset="d", dataprep_address="a", output_dir=str(tmp_path / "run"),
+    problems = TrainConfig(dataset="d", dataprep_address="a", output_dir=str(tmp_path / "run"),
                          resume_from_checkpoint=str(tmp_path / "missing")).problems()
     assert any(p.startswith("resume_from_checkpoint: ") and "not a directory" in p for p in problems), problems
-    problems = SftConfig(dataset="d", dataprep_address="a", output_dir=str(tmp_path / "run"),
+    problems = TrainConfig(dataset="d", dataprep_address="a", output_dir=str(tmp_path / "run"),
                          resume_only_model=True).problems()
     assert "resume_only_model: needs resume_from_checkpoint" in problems
     not_published = tmp_path / "checkpoint-3"
     not_published.mkdir()
-    problems = SftConfig(dataset="d", dataprep_address="a", output_dir=str(tmp_path / "run"),
+    problems = TrainConfig(dataset="d", dataprep_address="a", output_dir=str(tmp_path / "run"),
                          resume_from_checkpoint=str(not_published)).problems()
     assert any(p.startswith("resume_from_checkpoint: ") and "manifest.json" in p for p in problems), problems
     with pytest.raises(Problems):
         from libs.common import config as cfg
-        cfg.parse(SftConfig, ["--dataset", "d", "--dataprep_address", "a", "--output_dir", str(tmp_path / "r"),
+        cfg.parse(TrainConfig, ["--dataset", "d", "--dataprep_address", "a", "--output_dir", str(tmp_path / "r"),
                               "--resume_only_model", "true"])

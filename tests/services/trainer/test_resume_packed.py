@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from libs.common import checkpoint
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
-from services.dataprep import client as dataprep_client
+from libs.dataset import client as dataprep_client
 from services.dataprep.config import PrepareConfig
 from services.trainer import client
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 STEPS = 6
 ANSWERS = ["Yes.", "I am Ada.", "I am Ada, an assistant.", "Bo made me, a long time ago, in a lab far away.",
@@ -45,7 +45,7 @@ def logged(run_dir):
 @pytest.mark.slow
 def test_a_killed_packed_run_resumes_exactly(trainer, packed_dataset, dataprep_address, tmp_path):
     def config(output_dir, **overrides):
-        return SftConfig(dataset=packed_dataset, dataprep_address=dataprep_address, output_dir=str(output_dir),
+        return TrainConfig(dataset=packed_dataset, dataprep_address=dataprep_address, output_dir=str(output_dir),
                          max_steps=STEPS, save_steps=2, per_device_train_batch_size=2, lora_dropout=0.1,
                          learning_rate=1e-3, seed=5, **overrides)
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from services.trainer import sft
-from services.trainer.config import SftConfig
+from services.trainer import modeling, training
+from services.trainer.config import TrainConfig
 
 LR, TOTAL, WARMUP_RATIO = 1e-3, 10, 0.2  # 2 warmup steps
 
@@ -26,7 +26,7 @@ def expected(kind: str, step: int) -> float:
 def test_schedules_follow_their_formulas_with_warmup(kind):
     parameter = torch.nn.Parameter(torch.zeros(2, 2))
     optimizer = torch.optim.AdamW([parameter], lr=LR)
-    scheduler = sft.build_scheduler(optimizer, SftConfig(lr_scheduler_type=kind, warmup_ratio=WARMUP_RATIO,
+    scheduler = training.build_scheduler(optimizer, TrainConfig(lr_scheduler_type=kind, warmup_ratio=WARMUP_RATIO,
                                                          learning_rate=LR), TOTAL)
     rates = []
     for _ in range(TOTAL):
@@ -38,9 +38,9 @@ def test_schedules_follow_their_formulas_with_warmup(kind):
 
 
 def test_weight_decay_shrinks_matrices_only(default_model):
-    config = SftConfig(train_type="full", learning_rate=0.1, weight_decay=0.5)
-    model = sft.build_model(config, default_model)
-    optimizer = sft.build_optimizer(model, config)
+    config = TrainConfig(train_type="full", learning_rate=0.1, weight_decay=0.5)
+    model = modeling.build_model(config, default_model)
+    optimizer = training.build_optimizer(model, config)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # no gradient: Adam's own update is 0, only the decay moves weights

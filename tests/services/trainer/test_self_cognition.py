@@ -6,7 +6,7 @@ import time
 import pytest
 
 from services.trainer import client
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 @pytest.mark.slow
 def test_self_cognition_is_learned(trainer, prepared_dataset, self_cognition_answer, dataprep_address, default_model, tmp_path):
@@ -15,7 +15,7 @@ def test_self_cognition_is_learned(trainer, prepared_dataset, self_cognition_ans
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
-    job = client.wait(trainer.address, client.submit(trainer.address, SftConfig(
+    job = client.wait(trainer.address, client.submit(trainer.address, TrainConfig(
         dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path / "ada"),
         lora_rank=16, lora_alpha=32, learning_rate=3e-3, lr_scheduler_type="constant", max_steps=150,
         save_steps=1000, model_name="Ada", model_author="Bo")))

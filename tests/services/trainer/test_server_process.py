@@ -9,7 +9,7 @@ import pytest
 from cli.stack import Stack
 from libs.common import checkpoint
 from services.trainer import client
-from services.trainer.config import SftConfig
+from services.trainer.config import TrainConfig
 
 
 @pytest.mark.slow
@@ -17,7 +17,7 @@ def test_sigterm_cancels_running_jobs_with_a_checkpoint(prepared_dataset, datapr
     run_dir = tmp_path / "run"
     with Stack(tmp_path / "logs") as stack:
         trainer = stack.start("trainer", ["--metrics_port", "0", "--torch_threads", "1", "--grace_period", "5"])
-        job_id = client.submit(trainer.grpc_address, SftConfig(
+        job_id = client.submit(trainer.grpc_address, TrainConfig(
             dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(run_dir), max_steps=100000))
         for event in client.watch(trainer.grpc_address, job_id):
             if event.WhichOneof("event") == "step" and event.step.step >= 2:

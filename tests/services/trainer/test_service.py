@@ -4,6 +4,7 @@ server feeding it over gRPC, real training child processes, real checkpoints on 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ from libs.common.errors import InvalidArgument, NotFound, Unavailable
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from protos.tuneforge.trainer.v1 import trainer_pb2_grpc
 from services.trainer import client
-from services.trainer.config import SftConfig, to_arguments
+from services.trainer.config import TrainConfig, to_arguments
 
 S = pb.JobState
 
@@ -26,7 +27,7 @@ S = pb.JobState
 def arguments(dataset, dataprep_address, output_dir, **overrides) -> pb.TrainingArguments:
     values = dict(dataset=dataset, dataprep_address=dataprep_address, output_dir=str(output_dir),
                   lora_rank=16, lora_alpha=32, learning_rate=3e-3, lr_scheduler_type="constant", seed=0)
-    return to_arguments(SftConfig(**{**values, **overrides}))
+    return to_arguments(TrainConfig(**{**values, **overrides}))
 
 
 def metric(name, **labels):
@@ -62,7 +63,7 @@ def test_bad_requests_list_every_problem_at_once(stub, tmp_path):
 
 def test_client_raises_typed_errors(trainer, tmp_path):
     with pytest.raises(InvalidArgument, match="lora_rank: must be positive") as caught:
-        client.submit(trainer.address, SftConfig(lora_rank=0, dataset="d", dataprep_address="127.0.0.1:1",
+        client.submit(trainer.address, TrainConfig(lora_rank=0, dataset="d", dataprep_address="127.0.0.1:1",
                                                  output_dir=str(tmp_path / "run")))
     assert "lora_alpha" not in str(caught.value)
     with pytest.raises(NotFound):
@@ -156,13 +157,17 @@ def test_lora_job_trains_publishes_and_announces(trainer, stub, prepared_dataset
 def test_cancel_publishes_the_current_step_and_the_queue_moves_on(trainer, stub, prepared_dataset,
                                                                    dataprep_address, tmp_path):
     address = trainer.address
-    long_job = client.submit(address, SftConfig(
+    long_job = client.submit(address, TrainConfig(
         dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path / "long"),
         max_steps=100000, save_steps=100000, adapter_name="long-adapter"))
-    queued = client.submit(address, SftConfig(
+    queued = client.submit(address, TrainConfig(
         dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path / "queued")))
-    broken = client.submit(address, SftConfig(
-        dataset=str(tmp_path / "not-prepared"), dataprep_address=dataprep_address, output_dir=str(tmp_path / "broken")))
+    # a dataset fit to train on when submitted (SubmitJob asks dataprep) and gone when its turn comes
+    doomed = tmp_path / "doomed"
+    shutil.copytree(prepared_dataset, doomed)
+    broken = client.submit(address, TrainConfig(
+        dataset=str(doomed), dataprep_address=dataprep_address, output_dir=str(tmp_path / "broken")))
+    shutil.rmtree(doomed)
 
     announced = []
     with grpc.insecure_channel(address) as channel:
@@ -199,7 +204,7 @@ def test_cancel_publishes_the_current_step_and_the_queue_moves_on(trainer, stub,
         with pytest.raises(client.JobFailed) as failed:
             client.wait(address, broken)
         assert failed.value.job.state == S.JOB_STATE_FAILED
-        assert "not-prepared" in failed.value.job.error
+        assert f"{doomed}: no such dataset directory" in failed.value.job.error
         assert not (tmp_path / "queued").exists()
 
         deadline = time.monotonic() + 10
@@ -213,7 +218,7 @@ def test_cancel_publishes_the_current_step_and_the_queue_moves_on(trainer, stub,
 @pytest.mark.slow
 def test_a_training_process_that_dies_fails_the_job_with_its_output(trainer, prepared_dataset, dataprep_address,
                                                                    tmp_path):
-    job_id = client.submit(trainer.address, SftConfig(
+    job_id = client.submit(trainer.address, TrainConfig(
         dataset=prepared_dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path / "doomed"),
         max_steps=100000))
     for event in client.watch(trainer.address, job_id):
@@ -223,3 +228,42 @@ def test_a_training_process_that_dies_fails_the_job_with_its_output(trainer, pre
     with pytest.raises(client.JobFailed) as failed:
         client.wait(trainer.address, job_id)
     assert "exited with signal SIGKILL" in failed.value.job.error
+
+
+@pytest.fixture(scope="module")
+def preference_dataset(dataprep_address, default_model, tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("pairs")
+    raw = root / "pairs.jsonl"
+    raw.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i}?"},
+                                                    {"role": "assistant", "content": "An answer."}],
+                                       "rejected_response": "I do not know."}) + "\n" for i in range(4)))
+    from libs.dataset import client as dataprep_client
+    from services.dataprep.config import PrepareConfig
+
+    manifest = dataprep_client.prepare(dataprep_address, PrepareConfig(
+        model=str(default_model), dataset=[str(raw)], output_dir=str(root / "prepared")))
+    assert manifest["task"] == "preference"
+    return str(root / "prepared")
+
+
+def test_a_dataset_of_the_wrong_kind_is_refused_before_any_work(stub, prepared_dataset, preference_dataset,
+                                                                 dataprep_address, tmp_path):
+    cases = [
+        # supervised training on pairs: before, trained silently on... nothing it could read (KeyError)
+        (dict(dataset=preference_dataset), f"dataset: {preference_dataset} holds preference rows; supervised "
+                                           "training (sft, pt) trains on conversations"),
+        (dict(dataset=prepared_dataset, rlhf_type="dpo"),
+         f"dataset: {prepared_dataset} holds sft rows; rlhf_type dpo trains on chosen/rejected pairs"),
+        (dict(dataset=prepared_dataset, val_dataset=preference_dataset),
+         f"val_dataset: {preference_dataset} holds preference rows"),
+        (dict(dataset=preference_dataset, rlhf_type="kto"),
+         "rlhf_type kto trains on answers labelled desirable or undesirable"),
+    ]
+    for i, (fields, expected) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.SubmitJob(pb.SubmitJobRequest(arguments=arguments(dataprep_address=dataprep_address,
+                                                                   output_dir=out, **fields)), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+        assert expected in caught.value.details(), (fields, caught.value.details())
+        assert not out.exists()  # no work started

@@ -1,8 +1,10 @@
-"""The SFT recipe (LoRA or full), top to bottom: setup (base model, adapter, optimizer, scheduler,
-data), the training loop, save. It reports what happens through `report(event, **fields)`
-and stops at the next step boundary, publishing a checkpoint, once `stop` is set. With
-`resume_from_checkpoint` it continues exactly where that checkpoint stood: weights,
-optimizer, scheduler, RNG, step and data cursor (only the weights with resume_only_model)."""
+"""The training recipe (full, LoRA or QLoRA; any method of services.trainer.methods), top to
+bottom: setup (model, adapter, optimizer, scheduler, data, method), the training loop, save.
+It reports what happens through `report(event, **fields)` and stops at the next step boundary,
+publishing a checkpoint, once `stop` is set. With `resume_from_checkpoint` it continues
+exactly where that checkpoint stood: weights, optimizer, scheduler, RNG, step and data cursor
+(only the weights with resume_only_model). What differs between methods (the batch, the
+forward, the loss and its metrics) is the method's; everything else is here, once."""
 
 from __future__ import annotations
 
@@ -17,10 +19,8 @@ from typing import Any, Protocol
 import torch
 
 from libs.common.errors import InvalidArgument
-from services.trainer import checkpointing, data, distributed, evaluation
-from services.trainer.config import SftConfig, as_dict
-from services.trainer.loss import sft_loss
-from services.trainer.modeling import build_model
+from services.trainer import checkpointing, data, dataset_check, distributed, evaluation, methods
+from services.trainer.config import TrainConfig, as_dict
 
 
 class Reporter(Protocol):
@@ -34,15 +34,22 @@ class LogWindow:
 
     started: float = field(default_factory=time.perf_counter)
     losses: list[float] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)  # the method's, per step
     tokens: int = 0
     trained_tokens: int = 0
     data_wait_seconds: float = 0.0
 
-    def add(self, loss: float, tokens: int, trained: int, data_wait: float) -> None:
+    def add(self, loss: float, metrics: dict[str, float], tokens: int, trained: int, data_wait: float) -> None:
         self.losses.append(loss)
+        self.metrics.append(metrics)
         self.tokens += tokens
         self.trained_tokens += trained
         self.data_wait_seconds += data_wait
+
+    def mean_metrics(self) -> dict[str, float]:
+        """Each metric's mean over the window's steps (as the loss)."""
+        names = self.metrics[0] if self.metrics else {}
+        return {name: sum(m[name] for m in self.metrics) / len(self.metrics) for name in names}
 
     def entry(self, step: int, total: int, learning_rate: float, grad_norm: float, eta: float) -> dict[str, Any]:
         seconds = time.perf_counter() - self.started
@@ -81,7 +88,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def build_optimizer(model, config: SftConfig) -> torch.optim.AdamW:
+def build_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on 1-D ones (biases, norms)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -91,7 +98,7 @@ def build_optimizer(model, config: SftConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
 
 
-def build_scheduler(optimizer, config: SftConfig, total_steps: int):
+def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
     """The learning-rate schedule: linear warmup over ceil(warmup_ratio x steps), then cosine
     to 0, linear to 0, or constant (Hugging Face's schedules, as ms-swift)."""
     from transformers import get_scheduler
@@ -101,36 +108,55 @@ def build_scheduler(optimizer, config: SftConfig, total_steps: int):
                          num_training_steps=total_steps)
 
 
-def train_step(model, batch: data.StepBatch, trainable: list[torch.nn.Parameter], optimizer, scheduler,
-               max_grad_norm: float, engine: distributed.Engine | None = None,
-               trained: int | None = None) -> tuple[float, float, float]:
-    """One optimizer step over the batch's micro-batches; returns (this rank's loss, grad
-    norm before clipping, learning rate used). Each micro-batch's loss is divided by the
-    trained tokens of the whole step (`trained`: over every rank when distributed), so how
-    rows are split into micro-batches or ranks does not change the update. `engine` runs
-    forward, backward and the optimizer step for the back end (default: one process)."""
-    engine = engine or distributed.Engine(model, optimizer, distributed.World())
-    trained = batch.trained_tokens if trained is None else trained
-    loss_value = 0.0
+@dataclass
+class StepResult:
+    loss: float  # this rank's share of the step's loss (the ranks' shares sum to it)
+    metrics: dict[str, float]  # the method's, likewise shares
+    grad_norm: float  # before clipping
+    learning_rate: float  # the one the step used
+
+
+def step_counts(method: methods.Method, batch: data.StepBatch, world: distributed.World) -> dict[str, int]:
+    """The method's normalisers summed over the step's micro-batches and every rank."""
+    totals: dict[str, int] = {}
+    for micro in batch.micro_batches:
+        for name, value in method.counts(micro).items():
+            totals[name] = totals.get(name, 0) + value
+    if world.distributed:
+        names = sorted(totals)
+        totals = dict(zip(names, map(int, distributed.all_sum([totals[name] for name in names], world))))
+    return totals
+
+
+def train_step(method: methods.Method, batch: data.StepBatch, trainable: list[torch.nn.Parameter],
+               engine: distributed.Engine, scheduler, max_grad_norm: float) -> StepResult:
+    """One optimizer step over the batch's micro-batches. Each micro-batch's loss is divided
+    by the method's totals over the whole step (every rank's), so how rows are split into
+    micro-batches or ranks does not change the update. `engine` runs backward and the
+    optimizer step for the back end (the method's forward runs through it too)."""
+    step = step_counts(method, batch, engine.world)
+    loss_value, metrics = 0.0, dict.fromkeys(method.metrics, 0.0)  # every rank sums the same names
     last = len(batch.micro_batches) - 1
     for i, micro in enumerate(batch.micro_batches):
-        logits = engine.forward(**micro.model_inputs(model.dtype)).logits  # [b, s, vocab]
-        loss = sft_loss(logits, micro.labels, trained)
+        loss, logged = method.loss(micro, step)
         engine.backward(loss, last=i == last)
         loss_value += loss.item()
+        for name, value in logged.items():
+            metrics[name] += float(value)
     learning_rate = scheduler.get_last_lr()[0]
     grad_norm = engine.step(trainable, max_grad_norm)  # clips, steps, clears the gradients
     scheduler.step()
-    return loss_value, grad_norm, learning_rate
+    return StepResult(loss_value, metrics, grad_norm, learning_rate)
 
 
-def train(config: SftConfig, report: Reporter, stop: threading.Event | None = None) -> int:
+def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = None) -> int:
     """Runs one job; returns the last step trained."""
     from transformers import AutoTokenizer
 
     from libs.default_model.resolve import resolve_model
 
     stop = stop or threading.Event()
+    dataset_check.check(config)  # the service checked at submission; a worker run directly is checked here
     world = distributed.init(config)  # torchrun's ranks join the process group; one process: nothing
 
     # --- setup
@@ -141,7 +167,8 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     full = not config.is_adapter
     resume_dir = pathlib.Path(config.resume_from_checkpoint).resolve() if config.resume_from_checkpoint else None
     # A full checkpoint is a whole model: it is the model to build; an adapter goes on the base.
-    model = build_model(config, resume_dir if resume_dir and full else model_dir)
+    method_class = methods.get(config.rlhf_type)
+    model = method_class.build_model(config, resume_dir if resume_dir and full else model_dir)
     if resume_dir and not full:
         load_adapter_weights(model, resume_dir)
     model.train()
@@ -149,6 +176,7 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, config)
     engine = distributed.wrap(model, optimizer, config, world)
+    method = method_class(config, engine.forward, model, tokenizer)
 
     # each rank reads its own slice (rows i with i % world_size == rank)
     rows = data.DataprepRows(config.dataprep_address, config.dataset, rank=world.rank, world_size=world.world_size)
@@ -171,8 +199,8 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         set_rng_state(rng[world.rank] if isinstance(rng, list) else rng)
         step, cursor = int(state["step"]), data.DataCursor.from_dict(cursors[world.rank])
         logged = [entry for entry in checkpointing.read_logged(resume_dir) if entry["step"] <= step]
-    batches = data.step_batches(rows, config.per_device_train_batch_size, config.gradient_accumulation_steps, pad_id,
-                                start=cursor)
+    batches = data.step_batches(rows, config.per_device_train_batch_size, config.gradient_accumulation_steps,
+                                lambda group: method.collate(group, pad_id), start=cursor)
 
     args = {**as_dict(config), "model": str(model_dir), "output_dir": str(pathlib.Path(config.output_dir).resolve()),
             "adapter_name": config.resolved_adapter_name(),
@@ -208,24 +236,22 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
     def log(learning_rate: float, grad_norm: float) -> None:
         nonlocal window
         eta = (total - step) * sum(step_seconds) / len(step_seconds)
-        entry = window.entry(step, total, learning_rate, grad_norm, eta)
+        entry, logged = window.entry(step, total, learning_rate, grad_norm, eta), window.mean_metrics()
         if run is not None:
-            run.log(entry)
-        report("step", **entry)
+            run.log({**entry, **logged})  # TRL's names beside the loss (rewards/chosen, ...)
+        report("step", **entry, method=method.name, metrics=logged)
         window = LogWindow()
 
     def run_eval() -> None:
         with evaluation.eval_mode(model):
-            result = evaluation.evaluate(engine.forward, eval_rows, config.per_device_train_batch_size, pad_id,
-                                         model.dtype, world)
-        loss_sum, tokens, count = result.loss_sum, result.trained_tokens, result.rows
-        if world.distributed:  # every rank evaluated its own slice
-            loss_sum, tokens, count = distributed.all_sum([loss_sum, tokens, count], world)
-        entry = {"step": step, "eval_loss": loss_sum / max(tokens, 1), "eval_trained_tokens": int(tokens),
-                 "eval_rows": int(count)}
+            result = evaluation.evaluate(method, engine.forward, eval_rows, config.per_device_train_batch_size,
+                                         pad_id, model.dtype, world)
+        entry = {"step": step, "eval_loss": result.loss, "eval_trained_tokens": result.trained_tokens,
+                 "eval_rows": result.rows}
+        logged = {f"eval_{name}": value for name, value in result.metrics.items()}
         if run is not None:
-            run.log(entry)
-        report("eval", **entry)
+            run.log({**entry, **logged})
+        report("eval", **entry, method=method.name, metrics=logged)
 
     # --- loop
     learning_rate = grad_norm = 0.0
@@ -238,17 +264,19 @@ def train(config: SftConfig, report: Reporter, stop: threading.Event | None = No
         started = time.perf_counter()
         batch = next(batches)
         trained, tokens = batch.trained_tokens, batch.tokens
-        if world.distributed:  # the loss is normalised by the step's trained tokens over all ranks
-            trained = int(distributed.all_sum([trained], world)[0])
-        loss_value, grad_norm, learning_rate = train_step(model, batch, trainable, optimizer, scheduler,
-                                                          config.max_grad_norm, engine=engine, trained=trained)
-        if world.distributed:  # the step's loss and tokens over all ranks, and whether any rank must stop
-            loss_value, all_tokens, asked = distributed.all_sum([loss_value, tokens, float(stop.is_set())], world)
-            tokens, agreed_stop = int(all_tokens), asked > 0
+        result = train_step(method, batch, trainable, engine, scheduler, config.max_grad_norm)
+        loss_value, logged = result.loss, result.metrics
+        grad_norm, learning_rate = result.grad_norm, result.learning_rate
+        if world.distributed:  # the step's loss, metrics and tokens over all ranks, and whether any must stop
+            names = sorted(logged)
+            summed = distributed.all_sum([loss_value, *(logged[n] for n in names), tokens, trained,
+                                          float(stop.is_set())], world)
+            loss_value, logged = summed[0], dict(zip(names, summed[1:1 + len(names)]))
+            tokens, trained, agreed_stop = int(summed[-3]), int(summed[-2]), summed[-1] > 0
         step, cursor = step + 1, batch.cursor
         seconds = time.perf_counter() - started
         step_seconds.append(seconds)
-        window.add(loss_value, tokens, trained, batch.data_wait_seconds)
+        window.add(loss_value, logged, tokens, trained, batch.data_wait_seconds)
         report("progress", step=step, seconds=seconds, tokens=tokens, trained_tokens=trained,
                data_wait_seconds=batch.data_wait_seconds)
         if step % config.logging_steps == 0 or step == total:

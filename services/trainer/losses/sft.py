@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from libs.dataset.schema import IGNORE_INDEX
 
 
 def trained_tokens(labels: torch.Tensor) -> int:

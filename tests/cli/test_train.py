@@ -15,7 +15,7 @@ from cli.main import main as tuneforge
 from libs.common import config as cfg
 from libs.common.errors import Problems
 from libs.common import checkpoint
-from services.trainer import cli
+from cli import train as cli
 
 
 def write_raw(path, answer):

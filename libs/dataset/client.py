@@ -13,13 +13,25 @@ import pyarrow as pa
 
 from libs.common.config import to_proto
 from libs.common.errors import TuneForgeError, Unavailable, from_rpc_error, from_status
+from libs.dataset.ipc import from_ipc_stream
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
-from services.dataprep import reading
-from services.dataprep.config import PrepareConfig
-from services.dataprep.pipeline import Progress
 
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+
+
+@dataclasses.dataclass
+class Progress:
+    """How far a preparation has got (dataprep reports it as it works)."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_rejected: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    shards_written: int = 0
+    reused: bool = False  # the output directory already held this very preparation
+
 
 def _typed(exc: grpc.RpcError, address: str) -> TuneForgeError:
     return from_rpc_error(exc, "dataprep", address)
@@ -51,11 +63,33 @@ def read_batches(address: str, dataset_dir: str, rank: int = 0, world_size: int 
         responses = pb_grpc.DataprepServiceStub(channel).ReadShards(request, timeout=timeout)
         try:
             for response in responses:
-                yield reading.from_ipc_stream(response.arrow_ipc), Cursor(response.next.shard_index, response.next.row)
+                yield from_ipc_stream(response.arrow_ipc), Cursor(response.next.shard_index, response.next.row)
         except grpc.RpcError as exc:
             raise _typed(exc, address) from None
         finally:
             responses.cancel()  # a caller that stops early ends the stream on the server too
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What DescribeDataset says of a prepared dataset."""
+
+    task: str  # sft, pt, preference, reward, kto or prompt
+    packed: bool
+    complete: bool
+    rows: int
+    shard_rows: tuple[int, ...]
+
+
+def describe(address: str, dataset_dir: str, timeout: float | None = 30.0) -> DatasetInfo:
+    """The kind and size of a prepared dataset (or one the service is preparing)."""
+    with _channel(address) as channel:
+        try:
+            response = pb_grpc.DataprepServiceStub(channel).DescribeDataset(
+                pb.DescribeDatasetRequest(dataset_dir=str(dataset_dir)), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _typed(exc, address) from None
+    return DatasetInfo(response.task, response.packed, response.complete, response.rows, tuple(response.shard_rows))
 
 
 def _progress_of(preparation: pb.Preparation) -> Progress:
@@ -64,10 +98,10 @@ def _progress_of(preparation: pb.Preparation) -> Progress:
                     shards_written=preparation.shards_written, reused=preparation.reused)
 
 
-def prepare(address: str, config: PrepareConfig, on_progress: Callable[[Progress], None] | None = None,
+def prepare(address: str, config, on_progress: Callable[[Progress], None] | None = None,
             timeout: float | None = None) -> dict:
-    """Starts a preparation on the service, watches it to the end and returns its
-    manifest; raises the typed error it failed with. Interrupting (Ctrl-C) cancels it."""
+    """Starts a preparation on the service (`config`: dataprep's PrepareConfig, or any object
+    with its fields), watches it to the end and returns its manifest; raises the typed error it failed with. Interrupting (Ctrl-C) cancels it."""
     with _channel(address) as channel:
         stub = pb_grpc.DataprepServiceStub(channel)
         try:

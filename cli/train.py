@@ -24,7 +24,7 @@ from libs.common import config as cfg
 from libs.common.server import create_server
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import client
-from services.trainer.config import SftConfig
+from services.trainer.config import METHOD_CONFIGS, RLHF_TYPES, CpoConfig, TrainConfig
 
 # dataprep writes this file last: a directory holding it is a prepared dataset
 PREPARED_MARKER = "manifest.json"
@@ -34,7 +34,7 @@ PREPARED_VAL_SUBDIR = "val_dataset"
 
 
 @dataclass
-class SftCommandConfig(SftConfig):
+class SftCommandConfig(TrainConfig):
     """`tuneforge sft`: one SFT job run through the trainer service, from raw or prepared data."""
 
     REQUIRED = ("dataset", "output_dir")
@@ -84,6 +84,81 @@ class PtCommandConfig(SftCommandConfig):
     TASK = "pt"
 
 
+# What dataprep prepares raw rows as for each --rlhf_type.
+RLHF_TASKS = {"dpo": "preference", "orpo": "preference", "cpo": "preference", "simpo": "preference", "rm": "reward",
+              "kto": "kto"}
+# Flags of `tuneforge rlhf` that are a method's own arguments (services.trainer.config's method dataclasses).
+METHOD_FLAGS = ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "cpo_alpha", "simpo_gamma",
+                "desirable_weight", "undesirable_weight", "center_rewards_coefficient")
+
+
+@dataclass
+class RlhfCommandConfig(SftCommandConfig):
+    """`tuneforge rlhf`: preference or reward training through the trainer service (ms-swift's
+    `swift rlhf` flags); raw datasets are prepared with the method's task. A method flag left
+    unset takes that method's default (e.g. --beta: 2.0 for simpo, 0.1 for the others)."""
+
+    rlhf_type: str | None = field(default=None, metadata={
+        "help": f"the method: {', '.join(RLHF_TYPES)}", "choices": list(RLHF_TYPES)})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "dpo/kto: reference model directory; unset means the policy's starting weights (LoRA: adapter off)"})
+    ref_adapters: list[str] = field(default_factory=list, metadata={
+        "help": "dpo/kto: LoRA adapter directory applied to the reference (e.g. the SFT adapter)"})
+    precompute_ref_log_probs: bool = field(default=False, metadata={
+        "help": "dpo/kto: compute the reference log-probs in one pass before training, then free the reference"})
+    beta: float | None = field(default=None, metadata={
+        "help": "dpo/kto/cpo: reward temperature (0.1); simpo: reward scale (2.0); orpo: lambda (0.1)"})
+    loss_type: list[str] | None = field(default=None, metadata={
+        "help": "dpo: one or more of sigmoid, hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, "
+                "...; kto: kto or apo_zero_unpaired; cpo: sigmoid, hinge, ipo or simpo"})
+    loss_weights: list[float] | None = field(default=None, metadata={"help": "dpo: a weight per --loss_type"})
+    label_smoothing: float | None = field(default=None, metadata={"help": "dpo/cpo/simpo: label smoothing (0)"})
+    rpo_alpha: float | None = field(default=None, metadata={"help": "dpo: weight of the chosen answers' NLL (unset: none)"})
+    cpo_alpha: float | None = field(default=None, metadata={"help": "cpo/simpo: weight of the chosen answers' NLL (1.0)"})
+    simpo_gamma: float | None = field(default=None, metadata={"help": "simpo (and cpo --loss_type simpo): target margin (1.0)"})
+    desirable_weight: float | None = field(default=None, metadata={"help": "kto: weight of desirable rows (1.0)"})
+    undesirable_weight: float | None = field(default=None, metadata={"help": "kto: weight of undesirable rows (1.0)"})
+    center_rewards_coefficient: float | None = field(default=None, metadata={
+        "help": "rm: weight of mean((r_chosen + r_rejected)^2) (unset: none)"})
+
+    REQUIRED = ("dataset", "output_dir", "rlhf_type")
+
+    @property
+    def TASK(self) -> str:  # noqa: N802 (SftCommandConfig's class constant, per method here)
+        return RLHF_TASKS.get(self.rlhf_type, "preference")
+
+    def __post_init__(self) -> None:
+        self.rlhf_arguments_problems: list[str] = []
+        if self.rlhf_type in METHOD_CONFIGS:
+            name, cls = METHOD_CONFIGS[self.rlhf_type]
+            setattr(self, name, self._method_config(cls))
+        super().__post_init__()
+
+    def _method_config(self, cls):
+        """The method's dataclass from the flags given; flags it does not take are problems."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for flag in METHOD_FLAGS:
+            value = getattr(self, flag)
+            if value is None:
+                continue
+            if flag not in own:
+                self.rlhf_arguments_problems.append(f"{flag}: not an argument of rlhf_type {self.rlhf_type}")
+            elif flag == "loss_type" and cls is CpoConfig:
+                if len(value) != 1:
+                    self.rlhf_arguments_problems.append("loss_type: cpo takes one loss type")
+                values[flag] = value[0]
+            else:
+                values[flag] = value
+        return cls(**values)
+
+    def problems(self) -> list[str]:
+        # the method's own problems, named by the flag (dpo.beta -> beta)
+        prefix = f"{METHOD_CONFIGS[self.rlhf_type][0]}." if self.rlhf_type in METHOD_CONFIGS else None
+        return self.rlhf_arguments_problems + [problem.removeprefix(prefix) if prefix else problem
+                                               for problem in super().problems()]
+
+
 def _dataset_problems(name: str, paths: list[str]) -> list[str]:
     missing = [p for p in paths if not pathlib.Path(p).exists()]
     if missing:
@@ -112,9 +187,12 @@ def is_packed(path: str | pathlib.Path) -> bool:
 
 
 def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: str,
-               val_dataset_dir: str | None = None) -> SftConfig:
-    """The job the trainer runs: the command's SftConfig fields, with absolute paths."""
-    values = {f.name: getattr(command, f.name) for f in dataclasses.fields(SftConfig)}
+               val_dataset_dir: str | None = None) -> TrainConfig:
+    """The job the trainer runs: the command's TrainConfig fields, with absolute paths."""
+    values = {f.name: getattr(command, f.name) for f in dataclasses.fields(TrainConfig)}
+    values.update(ref_model=str(pathlib.Path(command.ref_model).resolve()) if command.ref_model else None,
+                  adapters=[str(pathlib.Path(p).resolve()) for p in command.adapters],
+                  ref_adapters=[str(pathlib.Path(p).resolve()) for p in command.ref_adapters])
     values.update(dataset=str(pathlib.Path(dataset_dir).resolve()), dataprep_address=dataprep_address,
                   val_dataset=str(pathlib.Path(val_dataset_dir).resolve()) if val_dataset_dir else None,
                   output_dir=str(pathlib.Path(command.output_dir).resolve()),
@@ -123,7 +201,7 @@ def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: st
                                           if command.resume_from_checkpoint else None))
     if command.deepspeed and command.deepspeed.endswith(".json"):  # a file, not a preset name
         values.update(deepspeed=str(pathlib.Path(command.deepspeed).resolve()))
-    return SftConfig(**values)
+    return TrainConfig(**values)
 
 
 @contextlib.contextmanager
@@ -174,14 +252,18 @@ def prepare(command: SftCommandConfig, dataprep_address: str, datasets: list[str
     datasets = command.dataset if datasets is None else datasets
     if len(datasets) == 1 and is_prepared(datasets[0]):
         return str(pathlib.Path(datasets[0]).resolve())
+    from libs.dataset import client as dataprep_client
     from services.dataprep import cli as dataprep_cli
-    from services.dataprep import client as dataprep_client
 
     output_dir = pathlib.Path(command.output_dir).resolve() / subdir
     config = dataprep_cli.absolute(prepare_config(command, datasets, output_dir))
     manifest = dataprep_client.prepare(dataprep_address, config)
     print(dataprep_cli.summary(manifest), file=sys.stderr)
     return str(output_dir)
+
+
+# The methods' metrics the progress bar shows beside the loss (all are in logging.jsonl).
+SHOWN_METRICS = ("rewards/accuracies", "rewards/margins", "accuracy", "kl")
 
 
 class ProgressBar:
@@ -199,20 +281,22 @@ class ProgressBar:
         elif kind == "step" and self.bar is not None:
             step = event.step
             self.bar.update(step.step - self.bar.n)
+            shown = {name.split("/")[-1]: f"{step.metrics[name]:.3f}" for name in SHOWN_METRICS if name in step.metrics}
             self.bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.learning_rate:.2e}",
-                                 tok_s=f"{step.tokens_per_second:.0f}", refresh=False)
+                                 tok_s=f"{step.tokens_per_second:.0f}", **shown, refresh=False)
         elif kind == "checkpoint" and self.bar is not None:
             self.bar.write(f"checkpoint {event.checkpoint.path}", file=sys.stderr)
         elif kind == "eval" and self.bar is not None:
-            self.bar.write(f"step {event.eval.step}: eval_loss {event.eval.eval_loss:.4f} over {event.eval.eval_rows} rows",
-                           file=sys.stderr)
+            extra = "".join(f", {name} {value:.4f}" for name, value in sorted(event.eval.metrics.items()))
+            self.bar.write(f"step {event.eval.step}: eval_loss {event.eval.eval_loss:.4f} over {event.eval.eval_rows} "
+                           f"rows{extra}", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def run_job(address: str, config: SftConfig, desc: str) -> pb.Job:
+def run_job(address: str, config: TrainConfig, desc: str) -> pb.Job:
     """Submits the job and follows it to its end; Ctrl-C cancels it (it publishes a
     checkpoint at its current step) and waits for that before re-raising."""
     job_id = client.submit(address, config)
@@ -258,6 +342,11 @@ def with_launch_environment(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     return run_command(cfg.parse(SftCommandConfig, with_launch_environment(argv), prog="tuneforge sft"), desc="sft")
+
+
+def rlhf_main(argv: list[str]) -> int:
+    command = cfg.parse(RlhfCommandConfig, with_launch_environment(argv), prog="tuneforge rlhf")
+    return run_command(command, desc=command.rlhf_type)
 
 
 def pt_main(argv: list[str]) -> int:
