@@ -5,6 +5,7 @@ the checks every fuzzed reply and every server must pass afterwards."""
 
 from __future__ import annotations
 
+import collections
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -107,9 +108,8 @@ class _Builder:
         self._messages: dict[tuple[str, int], st.SearchStrategy] = {}
 
     def value(self, field: FieldDescriptor, depth: int) -> st.SearchStrategy:
-        key = f"{field.containing_type.name}.{field.name}"
-        if key in self.only:
-            return self.only[key]
+        """One value of `field` (one element of a repeated field)."""
+        key = _key(field)
         generic = self.message(field.message_type, depth + 1) if field.type == F.TYPE_MESSAGE else _scalars(field)
         return st.one_of(self.hints[key], generic) if key in self.hints else generic
 
@@ -132,7 +132,11 @@ class _Builder:
         for field in descriptor.fields:
             if field.containing_oneof is not None and not _is_synthetic(field.containing_oneof):
                 continue  # set above, at most one of its oneof
-            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            if _key(field) in self.only:
+                values = self.only[_key(field)]
+                if field.has_presence:
+                    values = st.none() | values
+            elif field.message_type is not None and field.message_type.GetOptions().map_entry:
                 entry = field.message_type.fields_by_name
                 values = st.dictionaries(self.value(entry["key"], depth), self.value(entry["value"], depth),
                                          max_size=self.max_items)
@@ -153,6 +157,10 @@ class _Builder:
             return message
 
         return build()
+
+
+def _key(field: FieldDescriptor) -> str:
+    return f"{field.containing_type.name}.{field.name}"
 
 
 def _set(message, field: FieldDescriptor, value) -> None:
@@ -197,10 +205,11 @@ def messages(message_class, hints: dict[str, st.SearchStrategy] | None = None,
              only: dict[str, st.SearchStrategy] | None = None, max_depth: int = 3,
              max_items: int = 4) -> st.SearchStrategy:
     """Any message of `message_class`. `hints` adds plausible values to a field's generic ones
-    ("ReadShardsRequest.dataset_dir": real directories); `only` replaces them (a field whose
-    generic values could do harm when the request is otherwise valid). For a repeated field a
-    hint gives one element. Unknown keys are an error, so a renamed field cannot silently
-    leave its hint unused."""
+    ("ReadShardsRequest.dataset_dir": real directories; for a repeated field, of one element).
+    `only` replaces the field's whole value (a list for a repeated field; an optional field is
+    still left unset half the time): for requests mostly valid, so they reach the code behind
+    validation, and for fields whose generic values could do harm in an otherwise valid request.
+    Unknown keys are an error, so a renamed field cannot silently leave its hint unused."""
     hints, only = dict(hints or {}), dict(only or {})
     unknown = (set(hints) | set(only)) - _known_keys(message_class.DESCRIPTOR)
     if unknown:
@@ -220,6 +229,24 @@ NAMES_A_FIELD = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT
 # A Python traceback, or an exception's repr such as ValueError('embedded null byte').
 _LEAK = re.compile(r"Traceback \(most recent call last\)|\b[A-Z]\w*(?:Error|Exception|Exit|Interrupt)\(|<class '"
                    r"|Exception calling application|Exception iterating responses")
+
+
+# request type -> reply code -> count: what the fuzzers reached since `reached` was last asked
+# (printed, and asserted by the tests, so a strategy that stops reaching deep code fails).
+SEEN: collections.defaultdict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+def reached(request_type) -> collections.Counter:
+    """The reply codes of `request_type` checked since the last call (then forgotten)."""
+    counts = SEEN.pop(request_type.__name__, collections.Counter())
+    print(f"{request_type.__name__}: {dict(counts.most_common())}")
+    return counts
+
+
+# The transport failing instead of the server's reply reaching the caller (a status message
+# too large for the trailers arrives as RESOURCE_EXHAUSTED "Stream removed (received metadata
+# size exceeds hard limit ...)": a proper code, but neither the real one nor the field).
+_TRANSPORT = re.compile(r"Stream removed|metadata size exceeds|Socket closed|Connection reset")
 
 
 @dataclass
@@ -271,21 +298,39 @@ def check(reply: Reply, request, may_stay_open: bool = False) -> None:
     """A fuzzed request's reply: a proper status code (never UNKNOWN or INTERNAL), no Python
     traceback or exception repr in its details, the field named first where the code is
     about the request ("dataset_dir: ..."), and a stream still open only where it may wait."""
-    where = f"request {type(request).__name__} {{{_short(request)}}} got {reply}"
+    where = f"{constructor(request)} got {reply}"
+    SEEN[type(request).__name__][reply.code.name if reply.code else "still open"] += 1
     if reply.code is None:
         assert may_stay_open, f"{where}: the stream neither ended nor failed within its deadline"
         return
     assert reply.code in PROPER, where
     assert not _LEAK.search(reply.details), where
+    assert not _TRANSPORT.search(reply.details), f"{where}: the transport failed, the reply was lost"
     if reply.code in NAMES_A_FIELD:
         named = reply.details.split(":", 1)[0]
         assert ":" in reply.details and named in field_names(request.DESCRIPTOR), \
             f"{where}: the details do not start with a field of the request"
 
 
-def _short(request) -> str:
-    text = str(request).replace("\n", " ")
-    return text if len(text) < 600 else text[:600] + "..."
+def constructor(message, limit: int = 2000) -> str:
+    """The message as the Python expression that builds it (set fields only), to paste into a
+    regression test: `ReadShardsRequest(dataset_dir='\\x00', start=Cursor(row=-1))`."""
+    def render(value) -> str:
+        if hasattr(value, "ListFields"):
+            return constructor(value, limit=10**9)
+        if isinstance(value, (list, tuple)) or type(value).__name__.startswith(("Repeated", "RepeatedScalar")):
+            return "[" + ", ".join(render(v) for v in value) + "]"
+        if isinstance(value, str) and len(value) > 64:
+            period = next((p for p in range(1, 9) if len(value) % p == 0 and value == value[:p] * (len(value) // p)), 0)
+            if period:
+                return f"{value[:period]!r} * {len(value) // period}"
+            if len(value) > 400:
+                return f"{value[:400]!r} + ...({len(value)} chars)"
+        return repr(value)
+
+    text = f"{type(message).__name__}(" + ", ".join(
+        f"{field.name}={render(value)}" for field, value in message.ListFields()) + ")"
+    return text if len(text) <= limit else text[:limit] + "...)"
 
 
 def assert_serving(address: str, services: Iterable[str]) -> None:
