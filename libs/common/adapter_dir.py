@@ -8,7 +8,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-from libs.common import checkpoint
+from libs.common import checkpoint, paths
 from libs.common.errors import FailedPrecondition, NotFound
 
 ARGS = "args.json"
@@ -39,7 +39,7 @@ def _read_json(path: pathlib.Path, field: str) -> dict:
 def inspect(path: str | pathlib.Path, field: str = "path") -> AdapterDir:
     """Reads an adapter (or run) directory. NotFound if it is not there or holds no
     adapter; FailedPrecondition if its metadata is unreadable."""
-    path = pathlib.Path(path).expanduser()
+    path = paths.expand_user(paths.argument(str(path), field), field)
     if not path.exists():
         raise NotFound(f"{path} does not exist", field=field)
     try:

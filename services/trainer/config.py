@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from libs.common import checkpoint
+from libs.common import checkpoint, paths
 from libs.common import config as cfg
 from libs.common.errors import TuneForgeError
 from libs.common.server import ServerOptions
@@ -89,7 +89,10 @@ class SftConfig:
 
     def problems(self) -> list[str]:
         """Every problem at once, each naming its field; empty when the job can start."""
-        found: list[str] = []
+        found: list[str] = paths.problems({
+            "model": self.model, "dataset": self.dataset, "output_dir": self.output_dir, "val_dataset": self.val_dataset,
+            "resume_from_checkpoint": self.resume_from_checkpoint, "deepspeed": self.deepspeed})
+        unusable = {problem.split(":", 1)[0] for problem in found}  # no filesystem call may see these
         if self.train_type not in TRAIN_TYPES:
             found.append(f"train_type: expected one of {', '.join(TRAIN_TYPES)}; got {self.train_type!r}")
         found.extend(self._combination_problems())
@@ -121,9 +124,9 @@ class SftConfig:
             found.append(f"num_train_epochs: must be positive when max_steps is -1; got {self.num_train_epochs}")
         if self.torch_dtype not in DTYPES:
             found.append(f"torch_dtype: expected one of {', '.join(DTYPES)}; got {self.torch_dtype!r}")
-        model_problems = _model_problems(self.model) if self.model else []
+        model_problems = _model_problems(self.model) if self.model and "model" not in unusable else []
         found.extend(model_problems)
-        if not model_problems and self.is_adapter:
+        if not model_problems and "model" not in unusable and self.is_adapter:
             found.extend(_module_problems(self.model, self.target_modules, self.modules_to_save))
         if self.save_total_limit is not None and self.save_total_limit < 1:
             found.append(f"save_total_limit: must be at least 1 (unset keeps all); got {self.save_total_limit}")
@@ -133,16 +136,17 @@ class SftConfig:
             found.append(f"split_dataset_ratio: must be in [0, 1); got {self.split_dataset_ratio}")
         if self.split_dataset_ratio > 0 and self.val_dataset:
             found.append("split_dataset_ratio: give either split_dataset_ratio or val_dataset, not both")
-        if self.resume_from_checkpoint:
+        if self.resume_from_checkpoint and "resume_from_checkpoint" not in unusable:
             found.extend(_resume_problems(self.resume_from_checkpoint, self.train_type))
-        elif self.resume_only_model:
+        elif self.resume_only_model and not self.resume_from_checkpoint:
             found.append("resume_only_model: needs resume_from_checkpoint")
-        if self.output_dir and not self.resume_from_checkpoint:  # a resumed run continues its directory
+        # a resumed run continues its directory
+        if self.output_dir and "output_dir" not in unusable and not self.resume_from_checkpoint:
             published = checkpoint.checkpoints(self.output_dir)
             if published:
                 found.append(f"output_dir: {self.output_dir} already holds checkpoints ({published[-1].name}); "
                              f"choose a new run directory")
-        found.extend(distributed.problems(self))
+        found.extend(distributed.problems(self, check_files="deepspeed" not in unusable))
         return found
 
     def _combination_problems(self) -> list[str]:

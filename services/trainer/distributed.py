@@ -104,8 +104,9 @@ def deepspeed_json(value: str) -> dict[str, Any]:
     return loaded
 
 
-def problems(config) -> list[str]:
-    """Problems of the distributed fields of an SftConfig, each naming its field."""
+def problems(config, check_files: bool = True) -> list[str]:
+    """Problems of the distributed fields of an SftConfig, each naming its field; with
+    `check_files` false the --deepspeed file is not read (its path is unusable, said elsewhere)."""
     found: list[str] = []
     if config.nproc_per_node < 1:
         found.append(f"nproc_per_node: must be at least 1; got {config.nproc_per_node}")
@@ -119,7 +120,7 @@ def problems(config) -> list[str]:
         found.append("master_port: required with nnodes > 1 (every node must name the same port)")
     if config.ddp_timeout <= 0:
         found.append(f"ddp_timeout: must be positive; got {config.ddp_timeout}")
-    if config.deepspeed:
+    if config.deepspeed and check_files:
         try:
             deepspeed_json(config.deepspeed)
         except ValueError as exc:
