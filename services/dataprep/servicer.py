@@ -58,6 +58,7 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
     def PrepareDataset(self, request, context):
         config = from_proto(PrepareConfig, request.arguments)
         inputs.resolve(config.dataset)  # fail the call itself, not later, for a missing file
+        pipeline.check_output_dir(config.output_dir)  # or a file where the output directory goes
         operation = Operation(config, request.arguments)
         with self._changed:
             if self._stopping:
