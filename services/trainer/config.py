@@ -4,6 +4,7 @@ and `TrainerServerConfig` (the trainer service process)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import struct
 from dataclasses import dataclass, field
@@ -147,7 +148,11 @@ class SftConfig:
                 found.append(f"output_dir: {self.output_dir} already holds checkpoints ({published[-1].name}); "
                              f"choose a new run directory")
         found.extend(distributed.problems(self, check_files="deepspeed" not in unusable))
-        return found
+        # NaN passes every `<` check above unnoticed, and an infinity some: said once, first
+        not_finite = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                      if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))}
+        return ([f"{name}: must be a finite number; got {value}" for name, value in not_finite.items()]
+                + [problem for problem in found if problem.split(":", 1)[0] not in not_finite])
 
     def _combination_problems(self) -> list[str]:
         """Flags that do not go with the train type."""
