@@ -96,10 +96,13 @@ def deepspeed_json(value: str) -> dict[str, Any]:
     if owned:
         raise ValueError(f"{value}: {', '.join(owned)}: TuneForge sets the optimizer (AdamW) and the learning-rate "
                          f"schedule (--lr_scheduler_type) itself; remove this section")
-    stage = loaded.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"{value}: zero_optimization.stage: expected 0, 1, 2 or 3; got {stage!r}")
-    if loaded.get("zero_optimization", {}).get("offload_optimizer") or loaded.get("zero_optimization", {}).get("offload_param"):
+    zero = loaded.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"{value}: zero_optimization: expected a JSON object; got {json.dumps(zero)[:80]}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ValueError(f"{value}: zero_optimization.stage: expected 0, 1, 2 or 3; got {json.dumps(stage)[:80]}")
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
         raise ValueError(f"{value}: zero_optimization.offload_*: offloading is not supported by this trainer yet")
     return loaded
 
