@@ -323,3 +323,13 @@ def test_a_model_in_the_home_of_no_user_is_not_found(stub, files):
     reply = submitted(stub, files, model="~no-such-user/x")
     assert (reply.code, reply.details) == (grpc.StatusCode.INVALID_ARGUMENT, (
         "model: '~no-such-user/x': ~no-such-user names the home of user 'no-such-user', who does not exist"))
+
+
+def test_the_largest_float32_is_taken_as_it_is(stub, files):
+    # was UNKNOWN: "Exception calling application: float too large to pack with f format" (3.4e38, its
+    # shortest decimal, rounds past float32's largest)
+    reply = submitted(stub, files, num_train_epochs=3.4028234663852886e38)
+    assert reply.code == grpc.StatusCode.OK, reply
+    job = reply.messages[0].job
+    assert stub.CancelJob(pb.CancelJobRequest(id=job.id), timeout=10).job.state == S.JOB_STATE_CANCELLED
+    assert json.loads(job.arguments_json)["num_train_epochs"] == 3.4028235e38  # its shortest float32 decimal
