@@ -40,8 +40,9 @@ ODD_TEXT = (
     "é" * 60_000,  # 120 kB of text
 )
 # Path-like strings: relative escapes, absolute system paths of every kind (directories,
-# regular files, devices, /proc), home and Windows spellings. Never "/" itself: a dataset
-# directory is searched recursively, and the whole filesystem is no test input.
+# regular files, devices, /proc), home and Windows spellings. Not "/" itself, though `paths()`
+# composes it ("/..", "../../../.."): a test whose server walks a directory tree (dataprep's
+# dataset argument) filters what it sends.
 ODD_PATHS = (
     "..", ".", "./", "../../etc", "../../../../../../etc/passwd", "/etc", "/etc/passwd", "/etc/hostname",
     "/dev/null", "/dev/zero", "/proc/self/status", "/proc/self/fd/0", "/tmp/../etc", "/nonexistent/dir",
