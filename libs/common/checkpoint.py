@@ -135,8 +135,16 @@ def verify(directory: str | pathlib.Path) -> dict:
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise NotFound(f"{directory} has no {MANIFEST}", field="path")
-    manifest = json.loads(manifest_path.read_text())
-    for name, entry in manifest.get("files", {}).items():
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FailedPrecondition(f"{manifest_path} is not valid JSON: {exc}", field="path") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                                              for e in files.values()):
+        raise FailedPrecondition(f"{manifest_path} is not a checkpoint manifest (expected \"files\": "
+                                 "{name: {\"sha256\": ...}})", field="path")
+    for name, entry in files.items():
         path = directory / name
         if not path.is_file():
             raise FailedPrecondition(f"{path} is listed in {MANIFEST} but missing", field="path")

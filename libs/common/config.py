@@ -210,8 +210,11 @@ def shortest_float32(value: float) -> float:
     packed = struct.pack("<f", value)
     for digits in range(1, 10):
         candidate = float(f"{value:.{digits}g}")
-        if struct.pack("<f", candidate) == packed:
-            return candidate
+        try:
+            if struct.pack("<f", candidate) == packed:
+                return candidate
+        except OverflowError:  # rounded past float32's largest (3.4028235e38 -> 3.4e38)
+            continue
     return value
 
 

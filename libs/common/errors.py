@@ -76,6 +76,35 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
     return exc.code if isinstance(exc, TuneForgeError) else grpc.StatusCode.INTERNAL
 
 
+# The status message travels percent-encoded in the grpc-message trailer, and a client drops a
+# trailer block above 16 KiB (refusing some from 8 KiB): the call then fails RESOURCE_EXHAUSTED
+# "Stream removed" instead of the real code and field. An error echoing a huge argument back
+# would lose itself, so the message is cut to fit well below that.
+MAX_DETAILS_BYTES = 4096
+
+
+def details(exc: TuneForgeError, limit: int = MAX_DETAILS_BYTES) -> str:
+    """The status message of `exc`: "field: message", cut so its encoded size stays under `limit`."""
+    text = str(exc)
+    if _encoded_size(text) <= limit:
+        return text
+    suffix = " ... ({} more characters)"
+    budget = limit - len(suffix) - 12
+    kept, used = [], 0
+    for char in text:
+        size = _encoded_size(char)
+        if used + size > budget:
+            break
+        kept.append(char)
+        used += size
+    return "".join(kept) + suffix.format(len(text) - len(kept))
+
+
+def _encoded_size(text: str) -> int:
+    # grpc-message percent-encodes every byte outside printable ASCII, and '%' itself
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in text.encode("utf-8", "surrogatepass"))
+
+
 def grpc_errors(method):
     """Decorates a servicer method (sync, async, or streaming) so that a TuneForgeError
     aborts the RPC with its status code and message instead of surfacing as UNKNOWN."""
@@ -88,7 +117,7 @@ def grpc_errors(method):
                 async for item in method(self, request, context):
                     yield item
             except TuneForgeError as exc:
-                await context.abort(exc.code, str(exc))
+                await context.abort(exc.code, details(exc))
 
         return agen
     if inspect.iscoroutinefunction(method):
@@ -98,7 +127,7 @@ def grpc_errors(method):
             try:
                 return await method(self, request, context)
             except TuneForgeError as exc:
-                await context.abort(exc.code, str(exc))
+                await context.abort(exc.code, details(exc))
 
         return coro
     if inspect.isgeneratorfunction(method):
@@ -108,7 +137,7 @@ def grpc_errors(method):
             try:
                 yield from method(self, request, context)
             except TuneForgeError as exc:
-                context.abort(exc.code, str(exc))
+                context.abort(exc.code, details(exc))
 
         return gen
 
@@ -117,7 +146,7 @@ def grpc_errors(method):
         try:
             return method(self, request, context)
         except TuneForgeError as exc:
-            context.abort(exc.code, str(exc))
+            context.abort(exc.code, details(exc))
 
     return plain
 

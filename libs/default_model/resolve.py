@@ -17,6 +17,7 @@ import pathlib
 import shutil
 from dataclasses import asdict
 
+from libs.common import paths
 from libs.common.errors import NotFound
 from libs.common.logs import log
 from libs.default_model import corpus
@@ -78,7 +79,7 @@ def resolve_model(model: str | os.PathLike[str] | None = None) -> pathlib.Path:
     it is None or empty (an unset proto string field)."""
     if model is None or str(model) == "":
         return default_model_dir()
-    path = pathlib.Path(model).expanduser()
+    path = paths.expand_user(paths.argument(str(model), "model"), "model")
     if not path.is_dir():
         raise NotFound(f"model directory {path} does not exist", field="model")
     if not (path / "config.json").is_file():

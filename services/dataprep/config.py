@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from libs.common import paths
 from libs.common.server import ServerOptions
 from services.dataprep.formats import FORMATS, TASKS, parse_columns
 from services.dataprep.templates import NAMES as TEMPLATE_NAMES
@@ -85,6 +86,7 @@ class PrepareConfig:
             found.append("packing: needs max_length > 0 (the length of a packed row)")
         if self.num_proc < 1:
             found.append(f"num_proc: expected a positive number; got {self.num_proc}")
+        found.extend(paths.problems({"model": self.model, "dataset": self.dataset, "output_dir": self.output_dir}))
         return found
 
 

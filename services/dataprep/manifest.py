@@ -47,4 +47,25 @@ def read(dataset_dir: str | pathlib.Path) -> dict:
         raise FailedPrecondition(f"{path}: not valid JSON: {exc}", field="dataset_dir") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
         raise FailedPrecondition(f"{path}: not a {FORMAT} manifest", field="dataset_dir")
+    for index, shard in enumerate(manifest["shards"]):
+        problem = shard_problem(shard)
+        if problem:
+            raise FailedPrecondition(f"{path}: shards[{index}]: {problem}", field="dataset_dir")
     return manifest
+
+
+def shard_problem(shard) -> str | None:
+    """What is wrong with one entry of a manifest's shard list, if anything: readers index its
+    `file`, `rows` and `sha256`, so a hand-edited entry must fail here, not there."""
+    if not isinstance(shard, dict):
+        return f"expected an object with file, rows and sha256; got {type(shard).__name__}"
+    for key, kind in (("file", str), ("sha256", str), ("rows", int)):
+        value = shard.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key}: expected {'an integer' if kind is int else 'a string'}; got {json.dumps(value)}"
+    if shard["rows"] < 0:
+        return f"rows: expected 0 or more; got {shard['rows']}"
+    name = pathlib.PurePosixPath(shard["file"])
+    if name.is_absolute() or len(name.parts) != 1 or name.name in ("", ".", ".."):
+        return f"file: expected a file name inside the dataset directory; got {json.dumps(shard['file'])}"
+    return None

@@ -36,6 +36,17 @@ def resolve_model(model: str | None) -> pathlib.Path:
     return pathlib.Path(resolve(model)).resolve()
 
 
+def check_output_dir(output_dir: str | pathlib.Path) -> None:
+    """InvalidArgument unless `output_dir` is a directory or can be made one (no file in the way)."""
+    path = pathlib.Path(output_dir).resolve()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                shown = output_dir if existing == path else f"{output_dir}: {existing}"
+                raise InvalidArgument(f"{shown} is a file, not a directory", field="output_dir")
+            return
+
+
 def clear_outputs(output_dir: pathlib.Path) -> None:
     """Removes what an earlier preparation left in `output_dir` (ours only), the
     manifest first, so an interrupted re-run is never mistaken for complete."""
@@ -160,6 +171,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     and tokenizer (Progress.reused says so). Raises Cancelled when `cancelled` is
     set (no manifest is written then, and the shards written so far are removed)."""
     validate(config)
+    check_output_dir(config.output_dir)
     datasets = inputs.resolve(config.dataset)
     sources = [source for dataset in datasets for source in dataset.sources]
     columns = formats.parse_columns(config.columns)

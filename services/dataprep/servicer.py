@@ -12,12 +12,12 @@ import uuid
 
 import grpc
 
-from libs.common import logs
+from libs.common import logs, paths
 from libs.common.config import from_proto
+from libs.common.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+                                TuneForgeError, grpc_errors)
 from libs.dataset.ipc import to_ipc_stream
 from libs.dataset.schema import SCHEMAS, describe, kind_of
-from libs.common.errors import (Cancelled, FailedPrecondition, NotFound, ResourceExhausted, TuneForgeError,
-                                grpc_errors)
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
 from services.dataprep import inputs, manifest as manifest_file, metrics, pipeline, reading, shards
@@ -60,6 +60,7 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
     def PrepareDataset(self, request, context):
         config = from_proto(PrepareConfig, request.arguments)
         inputs.resolve(config.dataset)  # fail the call itself, not later, for a missing file
+        pipeline.check_output_dir(config.output_dir)  # or a file where the output directory goes
         operation = Operation(config, request.arguments)
         with self._changed:
             if self._stopping:
@@ -199,7 +200,9 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
 
     @grpc_errors
     def ReadShards(self, request, context):
-        dataset_dir = pathlib.Path(request.dataset_dir)
+        if not request.dataset_dir:
+            raise InvalidArgument("required: a prepared dataset directory", field="dataset_dir")
+        dataset_dir = paths.argument(request.dataset_dir, "dataset_dir")
         world_size = request.world_size or 1  # unset means a single reader
         start = reading.Position(request.start.shard_index, request.start.row)
         max_batch_rows = request.max_batch_rows or reading.DEFAULT_BATCH_ROWS

@@ -147,7 +147,10 @@ def read_verified(dataset_dir: pathlib.Path, file: str, sha256: str, columns: di
     if actual != sha256:
         raise FailedPrecondition(f"{path}: sha256 {actual} differs from the manifest's {sha256}; "
                                  "the shard changed after preparation", field="dataset_dir")
-    table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+    try:
+        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+    except pa.ArrowException as exc:  # its sha256 was forged with it: hand-made, not prepared
+        raise FailedPrecondition(f"{path}: not an Arrow IPC file ({exc})", field="dataset_dir") from None
     if describe(table.schema) != (columns or describe(SCHEMA)):
         raise FailedPrecondition(f"{path}: schema {table.schema} is not the prepared-dataset schema",
                                  field="dataset_dir")

@@ -62,7 +62,10 @@ def load_tokenizer(model_dir: str | pathlib.Path, template_name: str | None = No
     from transformers import AutoTokenizer
 
     builtin = templates.load(template_name) if template_name else None  # unknown name: fail before loading
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # what transformers raises for files it cannot use
+        raise FailedPrecondition(f"{model_dir}: cannot load its tokenizer: {exc}", field="model") from None
     if not getattr(tokenizer, "is_fast", False):
         raise FailedPrecondition(f"{model_dir}: tokenizer is not a fast (tokenizers) tokenizer; "
                                  "offsets are needed to mask labels", field="model")

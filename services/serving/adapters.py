@@ -19,7 +19,7 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
-from libs.common import adapter_dir, checkpoint, logs
+from libs.common import adapter_dir, checkpoint, logs, paths
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, TuneForgeError, Unavailable
 from services.serving import metrics
 from services.serving.config import LORA_RANKS, NAME
@@ -139,7 +139,7 @@ class AdapterRegistry:
         check_name(name, self.base_name)
         if not str(path):
             raise InvalidArgument("must not be empty", field="path")
-        path = self._within_root(path)
+        path = self._within_root(paths.expand_user(paths.argument(str(path), "path"), "path"))
         info = adapter_dir.inspect(path, field="path")
         self._check_contained(info.path)
         if info.has_manifest:

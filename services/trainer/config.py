@@ -5,11 +5,12 @@ per RLHF method for that method's own arguments (TRL's habit), and `TrainerServe
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from libs.common import checkpoint
+from libs.common import checkpoint, paths
 from libs.common import config as cfg
 from libs.common.errors import TuneForgeError
 from libs.common.server import ServerOptions
@@ -254,7 +255,11 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         """Every problem at once, each naming its field; empty when the job can start."""
-        found: list[str] = []
+        found: list[str] = paths.problems({
+            "model": self.model, "dataset": self.dataset, "output_dir": self.output_dir, "val_dataset": self.val_dataset,
+            "resume_from_checkpoint": self.resume_from_checkpoint, "deepspeed": self.deepspeed,
+            "ref_model": self.ref_model, "adapters": self.adapters, "ref_adapters": self.ref_adapters})
+        unusable = {problem.split(":", 1)[0] for problem in found}  # no filesystem call may see these
         if self.train_type not in TRAIN_TYPES:
             found.append(f"train_type: expected one of {', '.join(TRAIN_TYPES)}; got {self.train_type!r}")
         found.extend(self._combination_problems())
@@ -286,9 +291,9 @@ class TrainConfig:
             found.append(f"num_train_epochs: must be positive when max_steps is -1; got {self.num_train_epochs}")
         if self.torch_dtype not in DTYPES:
             found.append(f"torch_dtype: expected one of {', '.join(DTYPES)}; got {self.torch_dtype!r}")
-        model_problems = _model_problems(self.model) if self.model else []
+        model_problems = _model_problems(self.model) if self.model and "model" not in unusable else []
         found.extend(model_problems)
-        if not model_problems and self.is_adapter:
+        if not model_problems and "model" not in unusable and self.is_adapter:
             found.extend(_module_problems(self.model, self.target_modules, self.modules_to_save))
         if self.save_total_limit is not None and self.save_total_limit < 1:
             found.append(f"save_total_limit: must be at least 1 (unset keeps all); got {self.save_total_limit}")
@@ -298,22 +303,40 @@ class TrainConfig:
             found.append(f"split_dataset_ratio: must be in [0, 1); got {self.split_dataset_ratio}")
         if self.split_dataset_ratio > 0 and self.val_dataset:
             found.append("split_dataset_ratio: give either split_dataset_ratio or val_dataset, not both")
-        if self.resume_from_checkpoint:
+        if self.resume_from_checkpoint and "resume_from_checkpoint" not in unusable:
             found.extend(_resume_problems(self.resume_from_checkpoint, self.train_type))
-        elif self.resume_only_model:
+        elif self.resume_only_model and not self.resume_from_checkpoint:
             found.append("resume_only_model: needs resume_from_checkpoint")
-        if self.output_dir and not self.resume_from_checkpoint:  # a resumed run continues its directory
+        # a resumed run continues its directory
+        if self.output_dir and "output_dir" not in unusable and not self.resume_from_checkpoint:
             published = checkpoint.checkpoints(self.output_dir)
             if published:
                 found.append(f"output_dir: {self.output_dir} already holds checkpoints ({published[-1].name}); "
                              f"choose a new run directory")
-        found.extend(distributed.problems(self))
-        found.extend(self._method_problems())
+        found.extend(distributed.problems(self, check_files="deepspeed" not in unusable))
+        found.extend(self._method_problems(unusable))
+        # NaN passes every `<` check above unnoticed, and an infinity some: said once, first
+        not_finite = {name: value for name, value in self._floats() if not math.isfinite(value)}
+        return ([f"{name}: must be a finite number; got {value}" for name, value in not_finite.items()]
+                + [problem for problem in found if problem.split(":", 1)[0] not in not_finite])
+
+    def _floats(self) -> list[tuple[str, float]]:
+        """Every float argument by name, the method's own included (as `dpo.beta`)."""
+        found = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), float)]
+        method = self.method_config
+        if method is not None:
+            prefix = METHOD_CONFIGS[self.rlhf_type][0]
+            for f in dataclasses.fields(method):
+                values = getattr(method, f.name)
+                for value in values if isinstance(values, list) else [values]:
+                    if isinstance(value, float):
+                        found.append((f"{prefix}.{f.name}", value))
         return found
 
-    def _method_problems(self) -> list[str]:
+    def _method_problems(self, unusable: set[str]) -> list[str]:
         """The RLHF fields: a known method, only its own arguments, and a reference only where
-        the method has one."""
+        the method has one (`unusable`: path fields already refused, not to be looked at)."""
         found: list[str] = []
         if self.rlhf_type is not None and self.rlhf_type not in RLHF_TYPES:
             return [f"rlhf_type: expected one of {', '.join(RLHF_TYPES)}; got {self.rlhf_type!r}"]
@@ -331,9 +354,10 @@ class TrainConfig:
         if self.adapters and not self.is_adapter:
             found.append("adapters: only for lora and qlora (train_type full trains a whole model)")
         for name in ("adapters", "ref_adapters"):
-            found.extend(f"{name}: {path} is not a directory" for path in getattr(self, name)
-                         if not pathlib.Path(path).is_dir())
-        if self.ref_model:
+            if name not in unusable:
+                found.extend(f"{name}: {path} is not a directory" for path in getattr(self, name)
+                             if not pathlib.Path(path).is_dir())
+        if self.ref_model and "ref_model" not in unusable:
             found.extend(f"ref_model: {problem.removeprefix('model: ')}" for problem in _model_problems(self.ref_model))
         return found
 

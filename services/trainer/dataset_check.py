@@ -3,7 +3,7 @@ trainer asks dataprep what each dataset is (DescribeDataset) when the job is sub
 
 from __future__ import annotations
 
-from libs.common.errors import Problems
+from libs.common.errors import Problems, TuneForgeError, Unavailable
 from libs.dataset import client
 from services.trainer.config import METHOD_KINDS, TrainConfig
 
@@ -17,7 +17,12 @@ def problems(config: TrainConfig) -> list[str]:
         path = getattr(config, name)
         if not path:
             continue
-        info = client.describe(config.dataprep_address, path)
+        try:
+            info = client.describe(config.dataprep_address, path)
+        except Unavailable as exc:  # the job could not read its data either
+            raise Unavailable(exc.message, field="dataprep_address") from None
+        except TuneForgeError as exc:  # dataprep's own words, named by this request's field
+            raise type(exc)(exc.message.removeprefix("dataset_dir: "), field=name) from None
         if info.task not in kinds:
             found.append(f"{name}: {path} holds {info.task} rows; {method} trains on {needs}")
     return found

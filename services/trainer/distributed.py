@@ -96,16 +96,20 @@ def deepspeed_json(value: str) -> dict[str, Any]:
     if owned:
         raise ValueError(f"{value}: {', '.join(owned)}: TuneForge sets the optimizer (AdamW) and the learning-rate "
                          f"schedule (--lr_scheduler_type) itself; remove this section")
-    stage = loaded.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"{value}: zero_optimization.stage: expected 0, 1, 2 or 3; got {stage!r}")
-    if loaded.get("zero_optimization", {}).get("offload_optimizer") or loaded.get("zero_optimization", {}).get("offload_param"):
+    zero = loaded.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"{value}: zero_optimization: expected a JSON object; got {json.dumps(zero)[:80]}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ValueError(f"{value}: zero_optimization.stage: expected 0, 1, 2 or 3; got {json.dumps(stage)[:80]}")
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
         raise ValueError(f"{value}: zero_optimization.offload_*: offloading is not supported by this trainer yet")
     return loaded
 
 
-def problems(config) -> list[str]:
-    """Problems of the distributed fields of an TrainConfig, each naming its field."""
+def problems(config, check_files: bool = True) -> list[str]:
+    """Problems of the distributed fields of a TrainConfig, each naming its field; with
+    `check_files` false the --deepspeed file is not read (its path is unusable, said elsewhere)."""
     found: list[str] = []
     if config.nproc_per_node < 1:
         found.append(f"nproc_per_node: must be at least 1; got {config.nproc_per_node}")
@@ -119,7 +123,7 @@ def problems(config) -> list[str]:
         found.append("master_port: required with nnodes > 1 (every node must name the same port)")
     if config.ddp_timeout <= 0:
         found.append(f"ddp_timeout: must be positive; got {config.ddp_timeout}")
-    if config.deepspeed:
+    if config.deepspeed and check_files:
         try:
             deepspeed_json(config.deepspeed)
         except ValueError as exc:

@@ -1,5 +1,7 @@
 """The shared bootstrap: health, reflection, RPC metrics, typed errors as status codes."""
 
+import urllib.parse
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -7,7 +9,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client import REGISTRY
 
 from libs.common import server as bootstrap
-from libs.common.errors import InvalidArgument, grpc_errors
+from libs.common.errors import MAX_DETAILS_BYTES, InvalidArgument, Problems, details, grpc_errors
 from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
 
 
@@ -63,6 +65,17 @@ def test_typed_error_becomes_its_status_code_and_is_counted(server_address):
     labels = {"method": "LoadAdapter", "code": "INVALID_ARGUMENT"}
     assert REGISTRY.get_sample_value("tuneforge_testsvc_grpc_requests_total", labels) == 1
     assert REGISTRY.get_sample_value("tuneforge_testsvc_grpc_requests_total", {"method": "ListAdapters", "code": "OK"}) == 1
+
+
+def test_status_details_are_cut_to_fit_the_trailers():
+    short = Problems(["task: expected one of sft, pt; got 'x'"])
+    assert details(short) == str(short)
+    huge = Problems([f"task: expected one of sft, pt; got {'é' * 60000!r}", "format: expected one of auto; got 'y'"])
+    cut = details(huge)
+    encoded = urllib.parse.quote(cut.encode("utf-8"), safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")  # grpc-message's
+    assert cut.startswith("task: expected one of sft, pt; got 'ééé") and cut.endswith(" more characters)")
+    assert len(encoded) <= MAX_DETAILS_BYTES
+    assert int(cut.rsplit("(", 1)[1].split()[0]) == len(str(huge)) - len(cut.rsplit(" ... (", 1)[0])
 
 
 def test_graceful_shutdown_flips_health(server_address):
