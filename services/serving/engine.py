@@ -111,17 +111,7 @@ class Engine:
         return await asyncio.to_thread(self._chat_prompt, messages)
 
     def _chat_prompt(self, messages: list[dict]) -> list[int]:
-        import jinja2
-
-        tokenizer = self.llm.get_tokenizer()
-        if not getattr(tokenizer, "chat_template", None):
-            raise FailedPrecondition(f"the model {self.model_dir} has no chat template", field="messages")
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except jinja2.TemplateError as exc:  # templates reject e.g. a bad role order with raise_exception
-            raise InvalidArgument(f"the chat template refused the messages: {exc}", field="messages") from exc
-        # The template already wrote any BOS it wants; adding special tokens again would double it.
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return render_chat(self.llm.get_tokenizer(), messages, self.model_dir)
 
     async def text_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt, with the tokenizer's special tokens (BOS)
@@ -242,3 +232,21 @@ class Engine:
         # TypeError traceback. An instance attribute wins over the method, so that call is a no-op.
         self.llm.shutdown = lambda timeout=None: None
         self._scratch.close()
+
+
+def render_chat(tokenizer, messages: list[dict], model_dir: pathlib.Path) -> list[int]:
+    """Token ids of `messages` rendered with the tokenizer's chat template, ending in the
+    assistant's turn. A template that fails on the messages is the client's 400, not a 500."""
+    import jinja2
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise FailedPrecondition(f"the model {model_dir} has no chat template", field="messages")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError as exc:  # templates reject e.g. a bad role order with raise_exception
+        raise InvalidArgument(f"the chat template refused the messages: {exc}", field="messages") from exc
+    except Exception as exc:  # noqa: BLE001 - a template may index into any field a message carries
+        raise InvalidArgument(f"the chat template could not render the messages: {type(exc).__name__}: {exc}",
+                              field="messages") from exc
+    # The template already wrote any BOS it wants; adding special tokens again would double it.
+    return list(tokenizer.encode(text, add_special_tokens=False))

@@ -74,14 +74,14 @@ def sse_unexpected(exc: Exception, path: str) -> str:
     return f"data: {json.dumps(error_body(500, 'internal server error; see the server log'))}\n\n"
 
 
-# pydantic names the member of a union an error came from (`content.str`, `content.list[TextPart]`);
-# clients know fields, not our types.
+# pydantic names the member of a union an error came from (`content.str`, `content.list[TextPart]`,
+# `stop.constrained-str`); clients know fields, not our types.
 _UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def _param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p != "body" and not (
-        isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p))]
+        isinstance(p, str) and (p in _UNION_MEMBERS or "[" in p or p.startswith("constrained-")))]
     return ".".join(parts) or None
 
 

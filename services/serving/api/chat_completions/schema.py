@@ -1,27 +1,82 @@
-"""Request and response shapes of POST /v1/chat/completions (OpenAI's)."""
+"""Request and response shapes of POST /v1/chat/completions (OpenAI's).
+
+Requests are validated strictly, as OpenAI's API does: `"max_tokens": "5"` or `"stream": 1` is a
+400 naming the field, not coerced. The JSON schema pydantic derives from these models is the
+endpoint's OpenAPI schema, and the HTTP fuzzer generates from it: it must say what is accepted."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_N = 16
-# Sent by some clients with no effect on the answer; accepted and ignored.
-IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+# Values clients send for a parameter they did not mean to use (see `is_noop`).
+NOOP_VALUES: list[Any] = [None, False, 0, "", [], {}, "none", {"type": "text"}]
+# OpenAI's range for `seed`, a signed 64-bit integer: [-2**63, 2**63). vLLM's engine cannot take
+# more (a 500 once). Written with an exclusive maximum: FastAPI's OpenAPI writes bounds as doubles,
+# which hold 2**63 exactly but not 2**63 - 1.
+SEED_LIMIT = 2 ** 63
+
+StopString = Annotated[str, StringConstraints(min_length=1)]
+
+
+def other_parameters(schema: dict[str, Any]) -> None:
+    """JSON schema of the parameters a request may add beyond those declared: any name, at a
+    no-op value only (any other value is refused by name, see `unsupported`)."""
+    schema["additionalProperties"] = {"enum": NOOP_VALUES}
+
+
+class OpenAIRequest(BaseModel):
+    """What both completion requests share: strict types, the parameters some clients send with
+    no effect on the answer (accepted and ignored, whatever their value), and the refusal of
+    any other parameter this server does not implement."""
+
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=other_parameters)
+
+    user: Any = None
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    parallel_tool_calls: Any = None
+
+    def unsupported(self) -> list[str]:
+        """Parameters given with an effect this server does not implement (yet)."""
+        return sorted(key for key, value in (self.model_extra or {}).items() if not is_noop(value))
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    # Fields of other message kinds (name, tool_call_id, ...) pass through to the chat template.
-    model_config = ConfigDict(extra="allow")
+    # Fields of other message kinds pass through to the chat template.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    # OpenAI's other message fields; typed, as chat templates index into them.
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: text content, `developer` as `system`."""
@@ -30,43 +85,36 @@ class ChatMessage(BaseModel):
             content = "\n".join(part.text for part in content)  # as vLLM flattens text parts
         message = {**(self.model_extra or {}), "role": "system" if self.role == "developer" else self.role,
                    "content": content or ""}
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        if self.tool_calls is not None:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         return message
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAIRequest):
     """The parameters this server honours. Any other parameter set to something other
     than its no-op value is refused (400 naming it) rather than silently ignored."""
 
-    model_config = ConfigDict(extra="allow")
-
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | list[StopString] | None = None
+    seed: int | None = Field(default=None, ge=-SEED_LIMIT, lt=SEED_LIMIT)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Choices per prompt; bounded, as each one costs a sequence in the engine's batch.
     n: int = Field(default=1, ge=1, le=MAX_N)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings_not_empty(cls, stop):
-        if stop == "" or (isinstance(stop, list) and not all(stop)):
-            raise ValueError("stop strings must not be empty")
-        return stop
-
-    def unsupported(self) -> list[str]:
-        """Parameters given with an effect this server does not implement (yet)."""
-        return sorted(key for key, value in (self.model_extra or {}).items()
-                      if key not in IGNORED and not is_noop(value))
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -80,7 +128,7 @@ class ChatCompletionRequest(BaseModel):
 
 def is_noop(value: Any) -> bool:
     """Values clients send for a parameter they did not mean to use."""
-    return value in (None, False, 0, "", [], {}, "none") or value == {"type": "text"}
+    return value in NOOP_VALUES
 
 
 class Usage(BaseModel):

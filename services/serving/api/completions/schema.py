@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 
-from services.serving.api.chat_completions.schema import IGNORED, MAX_N, StreamOptions, Usage, is_noop
+from services.serving.api.chat_completions.schema import (
+    MAX_N,
+    SEED_LIMIT,
+    OpenAIRequest,
+    StopString,
+    StreamOptions,
+    Usage,
+)
 
 # A batch of prompts is bounded like OpenAI's (2048 per request).
 MAX_PROMPTS = 2048
 
 
 _FORMS = "a string, a list of strings, a list of token ids, or a list of non-empty token-id lists"
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# OpenAI's four forms, as `_prompt_form` checks them.
+Prompt = Annotated[Any, WithJsonSchema({"anyOf": [
+    {"type": "string"},
+    {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS},
+    _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_PROMPTS},
+]})]
 
 
 def _token_ids(value: Any) -> bool:
@@ -21,26 +36,26 @@ def _token_ids(value: Any) -> bool:
             and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(OpenAIRequest):
     """The parameters this server honours; any other one set to something other than its
     no-op value is refused (400 naming it) rather than silently ignored."""
-
-    model_config = ConfigDict(extra="allow")
 
     model: str
     # A string, a batch of strings, token ids, or a batch of token-id lists (OpenAI's four forms).
     # Checked by `_prompt_form`, not a Union: a union's errors name each member, not the field.
-    prompt: Any
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    prompt: Prompt
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     # OpenAI's default for /v1/completions is 16 tokens, unlike chat's "the rest of the context".
     max_tokens: int | None = Field(default=16, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | list[StopString] | None = None
+    seed: int | None = Field(default=None, ge=-SEED_LIMIT, lt=SEED_LIMIT)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
-    echo: bool = False
+    echo: bool = Field(default=False, json_schema_extra={"const": False})
+    # Accepted when it equals `n` (the one sample per choice this server draws).
+    best_of: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -57,13 +72,6 @@ class CompletionRequest(BaseModel):
             return prompt
         raise ValueError(f"expected {_FORMS}")
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings_not_empty(cls, stop):
-        if stop == "" or (isinstance(stop, list) and not all(stop)):
-            raise ValueError("stop strings must not be empty")
-        return stop
-
     @field_validator("echo")
     @classmethod
     def _no_echo(cls, echo):
@@ -72,8 +80,10 @@ class CompletionRequest(BaseModel):
         return echo
 
     def unsupported(self) -> list[str]:
-        return sorted(key for key, value in (self.model_extra or {}).items()
-                      if key not in IGNORED and not is_noop(value) and not (key == "best_of" and value == self.n))
+        refused = super().unsupported()
+        if self.best_of not in (None, 0, self.n):
+            refused = sorted([*refused, "best_of"])
+        return refused
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: each entry a text or a list of token ids."""

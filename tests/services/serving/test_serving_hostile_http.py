@@ -1,0 +1,246 @@
+"""Hand-written hostile requests against the session's real serving process (127.0.0.1, one
+vLLM engine), sent as raw bytes: every wrong type where messages belong, unknown models and
+adapter paths, limits at and past their bounds, bad streams, clients that never finish their
+body and clients that vanish mid-stream. Each gets a 4xx with OpenAI's error body naming what is
+wrong (or a proper answer when valid); the server logs no 5xx and stays healthy."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import time
+import urllib.request
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 30.0
+QUESTION = [{"role": "user", "content": "hi"}]
+
+
+def send(serving, path: str, raw: bytes | None, headers: dict | None = None, method: str = "POST",
+         timeout: float = TIMEOUT) -> tuple[int, dict, str]:
+    """(status, headers, body text) of one raw request."""
+    host, port = serving.http.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        connection.request(method, path, body=raw, headers={"Content-Type": "application/json"} if headers is None
+                           else headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode("utf-8", "replace")
+    finally:
+        connection.close()
+
+
+def error_of(status: int, headers: dict, text: str) -> dict:
+    """The OpenAI error body of a 4xx, checked for shape."""
+    assert headers.get("content-type", "").startswith("application/json"), (status, headers, text[:300])
+    body = json.loads(text)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == status and body["error"]["message"], body
+    return body["error"]
+
+
+def server_errors(serving) -> float:
+    """5xx answers the server has counted (all endpoints)."""
+    with urllib.request.urlopen(f"{serving.http}/metrics", timeout=10) as response:
+        page = response.read().decode()
+    return sum(float(value) for value in re.findall(
+        r'^tuneforge_serving_http_requests_total\{code="5\d\d",[^}]*\} (\S+)$', page, re.M))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_server_errors(serving):
+    """Not one request of this module may be a 5xx, as the server itself counts them."""
+    before = server_errors(serving)
+    yield
+    assert server_errors(serving) == before
+
+
+CHAT = "/v1/chat/completions"
+TEXT = "/v1/completions"
+# (id, path, the request's fields over a valid one, status, param, a piece of the message)
+FIELDS = [
+    ("messages-string", CHAT, {"messages": "hi"}, 400, "messages", "valid list"),
+    ("messages-object", CHAT, {"messages": {"role": "user"}}, 400, "messages", "valid list"),
+    ("messages-empty", CHAT, {"messages": []}, 400, "messages", "at least 1 item"),
+    ("messages-number", CHAT, {"messages": [1]}, 400, "messages.0", "valid dictionary"),
+    ("messages-null", CHAT, {"messages": [None]}, 400, "messages.0", "valid dictionary"),
+    ("messages-none", CHAT, {"messages": None}, 400, "messages", "valid list"),
+    ("no-messages", CHAT, {"messages": ...}, 400, "messages", "Field required"),
+    ("no-role", CHAT, {"messages": [{"content": "hi"}]}, 400, "messages.0.role", "Field required"),
+    ("role-bot", CHAT, {"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages.0.role",
+     "'system', 'developer', 'user', 'assistant' or 'tool'"),
+    ("role-number", CHAT, {"messages": [{"role": 1, "content": "hi"}]}, 400, "messages.0.role", "Input should be"),
+    ("content-number", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", "string"),
+    ("content-bool", CHAT, {"messages": [{"role": "user", "content": True}]}, 400, "messages.0.content", "string"),
+    ("content-object", CHAT, {"messages": [{"role": "user", "content": {"text": "hi"}}]}, 400, "messages.0.content",
+     "string"),
+    ("content-image", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+     400, "messages.0.content", "messages.0.content.0.type: Input should be 'text'"),
+    ("content-part-number", CHAT, {"messages": [{"role": "user", "content": [7]}]}, 400, "messages.0.content",
+     "string"),
+    ("name-number", CHAT, {"messages": [{"role": "user", "content": "hi", "name": 3}]}, 400, "messages.0.name",
+     "string"),
+    ("tool-calls-number", CHAT, {"messages": [{"role": "assistant", "content": "", "tool_calls": 5}, *QUESTION]},
+     400, "messages.0.tool_calls", "valid list"),
+    ("tool-call-arguments", CHAT, {"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}, *QUESTION]},
+     400, "messages.0.tool_calls.0.function.arguments", "string"),
+    ("unknown-model", CHAT, {"model": "no-such-model"}, 404, "model", "The model `no-such-model` does not exist."),
+    ("lora-path-as-model", CHAT, {"model": "/nonexistent/run/checkpoint-7"}, 404, "model", "does not exist"),
+    ("lora-path-as-model-text", TEXT, {"model": "/nonexistent/run/checkpoint-7"}, 404, "model", "does not exist"),
+    ("lora-path-stream", CHAT, {"model": "./no-such-adapter", "stream": True}, 404, "model", "does not exist"),
+    ("model-number", CHAT, {"model": 7}, 400, "model", "string"),
+    ("n-0", CHAT, {"n": 0}, 400, "n", "greater than or equal to 1"),
+    ("n-huge", CHAT, {"n": 10 ** 30}, 400, "n", "less than or equal to 16"),
+    ("n-bool", CHAT, {"n": True}, 400, "n", "valid integer"),
+    ("n-string", TEXT, {"n": "2"}, 400, "n", "valid integer"),
+    ("max-tokens-0", CHAT, {"max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ("max-tokens-negative", TEXT, {"max_tokens": -5}, 400, "max_tokens", "greater than or equal to 1"),
+    ("max-tokens-huge", CHAT, {"max_tokens": 10 ** 30}, 400, "max_tokens", "maximum context length"),
+    ("max-tokens-fraction", CHAT, {"max_tokens": 2.5}, 400, "max_tokens", "valid integer"),
+    ("max-tokens-string", CHAT, {"max_tokens": "5"}, 400, "max_tokens", "valid integer"),
+    ("max-tokens-bool", TEXT, {"max_tokens": True}, 400, "max_tokens", "valid integer"),
+    ("max-completion-tokens-0", CHAT, {"max_completion_tokens": 0}, 400, "max_completion_tokens", "greater than"),
+    ("temperature-high", CHAT, {"temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
+    ("temperature-string", CHAT, {"temperature": "hot"}, 400, "temperature", "valid number"),
+    ("top-p-0", TEXT, {"top_p": 0}, 400, "top_p", "greater than 0"),
+    ("stream-string", CHAT, {"stream": "yes"}, 400, "stream", "valid boolean"),
+    # What Schemathesis printed (accepted before: pydantic's lax mode read 0 as false).
+    ("stream-0", CHAT, {"stream": 0}, 400, "stream", "valid boolean"),
+    ("include-usage-0", CHAT, {"stream": True, "stream_options": {"include_usage": 0}}, 400,
+     "stream_options.include_usage", "valid boolean"),
+    ("stop-empty", CHAT, {"stop": [""]}, 400, "stop", "at least 1 character"),
+    ("stop-number", CHAT, {"stop": 5}, 400, "stop", "string"),
+    # A 500 before: vLLM cannot serialize the request.
+    ("seed-2**64", TEXT, {"seed": 2 ** 64}, 400, "seed", "less than 9223372036854775808"),
+    ("seed-2**63", CHAT, {"seed": 2 ** 63}, 400, "seed", "less than 9223372036854775808"),
+    ("seed-below", TEXT, {"seed": -(2 ** 63) - 1}, 400, "seed", "greater than or equal to -9223372036854775808"),
+    ("unsupported", CHAT, {"logprobs": True, "tools": [{"type": "function"}]}, 400, "logprobs",
+     "logprobs, tools: not supported by this server"),
+    ("prompt-empty", TEXT, {"prompt": ""}, 400, "prompt", "must not be empty"),
+    ("prompt-empty-list", TEXT, {"prompt": []}, 400, "prompt", "expected a string"),
+    ("prompt-empty-ids", TEXT, {"prompt": [[1, 2], []]}, 400, "prompt", "expected a string"),
+    ("prompt-negative-id", TEXT, {"prompt": [-1]}, 400, "prompt", "token id -1 is outside the vocabulary"),
+    ("prompt-huge-id", TEXT, {"prompt": [[5], [2 ** 70]]}, 400, "prompt.1", "outside the vocabulary"),
+    ("prompt-bool-ids", TEXT, {"prompt": [True, False]}, 400, "prompt", "expected a string"),
+    ("prompt-mixed", TEXT, {"prompt": ["a", [1]]}, 400, "prompt", "expected a string"),
+    ("prompt-too-many", TEXT, {"prompt": ["a"] * 2049}, 400, "prompt", "at most 2048 prompts"),
+    ("echo", TEXT, {"echo": True}, 400, "echo", "echo is not supported"),
+    ("best-of", TEXT, {"best_of": 3}, 400, "best_of", "best_of: not supported"),
+    ("stream-bad-request", CHAT, {"stream": True, "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages.0.content", "string"),
+    ("stream-too-long", TEXT, {"stream": True, "prompt": "x " * 5000}, 400, "prompt", "maximum context length"),
+]
+
+
+def request_body(path: str, change: dict, model: str) -> dict:
+    base = ({"model": model, "messages": QUESTION, "max_tokens": 2} if path == CHAT
+            else {"model": model, "prompt": "hi", "max_tokens": 2})
+    merged = {**base, **change}
+    return {key: value for key, value in merged.items() if value is not ...}
+
+
+@pytest.mark.parametrize("path, change, status, param, message", [case[1:] for case in FIELDS],
+                         ids=[case[0] for case in FIELDS])
+def test_a_wrong_field_gets_a_4xx_naming_it_and_a_stream_never_starts(serving, path, change, status, param, message):
+    status_, headers, text = send(serving, path, json.dumps(request_body(path, change, serving.base_name)).encode())
+    error = error_of(status_, headers, text)  # JSON, not a stream that carries the error as an event
+    assert (error["code"], error["param"]) == (status, param), error
+    assert message in error["message"], error
+
+
+# (id, path, the request's fields over a valid one, choices expected)
+VALID_ODD = [
+    ("stop-1000-strings", CHAT, {"stop": [f"never-{i}" for i in range(1000)]}, 1),
+    ("seed-min", TEXT, {"seed": -(2 ** 63)}, 1),
+    ("seed-max", CHAT, {"seed": 2 ** 63 - 1, "temperature": 1}, 1),
+    ("nul-and-controls", CHAT, {"messages": [{"role": "user", "content": "a\u0000b\u001bc\u202e"}]}, 1),
+    ("no-op-extras", TEXT, {"logprobs": None, "frequency_penalty": 0, "tools": [], "user": {"any": ["thing"]},
+                            "best_of": 1, "echo": False}, 1),
+    ("assistant-first", CHAT, {"messages": [{"role": "assistant", "content": "hello"}]}, 1),
+    ("empty-content", CHAT, {"messages": [{"role": "user", "content": ""}, {"role": "tool", "content": None}]}, 1),
+    ("astral-text", TEXT, {"prompt": "\U0001f600 \u4e2d\u6587"}, 1),
+]
+
+
+@pytest.mark.parametrize("path, change, choices", [case[1:] for case in VALID_ODD], ids=[case[0] for case in VALID_ODD])
+def test_an_odd_but_valid_request_gets_a_proper_answer(serving, path, change, choices):
+    status, headers, text = send(serving, path, json.dumps(request_body(path, change, serving.base_name)).encode())
+    assert status == 200, text[:500]
+    reply = json.loads(text)
+    assert [choice["index"] for choice in reply["choices"]] == list(range(choices))
+    assert all(choice["finish_reason"] in ("stop", "length") for choice in reply["choices"])
+
+
+def test_unknown_models_and_adapter_paths_are_404_on_every_endpoint(serving):
+    client = openai.OpenAI(base_url=f"{serving.http}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    for name in ("/nonexistent/lora", "no-such-adapter", "../../etc/passwd", serving.base_name + "x"):
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve(name)
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=name, messages=QUESTION, max_tokens=2)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=name, prompt="hi", max_tokens=2, stream=True)
+    error = error_of(*send(serving, "/v1/models/%ED%A0%80", None, {}, method="GET"))
+    assert error["code"] == 404
+
+
+def test_a_wrong_method_or_path_is_a_4xx_in_openai_shape(serving):
+    error = error_of(*send(serving, CHAT, None, {}, method="DELETE"))
+    assert error["code"] == 405 and error["type"] == "MethodNotAllowedError"
+    error = error_of(*send(serving, "/v1/chat/completion", b"{}"))
+    assert error["code"] == 404
+
+
+def _stall(serving, sent: bytes) -> socket.socket:
+    host, port = serving.http.removeprefix("http://").split(":")
+    stalled = socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000\r\n\r\n" + sent)
+    return stalled
+
+
+def test_clients_that_stop_halfway_through_their_body_hold_nobody_else_up(serving):
+    stalled = [_stall(serving, b'{"model": "' + str(i).encode()) for i in range(20)]
+    try:
+        client = openai.OpenAI(base_url=f"{serving.http}/v1", api_key="unused", max_retries=0, timeout=10)
+        started = time.monotonic()
+        for _ in range(3):
+            assert client.chat.completions.create(model=serving.base_name, messages=QUESTION, max_tokens=2).choices
+        assert send(serving, "/health", None, {}, method="GET", timeout=10)[0] == 200
+        assert time.monotonic() - started < 10
+    finally:
+        for connection in stalled:
+            connection.close()
+    assert send(serving, "/health", None, {}, method="GET", timeout=10)[0] == 200
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(serving):
+    def in_flight() -> float:
+        with urllib.request.urlopen(f"{serving.http}/metrics", timeout=10) as response:
+            page = response.read().decode()
+        return float(re.search(r"^tuneforge_serving_in_flight_requests (\S+)$", page, re.M).group(1))
+
+    for path, fields in ((CHAT, {"messages": QUESTION}), (TEXT, {"prompt": "Once upon a time"})):
+        raw = json.dumps({"model": serving.base_name, **fields, "max_tokens": 1500, "stream": True,
+                          "temperature": 1.0}).encode()
+        host, port = serving.http.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+        connection.request("POST", path, body=raw, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: {")  # the stream has begun
+        connection.sock.shutdown(socket.SHUT_RDWR)
+        connection.close()
+        deadline = time.monotonic() + 15
+        while in_flight() > 0:  # the engine aborted the request, the ticket came back
+            assert time.monotonic() < deadline, "a vanished client's request is still in flight"
+            time.sleep(0.1)
+    client = openai.OpenAI(base_url=f"{serving.http}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    assert client.chat.completions.create(model=serving.base_name, messages=QUESTION, max_tokens=2).choices
