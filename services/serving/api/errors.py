@@ -37,7 +37,10 @@ TYPE_OF_STATUS: dict[int, str] = {
     401: "AuthenticationError",
     403: "PermissionDeniedError",
     404: "NotFoundError",
+    408: "RequestTimeoutError",
     409: "ConflictError",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaTypeError",
     422: "UnprocessableEntityError",
     429: "RateLimitError",
     500: "InternalServerError",
@@ -113,7 +116,8 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+    return JSONResponse(error_body(exc.status_code, str(exc.detail), getattr(exc, "param", None)),
+                        status_code=exc.status_code,
                         headers=getattr(exc, "headers", None))
 
 

@@ -6,11 +6,12 @@ from fastapi import APIRouter, Depends
 from starlette.responses import JSONResponse, StreamingResponse
 
 from services.serving.api import generation
+from services.serving.api.body import JsonRoute
 from services.serving.api.chat_completions import handler
 from services.serving.api.chat_completions.schema import ChatCompletionRequest
 from services.serving.api.state import ServingState, serving
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 
 @router.post("/v1/chat/completions", response_model=None)
