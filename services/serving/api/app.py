@@ -1,5 +1,6 @@
 """Assembles the HTTP app: the endpoint routers, OpenAI error bodies, API-key
-authentication, request metrics and (optionally) Prometheus /metrics."""
+authentication, request metrics, (optionally) Prometheus /metrics, and the OpenAPI
+schema at /openapi.json (what the HTTP fuzzer generates requests from)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.responses import Response
 
-from services.serving.api import errors
-from services.serving.api.auth import ApiKeyMiddleware
+from services.serving.api import errors, openapi
+from services.serving.api.auth import GUARDED, ApiKeyMiddleware
 from services.serving.api.chat_completions.router import router as chat_completions
+from services.serving.api.chat_completions.schema import ChatCompletionChunk
 from services.serving.api.completions.router import router as completions
+from services.serving.api.completions.schema import Completion
 from services.serving.api.health.router import router as health
 from services.serving.api.models.router import router as models
 from services.serving.api.observe import RequestMetricsMiddleware
@@ -18,9 +21,11 @@ from services.serving.api.state import ServingState
 
 
 def build_app(state: ServingState, api_key: str | None = None, serve_metrics: bool = True) -> FastAPI:
-    app = FastAPI(title="TuneForge serving", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="TuneForge serving", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.serving = state
     errors.install(app)
+    openapi.install(app, streams={"/v1/chat/completions": ChatCompletionChunk, "/v1/completions": Completion},
+                    bearer_prefix=GUARDED if api_key else None)
     for router in (models, chat_completions, completions, health):
         app.include_router(router)
     if serve_metrics:
@@ -33,3 +38,4 @@ def build_app(state: ServingState, api_key: str | None = None, serve_metrics: bo
     # Added last, so it runs first: 401s are counted too.
     app.add_middleware(RequestMetricsMiddleware)
     return app
+

@@ -11,6 +11,7 @@ from http import HTTPStatus
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -45,6 +46,32 @@ TYPE_OF_STATUS: dict[int, str] = {
     429: "RateLimitError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
+}
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, as every 4xx and 5xx of this server carries it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+# What each route documents for its failures (OpenAPI), all in OpenAI's body: a client mistake
+# is a 4xx (400 bad input, 401 without the API key, 404 unknown model, 408 body stalled, 413 body
+# too large, 415 not JSON, 429 over capacity); 503 while draining or after the engine died.
+ERROR_RESPONSES: dict[int | str, dict] = {
+    "4XX": {"model": ErrorResponse, "description": "A client mistake, in OpenAI's error body"},
+    503: {"model": ErrorResponse, "description": "Draining, or the inference engine has stopped"},
 }
 
 
