@@ -16,12 +16,14 @@ import threading
 import time
 import urllib.request
 
+import grpc
 import openai
 import pytest
 import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
 from services.serving.api import body as body_module
 from services.serving.api.app import build_app
 from services.serving.api.state import ServingState
@@ -263,6 +265,35 @@ def test_unknown_models_and_adapter_paths_are_404_on_every_endpoint(serving):
             client.completions.create(model=name, prompt="hi", max_tokens=2, stream=True)
     error = error_of(*send(serving, "/v1/models/%ED%A0%80", None, {}, method="GET"))
     assert error["code"] == 404
+
+
+def test_an_adapter_whose_directory_does_not_exist_or_does_not_load_is_never_served(serving, publish_adapter,
+                                                                                    tmp_path):
+    """vLLM once answered 200 for a LoRA path that does not exist. Here a load of one is refused,
+    one whose weights the engine cannot read ends FAILED, and neither name is ever a model."""
+    broken = publish_adapter(tmp_path / "broken", serving.model_dir, weights=b"not safetensors")
+    with grpc.insecure_channel(serving.grpc) as channel:
+        admin = serving_pb2_grpc.AdapterServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as missing:
+            admin.LoadAdapter(serving_pb2.LoadAdapterRequest(name="ghost", path=str(tmp_path / "nowhere")), timeout=60)
+        with pytest.raises(grpc.RpcError) as unreadable:
+            admin.LoadAdapter(serving_pb2.LoadAdapterRequest(name="broken", path=str(broken)), timeout=60)
+        states = {a.name: a.state for a in admin.ListAdapters(serving_pb2.ListAdaptersRequest(), timeout=10).adapters}
+        try:
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert unreadable.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "ghost" not in states and states["broken"] == serving_pb2.ADAPTER_STATE_FAILED
+            client = openai.OpenAI(base_url=f"{serving.http}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+            assert not {"ghost", "broken"} & {m.id for m in client.models.list().data}
+            for name in ("ghost", "broken"):
+                with pytest.raises(openai.NotFoundError):
+                    client.models.retrieve(name)
+                with pytest.raises(openai.NotFoundError):
+                    client.chat.completions.create(model=name, messages=QUESTION, max_tokens=2)
+                with pytest.raises(openai.NotFoundError):
+                    client.completions.create(model=name, prompt="hi", max_tokens=2, stream=True)
+        finally:
+            admin.UnloadAdapter(serving_pb2.UnloadAdapterRequest(name="broken"), timeout=10)
 
 
 def test_a_wrong_method_or_path_is_a_4xx_in_openai_shape(serving):
