@@ -9,6 +9,7 @@ import json
 from typing import Callable, Iterator
 
 import grpc
+import numpy as np
 import pyarrow as pa
 
 from libs.common.config import to_proto
@@ -55,6 +56,17 @@ def read_batches(address: str, dataset_dir: str, rank: int = 0, world_size: int 
                  epoch: int = 0) -> Iterator[tuple[pa.RecordBatch, Cursor]]:
     """Yields (record batch of this rank's rows, cursor after it); `shuffle` reads
     in the order fixed by (seed, epoch), the cursors being positions in it."""
+    for batch, cursor, _row_ids in read_batches_with_ids(address, dataset_dir, rank, world_size, start,
+                                                         max_batch_rows, timeout, shuffle, seed, epoch):
+        yield batch, cursor
+
+
+def read_batches_with_ids(address: str, dataset_dir: str, rank: int = 0, world_size: int = 1,
+                          start: Cursor | None = None, max_batch_rows: int = 256,
+                          timeout: float | None = None, shuffle: bool = False, seed: int = 0,
+                          epoch: int = 0) -> Iterator[tuple[pa.RecordBatch, Cursor, np.ndarray]]:
+    """As read_batches, with each row's identity (its index in the whole dataset, whatever
+    the order it is read in): (batch, cursor after it, row ids [rows] int64)."""
     start = start or Cursor()
     request = pb.ReadShardsRequest(dataset_dir=str(dataset_dir), rank=rank, world_size=world_size,
                                    start=pb.Cursor(shard_index=start.shard_index, row=start.row),
@@ -63,7 +75,8 @@ def read_batches(address: str, dataset_dir: str, rank: int = 0, world_size: int 
         responses = pb_grpc.DataprepServiceStub(channel).ReadShards(request, timeout=timeout)
         try:
             for response in responses:
-                yield from_ipc_stream(response.arrow_ipc), Cursor(response.next.shard_index, response.next.row)
+                yield (from_ipc_stream(response.arrow_ipc), Cursor(response.next.shard_index, response.next.row),
+                       np.asarray(response.row_ids, dtype=np.int64))
         except grpc.RpcError as exc:
             raise _typed(exc, address) from None
         finally:

@@ -95,6 +95,13 @@ def row_order(rows: int, seed: int, epoch: int, shard: int) -> np.ndarray:
     return _rng(seed, epoch, 1, shard).permutation(rows)
 
 
+def table_rows(batch: Batch, order: np.ndarray | None = None) -> np.ndarray:
+    """The rows of its shard's table a batch serves, in serving order (`order`: a shuffled
+    read's row order of that shard)."""
+    positions = np.arange(batch.start, batch.stop, batch.step, dtype=np.int64)
+    return positions if order is None else np.asarray(order, dtype=np.int64)[positions]
+
+
 def take(table: pa.Table, batch: Batch, order: np.ndarray | None = None) -> pa.RecordBatch:
     """The batch's rows of its shard's table, as one record batch; `order` (a
     shuffled read) maps the batch's row positions to the table's rows."""

@@ -208,12 +208,19 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
         max_batch_rows = request.max_batch_rows or reading.DEFAULT_BATCH_ROWS
         entries, columns, preparing = self._listing(dataset_dir, context)
         order: list[int] | None = None  # a shuffled read: the manifest index of the shard served v-th
+        manifest_rows = [entry["rows"] for entry in entries]  # fixed when shuffled (a complete dataset)
         if request.shuffle:
             if preparing is not None:
                 raise FailedPrecondition(f"{dataset_dir}: shuffle needs a complete dataset; preparation "
                                          f"{preparing.proto.id} is still running", field="shuffle")
             order = reading.shard_order(len(entries), request.seed, request.epoch)
             entries = [entries[i] for i in order]
+
+        def first_row(manifest_index: int) -> int:
+            """The index in the whole dataset of a manifest shard's first row (what row ids count from)."""
+            rows = manifest_rows if order is not None else [entry["rows"] for entry in entries]
+            return sum(rows[:manifest_index])
+
         while preparing is not None and start.shard_index > len(entries):  # resuming past what is written yet
             entries, columns, preparing = self._wait_for_shards(dataset_dir, preparing, len(entries), context)
         reading.check([entry["rows"] for entry in entries], request.rank, world_size, start, max_batch_rows)
@@ -237,11 +244,13 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
                     loaded = (batch.shard_index, table, rows_order)
                     metrics.SHARDS_SERVED.inc()
                 records = reading.take(loaded[1], batch, loaded[2])
+                manifest_index = batch.shard_index if order is None else order[batch.shard_index]
+                row_ids = first_row(manifest_index) + reading.table_rows(batch, loaded[2])
                 data = to_ipc_stream(records)
                 metrics.ROWS_SERVED.inc(records.num_rows)
                 metrics.BYTES_SERVED.inc(len(data))
                 yield pb.ReadShardsResponse(
-                    arrow_ipc=data, num_rows=records.num_rows, shard=entry["file"],
+                    arrow_ipc=data, num_rows=records.num_rows, shard=entry["file"], row_ids=row_ids.tolist(),
                     next=pb.Cursor(shard_index=batch.next.shard_index, row=batch.next.row))
             if preparing is None:
                 return
@@ -250,7 +259,9 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
 
     @grpc_errors
     def DescribeDataset(self, request, context):
-        dataset_dir = pathlib.Path(request.dataset_dir)
+        if not request.dataset_dir:
+            raise InvalidArgument("required: a prepared dataset directory", field="dataset_dir")
+        dataset_dir = paths.argument(request.dataset_dir, "dataset_dir")
         operation = self._preparing(dataset_dir)
         if operation is None:
             manifest = manifest_file.read(dataset_dir)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from libs.common.errors import FailedPrecondition
-from libs.dataset.client import Cursor, read_batches
+from libs.dataset.client import Cursor, read_batches_with_ids
 from libs.dataset.schema import IGNORE_INDEX
 from services.trainer import packing
 from services.trainer.losses.sft import trained_tokens
@@ -56,6 +56,7 @@ class Row:
     seq_lens: np.ndarray | None = None  # [samples] int32 for a packed row: the lengths of its samples
     label: bool | None = None  # a KTO row: desirable (true) or undesirable (false)
     margins: np.ndarray | None = None  # a packed preference row: [pairs] float64, NaN where a pair has none
+    key: int | None = None  # the row's identity in its dataset (ReadShards' row id), whatever the read order
 
     @property
     def samples(self) -> list[int]:
@@ -71,6 +72,7 @@ class PairRow:
     chosen: Row
     rejected: Row
     margin: float | None = None
+    key: int | None = None  # the pair's identity in its dataset (ReadShards' row id)
 
 
 class RowSource(Protocol):
@@ -86,11 +88,12 @@ def _lists(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
     return array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False)
 
 
-def batch_rows(batch: pa.RecordBatch) -> Iterator[Row | PairRow]:
+def batch_rows(batch: pa.RecordBatch, keys: np.ndarray | None = None) -> Iterator[Row | PairRow]:
     """The rows of one record batch of a prepared dataset, as the shard schema says
     (libs/dataset/schema.py): Row for sft/pt/kto rows and packed rows, PairRow for the
-    pairs of an unpacked preference or reward dataset."""
+    pairs of an unpacked preference or reward dataset; `keys`: their row ids."""
     names = set(batch.schema.names)
+    key = (lambda i: int(keys[i])) if keys is not None else (lambda i: None)
     if "chosen_input_ids" in names:
         sides = [_lists(batch, name) for name in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                                   "rejected_labels")]
@@ -98,7 +101,7 @@ def batch_rows(batch: pa.RecordBatch) -> Iterator[Row | PairRow]:
         (co, c), (clo, cl), (ro, r), (rlo, rl) = sides
         for i in range(batch.num_rows):
             yield PairRow(Row(c[co[i]:co[i + 1]], cl[clo[i]:clo[i + 1]]), Row(r[ro[i]:ro[i + 1]], rl[rlo[i]:rlo[i + 1]]),
-                          margins[i])
+                          margins[i], key=key(i))
         return
     (id_offsets, ids), (label_offsets, labels) = _lists(batch, "input_ids"), _lists(batch, "labels")
     seq = _lists(batch, "seq_lens") if "seq_lens" in names else None
@@ -109,7 +112,7 @@ def batch_rows(batch: pa.RecordBatch) -> Iterator[Row | PairRow]:
                   seq[1][seq[0][i]:seq[0][i + 1]] if seq is not None else None,
                   label=kto[i] if kto is not None else None,
                   margins=(np.array([np.nan if m is None else m for m in margin_lists[i]], dtype=np.float64)
-                           if margin_lists is not None else None))
+                           if margin_lists is not None else None), key=key(i))
 
 
 class DataprepRows:
@@ -124,14 +127,14 @@ class DataprepRows:
         self.max_batch_rows = max_batch_rows
         self.timeout = timeout
 
-    def _batches(self, start: Cursor, max_batch_rows: int) -> Iterator[tuple[pa.RecordBatch, Cursor]]:
-        return read_batches(self.address, self.dataset_dir, rank=self.rank, world_size=self.world_size,
-                            start=start, max_batch_rows=max_batch_rows, timeout=self.timeout)
+    def _batches(self, start: Cursor, max_batch_rows: int) -> Iterator[tuple[pa.RecordBatch, Cursor, np.ndarray]]:
+        return read_batches_with_ids(self.address, self.dataset_dir, rank=self.rank, world_size=self.world_size,
+                                     start=start, max_batch_rows=max_batch_rows, timeout=self.timeout)
 
     def epoch_rows(self, cursor: DataCursor) -> Iterator[tuple[Row, DataCursor]]:
         batch_start, skip, index = cursor.start, cursor.skip, cursor.index
-        for batch, after in self._batches(batch_start, self.max_batch_rows):
-            for i, row in enumerate(batch_rows(batch)):
+        for batch, after, keys in self._batches(batch_start, self.max_batch_rows):
+            for i, row in enumerate(batch_rows(batch, keys)):
                 if i >= skip:
                     index += 1
                     yield row, DataCursor(cursor.epoch, batch_start, i + 1, index)
@@ -140,7 +143,7 @@ class DataprepRows:
 
     def count_rows(self) -> int:
         """Rows of this rank in one epoch (one pass over the stream; rows are not kept)."""
-        return sum(batch.num_rows for batch, _ in self._batches(Cursor(), 4096))
+        return sum(batch.num_rows for batch, _, _ in self._batches(Cursor(), 4096))
 
 
 @dataclass

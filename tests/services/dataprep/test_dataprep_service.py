@@ -151,6 +151,28 @@ def test_resuming_from_a_cursor_continues_exactly_where_it_left_off(dataprep_ser
     assert list(client.read_batches(address, str(out), rank=1, world_size=3, start=full[-1][1])) == []
 
 
+def test_row_ids_name_each_row_whatever_the_order_rank_or_resume(dataprep_server, dataset):
+    """A row's id is its index in the dataset (shards in manifest order): the trainer keys what it
+    keeps per row (an eval split, precomputed reference log-probs) on it, not on read order."""
+    address, _ = dataprep_server
+    out, rows = dataset  # 23 rows in shards of 5
+
+    def read(rank=0, world_size=1, **args):
+        return [(int(i), r) for b, _, ids in client.read_batches_with_ids(address, str(out), rank=rank,
+                                                                           world_size=world_size, max_batch_rows=2,
+                                                                           **args)
+                for i, r in zip(ids, b.to_pylist())]
+
+    assert [i for i, _ in read()] == list(range(23)) and [r for _, r in read()] == rows
+    for args in ({}, {"shuffle": True, "seed": 7}, {"shuffle": True, "seed": 7, "epoch": 3}):
+        dealt = read(0, 3, **args) + read(1, 3, **args) + read(2, 3, **args)
+        assert sorted(i for i, _ in dealt) == list(range(23)), args  # each row once, across ranks
+        assert all(rows[i] == r for i, r in dealt), args  # and the id names that very row
+    after = client.read_batches_with_ids(address, str(out), rank=1, world_size=2, start=client.Cursor(2, 1),
+                                         shuffle=True, seed=7)
+    assert all(rows[int(i)] == r for b, _, ids in after for i, r in zip(ids, b.to_pylist()))
+
+
 def test_shuffled_reads_are_seeded_per_epoch_disjoint_across_ranks_and_resumable(dataprep_server, dataset):
     address, _ = dataprep_server
     out, rows = dataset  # 23 rows in shards of 5
