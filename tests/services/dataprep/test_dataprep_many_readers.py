@@ -1,7 +1,9 @@
 """64 ReadShards streams held open at once on a real dataprep server (2 epochs x 32 ranks, the
 issue's training job): every reader gets its rows, health checks and unary RPCs answer
-promptly meanwhile, and the 65th stream is refused with RESOURCE_EXHAUSTED naming the flag."""
+promptly meanwhile, and the 65th stream is refused with RESOURCE_EXHAUSTED naming the flag.
+The streams share one verified copy of each shard; a shard changed on disk is verified again."""
 
+import gc
 import time
 
 import grpc
@@ -11,12 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from libs.common.config import parse
-from libs.common.errors import Problems
+from libs.common.errors import FailedPrecondition, Problems
 from libs.common.server import create_server
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
 from services.dataprep import client, reading
-from services.dataprep.config import DataprepServerConfig
+from services.dataprep.config import DataprepServerConfig, PrepareConfig
+from services.dataprep.pipeline import prepare as prepare_in_process
+from services.dataprep.shared_shards import SHARED
 from services.dataprep.servicer import DataprepServicer, register
 
 RANKS, EPOCHS, ROWS = 32, 2, 256
@@ -82,6 +86,12 @@ def test_64_readers_get_their_rows_while_health_and_unary_rpcs_answer(server, pr
                 readers.append((epoch, channel, stream, [next(stream)]))
         time.sleep(0.3)  # still held after a pause: the server threads wait on the readers, not done
         assert streams_open("ReadShards") == 64
+        # 64 streams share the 4 shards' tables: at most one dataset in memory, not 16 (a shard each)
+        dataset_bytes = sum(pa.ipc.open_file(pa.memory_map(str(path))).read_all().nbytes
+                            for path in dataset_dir.glob("shard-*.arrow"))
+        in_memory = REGISTRY.get_sample_value("tuneforge_dataprep_shards_in_memory_bytes")
+        print(f"64 streams hold {in_memory / 1024:.0f} KiB of shards; the dataset is {dataset_bytes / 1024:.0f} KiB")
+        assert 0 < in_memory <= dataset_bytes
 
         with grpc.insecure_channel(server) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -140,3 +150,25 @@ def test_the_default_serves_two_epochs_of_32_ranks_with_room_and_bad_sizes_are_n
     assert caught.value.problems == ["max_streams: expected a positive number; got 0",
                                      "unary_threads: expected a positive number; got -1",
                                      "max_concurrent: expected a positive number; got 0"]
+
+
+def test_readers_share_a_verified_shard_until_its_file_changes(server, tmp_path, write_jsonl, conversation):
+    data = write_jsonl("train.jsonl", [conversation(i) for i in range(10)])
+    out = tmp_path / "prepared"
+    manifest = prepare_in_process(PrepareConfig(dataset=[str(data)], output_dir=str(out), shard_rows=5))
+    first = manifest["shards"][0]
+    held = SHARED.read(out, first["file"], first["sha256"], manifest.get("columns"))
+    assert SHARED.read(out, first["file"], first["sha256"], manifest.get("columns")) is held
+    assert [row for batch, _ in client.read_batches(server, str(out)) for row in batch.to_pylist()][:5] == \
+        held.to_pylist()
+
+    shard = out / first["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # the same size, in place: only the content and mtime change
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(FailedPrecondition, match=f"{shard}: sha256 .* differs from the manifest's"):
+        list(client.read_batches(server, str(out)))
+
+    del held
+    gc.collect()
+    assert REGISTRY.get_sample_value("tuneforge_dataprep_shards_in_memory_bytes") == 0  # nobody reads: freed
