@@ -17,7 +17,8 @@ from libs.common.errors import FailedPrecondition, Problems
 from libs.common.server import create_server
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
-from services.dataprep import client, reading
+from libs.dataset import client
+from libs.dataset.ipc import from_ipc_stream
 from services.dataprep.config import DataprepServerConfig, PrepareConfig
 from services.dataprep.pipeline import prepare as prepare_in_process
 from services.dataprep.shared_shards import SHARED
@@ -104,10 +105,12 @@ def test_64_readers_get_their_rows_while_health_and_unary_rpcs_answer(server, pr
                 assert status == health_pb2.HealthCheckResponse.SERVING
             started = time.perf_counter()
             got = stub.GetPreparation(pb.GetPreparationRequest(id=preparation_id), timeout=10).preparation
+            described = stub.DescribeDataset(pb.DescribeDatasetRequest(dataset_dir=str(dataset_dir)), timeout=10)
             unary = time.perf_counter() - started
             assert got.state == pb.PREPARATION_STATE_SUCCEEDED
+            assert (described.task, described.complete, described.rows) == ("sft", True, ROWS)
             print(f"under 64 streams: Health/Check max {max(latencies) * 1e3:.1f} ms, "
-                  f"GetPreparation {unary * 1e3:.1f} ms")
+                  f"GetPreparation + DescribeDataset {unary * 1e3:.1f} ms")
             assert max(latencies) < 2 and unary < 2
 
             for method, request in (("ReadShards", pb.ReadShardsRequest(dataset_dir=str(dataset_dir))),
@@ -132,7 +135,7 @@ def test_64_readers_get_their_rows_while_health_and_unary_rpcs_answer(server, pr
 
     for epoch in range(EPOCHS):
         served = [row for e, _c, _s, batches in readers if e == epoch
-                  for batch in batches for row in reading.from_ipc_stream(batch.arrow_ipc).to_pylist()]
+                  for batch in batches for row in from_ipc_stream(batch.arrow_ipc).to_pylist()]
         assert sorted(served, key=key) == sorted(rows, key=key)  # the 32 ranks together: every row once
     deadline = time.monotonic() + 5
     while streams_open("ReadShards") != 0:
