@@ -207,10 +207,13 @@ def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: st
 @contextlib.contextmanager
 def local_dataprep() -> Iterator[str]:
     """A dataprep service in this process on 127.0.0.1; yields its address."""
+    from services.dataprep.config import DataprepServerConfig
     from services.dataprep.servicer import DataprepServicer, register
 
-    servicer = DataprepServicer()
-    server, port, _health = create_server("127.0.0.1:0", register(servicer), "dataprep")
+    config = DataprepServerConfig()
+    servicer = DataprepServicer(config)
+    server, port, _health = create_server("127.0.0.1:0", register(servicer), "dataprep",
+                                          config.max_streams, config.unary_threads)
     try:
         yield f"127.0.0.1:{port}"
     finally:

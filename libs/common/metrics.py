@@ -1,12 +1,13 @@
-"""Prometheus metrics shared by every service: the /metrics HTTP endpoint and
-per-RPC request counters and latencies (`tuneforge_<service>_grpc_...`)."""
+"""Prometheus metrics shared by every service: the /metrics HTTP endpoint,
+per-RPC request counters and latencies, and the stream slots in use and refused
+(`tuneforge_<service>_grpc_...`)."""
 
 from __future__ import annotations
 
 import time
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, REGISTRY, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, REGISTRY, start_http_server
 
 
 def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> tuple[object, int]:
@@ -43,6 +44,24 @@ class RpcMetrics:
             ["method"],
             registry=registry,
         )
+        # Stream slots (libs.common.streams): labels are the service's streaming methods.
+        self.streams_open = Gauge(
+            f"tuneforge_{service}_grpc_streams_open",
+            "Streaming RPCs running now, each holding a server thread (at most --max_streams), by method.",
+            ["method"],
+            registry=registry,
+        )
+        self.streams_refused = Counter(
+            f"tuneforge_{service}_grpc_streams_refused",
+            "Streaming RPCs refused with RESOURCE_EXHAUSTED because every stream slot was taken, by method.",
+            ["method"],
+            registry=registry,
+        )
+        self.streams_limit = Gauge(
+            f"tuneforge_{service}_grpc_streams_limit",
+            "Streaming RPCs this server runs at once (--max_streams).",
+            registry=registry,
+        )
 
     def observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self.requests.labels(method=method, code=code.name).inc()
@@ -66,6 +85,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        if getattr(handler.unary_stream, "experimental_non_blocking", False):
+            # Health/Watch sends from callbacks and returns its thread at once; a wrapper
+            # without the mark would make grpcio run it blocking, a pool thread per watcher.
+            return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         metrics = self.metrics
 

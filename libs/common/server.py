@@ -1,6 +1,7 @@
 """The server bootstrap every service uses: gRPC with health checking and
-reflection, per-RPC metrics, the /metrics endpoint, structured logs, a ready
-file for whoever started us, and graceful shutdown on SIGTERM/SIGINT."""
+reflection, per-RPC metrics, a thread pool sized from the config (stream slots
+plus threads kept for unary RPCs), the /metrics endpoint, structured logs, a
+ready file for whoever started us, and graceful shutdown on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from libs.common import logs, metrics
+from libs.common import logs, metrics, streams
 
 LOG = logging.getLogger("tuneforge.server")
 
@@ -34,6 +35,18 @@ class ServerOptions:
     grace_period: float = field(default=10.0, metadata={"help": "seconds in-flight RPCs get to finish on shutdown"})
     ready_file: str | None = field(default=None, metadata={"help": "write bound ports here (JSON) once serving"})
     log_level: str = field(default="INFO", metadata={"help": "log level", "choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
+    # Threads are started on demand, so an unused slot costs nothing; a busy one costs a
+    # thread and its call (46 KiB resident per held WatchCheckpoints, measured) plus what its RPC holds.
+    max_streams: int = field(default=64, metadata={
+        "help": "streaming RPCs served at once, each holding a server thread for its life; one more fails "
+                "at once with RESOURCE_EXHAUSTED naming this flag"})
+    unary_threads: int = field(default=16, metadata={
+        "help": "server threads that streams never take, kept for unary RPCs and health checks (the pool is "
+                "max_streams + unary_threads): a unary call waits at most for another unary call, never for a stream"})
+
+    def problems(self) -> list[str]:
+        return [f"{name}: expected a positive number; got {getattr(self, name)}"
+                for name in ("max_streams", "unary_threads") if getattr(self, name) < 1]
 
 
 # register(server) adds the service's servicers and returns their full names
@@ -49,14 +62,31 @@ def _standard_services(server, names: list[str], health_servicer) -> None:
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
 
 
-def create_server(address: str, register: Register, service: str, max_workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Builds and starts a sync gRPC server. Returns (server, bound port, health servicer)."""
+def create_server(address: str, register: Register, service: str, max_streams: int | None = None,
+                  unary_threads: int | None = None, streams_flag: str = "--max_streams",
+                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Builds and starts a sync gRPC server. Returns (server, bound port, health servicer).
+
+    `max_streams` and `unary_threads` (unset: ServerOptions' defaults) size its pool;
+    `streams_flag` is the flag a refused stream's message tells the operator to raise."""
+    defaults = ServerOptions()
+    max_streams = defaults.max_streams if max_streams is None else max_streams
+    unary_threads = defaults.unary_threads if unary_threads is None else unary_threads
+    workers = max_streams + unary_threads
+    rpc_metrics = metrics.RpcMetrics(service)
+    slots = streams.StreamSlots(max_streams, service, streams_flag, rpc_metrics)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
-        interceptors=[metrics.MetricsInterceptor(metrics.RpcMetrics(service))],
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{service}-rpc"),
+        # The metrics interceptor is outermost, so refused streams are counted by code too.
+        # No `maximum_concurrent_rpcs`: it counts unary calls and streams alike, so it cannot
+        # keep threads for unary calls, and it refuses a burst of short calls that would have
+        # waited milliseconds (64 ranks starting at once). With streams held to max_streams
+        # threads, a call waits at most for a unary call to end, never for a stream.
+        interceptors=[metrics.MetricsInterceptor(rpc_metrics), streams.StreamLimitInterceptor(slots)],
         options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
     )
     names = list(register(server))
+    slots.declare(streams.streaming_methods(names))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     _standard_services(server, names, health_servicer)
     port = server.add_insecure_port(address)
@@ -99,7 +129,8 @@ def run(service: str, options: ServerOptions, register: Register,
     NOT_SERVING, new RPCs are refused, in-flight RPCs get `grace_period` seconds."""
     logs.setup(service, options.log_level)
     stop = ShutdownSignal()
-    server, port, health_servicer = create_server(f"{options.host}:{options.port}", register, service)
+    server, port, health_servicer = create_server(f"{options.host}:{options.port}", register, service,
+                                                  options.max_streams, options.unary_threads)
     _httpd, metrics_port = metrics.serve_metrics(options.host, options.metrics_port)
     write_ready_file(options.ready_file, grpc_port=port, metrics_port=metrics_port, **(extra_ports or {}))
     logs.log(LOG, logging.INFO, "serving", grpc=f"{options.host}:{port}", metrics=f"{options.host}:{metrics_port}")

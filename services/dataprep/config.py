@@ -102,6 +102,11 @@ class PrepareCommandConfig(PrepareConfig):
 class DataprepServerConfig(ServerOptions):
     """`tuneforge serve dataprep`."""
 
+    # Training holds one ReadShards per rank for a whole epoch: 2 epochs x 32 ranks, their eval
+    # reads and the watchers of preparations fit, at the cost of a thread per open stream.
+    max_streams: int = field(default=128, metadata={
+        "help": "ReadShards and WatchPreparation streams served at once, each holding a server thread for its "
+                "life; one more fails at once with RESOURCE_EXHAUSTED naming this flag"})
     max_concurrent: int = field(default=1, metadata={
         "help": "preparations running at once; more wait in state PENDING (tokenizing is CPU-bound)"})
     max_pending: int = field(default=16, metadata={
@@ -110,7 +115,7 @@ class DataprepServerConfig(ServerOptions):
         "help": "finished preparations remembered for Get/Watch; the oldest are forgotten first"})
 
     def problems(self) -> list[str]:
-        found = []
+        found = super().problems()
         for name in ("max_concurrent", "keep_finished"):
             if getattr(self, name) < 1:
                 found.append(f"{name}: expected a positive number; got {getattr(self, name)}")

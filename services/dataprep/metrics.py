@@ -18,6 +18,8 @@ PREPARATIONS_ACTIVE = Gauge("tuneforge_dataprep_preparations_active",
 SHARDS_SERVED = Counter("tuneforge_dataprep_shards_served", "Shards (verified) served by ReadShards.")
 ROWS_SERVED = Counter("tuneforge_dataprep_rows_served", "Rows served by ReadShards.")
 BYTES_SERVED = Counter("tuneforge_dataprep_served_bytes", "Arrow IPC bytes served by ReadShards.")
+SHARDS_IN_MEMORY = Gauge("tuneforge_dataprep_shards_in_memory_bytes",
+                         "Bytes of verified shards held for the ReadShards streams serving them (one copy a shard).")
 PACKING_EFFICIENCY = Gauge("tuneforge_dataprep_packing_efficiency_ratio",
                            "Real tokens over packed slots (rows x max_length) of the last packed preparation.")
 

@@ -21,6 +21,7 @@ from libs.dataset.schema import SCHEMAS, describe, kind_of
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
 from services.dataprep import inputs, manifest as manifest_file, metrics, pipeline, reading, shards
+from services.dataprep.shared_shards import SHARED as SHARED_SHARDS
 from services.dataprep.config import DataprepServerConfig, PrepareConfig
 
 LOG = logging.getLogger("tuneforge.dataprep")
@@ -231,7 +232,7 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
                 entry = entries[batch.shard_index]
                 if loaded is None or loaded[0] != batch.shard_index:
                     try:
-                        table = shards.read_verified(dataset_dir, entry["file"], entry["sha256"], columns)
+                        table = SHARED_SHARDS.read(dataset_dir, entry["file"], entry["sha256"], columns)
                     except NotFound:
                         if preparing is None:
                             raise

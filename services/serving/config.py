@@ -29,6 +29,13 @@ class DeployConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind the HTTP and admin gRPC servers"})
     port: int = field(default=8000, metadata={"help": "HTTP port of the OpenAI API (0 picks a free one)"})
     grpc_port: int = field(default=0, metadata={"help": "admin gRPC port (0 picks a free one)"})
+    # The admin RPCs are unary and Health/Watch takes no thread: its streams are reflection's (grpcurl).
+    grpc_max_streams: int = field(default=8, metadata={
+        "help": "admin gRPC streams served at once (reflection), each holding a thread; one more fails at once "
+                "with RESOURCE_EXHAUSTED naming this flag"})
+    grpc_unary_threads: int = field(default=16, metadata={
+        "help": "admin gRPC threads that streams never take, for LoadAdapter and the other unary RPCs and health "
+                "checks: a unary call waits at most for another unary call, never for a stream"})
     metrics: bool = field(default=True, metadata={"help": "serve Prometheus /metrics on the HTTP port"})
     served_model_name: str | None = field(default=None, metadata={
         "help": "name of the base model in the API; unset: the base model directory's name"})
@@ -66,8 +73,9 @@ class DeployConfig:
                 found.append(f"{name}: must be in [0, 65535]; got {value}")
         if self.port and self.port == self.grpc_port:
             found.append(f"grpc_port: must differ from port ({self.port})")
-        if self.max_loras < 1:
-            found.append(f"max_loras: must be at least 1; got {self.max_loras}")
+        for name in ("max_loras", "grpc_max_streams", "grpc_unary_threads"):
+            if getattr(self, name) < 1:
+                found.append(f"{name}: must be at least 1; got {getattr(self, name)}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             found.append(f"max_cpu_loras: must be at least max_loras ({self.max_loras}); got {self.max_cpu_loras}")
         if self.adapter_root is not None and not pathlib.Path(self.adapter_root).expanduser().is_dir():

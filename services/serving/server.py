@@ -110,7 +110,8 @@ async def _serve(config: DeployConfig) -> int:
                 raise Unavailable(f"the HTTP server on {config.host}:{http_port} did not start")
             await asyncio.sleep(0.05)
         grpc_server, grpc_port, health = create_server(
-            f"{_url_host(config.host)}:{config.grpc_port}", registrar(AdapterService(registry, loop)), "serving")
+            f"{_url_host(config.host)}:{config.grpc_port}", registrar(AdapterService(registry, loop)), "serving",
+            config.grpc_max_streams, config.grpc_unary_threads, streams_flag="--grpc_max_streams")
         if config.trainer_address:
             follower = CheckpointFollower(config.trainer_address, registry)
             follower.start()

@@ -474,7 +474,7 @@ class TrainerServerConfig(ServerOptions):
         "help": "intra-op CPU threads per training process; 0 shares the cores among max_concurrent_jobs"})
 
     def problems(self) -> list[str]:
-        found = []
+        found = super().problems()
         if self.max_concurrent_jobs < 1:
             found.append(f"max_concurrent_jobs: must be at least 1; got {self.max_concurrent_jobs}")
         if self.torch_threads < 0:

@@ -1,17 +1,23 @@
 """The admin gRPC AdapterService of the running serving process with real PEFT
 adapters: load -> READY -> servable through the openai client with an answer of
-its own; refusals with their status codes; swap to a newer checkpoint; unload."""
+its own; refusals with their status codes; swap to a newer checkpoint; unload;
+health watchers and reflection streams that never starve the admin RPCs."""
 
 from __future__ import annotations
 
+import queue
 import shutil
 import time
+import urllib.request
 
 import grpc
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
+from services.serving.config import DeployConfig
 
 pytestmark = pytest.mark.slow
 
@@ -154,3 +160,54 @@ def test_missing_path_and_bad_name_are_refused(admin, make_lora, serving, tmp_pa
     assert _refused(admin, "has space", good).code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _refused(admin, "", good).code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _refused(admin, serving.base_name, good).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_watchers_and_reflection_streams_leave_the_admin_rpcs_answering(admin, serving):
+    """64 Health/Watch watchers take no thread; reflection streams take at most
+    --grpc_max_streams (8 by default) and the next is refused naming the flag; ListAdapters and
+    Health/Check answer meanwhile."""
+    limit = DeployConfig().grpc_max_streams
+    channels, calls, requests = [], [], []
+    try:
+        for _ in range(64):
+            channels.append(grpc.insecure_channel(serving.grpc))
+            calls.append(health_pb2_grpc.HealthStub(channels[-1]).Watch(health_pb2.HealthCheckRequest(service="")))
+            assert next(calls[-1]).status == health_pb2.HealthCheckResponse.SERVING
+        for i in range(limit + 1):
+            requests.append(queue.Queue())
+            channels.append(grpc.insecure_channel(serving.grpc))
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channels[-1]).ServerReflectionInfo(
+                iter(requests[-1].get, None), timeout=60)
+            calls.append(reflection)
+            requests[-1].put(reflection_pb2.ServerReflectionRequest(list_services=""))
+            if i < limit:  # answered: the stream is running and now waits for its next request
+                assert "tuneforge.serving.v1.AdapterService" in {
+                    s.name for s in next(reflection).list_services_response.service}
+            else:
+                with pytest.raises(grpc.RpcError) as caught:
+                    next(reflection)
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert caught.value.details() == (
+                    f"ServerReflectionInfo: all {limit} stream slots of this serving server are taken "
+                    f"(--grpc_max_streams {limit}); retry when a stream ends, or run the server with a larger "
+                    "--grpc_max_streams")
+        started = time.perf_counter()
+        with grpc.insecure_channel(serving.grpc) as channel:
+            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10
+                                                             ).status == health_pb2.HealthCheckResponse.SERVING
+        listed(admin)
+        answered = time.perf_counter() - started
+        print(f"under 64 Health/Watch + {limit} reflection streams: Check + ListAdapters in {answered * 1e3:.1f} ms")
+        assert answered < 2
+        with urllib.request.urlopen(f"{serving.http}/metrics", timeout=10) as response:
+            page = response.read().decode()
+        assert f'tuneforge_serving_grpc_streams_open{{method="ServerReflectionInfo"}} {float(limit)}' in page
+        assert f"tuneforge_serving_grpc_streams_limit {float(limit)}" in page
+        assert 'method="Watch"' not in page  # Health/Watch is neither wrapped nor counted
+    finally:
+        for pending in requests:
+            pending.put(None)
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            channel.close()

@@ -61,9 +61,12 @@ def test_every_problem_is_reported_at_once():
 
 def test_cpu_cache_and_adapter_root_are_checked(tmp_path):
     config = cfg.parse(DeployConfig, ["--max_loras", "2", "--max_cpu_loras", "8", "--adapter_root", str(tmp_path)])
+    assert (config.grpc_max_streams, config.grpc_unary_threads) == (8, 16)
     assert (config.max_loras, config.max_cpu_loras, config.adapter_root) == (2, 8, str(tmp_path))
-    problems = DeployConfig(max_loras=4, max_cpu_loras=2, adapter_root=str(tmp_path / "nope")).problems()
-    assert problems == ["max_cpu_loras: must be at least max_loras (4); got 2",
+    problems = DeployConfig(max_loras=4, max_cpu_loras=2, adapter_root=str(tmp_path / "nope"), grpc_max_streams=0,
+                            grpc_unary_threads=0).problems()
+    assert problems == ["grpc_max_streams: must be at least 1; got 0", "grpc_unary_threads: must be at least 1; got 0",
+                        "max_cpu_loras: must be at least max_loras (4); got 2",
                         f"adapter_root: {tmp_path / 'nope'} is not a directory"]
 
 

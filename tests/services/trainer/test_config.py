@@ -81,6 +81,11 @@ def test_server_config():
     assert (config.max_concurrent_jobs, config.cancel_timeout, config.host) == (2, 60.0, "127.0.0.1")
     with pytest.raises(Problems, match="max_concurrent_jobs"):
         cfg.parse(TrainerServerConfig, ["--max_concurrent_jobs", "0"])
+    assert (config.max_streams, config.unary_threads) == (64, 16)
+    with pytest.raises(Problems) as caught:
+        cfg.parse(TrainerServerConfig, ["--max_streams", "0", "--max_concurrent_jobs", "0"])
+    assert caught.value.problems == ["max_streams: expected a positive number; got 0",
+                                     "max_concurrent_jobs: must be at least 1; got 0"]
 
 
 def test_module_names_the_model_lacks_are_found_before_any_work():
