@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from libs.common.server import create_server
+from libs.dataset.ipc import from_ipc_stream
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
-from services.dataprep import reading
 from services.dataprep.config import DataprepServerConfig, PrepareConfig
 from services.dataprep.pipeline import prepare as prepare_in_process
 from services.dataprep.servicer import DataprepServicer, register
@@ -147,7 +147,7 @@ def assert_reads_the_prepared_dataset(stub, files) -> None:
     """A normal request still works: the whole prepared dataset, in order."""
     reply = stream(stub.ReadShards, pb.ReadShardsRequest(dataset_dir=str(files["prepared"])), timeout=30)
     assert reply.code == grpc.StatusCode.OK, reply
-    rows = [r for m in reply.messages for r in reading.from_ipc_stream(m.arrow_ipc).to_pylist()]
+    rows = [r for m in reply.messages for r in from_ipc_stream(m.arrow_ipc).to_pylist()]
     assert len(rows) == GOOD_ROWS and all(r["length"] == len(r["input_ids"]) for r in rows)
 
 
@@ -283,7 +283,7 @@ def test_read_shards_fuzz(stub, server, files):
     def fuzz(request):
         reply = stream(stub.ReadShards, request, timeout=30, limit=10_000)
         check(reply, request)
-        served = [reading.from_ipc_stream(m.arrow_ipc) for m in reply.messages]
+        served = [from_ipc_stream(m.arrow_ipc) for m in reply.messages]
         assert [b.num_rows for b in served] == [m.num_rows for m in reply.messages]
         if request.dataset_dir == str(files["prepared"]):
             assert sum(b.num_rows for b in served) <= GOOD_ROWS
