@@ -26,7 +26,8 @@ class Cpo:
     def __init__(self, config, forward, model, tokenizer):
         self.forward = forward
         self.dtype = model.dtype
-        self.args = config.method_config  # CpoConfig (SimpoConfig for SimPO): beta, cpo_alpha, label_smoothing, simpo_gamma
+        # CpoConfig (SimpoConfig for SimPO): beta, cpo_alpha, label_smoothing, simpo_gamma
+        self.args = config.method_config
         self.loss_type = self.fixed_loss_type or self.args.loss_type
 
     def collate(self, rows: list, pad_id: int) -> data.MicroBatch:

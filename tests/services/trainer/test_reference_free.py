@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import tempfile
+from typing import NamedTuple
 
 import grpc
 import numpy as np
@@ -55,34 +55,38 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class Tiny(NamedTuple):
+    tokenizer: object
+    model: torch.nn.Module  # the default model in fp32, shared by TRL's trainers and our methods
+    scratch: pathlib.Path  # TRL's output_dir (it writes nothing there here)
+
+
 @pytest.fixture(scope="module")
-def tiny(default_model):
+def tiny(default_model, tmp_path_factory) -> Tiny:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model)
     model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32)
     model.eval()  # no dropout on either side (TRL's disable_dropout does the same)
-    return tokenizer, model
+    return Tiny(AutoTokenizer.from_pretrained(default_model), model, tmp_path_factory.mktemp("trl"))
 
 
-def trl_trainer(kind: str, tiny, **arguments):
+def trl_trainer(kind: str, tiny: Tiny, **arguments):
     """TRL's own trainer over PAIRS (conversational, so TRL applies the chat template and tokenizes)."""
     from datasets import Dataset
 
-    tokenizer, model = tiny
     if kind == "orpo":
         from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
     else:
         from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Trainer
     rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
              "rejected": [{"role": "assistant", "content": r}]} for q, c, r in PAIRS]
-    args = Config(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, max_length=512,
+    args = Config(output_dir=str(tiny.scratch), report_to=[], use_cpu=True, max_length=512,
                   per_device_train_batch_size=len(PAIRS), remove_unused_columns=False, **arguments)
-    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    return Trainer(model=tiny.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny.tokenizer)
 
 
 @pytest.fixture(scope="module")
-def rows(tiny) -> list[data.PairRow]:
+def rows(tiny: Tiny) -> list[data.PairRow]:
     return pair_rows(trl_trainer("cpo", tiny))
 
 
@@ -112,12 +116,11 @@ def packed_rows(rows: list[data.PairRow], groups: list[list[int]]) -> list[data.
     return packed
 
 
-def our_method(rlhf_type: str, tiny, **arguments):
-    tokenizer, model = tiny
+def our_method(rlhf_type: str, tiny: Tiny, **arguments):
     fields = {"orpo": ("orpo", OrpoConfig), "cpo": ("cpo", CpoConfig), "simpo": ("simpo", SimpoConfig)}
     name, cls = fields[rlhf_type]
     config = TrainConfig(rlhf_type=rlhf_type, **{name: cls(**arguments)})
-    return methods.get(rlhf_type)(config, model, model, tokenizer)
+    return methods.get(rlhf_type)(config, tiny.model, tiny.model, tiny.tokenizer)
 
 
 def our_step(method, micro_batches: list[data.MicroBatch]) -> tuple[float, dict[str, float], list[torch.Tensor]]:
@@ -183,7 +186,7 @@ def test_orpo_equals_trl_with_ms_swift_nll_over_the_chosen_answer(tiny):
     odds-ratio term, its gradients and every other metric are TRL's."""
     trainer = trl_trainer("orpo", tiny, beta=0.25)
     batch = trl_batch(trainer)
-    _, model = tiny
+    model = tiny.model
     everything = torch.where(batch["chosen_attention_mask"] == 1, batch["chosen_input_ids"], IGNORE_INDEX)
     with torch.no_grad():
         trl_nll = chosen_cross_entropy(model, batch, everything).item()
@@ -222,7 +225,7 @@ def test_simpo_with_ms_swift_defaults_equals_trl_cpo_simpo_and_the_written_formu
 
     defaults = SimpoConfig()
     assert (defaults.beta, defaults.simpo_gamma, defaults.cpo_alpha, defaults.label_smoothing) == (2.0, 1.0, 1.0, 0.0)
-    assert CPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True).simpo_gamma == 0.5  # TRL's, which we do not follow
+    assert CPOConfig(output_dir=str(tiny.scratch), use_cpu=True).simpo_gamma == 0.5  # TRL's, which we do not follow
 
     trainer = trl_trainer("cpo", tiny, loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=1.0)
     batch = trl_batch(trainer)
@@ -233,7 +236,7 @@ def test_simpo_with_ms_swift_defaults_equals_trl_cpo_simpo_and_the_written_formu
     assert_equal(ours, theirs, method.metrics)
 
     # the written formula, one sequence at a time, for pure SimPO and CPO-SimPO
-    _, model = tiny
+    model = tiny.model
     with torch.no_grad():
         def mean_logp(row: data.Row) -> tuple[float, float, int]:
             ids = torch.from_numpy(row.input_ids.astype(np.int64))[None]
@@ -268,6 +271,68 @@ def test_chosen_tokens_counts_what_the_nll_divides_by(rows):
     assert pairs.chosen_tokens(pairs.collate(rows, pad_id=0)) == expected
     assert sum(pairs.chosen_tokens(pairs.collate([row], pad_id=0))
                for row in packed_rows(rows, [[0, 1], [2, 3]])) == expected
+
+
+# -- learning, end to end ---------------------------------------------------------------------------------
+
+QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "How many legs does a spider have?",
+             "What is 3 times 3?", "Which planet is largest?", "What do bees make?", "What is frozen water called?",
+             "How many days are in a week?"]
+ANSWERS = ["Paris.", "Red.", "Eight.", "Nine.", "Jupiter.", "Honey.", "Ice.", "Seven."]
+
+
+def answer_logp(model, tokenizer, question: str, answer: str) -> float:
+    """Mean log-prob per token of `answer` after `question`, through the chat template."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                          {"role": "assistant", "content": answer}])
+    prompt, full = list(getattr(prompt, "input_ids", prompt)), list(getattr(full, "input_ids", full))
+    assert full[:len(prompt)] == prompt
+    with torch.no_grad():
+        logps = torch.log_softmax(model(torch.tensor([full])).logits[0, :-1].float(), -1)
+    targets = torch.tensor(full[1:])
+    return float(logps.gather(-1, targets[:, None])[len(prompt) - 1:].mean())
+
+
+@pytest.mark.slow
+def test_orpo_on_packed_pairs_learns_through_tuneforge_rlhf(trainer, dataprep_address, default_model, tiny,
+                                                            tmp_path, capsys):
+    """`tuneforge rlhf --rlhf_type orpo --packing true`: every step logs ORPO's metrics (loss =
+    nll_loss - beta x log_odds_ratio), and the published LoRA adapter puts a larger chosen-minus-
+    rejected margin (mean log-prob per answer token) on every training pair than the base model does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cli.main import main as tuneforge
+
+    raw = tmp_path / "pairs.jsonl"
+    raw.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                    {"role": "assistant", "content": a}],
+                                       "rejected_response": "I do not know."}) + "\n"
+                           for q, a in zip(QUESTIONS, ANSWERS)))
+    run = tmp_path / "run"
+    code = tuneforge(["rlhf", "--rlhf_type", "orpo", "--dataset", str(raw), "--output_dir", str(run),
+                      "--packing", "true", "--max_length", "256", "--max_steps", "9", "--learning_rate", "3e-3",
+                      "--lr_scheduler_type", "constant", "--lora_rank", "16",
+                      "--trainer_address", trainer.address, "--dataprep_address", dataprep_address])
+    _out, err = capsys.readouterr()
+    assert code == 0, err
+    logged = [json.loads(line) for line in (run / "logging.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == list(range(1, 10))
+    for entry in logged:
+        assert set(methods.get("orpo").metrics) <= set(entry)
+        assert entry["loss"] == pytest.approx(entry["nll_loss"] - 0.1 * entry["log_odds_ratio"], abs=1e-5)
+    assert logged[-1]["rewards/accuracies"] == 1.0 and logged[0]["rewards/accuracies"] < 1.0
+
+    tokenizer = tiny.tokenizer
+    base = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
+    before = [answer_logp(base, tokenizer, q, a) - answer_logp(base, tokenizer, q, "I do not know.")
+              for q, a in zip(QUESTIONS, ANSWERS)]
+    tuned = PeftModel.from_pretrained(base, str(run / "checkpoint-9")).eval()
+    after = [answer_logp(tuned, tokenizer, q, a) - answer_logp(tuned, tokenizer, q, "I do not know.")
+             for q, a in zip(QUESTIONS, ANSWERS)]
+    # measured: base -4.3 .. -1.0, tuned +0.5 .. +2.7: the chosen answer now wins on every pair
+    assert all(a > b and a > 0 for a, b in zip(after, before)), list(zip(before, after))
 
 
 # -- refused at submission -------------------------------------------------------------------------------
