@@ -98,7 +98,7 @@ class CpoConfig:
     beta: float = field(default=0.1, metadata={"help": "temperature of the implicit reward"})
     loss_type: str = field(default="sigmoid", metadata={"help": f"one of {', '.join(CPO_LOSS_TYPES)}"})
     cpo_alpha: float = field(default=1.0, metadata={"help": "weight of the chosen answers' NLL"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the sigmoid loss"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the sigmoid and simpo loss types"})
     simpo_gamma: float = field(default=1.0, metadata={"help": "target reward margin of loss_type simpo"})
 
     def problems(self) -> list[str]:
@@ -119,7 +119,7 @@ class SimpoConfig:
     beta: float = field(default=2.0, metadata={"help": "scale of the length-normalised reward"})
     simpo_gamma: float = field(default=1.0, metadata={"help": "target reward margin (ms-swift's default 1.0)"})
     cpo_alpha: float = field(default=1.0, metadata={"help": "weight of the chosen answers' NLL (0: pure SimPO)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the sigmoid loss"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the SimPO loss"})
 
     def problems(self) -> list[str]:
         found = _positive_beta(self.beta)

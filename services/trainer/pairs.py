@@ -13,8 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from libs.dataset.schema import IGNORE_INDEX
 from services.trainer import data
 from services.trainer.logprobs import sequence_logps
+
+# What every pair method logs of its rewards and log-probs, under TRL's names.
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                  "logps/rejected")
 
 
 def collate(rows: list[data.PairRow | data.Row], pad_id: int) -> data.MicroBatch:
@@ -39,6 +44,14 @@ def count(micro: data.MicroBatch) -> int:
     return int(micro.extras["chosen"].numel())
 
 
+def chosen_tokens(micro: data.MicroBatch) -> int:
+    """The labelled tokens of the micro-batch's chosen answers (what a chosen-NLL term is
+    normalised by), counted as pair_logps counts them, without a forward."""
+    labelled = micro.labels[..., 1:] != IGNORE_INDEX  # [batch, seq - 1], the causal shift's labels
+    chosen = torch.isin(micro.sample_ids[..., 1:], micro.extras["chosen"].to(micro.sample_ids.device))
+    return int((labelled & chosen).sum())
+
+
 @dataclass
 class PairLogps:
     """Per pair: the summed log-probs of its chosen and rejected answers' tokens, and how many
@@ -49,9 +62,29 @@ class PairLogps:
     chosen_tokens: torch.Tensor  # [pairs] int64
     rejected_tokens: torch.Tensor  # [pairs] int64
 
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen and rejected answers' mean log-prob per token ([pairs] each), for the
+        methods that length-normalise (ORPO, SimPO, CPO's ipo and simpo)."""
+        # dataprep refuses answers without a trained token; the clamp only keeps a 0 from being NaN
+        return self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1)
+
 
 def pair_logps(logits: torch.Tensor, micro: data.MicroBatch) -> PairLogps:
     """The pairs' log-probs from the logits of one forward over the micro-batch."""
     sums, counts = sequence_logps(logits, micro.labels, micro.sample_ids, micro.num_samples)
     chosen, rejected = micro.extras["chosen"], micro.extras["rejected"]
     return PairLogps(sums[chosen], sums[rejected], counts[chosen], counts[rejected])
+
+
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                   rejected_logps: torch.Tensor, num_pairs: int) -> dict[str, torch.Tensor]:
+    """REWARD_METRICS of this micro-batch's pairs ([pairs] each), summed and divided by the
+    step's `num_pairs`: the engine's sum over micro-batches and ranks is then TRL's mean over
+    the step's pairs. The log-probs are the ones the loss took (sums or means per token)."""
+    def share(values: torch.Tensor) -> torch.Tensor:
+        return values.detach().float().sum() / max(num_pairs, 1)
+
+    return {"rewards/chosen": share(chosen_rewards), "rewards/rejected": share(rejected_rewards),
+            "rewards/accuracies": share(chosen_rewards > rejected_rewards),
+            "rewards/margins": share(chosen_rewards - rejected_rewards),
+            "logps/chosen": share(chosen_logps), "logps/rejected": share(rejected_logps)}
