@@ -215,3 +215,22 @@ def test_a_run_publishes_a_reward_model_transformers_loads(reward_data, dataprep
     assert not (merged_dir / "generation_config.json").exists()  # it scores, it does not generate
     for got, expected in zip(pair_rewards(merged, pairs), pair_rewards(adapted, pairs)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("train_type", ["lora", "qlora"])
+def test_under_an_adapter_the_head_trains_whole(reward_data, default_model, train_type):
+    """LoRA and QLoRA (4-bit nf4 base, bitsandbytes on CPU): the base frozen, LoRA matrices and the
+    whole score head trainable, and one backward reaches both."""
+    torch.manual_seed(0)
+    model = rm.build_reward_model(TrainConfig(rlhf_type="rm", train_type=train_type), default_model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.model.score.modules_to_save.default.weight" in trainable
+    assert all("lora_" in name or ".score." in name for name in trainable)
+    method = method_for(model)
+    micro = method.collate(reward_data[0][:2], pad_id=0)
+    loss, _ = method.loss(micro, method.counts(micro))
+    loss.backward()
+    assert 0.5 < loss.item() < 1.0  # a fresh head: rewards near 0, loss near ln 2
+    reached = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "base_model.model.score.modules_to_save.default.weight" in reached
+    assert any("lora_A" in name for name in reached) or any("lora_B" in name for name in reached)
