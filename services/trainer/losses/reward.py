@@ -23,7 +23,7 @@ def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, ma
     return losses
 
 
-def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+def reward_model_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                    num_pairs: int) -> dict[str, torch.Tensor]:
     """What the reward model logs, each summed over these pairs and divided by the step's
     `num_pairs`: `accuracy` (the share of pairs with r_chosen > r_rejected, TRL's name),

@@ -3,12 +3,13 @@ base (AutoModelForSequenceClassification, num_labels=1; under LoRA the head trai
 the adapter), trained on chosen/rejected pairs with the Bradley-Terry loss of
 services.trainer.losses.reward, normalised by the pairs of the whole step.
 
-A sequence's reward is the head's score at its last token. Transformers' own pooling finds one
-last token per row (the rightmost that is not the pad id), which cannot read packed rows (several
-samples a row); so the head's per-token scores are taken as it computes them, inside the
-model's forward (a forward hook: the back end's wrapping, DDP, FSDP2 or ZeRO, stays whole), and
-gathered at each sample's end from the micro-batch's sample ids. On an unpacked row this is
-the token transformers pools at, so a published reward model scores as it trained."""
+A sequence's reward is the head's score at its last token that is not the pad id: the token
+transformers pools at, so a published reward model scores as it trained (the two differ where a
+tokenizer's pad token is its eos and a sequence ends with it). Transformers finds one such token
+per row, which cannot read packed rows (several samples a row); so the head's per-token scores
+are taken as it computes them, inside the model's forward (a forward hook: the back end's
+wrapping, DDP, FSDP2 or ZeRO, stays whole), and gathered at each sample's own such token from
+the micro-batch's sample ids."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from libs.common.errors import InvalidArgument
 from services.trainer import data, modeling, pairs
 from services.trainer.config import METHOD_KINDS
-from services.trainer.losses.reward import reward_loss, reward_metrics
+from services.trainer.losses.reward import reward_loss, reward_model_metrics
 
 HEAD = "score"  # transformers' name for the classification head of every decoder's *ForSequenceClassification
 
@@ -53,14 +54,19 @@ def score_head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-def sample_ends(sample_ids: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """[num_samples] int64: the flat index (row x seq + position) of each sample's last token.
-    sample_ids: [batch, seq], -1 on padding (data.collate)."""
+def sample_ends(sample_ids: torch.Tensor, input_ids: torch.Tensor, pad_id: int | None,
+                num_samples: int) -> torch.Tensor:
+    """[num_samples] int64: the flat index (row x seq + position) of each sample's last token
+    that is not `pad_id`, transformers' pooling applied to each sample (a sample of pad tokens
+    only: its first, as transformers' argmax gives). sample_ids: [batch, seq], -1 on padding
+    (data.collate); input_ids: [batch, seq]."""
     flat = sample_ids.reshape(-1)
     real = flat >= 0
     positions = torch.arange(flat.numel(), device=flat.device)
-    ends = torch.zeros(num_samples, dtype=torch.long, device=flat.device)
-    return ends.scatter_reduce(0, flat[real], positions[real], reduce="amax", include_self=False)
+    firsts = torch.full((num_samples,), flat.numel(), dtype=torch.long, device=flat.device)
+    firsts = firsts.scatter_reduce(0, flat[real], positions[real], reduce="amin")
+    scored = real if pad_id is None else real & (input_ids.reshape(-1).to(flat.device) != pad_id)
+    return firsts.scatter_reduce(0, flat[scored], positions[scored], reduce="amax")
 
 
 class RewardModel:
@@ -73,6 +79,7 @@ class RewardModel:
         self.forward = forward
         self.dtype = model.dtype
         self.center_rewards_coefficient = config.rm.center_rewards_coefficient
+        self.pad_id = model.config.pad_token_id  # what transformers pools by (build_reward_model sets it)
         self._scores: torch.Tensor | None = None
         score_head(model).register_forward_hook(self._keep_scores)
 
@@ -89,7 +96,7 @@ class RewardModel:
         """[num_samples] float32: each sample's reward, from one forward over the micro-batch."""
         self.forward(**micro.model_inputs(self.dtype))
         scores, self._scores = self._scores, None
-        ends = sample_ends(micro.sample_ids.to(scores.device), micro.num_samples)
+        ends = sample_ends(micro.sample_ids.to(scores.device), micro.input_ids, self.pad_id, micro.num_samples)
         return scores.reshape(-1)[ends].float()
 
     def loss(self, micro: data.MicroBatch, step: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -98,7 +105,7 @@ class RewardModel:
         rejected = rewards[micro.extras["rejected"].to(rewards.device)]
         margins = torch.nan_to_num(micro.extras["margins"], nan=0.0)  # a pair without a margin has margin 0
         losses = reward_loss(chosen, rejected, margins, self.center_rewards_coefficient)
-        return losses.sum() / max(step["pairs"], 1), reward_metrics(chosen, rejected, step["pairs"])
+        return losses.sum() / max(step["pairs"], 1), reward_model_metrics(chosen, rejected, step["pairs"])
 
 
 METHOD = RewardModel

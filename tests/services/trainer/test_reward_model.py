@@ -85,9 +85,25 @@ def test_reward_loss_is_the_written_formula():
     torch.testing.assert_close(reward_loss(chosen, rejected, margins, 0.1), torch.tensor(centred))
 
 
-def test_sample_ends_are_each_samples_last_position():
-    sample_ids = torch.tensor([[0, 0, 0, 1, 1, -1], [2, 3, 3, 3, -1, -1]])
-    assert rm.sample_ends(sample_ids, 4).tolist() == [2, 4, 6, 9]  # flat: row x 6 + position
+def test_rewards_are_read_where_transformers_pools_each_sample():
+    """Each sample's last token that is not the pad id (9 here), as transformers' pooling does a
+    row: sample 1 ends with a pad-valued token (a tokenizer whose pad is its eos), sample 4 is
+    nothing but (it falls back to its first token, as transformers' argmax does)."""
+    sample_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1], [2, 3, 3, 3, 4, 4, -1]])
+    input_ids = torch.tensor([[5, 6, 7, 5, 8, 9, 9], [4, 5, 9, 6, 9, 9, 9]])
+    assert rm.sample_ends(sample_ids, input_ids, 9, 5).tolist() == [2, 4, 7, 10, 11]  # flat: row x 7 + position
+    assert rm.sample_ends(sample_ids, input_ids, None, 5).tolist() == [2, 5, 7, 10, 12]
+    for sample, end in enumerate(rm.sample_ends(sample_ids, input_ids, 9, 5).tolist()):
+        rows, positions = (sample_ids == sample).nonzero(as_tuple=True)
+        alone = input_ids[rows[0], positions]  # the sample as a row of its own, pooled as transformers does
+        assert end == rows[0] * 7 + positions[0] + (torch.arange(len(alone)) * (alone != 9)).argmax()
+
+
+def test_its_metrics_are_exported_as_prometheus_gauges():
+    from services.trainer import metrics
+
+    assert set(rm.RewardModel.metrics) <= set(metrics.METHOD_METRICS)
+    assert rm.RewardModel.kinds == ("preference", "reward")
 
 
 @pytest.mark.parametrize("margins,center", [(False, None), (True, None), (False, 0.05), (True, 0.01)])
