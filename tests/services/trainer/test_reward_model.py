@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -197,20 +198,28 @@ def test_a_run_publishes_a_reward_model_transformers_loads(reward_data, dataprep
 
     pairs, _, dataset = reward_data
     events = []
-    training.train(job(dataset, dataprep_address, tmp_path / "run", train_type=train_type,
-                       learning_rate=1e-3 if train_type == "lora" else 1e-4),
-                   lambda event, **fields: events.append((event, fields)))
-    final = tmp_path / "run" / "checkpoint-2"
+    config = job(dataset, dataprep_address, tmp_path / "run", train_type=train_type, save_steps=1, eval_steps=2,
+                 learning_rate=1e-3 if train_type == "lora" else 1e-4)
+    training.train(config, lambda event, **fields: events.append((event, fields)))
+    first, final = tmp_path / "run" / "checkpoint-1", tmp_path / "run" / "checkpoint-2"
     checkpoint.verify(final)
     # serving's follower loads checkpoints by adapter name: a reward model has none
     published = [fields for event, fields in events if event == "checkpoint"]
-    assert [(f["path"], f["adapter_name"]) for f in published] == [(str(final), "")]
+    assert [(f["path"], f["adapter_name"]) for f in published] == [(str(first), ""), (str(final), "")]
     args = json.loads((final / "args.json").read_text())
     assert args["rlhf_type"] == "rm" and args["train_type"] == train_type
     entries = [json.loads(line) for line in (tmp_path / "run" / "logging.jsonl").read_text().splitlines()]
     assert [sorted(k for k in e if "/" in k or "accuracy" in k) for e in entries] == [
         ["accuracy", "rewards/chosen", "rewards/margins", "rewards/rejected"]] * 2 + [
         ["eval_accuracy", "eval_rewards/chosen", "eval_rewards/margins", "eval_rewards/rejected"]]
+    # resumed from checkpoint-1 (head included), step 2 and its eval are the same, bit for bit
+    shutil.copytree(first, tmp_path / "resumed" / first.name)
+    training.train(dataclasses.replace(config, output_dir=str(tmp_path / "resumed"),
+                                       resume_from_checkpoint=str(tmp_path / "resumed" / first.name)),
+                   lambda *args, **fields: None)
+    timeless = lambda e: {k: v for k, v in e.items() if "seconds" not in k and k != "tokens_per_second"}  # noqa: E731
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "logging.jsonl").read_text().splitlines()]
+    assert list(map(timeless, resumed)) == list(map(timeless, entries))
     last = entries[-1]
     assert last["step"] == 2 and last["eval_rows"] == 6
     if train_type == "full":  # a Hugging Face directory, whole: config (num_labels 1, pad id), weights, tokenizer
