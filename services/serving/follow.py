@@ -73,8 +73,9 @@ class CheckpointFollower:
 
     def _offer(self, event: trainer_pb2.CheckpointEvent) -> None:
         if not event.adapter_name:
-            logs.log(LOG, logging.WARNING, "checkpoint without an adapter name; not loaded", path=event.path,
-                     job=event.job_id)
+            # the trainer names only what vLLM can serve as a LoRA: not a whole model, not a reward model
+            logs.log(LOG, logging.INFO, "checkpoint without an adapter name (a full model or a reward model); "
+                     "not loaded", path=event.path, job=event.job_id, step=event.step)
             return
         self._pending.pop(event.adapter_name, None)  # re-insert: dict order is arrival order
         self._pending[event.adapter_name] = (event, time.monotonic())

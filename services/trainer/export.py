@@ -2,7 +2,9 @@
 LoRA adapter into its base model and publishes the result, atomically and with a sha256
 manifest, as a standalone Hugging Face model directory (safetensors, config,
 generation_config, tokenizer with its chat template, args.json) that transformers and vLLM
-load without PEFT."""
+load without PEFT. A reward model's adapter (PEFT task_type SEQ_CLS, its head trained whole
+beside it) merges into a sequence-classification model directory that
+AutoModelForSequenceClassification loads as it is."""
 
 from __future__ import annotations
 
@@ -122,16 +124,20 @@ def load_adapted(plan: Plan):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(plan.base, dtype=torch.float32)
     lora = LoraConfig.from_pretrained(plan.adapter)
     lora.inference_mode = True
     weights_file = plan.adapter / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise FailedPrecondition(f"{plan.adapter} has no adapter_model.safetensors", field="adapters")
+    weights = load_file(weights_file)
     mismatch = f"{plan.adapter} does not fit base model {plan.base}"
+    if is_classifier(lora):
+        base = _classifier_base(plan, weights, mismatch)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(plan.base, dtype=torch.float32)
     try:
         model = get_peft_model(base, lora)
-        loaded = set_peft_model_state_dict(model, load_file(weights_file))
+        loaded = set_peft_model_state_dict(model, weights)
     except (ValueError, RuntimeError) as exc:  # peft: unknown target modules; torch: size mismatch
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
@@ -142,6 +148,31 @@ def load_adapted(plan: Plan):
         raise InvalidArgument(f"{mismatch}: {'unexpected' if loaded.unexpected_keys else 'missing'} "
                               f"{', '.join(keys)}", field="adapters")
     return model.eval()
+
+
+def is_classifier(lora) -> bool:
+    """A sequence-classification adapter (a reward model: tuneforge rlhf --rlhf_type rm)."""
+    return lora.task_type == "SEQ_CLS"  # a str, or peft's TaskType (a str enum)
+
+
+def _classifier_base(plan: Plan, weights: dict, mismatch: str):
+    """The base as a sequence-classification model with as many labels as the adapter's head
+    has rows, and the pad token id it pools by (transformers: the last token that is not
+    padding)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    heads = [tensor for key, tensor in weights.items() if key.endswith(".score.weight")]
+    if len(heads) != 1:
+        raise InvalidArgument(f"{plan.adapter} is a sequence-classification adapter without its `score` head "
+                              "(modules_to_save)", field="adapters")
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(plan))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            plan.base, dtype=torch.float32, num_labels=heads[0].shape[0], pad_token_id=pad_id)
+    except ValueError as exc:  # no sequence-classification class for the base's architecture
+        raise InvalidArgument(f"{mismatch}: {str(exc).splitlines()[0]}", field="adapters") from exc
 
 
 def _tokenizer_source(plan: Plan) -> pathlib.Path:
@@ -181,7 +212,8 @@ def export(config: ExportConfig) -> pathlib.Path:
         def build(tmp: pathlib.Path) -> None:
             merged.save_pretrained(tmp, max_shard_size=config.max_shard_size)
             tokenizer.save_pretrained(tmp)
-            if not (tmp / "generation_config.json").is_file():
+            generates = not is_classifier(model.peft_config["default"])  # a reward model scores, it does not generate
+            if generates and not (tmp / "generation_config.json").is_file():
                 GenerationConfig.from_model_config(merged.config).save_pretrained(tmp)
             (tmp / "args.json").write_text(json.dumps(args, indent=2, sort_keys=True, default=str) + "\n")
 

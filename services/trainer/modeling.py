@@ -1,5 +1,6 @@
 """The model a job trains: the base loaded in `torch_dtype` (4-bit nf4 through bitsandbytes
-for qlora), every weight trainable for `full`, else frozen under fresh PEFT LoRA adapters on
+for qlora) with the head its method needs (a causal LM's, or a reward model's classification
+head), every weight trainable for `full`, else frozen under fresh PEFT LoRA adapters on
 `target_modules` (plus `modules_to_save` trained whole), with gradient checkpointing on
 request."""
 
@@ -22,16 +23,20 @@ def quantization_config(config: TrainConfig):
                               bnb_4bit_compute_dtype=getattr(torch, config.torch_dtype))
 
 
-def build_model(config: TrainConfig, model_dir):
-    """The model to train from `model_dir` (on CPU; on CUDA with qlora when there is one)."""
+def build_model(config: TrainConfig, model_dir, auto_class=None, task_type: str = "CAUSAL_LM", **model_kwargs):
+    """The model to train from `model_dir` (on CPU; on CUDA with qlora when there is one).
+    `auto_class` (AutoModelForCausalLM unless given) picks the head, `task_type` the PEFT
+    model around it (SEQ_CLS trains the classification head whole beside the adapter), and
+    `model_kwargs` go to from_pretrained (the reward model's num_labels=1)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     quantization = quantization_config(config)
-    extra = {"quantization_config": quantization}
+    extra = {"quantization_config": quantization, **model_kwargs}
     if quantization is not None and torch.cuda.is_available():
         extra["device_map"] = {"": torch.cuda.current_device()}
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config.torch_dtype), **extra)
+    auto_class = auto_class or AutoModelForCausalLM
+    base = auto_class.from_pretrained(model_dir, dtype=getattr(torch, config.torch_dtype), **extra)
     checkpointing = {"use_reentrant": False}  # works with frozen inputs (no enable_input_require_grads)
     if config.train_type == "full":
         base.requires_grad_(True)
@@ -47,7 +52,7 @@ def build_model(config: TrainConfig, model_dir):
     targets = "all-linear" if config.target_modules == ["all-linear"] else list(config.target_modules)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, modules_to_save=list(config.modules_to_save) or None,
-                      task_type="CAUSAL_LM")
+                      task_type=task_type)
     names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     missing = [m for m in config.modules_to_save if m not in names]
     if missing:

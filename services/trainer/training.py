@@ -228,10 +228,12 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
             return
         path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
                                     training_state=training)
-        # A full checkpoint is a whole model, not an adapter: no adapter name, so serving
-        # (which hot-loads adapters) leaves it alone.
+        # Serving hot-loads a checkpoint with an adapter name into its LLM engine. A full
+        # checkpoint is a whole model, not an adapter, and a reward model's adapter carries a
+        # scoring head, not a generator: no name, so serving leaves them alone.
+        served = not full and config.rlhf_type != "rm"
         report("checkpoint", step=step, path=str(path), final=final, base_model=str(model_dir),
-               adapter_name="" if full else config.resolved_adapter_name(), publish_seconds=seconds)
+               adapter_name=config.resolved_adapter_name() if served else "", publish_seconds=seconds)
 
     def log(learning_rate: float, grad_norm: float) -> None:
         nonlocal window

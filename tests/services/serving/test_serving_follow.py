@@ -6,11 +6,13 @@ and the follower reconnects when the trainer comes (back) up. The registry's eng
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import grpc
 import pytest
 
+from libs.common.errors import FailedPrecondition
 from protos.tuneforge.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.serving.adapters import AdapterRegistry
 from services.serving.follow import CheckpointFollower
@@ -101,6 +103,39 @@ def test_follows_publications_and_replaces_older_checkpoints(base, tmp_path, pub
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_checkpoints_without_an_adapter_name_are_left_alone(base, tmp_path, publish_adapter, recording_engine,
+                                                           caplog):
+    """A reward model's checkpoint (a LoRA with its score head trained whole) is published with
+    no adapter name, as a full model's: the follower says so and loads it not, and takes the
+    next checkpoint. Loaded by hand, the registry refuses it (vLLM serves LoRA deltas only)."""
+    reward_model = publish_adapter(tmp_path / "rm" / "checkpoint-2", base, modules_to_save=["classifier", "score"])
+    ada = publish_adapter(tmp_path / "ada" / "checkpoint-1", base)
+
+    async def scenario():
+        engine = recording_engine()
+        registry = AdapterRegistry(engine, base, "base", max_lora_rank=16)
+        trainer = Trainer()
+        await trainer.publish(job_id="rm", step=2, path=str(reward_model), adapter_name="", final=True)
+        await trainer.publish(job_id="ada", step=1, path=str(ada), adapter_name="ada")
+        server, port = await serve(trainer)
+        follower = CheckpointFollower(f"127.0.0.1:{port}", registry)
+        follower.start()
+        try:
+            await until(lambda: served(registry).get("ada") == str(ada))
+            assert engine.paths() == [str(ada)]
+            with pytest.raises(FailedPrecondition, match="modules_to_save"):
+                registry.validate("rm", reward_model)
+        finally:
+            await follower.stop()
+            await server.stop(0)
+
+    with caplog.at_level(logging.INFO, logger="tuneforge.serving.follow"):
+        asyncio.run(scenario())
+    skipped = [r for r in caplog.records if r.getMessage().startswith("checkpoint without an adapter name")]
+    assert [r.fields["path"] for r in skipped] == [str(reward_model)]
+    assert "(a full model or a reward model); not loaded" in skipped[0].getMessage()
 
 
 def test_reconnects_when_the_trainer_comes_up_and_after_it_restarts(base, tmp_path, publish_adapter, recording_engine):
