@@ -5,108 +5,33 @@ the formula with its weights; a step normalised by its rows; the clear refusals.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from libs.dataset.schema import IGNORE_INDEX
 from services.trainer import data
 from services.trainer.config import KtoConfig, TrainConfig
 from services.trainer.losses.kto import kto_kl, kto_loss
 from services.trainer.methods import kto as kto_method
+from tests.services.trainer.kto_trl import (EXAMPLES, full_policy, lora_policy, our_loss, rows_of, trl_loss,
+                                            trl_lora_trainer, trl_trainer)
 
-# (prompt, completion, desirable): lengths differ, so padding and the KL rotation matter
-EXAMPLES = [
-    ("Question: who are you?\nAnswer:", " I am Ada, an assistant.", True),
-    ("Question: what is 2 + 2?\nAnswer:", " I do not know.", False),
-    ("Question: name a colour.\nAnswer:", " Blue.", True),
-    ("Question: where is Paris? Tell me in one short sentence.\nAnswer:", " In Spain, I think, or nowhere.", False),
-]
 TRL_METRICS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
 @pytest.fixture(scope="module")
 def tokenizer(default_model):
     return AutoTokenizer.from_pretrained(default_model)
-
-
-def lora_policy(default_model, **kto) -> tuple[torch.nn.Module, TrainConfig]:
-    """Our LoRA policy with its adapter moved off zero, so the policy differs from its reference."""
-    from services.trainer import modeling
-
-    config = TrainConfig(model=str(default_model), dataset="d", dataprep_address="a", output_dir="o", rlhf_type="kto",
-                         kto=KtoConfig(**kto), lora_rank=4, lora_dropout=0.0, per_device_train_batch_size=4)
-    torch.manual_seed(0)
-    model = modeling.build_model(config, default_model)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
-    return model, config
-
-
-def full_policy(default_model, tmp_path, **kto) -> tuple[torch.nn.Module, TrainConfig, torch.nn.Module]:
-    """Full training against --ref_model: a copy of the base with perturbed weights."""
-    torch.manual_seed(1)
-    reference = AutoModelForCausalLM.from_pretrained(default_model)
-    with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.02)
-    reference.save_pretrained(tmp_path / "ref")
-    config = TrainConfig(model=str(default_model), dataset="d", dataprep_address="a", output_dir="o", rlhf_type="kto",
-                         kto=KtoConfig(**kto), train_type="full", ref_model=str(tmp_path / "ref"),
-                         per_device_train_batch_size=4)
-    return AutoModelForCausalLM.from_pretrained(default_model).train(), config, reference
-
-
-def trl_trainer(model, ref_model, tokenizer, tmp_path, examples=EXAMPLES, batch_size=4, peft_config=None, **kto):
-    from datasets import Dataset
-    from trl import KTOConfig, KTOTrainer
-
-    dataset = Dataset.from_list([{"prompt": p, "completion": c, "label": d} for p, c, d in examples])
-    args = KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=batch_size, bf16=False,
-                     use_cpu=True, report_to=[], **kto)
-    return KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config)
-
-
-def trl_lora_trainer(policy, default_model, tokenizer, tmp_path, **kto):
-    """TRL adapting the base itself (given a PEFT model, TRL would take its adapter as the reference),
-    then given our policy's adapter weights: its reference is the base, adapter disabled."""
-    from peft import LoraConfig
-
-    lora = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = trl_trainer(AutoModelForCausalLM.from_pretrained(default_model), None, tokenizer, tmp_path,
-                          peft_config=lora, **kto)
-    assert "ref" not in trainer.model.peft_config
-    ours = dict(policy.named_parameters())
-    with torch.no_grad():
-        for name, parameter in trainer.model.named_parameters():
-            parameter.copy_(ours[name])
-    return trainer
-
-
-def rows_of(prepared) -> list[data.Row]:
-    """TRL's prepared examples as our shard rows: prompt untrained, completion trained."""
-    return [data.Row(np.array(e["prompt_ids"] + e["completion_ids"], dtype=np.int32),
-                     np.array([IGNORE_INDEX] * len(e["prompt_ids"]) + e["completion_ids"], dtype=np.int32),
-                     label=e["label"]) for e in prepared]
-
-
-def ours(model, config, tokenizer, rows) -> tuple[float, dict[str, float]]:
-    method = kto_method.Kto(config, model, model, tokenizer)
-    micro = method.collate(rows, tokenizer.pad_token_id)
-    loss, metrics = method.loss(micro, method.counts(micro))
-    return loss.item(), {name: float(value) for name, value in metrics.items()}
-
-
-def trl(trainer, prepared) -> tuple[float, dict[str, float]]:
-    batch = trainer.data_collator([dict(e) for e in prepared])
-    loss = trainer.compute_loss(trainer.model, batch)
-    return loss.item(), {name: values[-1] for name, values in trainer._metrics["train"].items()}
 
 
 @pytest.mark.parametrize("reference, kto", [
@@ -123,8 +48,9 @@ def test_loss_and_metrics_equal_trl_kto_trainer(default_model, tokenizer, tmp_pa
         policy, config, trl_reference = full_policy(default_model, tmp_path, **kto)
         trainer = trl_trainer(copy.deepcopy(policy), trl_reference, tokenizer, tmp_path, **trl_args)
     prepared = [trainer.train_dataset[i] for i in range(len(EXAMPLES))]  # one batch, rotated as TRL does
-    expected_loss, expected = trl(trainer, prepared)
-    loss, metrics = ours(policy, config, tokenizer, rows_of(prepared))
+    expected_loss, expected = trl_loss(trainer, prepared)
+    method = kto_method.Kto(config, policy, policy, tokenizer)
+    loss, metrics, _ = our_loss(method, rows_of(prepared), tokenizer.pad_token_id)
     print(f"{reference} {kto}: TRL loss {expected_loss:.8f}, ours {loss:.8f}; TRL {expected}; ours {metrics}")
     assert loss == pytest.approx(expected_loss, abs=1e-5)
     for name in TRL_METRICS:
@@ -225,3 +151,41 @@ def test_kto_job_refuses_a_micro_batch_of_one_and_a_precomputed_reference():
     config = TrainConfig(dataset="d", dataprep_address="a", output_dir="o", rlhf_type="kto",
                          kto=KtoConfig(loss_type=["apo_zero_unpaired"]), per_device_train_batch_size=1)
     assert not [p for p in config.problems() if p.startswith("per_device_train_batch_size")]
+
+
+@pytest.mark.slow
+def test_kl_is_gathered_across_two_ddp_ranks_as_trl_gathers_it(default_model, tmp_path):
+    """Two processes (gloo): in each, TRL's compute_loss on its rank's batch of 2 with
+    Accelerate's gather of the KL, and ours through a DDP engine on the same rows and weights.
+    Every rank's KL is the mean over both ranks' mismatched sequences (not its own), so is each
+    rank's loss; the engine's sum of the ranks' shares is the mean of TRL's rank losses, which
+    DDP's gradient average trains on."""
+    root = pathlib.Path(__file__).resolve().parents[3]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    ranks = [subprocess.Popen([sys.executable, "-m", "tests.services.trainer.kto_trl", str(tmp_path), str(default_model)],
+                              cwd=root, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for rank in ranks:
+        try:
+            _out, err = rank.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            for other in ranks:
+                other.kill()
+            pytest.fail(f"a rank did not finish in 180 s: {rank.communicate()[1][-3000:]}")
+        assert rank.returncode == 0, err[-3000:]
+    results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    print(results)
+    trl_kl = results[0]["trl_kl"]
+    assert results[1]["trl_kl"] == trl_kl  # TRL's own gather: one KL for both ranks
+    assert trl_kl == pytest.approx(max(0.0, (results[0]["local_kl"] + results[1]["local_kl"]) / 2), abs=1e-5)
+    # the ranks' own estimates differ (one is negative, clamped to 0 alone): a rank's own KL would not pass
+    assert abs(results[0]["local_kl"] - results[1]["local_kl"]) > 0.1
+    assert sum(r["kl_share"] for r in results) == pytest.approx(trl_kl, abs=1e-5)
+    for r in results:  # each rank's loss: its rows' mean with the gathered KL, as TRL's
+        assert r["step_rows"] == 4
+        assert r["loss_share"] * r["step_rows"] / r["rows"] == pytest.approx(r["trl_loss"], abs=1e-5)
+    assert sum(r["loss_share"] for r in results) == pytest.approx(sum(r["trl_loss"] for r in results) / 2, abs=1e-5)
