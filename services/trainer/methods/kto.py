@@ -83,9 +83,9 @@ class Kto:
         sample's log-prob sums). `labels` and `tokens` count the rows alone: the mismatched
         sequences are forwarded but not trained."""
         for row in rows:
-            if row.label is None or row.seq_lens is not None:
-                raise InvalidArgument("rlhf_type kto trains on unpacked rows with a true/false `label` (task kto); "
-                                      f"row {row.key} has none", field="dataset")
+            if row.label is None:  # dataset_check refuses other kinds at submission: a reader's bug, said plainly
+                raise InvalidArgument("rlhf_type kto trains on rows with a true/false `label` (task kto); dataset row "
+                                      f"{row.key} has none", field="dataset")
         sequences = list(rows) + (mismatched(rows) if self.estimates_kl and len(rows) > 1 else [])
         micro = data.collate(sequences, pad_id)
         count = len(rows)
@@ -105,9 +105,9 @@ class Kto:
         inputs = micro.model_inputs(self.dtype)
         logits = self.forward(**inputs).logits  # [samples, seq, vocab]: rows, then mismatched sequences
         ref_logits = self.reference.forward(**inputs).logits
-        labels = micro.extras["logp_labels"]
-        logps, _ = sequence_logps(logits, labels, micro.sample_ids, micro.num_samples)  # [samples]
-        ref_logps, _ = sequence_logps(ref_logits, labels, micro.sample_ids, micro.num_samples)
+        labels, samples = micro.extras["logp_labels"].to(logits.device), micro.sample_ids.to(logits.device)
+        logps, _ = sequence_logps(logits, labels, samples, micro.num_samples)  # [samples]
+        ref_logps, _ = sequence_logps(ref_logits.to(logits.device), labels, samples, micro.num_samples)
         desirable = micro.extras["desirable"].to(logps.device)
         rows = desirable.numel()
         if self.estimates_kl:  # every rank takes part, whether or not it has a mismatched sequence
