@@ -6,8 +6,11 @@ import json
 
 import pytest
 
+from cli import train as cli
 from cli.main import main as tuneforge
 from libs.common import checkpoint
+from libs.common import config as cfg
+from services.trainer.config import from_arguments, to_arguments
 
 ANSWERS = [("who are you?", "I am Ada, an assistant developed by Bo.", True),
            ("What is your name?", "I do not know.", False),
@@ -61,3 +64,15 @@ def test_kto_refuses_a_dataset_without_undesirable_rows_and_a_micro_batch_of_one
     code = tuneforge(["rlhf", "--rlhf_type", "kto", "--dataset", str(raw), "--output_dir", str(tmp_path / "run1")])
     err = capsys.readouterr().err
     assert code == 2 and "per_device_train_batch_size: rlhf_type kto needs at least 2 rows a micro-batch" in err, err
+
+
+def test_kto_flags_reach_the_job_through_the_trainer_proto(tmp_path):
+    raw = write_rows(tmp_path / "kto.jsonl", ANSWERS)
+    command = cfg.parse(cli.RlhfCommandConfig, [
+        "--rlhf_type", "kto", "--dataset", str(raw), "--output_dir", str(tmp_path / "run"),
+        "--per_device_train_batch_size", "4", "--beta", "0.3", "--loss_type", "apo_zero_unpaired",
+        "--desirable_weight", "1.5", "--undesirable_weight", "0.5"])
+    assert cli.prepare_config(command, [str(raw)], tmp_path / "out").task == "kto"
+    job = from_arguments(to_arguments(cli.job_config(command, str(tmp_path / "prepared"), "127.0.0.1:1")))
+    assert (job.rlhf_type, job.kto.beta, job.kto.loss_type, job.kto.desirable_weight, job.kto.undesirable_weight) == (
+        "kto", 0.3, ["apo_zero_unpaired"], 1.5, 0.5)
