@@ -11,8 +11,9 @@ micro-batch give both the rows' and the mismatched sequences' log-probs.
 Normalisation: each row's loss and metric is divided by the step's totals (rows, desirable
 rows, undesirable rows over every micro-batch and rank), so the step's loss is the mean
 over its rows whatever the accumulation split. The KL estimate is per micro-batch, pooled
-over the ranks' micro-batches of the same index (TRL: each rank's micro-batch mean, averaged
-over the ranks; equal when micro-batches are equal)."""
+over the ranks' micro-batches of the same index while training (TRL: each rank's micro-batch
+mean, averaged over the ranks; equal when micro-batches are equal); in eval, each micro-batch's
+own."""
 
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class Kto:
         from libs.default_model.resolve import resolve_model
 
         self.forward = forward
+        self.model = model
         self.dtype = model.dtype
         self.args = config.kto
         self.loss_type = self.args.loss_type[0]
@@ -110,8 +112,11 @@ class Kto:
         ref_logps, _ = sequence_logps(ref_logits.to(logits.device), labels, samples, micro.num_samples)
         desirable = micro.extras["desirable"].to(logps.device)
         rows = desirable.numel()
-        if self.estimates_kl:  # every rank takes part, whether or not it has a mismatched sequence
-            kl = kto_kl(logps[rows:], ref_logps[rows:], all_sum)
+        if self.estimates_kl:
+            # Training: every rank's micro-batch of this index takes part (one with no mismatched sequence
+            # too), as the ranks step together. Eval: ranks may hold different numbers of eval
+            # micro-batches, so each micro-batch's own estimate (a collective here would meet another).
+            kl = kto_kl(logps[rows:], ref_logps[rows:], all_sum if self.model.training else None)
         else:
             kl = torch.zeros((), dtype=logps.dtype, device=logps.device)
         losses, rewards = kto_loss(logps[:rows], ref_logps[:rows], desirable, kl, self.args.beta, self.loss_type,

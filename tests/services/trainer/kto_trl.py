@@ -141,9 +141,13 @@ def run_rank(out: pathlib.Path, model_dir: str) -> None:
     local = kto_method.Kto(config, policy, policy, tokenizer)  # the same rows, this rank's KL alone
     policy_kl, reference_kl = _kl_logps(local, rows, tokenizer.pad_token_id)
     local_kl = float((policy_kl - reference_kl).mean())  # before the clamp, as TRL averages the ranks'
+    eval_kl = None
+    if rank == 1:  # eval on this rank alone: no collective may be waiting for the other
+        policy.eval()
+        eval_kl = our_loss(local, rows, tokenizer.pad_token_id)[1]["kl"]
     (out / f"rank-{rank}.json").write_text(json.dumps({
         "trl_loss": expected_loss, "trl_kl": expected["kl"], "loss_share": share, "kl_share": metrics["kl"],
-        "rows": len(rows), "step_rows": counts["rows"], "local_kl": local_kl}))
+        "rows": len(rows), "step_rows": counts["rows"], "local_kl": local_kl, "eval_kl": eval_kl}))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -159,7 +159,7 @@ def test_kl_is_gathered_across_two_ddp_ranks_as_trl_gathers_it(default_model, tm
     Accelerate's gather of the KL, and ours through a DDP engine on the same rows and weights.
     Every rank's KL is the mean over both ranks' mismatched sequences (not its own), so is each
     rank's loss; the engine's sum of the ranks' shares is the mean of TRL's rank losses, which
-    DDP's gradient average trains on."""
+    DDP's gradient average trains on. Eval, on one rank alone, gathers nothing."""
     root = pathlib.Path(__file__).resolve().parents[3]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,3 +189,5 @@ def test_kl_is_gathered_across_two_ddp_ranks_as_trl_gathers_it(default_model, tm
         assert r["step_rows"] == 4
         assert r["loss_share"] * r["step_rows"] / r["rows"] == pytest.approx(r["trl_loss"], abs=1e-5)
     assert sum(r["loss_share"] for r in results) == pytest.approx(sum(r["trl_loss"] for r in results) / 2, abs=1e-5)
+    # eval: a rank's eval micro-batch has its own estimate (ranks may hold different numbers of them)
+    assert results[1]["eval_kl"] == pytest.approx(results[1]["local_kl"], abs=1e-5)
