@@ -139,6 +139,13 @@ def test_a_step_is_the_mean_over_its_rows_whatever_the_accumulation_split(defaul
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(split_grads, whole_grads))
 
 
+def test_kto_logs_trls_names_each_a_prometheus_gauge():
+    from services.trainer import methods, metrics
+
+    assert methods.get("kto") is kto_method.Kto
+    assert kto_method.Kto.metrics == TRL_METRICS and set(TRL_METRICS) <= set(metrics.METHOD_METRICS)
+
+
 def test_kto_job_refuses_a_micro_batch_of_one_and_a_precomputed_reference():
     config = TrainConfig(dataset="d", dataprep_address="a", output_dir="o", rlhf_type="kto",
                          per_device_train_batch_size=1, precompute_ref_log_probs=True)
