@@ -80,6 +80,20 @@ class KtoConfig:
                 found.append(f"{name}: must be positive; got {getattr(self, name)}")
         return found
 
+    def job_problems(self, job: "TrainConfig") -> list[str]:
+        """The job's fields KTO cannot train with (named as the job's own fields)."""
+        found = []
+        if self.loss_type == ["kto"] and job.per_device_train_batch_size < 2:
+            found.append(f"per_device_train_batch_size: rlhf_type kto needs at least 2 rows a micro-batch: its KL term "
+                         f"is estimated from mismatched pairs within one (a row's prompt with another row's answer), "
+                         f"and desirable and undesirable rows must meet in a batch; got "
+                         f"{job.per_device_train_batch_size} (raise it and lower gradient_accumulation_steps to keep "
+                         f"the global batch)")
+        if job.precompute_ref_log_probs:
+            found.append("precompute_ref_log_probs: not supported by rlhf_type kto: its KL pairs are made per "
+                         "micro-batch, so the reference runs beside the policy")
+        return found
+
 
 @dataclass
 class OrpoConfig:
@@ -346,6 +360,8 @@ class TrainConfig:
                 found.append(f"{name}: arguments of rlhf_type {rlhf_type}, but rlhf_type is {self.rlhf_type}")
             elif value is not None:
                 found.extend(f"{name}.{problem}" for problem in value.problems())
+        if self.kto is not None and self.rlhf_type == "kto":
+            found.extend(self.kto.job_problems(self))
         has_reference = self.rlhf_type in REFERENCE_METHODS
         for name in ("ref_model", "ref_adapters", "precompute_ref_log_probs"):
             if getattr(self, name) and not has_reference:

@@ -25,7 +25,27 @@ def problems(config: TrainConfig) -> list[str]:
             raise type(exc)(exc.message.removeprefix("dataset_dir: "), field=name) from None
         if info.task not in kinds:
             found.append(f"{name}: {path} holds {info.task} rows; {method} trains on {needs}")
+        elif name == "dataset" and config.rlhf_type == "kto" and config.kto.loss_type == ["kto"] and info.complete:
+            found.extend(_kto_label_problems(config, path))
     return found
+
+
+def _kto_label_problems(config: TrainConfig, path: str) -> list[str]:
+    """KTO weighs desirable against undesirable rows, which must meet in a batch: a dataset
+    lacking one kind is refused, naming its balance. Reading stops at the first row of the
+    second kind, so a mixed dataset costs a few rows; one lacking a kind is read whole."""
+    seen = {True: 0, False: 0}
+    for batch, _cursor in client.read_batches(config.dataprep_address, path, max_batch_rows=1024):
+        for label in batch.column("label").to_pylist():
+            seen[bool(label)] += 1
+        if seen[True] and seen[False]:
+            return []
+    missing = " and ".join(name for name, kind in (("true", True), ("false", False)) if not seen[kind])
+    return [f"dataset: {path} holds {seen[True]} desirable and {seen[False]} undesirable rows; rlhf_type kto "
+            f"(loss_type kto) needs both kinds in a batch (per_device_train_batch_size "
+            f"{config.per_device_train_batch_size}): its loss weighs desirable against undesirable answers "
+            f"around a KL baseline; add rows labelled {missing}, or use --loss_type apo_zero_unpaired, which "
+            f"has no such need"]
 
 
 def check(config: TrainConfig) -> None:

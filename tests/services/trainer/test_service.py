@@ -256,7 +256,7 @@ def test_a_dataset_of_the_wrong_kind_is_refused_before_any_work(stub, prepared_d
          f"dataset: {prepared_dataset} holds sft rows; rlhf_type dpo trains on chosen/rejected pairs"),
         (dict(dataset=prepared_dataset, val_dataset=preference_dataset),
          f"val_dataset: {preference_dataset} holds preference rows"),
-        (dict(dataset=preference_dataset, rlhf_type="kto"),
+        (dict(dataset=preference_dataset, rlhf_type="kto", per_device_train_batch_size=2),  # kto needs 2 or more
          "rlhf_type kto trains on answers labelled desirable or undesirable"),
     ]
     for i, (fields, expected) in enumerate(cases):
