@@ -14,7 +14,7 @@ import grpc
 import pyarrow as pa
 import pytest
 
-from libs.common.errors import Cancelled, FailedPrecondition, InvalidArgument
+from libs.common.errors import Cancelled, FailedPrecondition
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
 from libs.dataset import client
@@ -22,27 +22,6 @@ from services.dataprep import pipeline, tasks
 from services.dataprep.config import PrepareConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-
-@pytest.fixture
-def gated(monkeypatch):
-    """Preparations tokenize one row per chunk (after the first, read ahead to fix the
-    dataset's kind) and stop before row (line) 5 until gate is set; `fail` makes them
-    fail there instead."""
-    gate, state = threading.Event(), {"fail": False}
-    real = pipeline.encode_chunk
-    monkeypatch.setattr(pipeline, "CHUNK_ROWS", 1)
-    monkeypatch.setattr(tasks, "PEEK_VALID", 1)
-
-    def encode_chunk(tokenizer, records, columns, config):
-        if records[0].line >= 5:
-            assert gate.wait(60)
-            if state["fail"]:
-                raise InvalidArgument("train.jsonl:5: the disk went away", field="dataset")
-        return real(tokenizer, records, columns, config)
-
-    monkeypatch.setattr(pipeline, "encode_chunk", encode_chunk)
-    return gate, state
 
 
 def start(address, data, out):

@@ -2,16 +2,21 @@
 cursor), and the real read path: rows over gRPC from a real dataprep server, resumed exactly."""
 
 import json
+import time
 
+import grpc
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.dataset import client as dataprep_client, split
 from libs.dataset.client import Cursor
+from protos.tuneforge.dataprep.v1 import dataprep_pb2, dataprep_pb2_grpc
+from protos.tuneforge.trainer.v1 import trainer_pb2
 from services.dataprep.config import PrepareConfig
-from services.trainer import data, evaluation
+from services.trainer import client as trainer_client, data, evaluation
 from services.trainer.config import TrainConfig
 from services.trainer.data import DataCursor, Row
 
@@ -170,3 +175,50 @@ def test_a_cursor_resumes_only_in_the_order_it_was_read_in():
     with pytest.raises(InvalidArgument, match="^seed: checkpoint-4 shuffled its rows with seed 42: resume it with "
                                               "--seed 42$"):
         data.check_order(data.order(True, 42), True, 7, "checkpoint-4")
+
+
+def describe_calls() -> float:
+    return sum(REGISTRY.get_sample_value("tuneforge_dataprep_grpc_requests_total",
+                                         {"method": "DescribeDataset", "code": code}) or 0 for code in ("OK",))
+
+
+@pytest.mark.slow
+def test_a_job_on_a_dataset_still_being_prepared_waits_for_it(trainer, dataprep_address, default_model, gated,
+                                                              tmp_path):
+    """Shuffled reads and the row count need the whole dataset: the job waits for the preparation
+    (its total comes from all 10 rows, not those written when it started); cancelled while
+    waiting, it ends CANCELLED having trained nothing."""
+    gate, _ = gated
+    raw = tmp_path / "rows.jsonl"
+    raw.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                                    {"role": "assistant", "content": f"{2 * i}."}]}) + "\n"
+                           for i in range(10)))
+
+    out = tmp_path / "preparing"
+    with grpc.insecure_channel(dataprep_address) as channel:
+        dataprep_pb2_grpc.DataprepServiceStub(channel).PrepareDataset(dataprep_pb2.PrepareDatasetRequest(
+            arguments=dataprep_pb2.PrepareArguments(model=str(default_model), dataset=[str(raw)], output_dir=str(out),
+                                                    shard_rows=2)), timeout=10)
+    next(dataprep_client.read_batches(dataprep_address, str(out), timeout=60))  # a shard is written
+
+    def submit(dataset, output_dir):
+        asked = describe_calls()
+        job_id = trainer_client.submit(trainer.address, TrainConfig(
+            dataset=dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path / output_dir),
+            per_device_train_batch_size=2, lora_dropout=0.0))
+        deadline = time.monotonic() + 120
+        while describe_calls() < asked + 3:  # SubmitJob's and the worker's checks, then the wait's first ask
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert trainer_client.get(trainer.address, job_id).total_steps == 0  # waiting, not started
+        return job_id
+
+    job_id = submit(str(out), "cancelled")
+    trainer_client.cancel(trainer.address, job_id)
+    job = trainer_client.wait(trainer.address, job_id)
+    assert job.state == trainer_pb2.JOB_STATE_CANCELLED and job.error == "" and job.step == 0
+
+    job_id = submit(str(out), "waited")
+    gate.set()
+    job = trainer_client.wait(trainer.address, job_id)
+    assert job.state == trainer_pb2.JOB_STATE_SUCCEEDED and job.total_steps == job.step == 5  # 10 rows, 2 a step
