@@ -106,6 +106,7 @@ def test_a_shuffled_run_resumes_exactly_mid_first_and_mid_second_epoch(trainer, 
               for step in (2, 4)}
     assert [(states[s]["data_cursor"]["epoch"], states[s]["data_order"]) for s in (2, 4)] == [
         (0, {"shuffle": True, "seed": 11}), (1, {"shuffle": True, "seed": 11})]
+    assert json.loads((reference / "args.json").read_text())["dataset_shuffle"] is True
     expected = logged(reference)
     assert [e["step"] for e in expected if "eval_loss" in e] == [2, 4, 6]
     assert all(e["eval_rows"] == 2 for e in expected if "eval_loss" in e)
