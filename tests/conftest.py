@@ -1,13 +1,15 @@
 """Session fixtures: the embedded default model; one running stack (dataprep, trainer,
 serving as real processes on loopback, one vLLM engine for the whole session); and, for the
 trainer's and the training commands' tests, a dataprep gRPC server in this process with a small
-prepared self-cognition dataset and a trainer gRPC server, both on 127.0.0.1 port 0."""
+prepared self-cognition dataset and a trainer gRPC server, both on 127.0.0.1 port 0; `gated`
+holds this process's preparations midway."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -114,6 +116,31 @@ def prepared_dataset(dataprep_address, default_model, tmp_path_factory) -> str:
         model=str(default_model), dataset=[str(raw)], output_dir=str(root / "prepared")))
     assert manifest["rows_out"] == len(QUESTIONS)
     return str(root / "prepared")
+
+
+@pytest.fixture
+def gated(monkeypatch):
+    """(gate, state): preparations in this process tokenize one row per chunk (after the first,
+    read ahead to fix the dataset's kind) and stop before row (line) 5 until gate is set, so a
+    dataset stays in preparation with its first shards written; state["fail"] makes them fail
+    there instead."""
+    from libs.common.errors import InvalidArgument
+    from services.dataprep import pipeline, tasks
+
+    gate, state = threading.Event(), {"fail": False}
+    real = pipeline.encode_chunk
+    monkeypatch.setattr(pipeline, "CHUNK_ROWS", 1)
+    monkeypatch.setattr(tasks, "PEEK_VALID", 1)
+
+    def encode_chunk(tokenizer, records, columns, config):
+        if records[0].line >= 5:
+            assert gate.wait(60)
+            if state["fail"]:
+                raise InvalidArgument("train.jsonl:5: the disk went away", field="dataset")
+        return real(tokenizer, records, columns, config)
+
+    monkeypatch.setattr(pipeline, "encode_chunk", encode_chunk)
+    return gate, state
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from typing import Callable, Iterator
 
 import grpc
@@ -15,6 +16,7 @@ import pyarrow as pa
 from libs.common.config import to_proto
 from libs.common.errors import TuneForgeError, Unavailable, from_rpc_error, from_status
 from libs.dataset.ipc import from_ipc_stream
+from libs.dataset.split import Holdout
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
 
@@ -53,24 +55,28 @@ def _channel(address: str) -> grpc.Channel:
 def read_batches(address: str, dataset_dir: str, rank: int = 0, world_size: int = 1,
                  start: Cursor | None = None, max_batch_rows: int = 256,
                  timeout: float | None = None, shuffle: bool = False, seed: int = 0,
-                 epoch: int = 0) -> Iterator[tuple[pa.RecordBatch, Cursor]]:
+                 epoch: int = 0, holdout: Holdout | None = None) -> Iterator[tuple[pa.RecordBatch, Cursor]]:
     """Yields (record batch of this rank's rows, cursor after it); `shuffle` reads
-    in the order fixed by (seed, epoch), the cursors being positions in it."""
+    in the order fixed by (seed, epoch), the cursors being positions in it; `holdout`
+    reads one side of an eval split only (libs.dataset.split), dealt among the ranks."""
     for batch, cursor, _row_ids in read_batches_with_ids(address, dataset_dir, rank, world_size, start,
-                                                         max_batch_rows, timeout, shuffle, seed, epoch):
+                                                         max_batch_rows, timeout, shuffle, seed, epoch, holdout):
         yield batch, cursor
 
 
 def read_batches_with_ids(address: str, dataset_dir: str, rank: int = 0, world_size: int = 1,
                           start: Cursor | None = None, max_batch_rows: int = 256,
                           timeout: float | None = None, shuffle: bool = False, seed: int = 0,
-                          epoch: int = 0) -> Iterator[tuple[pa.RecordBatch, Cursor, np.ndarray]]:
+                          epoch: int = 0, holdout: Holdout | None = None
+                          ) -> Iterator[tuple[pa.RecordBatch, Cursor, np.ndarray]]:
     """As read_batches, with each row's identity (its index in the whole dataset, whatever
     the order it is read in): (batch, cursor after it, row ids [rows] int64)."""
     start = start or Cursor()
     request = pb.ReadShardsRequest(dataset_dir=str(dataset_dir), rank=rank, world_size=world_size,
                                    start=pb.Cursor(shard_index=start.shard_index, row=start.row),
                                    max_batch_rows=max_batch_rows, shuffle=shuffle, seed=seed, epoch=epoch)
+    if holdout is not None:
+        request.holdout.CopyFrom(pb.Holdout(ratio=holdout.ratio, held_out=holdout.held_out))
     with _channel(address) as channel:
         responses = pb_grpc.DataprepServiceStub(channel).ReadShards(request, timeout=timeout)
         try:
@@ -103,6 +109,20 @@ def describe(address: str, dataset_dir: str, timeout: float | None = 30.0) -> Da
         except grpc.RpcError as exc:
             raise _typed(exc, address) from None
     return DatasetInfo(response.task, response.packed, response.complete, response.rows, tuple(response.shard_rows))
+
+
+def wait_complete(address: str, dataset_dir: str, stop: threading.Event | None = None,
+                  poll_seconds: float = 1.0) -> DatasetInfo | None:
+    """What DescribeDataset says of a dataset once it is complete: while the service is still
+    preparing it, asks again every `poll_seconds`. None if `stop` is set first. A preparation
+    that fails meanwhile leaves no dataset: the next ask raises (FAILED_PRECONDITION)."""
+    stop = stop or threading.Event()
+    while True:
+        info = describe(address, dataset_dir)
+        if info.complete:
+            return info
+        if stop.wait(poll_seconds):
+            return None
 
 
 def _progress_of(preparation: pb.Preparation) -> Progress:

@@ -11,11 +11,13 @@ import threading
 import uuid
 
 import grpc
+import numpy as np
 
 from libs.common import logs, paths
 from libs.common.config import from_proto
 from libs.common.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                                 TuneForgeError, grpc_errors)
+from libs.dataset import split
 from libs.dataset.ipc import to_ipc_stream
 from libs.dataset.schema import SCHEMAS, describe, kind_of
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
@@ -217,18 +219,41 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
             order = reading.shard_order(len(entries), request.seed, request.epoch)
             entries = [entries[i] for i in order]
 
+        starts = [0]  # starts[i]: the id of manifest shard i's first row, as far as known yet
+
         def first_row(manifest_index: int) -> int:
             """The index in the whole dataset of a manifest shard's first row (what row ids count from)."""
-            rows = manifest_rows if order is not None else [entry["rows"] for entry in entries]
-            return sum(rows[:manifest_index])
+            while len(starts) <= manifest_index:
+                known = len(starts) - 1
+                starts.append(starts[-1] + (manifest_rows[known] if order is not None else entries[known]["rows"]))
+            return starts[manifest_index]
+
+        def rows_order(served: int) -> np.ndarray | None:
+            """A shuffled read's row order of the shard served `served`-th (None: file order)."""
+            return None if order is None else reading.row_order(entries[served]["rows"], request.seed,
+                                                                 request.epoch, order[served])
+
+        def row_ids(served: int, positions, served_order: np.ndarray | None) -> np.ndarray:
+            """The ids of the rows at `positions` of the shard served `served`-th."""
+            manifest_index = served if order is None else order[served]
+            return first_row(manifest_index) + reading.table_rows(positions, served_order)
+
+        holdout = split.Holdout(request.holdout.ratio, request.holdout.held_out) if request.HasField("holdout") else None
+
+        def dealt(served: int) -> np.ndarray:
+            """The positions of the shard served `served`-th whose rows are on the asked side of the split."""
+            ids = row_ids(served, range(entries[served]["rows"]), rows_order(served))
+            return np.flatnonzero(holdout.keeps(ids))
 
         while preparing is not None and start.shard_index > len(entries):  # resuming past what is written yet
             entries, columns, preparing = self._wait_for_shards(dataset_dir, preparing, len(entries), context)
-        reading.check([entry["rows"] for entry in entries], request.rank, world_size, start, max_batch_rows)
+        reading.check([entry["rows"] for entry in entries], request.rank, world_size, start, max_batch_rows,
+                      holdout.ratio if holdout else None)
         loaded: tuple[int, object, object] | None = None  # (shard served, its table, its row order)
         while True:
             shard_rows = [entry["rows"] for entry in entries]
-            for batch in reading.plan(shard_rows, request.rank, world_size, start, max_batch_rows):
+            for batch in reading.plan(shard_rows, request.rank, world_size, start, max_batch_rows,
+                                      dealt if holdout else None):
                 entry = entries[batch.shard_index]
                 if loaded is None or loaded[0] != batch.shard_index:
                     try:
@@ -240,18 +265,15 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
                         # for its end and raise that (FAILED_PRECONDITION naming it), not the missing file
                         self._wait_for_shards(dataset_dir, preparing, 1 << 62, context)
                         raise
-                    rows_order = None if order is None else reading.row_order(
-                        table.num_rows, request.seed, request.epoch, order[batch.shard_index])
-                    loaded = (batch.shard_index, table, rows_order)
+                    loaded = (batch.shard_index, table, rows_order(batch.shard_index))
                     metrics.SHARDS_SERVED.inc()
                 records = reading.take(loaded[1], batch, loaded[2])
-                manifest_index = batch.shard_index if order is None else order[batch.shard_index]
-                row_ids = first_row(manifest_index) + reading.table_rows(batch, loaded[2])
+                ids = row_ids(batch.shard_index, batch.positions, loaded[2])
                 data = to_ipc_stream(records)
                 metrics.ROWS_SERVED.inc(records.num_rows)
                 metrics.BYTES_SERVED.inc(len(data))
                 yield pb.ReadShardsResponse(
-                    arrow_ipc=data, num_rows=records.num_rows, shard=entry["file"], row_ids=row_ids.tolist(),
+                    arrow_ipc=data, num_rows=records.num_rows, shard=entry["file"], row_ids=ids.tolist(),
                     next=pb.Cursor(shard_index=batch.next.shard_index, row=batch.next.row))
             if preparing is None:
                 return

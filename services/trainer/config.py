@@ -211,10 +211,14 @@ class TrainConfig:
     eval_steps: int | None = field(default=None, metadata={
         "help": "evaluate every N steps (and at the end) when there is eval data; unset means save_steps"})
     split_dataset_ratio: float = field(default=0.0, metadata={
-        "help": "fraction of the dataset's rows held out for eval (every row i with ceil((i+1)r) > ceil(ir))"})
+        "help": "fraction of the dataset's rows held out for eval, by row id (row k when ceil((k+1)r) > ceil(kr)): "
+                "the same rows whatever the order, epoch or number of processes"})
+    dataset_shuffle: bool = field(default=True, metadata={
+        "help": "read the training rows in a new order every epoch, seeded by --seed (dataprep's block shuffle: "
+                "shards, then rows within each); false keeps file order"})
     val_dataset: str | None = field(default=None, metadata={"help": "prepared eval dataset directory on the dataprep service"})
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
-    seed: int = field(default=42, metadata={"help": "random seed (LoRA init, dropout)"})
+    seed: int = field(default=42, metadata={"help": "random seed (LoRA init, dropout, the order of the rows)"})
     model_name: str | None = field(default=None, metadata={"help": "self-cognition name recorded in args.json"})
     model_author: str | None = field(default=None, metadata={"help": "self-cognition author recorded in args.json"})
     adapter_name: str | None = field(default=None, metadata={"help": "name serving loads the adapters under (default: basename of output_dir)"})

@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from libs.common.errors import FailedPrecondition
+from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.dataset.client import Cursor, read_batches_with_ids
 from libs.dataset.schema import IGNORE_INDEX
+from libs.dataset.split import Holdout, rank_rows
 from services.trainer import packing
 from services.trainer.losses.sft import trained_tokens
 
@@ -28,23 +29,39 @@ from services.trainer.losses.sft import trained_tokens
 @dataclass(frozen=True)
 class DataCursor:
     """Where reading stands: `skip` rows of this rank after dataprep cursor `start` of
-    epoch `epoch`. Reading from it again yields exactly the rows not yet consumed,
-    whatever batch sizes the server picks. `index` counts this rank's rows of the epoch
-    before the cursor (what a train/eval split keys on)."""
+    epoch `epoch` (a position in that epoch's order: shuffled epochs each have their own).
+    Reading from it again yields exactly the rows not yet consumed, whatever batch sizes
+    the server picks."""
 
     epoch: int = 0
     start: Cursor = Cursor()
     skip: int = 0
-    index: int = 0
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "shard_index": self.start.shard_index, "row": self.start.row, "skip": self.skip,
-                "index": self.index}
+        return {"epoch": self.epoch, "shard_index": self.start.shard_index, "row": self.start.row, "skip": self.skip}
 
     @classmethod
     def from_dict(cls, values: dict) -> "DataCursor":
-        return cls(int(values["epoch"]), Cursor(int(values["shard_index"]), int(values["row"])), int(values["skip"]),
-                   int(values.get("index", 0)))
+        return cls(int(values["epoch"]), Cursor(int(values["shard_index"]), int(values["row"])), int(values["skip"]))
+
+
+def order(shuffle: bool, seed: int) -> dict:
+    """The order a run reads its rows in (saved beside its cursors: a cursor is a position in it)."""
+    return {"shuffle": shuffle, "seed": seed} if shuffle else {"shuffle": False}
+
+
+def check_order(saved: dict | None, shuffle: bool, seed: int, checkpoint) -> None:
+    """Refuses to resume a checkpoint's cursors in another order than it read in: some rows
+    would be trained twice in the epoch and others skipped."""
+    saved = saved or order(False, seed)  # checkpoints from before shuffling read in file order
+    if saved == order(shuffle, seed):
+        return
+    if saved["shuffle"] != shuffle:
+        how = "shuffled" if saved["shuffle"] else "in file order"
+        raise InvalidArgument(f"{checkpoint} read its rows {how}: resume it with --dataset_shuffle "
+                              f"{str(saved['shuffle']).lower()}", field="dataset_shuffle")
+    raise InvalidArgument(f"{checkpoint} shuffled its rows with seed {saved['seed']}: resume it with --seed "
+                          f"{saved['seed']}", field="seed")
 
 
 @dataclass(frozen=True)
@@ -115,35 +132,40 @@ def batch_rows(batch: pa.RecordBatch, keys: np.ndarray | None = None) -> Iterato
                            if margin_lists is not None else None), key=key(i))
 
 
+@dataclass
 class DataprepRows:
-    """Reads this rank's rows from the dataprep service (the trainer's only data path)."""
+    """Reads this rank's rows from the dataprep service (the trainer's only data path): every
+    epoch in its own order when `shuffle` (ReadShards' block shuffle, fixed by `seed` and the
+    epoch), else in file order; only one side of an eval split when `holdout` (ReadShards
+    splits by row id, then deals the side's rows to the ranks)."""
 
-    def __init__(self, address: str, dataset_dir: str, rank: int = 0, world_size: int = 1,
-                 max_batch_rows: int = 256, timeout: float | None = None):
-        self.address = address
-        self.dataset_dir = dataset_dir
-        self.rank = rank
-        self.world_size = world_size
-        self.max_batch_rows = max_batch_rows
-        self.timeout = timeout
+    address: str
+    dataset_dir: str
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    holdout: Holdout | None = None
+    max_batch_rows: int = 256
+    timeout: float | None = None
 
-    def _batches(self, start: Cursor, max_batch_rows: int) -> Iterator[tuple[pa.RecordBatch, Cursor, np.ndarray]]:
-        return read_batches_with_ids(self.address, self.dataset_dir, rank=self.rank, world_size=self.world_size,
-                                     start=start, max_batch_rows=max_batch_rows, timeout=self.timeout)
+    def rows(self, total: int, rank: int | None = None) -> int:
+        """This rank's (or `rank`'s) rows in every epoch of a dataset of `total` rows (the
+        manifest's count): exact, as the rows ReadShards deals are a function of the total."""
+        side = self.holdout.rows(total) if self.holdout else total
+        return rank_rows(side, self.rank if rank is None else rank, self.world_size)
 
     def epoch_rows(self, cursor: DataCursor) -> Iterator[tuple[Row, DataCursor]]:
-        batch_start, skip, index = cursor.start, cursor.skip, cursor.index
-        for batch, after, keys in self._batches(batch_start, self.max_batch_rows):
+        batch_start, skip = cursor.start, cursor.skip
+        for batch, after, keys in read_batches_with_ids(
+                self.address, self.dataset_dir, rank=self.rank, world_size=self.world_size, start=batch_start,
+                max_batch_rows=self.max_batch_rows, timeout=self.timeout, shuffle=self.shuffle, seed=self.seed,
+                epoch=cursor.epoch, holdout=self.holdout):
             for i, row in enumerate(batch_rows(batch, keys)):
                 if i >= skip:
-                    index += 1
-                    yield row, DataCursor(cursor.epoch, batch_start, i + 1, index)
+                    yield row, DataCursor(cursor.epoch, batch_start, i + 1)
             skip = max(0, skip - batch.num_rows)
             batch_start = after
-
-    def count_rows(self) -> int:
-        """Rows of this rank in one epoch (one pass over the stream; rows are not kept)."""
-        return sum(batch.num_rows for batch, _, _ in self._batches(Cursor(), 4096))
 
 
 @dataclass

@@ -2,45 +2,22 @@
 dataset (`--val_dataset`), and the eval loss, normalised by trained tokens like the training
 loss (sum of token losses over every eval row / their trained tokens).
 
-The split is by row position in this rank's stream, deterministic and without a count:
-row i is held out when ceil((i + 1) r) > ceil(i r). That is exactly ceil(n r) rows of n,
-spread evenly, the first row always among them (so a small dataset still evaluates)."""
+The split is by row identity (libs.dataset.split): row k of the dataset is held out when
+ceil((k + 1) r) > ceil(k r), exactly ceil(n r) of n rows, evenly spread, the first always
+among them, whatever order, epoch or rank reads it. dataprep applies it before dealing rows
+to the ranks, so each rank's train rows follow from the manifest's row count."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from libs.dataset.split import Holdout
 from services.trainer import data
-
-
-def held_out(index: int, ratio: float) -> bool:
-    """Whether row `index` (0-based, this rank's stream) is an eval row."""
-    return ratio > 0 and math.ceil((index + 1) * ratio) > math.ceil(index * ratio)
-
-
-def held_out_count(rows: int, ratio: float) -> int:
-    return math.ceil(rows * ratio) if ratio > 0 else 0
-
-
-@dataclass
-class Split:
-    """The train or the eval part of a row source (a RowSource itself); cursors are the
-    underlying source's, so resuming a split resumes the same rows."""
-
-    source: data.RowSource
-    ratio: float
-    eval_part: bool
-
-    def epoch_rows(self, cursor: data.DataCursor) -> Iterator[tuple[data.Row, data.DataCursor]]:
-        for row, after in self.source.epoch_rows(cursor):
-            if held_out(after.index - 1, self.ratio) == self.eval_part:
-                yield row, after
 
 
 @contextlib.contextmanager
@@ -118,18 +95,18 @@ def evaluate(method, forward: Callable[..., torch.Tensor], source: data.RowSourc
     return EvalResult(loss, trained, count, metrics)
 
 
-def sources(config, rows: data.DataprepRows) -> tuple[data.RowSource, data.RowSource | None]:
-    """(train rows, eval rows or None) for a job: a split of `rows` by split_dataset_ratio, or
-    `rows` and the val_dataset read the same way (same rank slice, same dataprep service)."""
+def sources(config, rank: int = 0, world_size: int = 1) -> tuple[data.DataprepRows, data.DataprepRows | None]:
+    """(train rows, eval rows or None) of one rank for a job: the dataset, each epoch in its own
+    order unless --dataset_shuffle false, less its held-out rows (--split_dataset_ratio); the
+    held-out rows or the val_dataset, in file order, read the same way (same rank slice, same
+    dataprep service)."""
+    train = data.DataprepRows(config.dataprep_address, config.dataset, rank, world_size,
+                              shuffle=config.dataset_shuffle, seed=config.seed)
     if config.val_dataset:
-        return rows, data.DataprepRows(rows.address, config.val_dataset, rank=rows.rank, world_size=rows.world_size,
-                                       timeout=rows.timeout)
+        return train, data.DataprepRows(config.dataprep_address, config.val_dataset, rank, world_size)
     if config.split_dataset_ratio > 0:
-        return Split(rows, config.split_dataset_ratio, False), Split(rows, config.split_dataset_ratio, True)
-    return rows, None
-
-
-def train_row_count(config, rows: data.DataprepRows) -> int:
-    """This rank's training rows in one epoch (the eval split excluded)."""
-    count = rows.count_rows()
-    return count - held_out_count(count, config.split_dataset_ratio) if not config.val_dataset else count
+        ratio = config.split_dataset_ratio
+        return (replace(train, holdout=Holdout(ratio, held_out=False)),
+                data.DataprepRows(config.dataprep_address, config.dataset, rank, world_size,
+                                  holdout=Holdout(ratio, held_out=True)))
+    return train, None

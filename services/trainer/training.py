@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from libs.common.errors import InvalidArgument
+from libs.dataset import client as dataset_client
 from services.trainer import checkpointing, data, dataset_check, distributed, evaluation, methods
 from services.trainer.config import TrainConfig, as_dict
 
@@ -158,6 +159,15 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     stop = stop or threading.Event()
     dataset_check.check(config)  # the service checked at submission; a worker run directly is checked here
     world = distributed.init(config)  # torchrun's ranks join the process group; one process: nothing
+    # Shuffled reads and row counts (from the manifest) need the whole dataset: one the service is
+    # still preparing is waited for. File order for max_steps reads shards as they are written.
+    described = None
+    if config.dataset_shuffle or config.max_steps <= 0:
+        described = dataset_client.wait_complete(config.dataprep_address, config.dataset, stop)
+        if described is None:  # cancelled while waiting: nothing trained, nothing to save
+            report("done", step=0, total_steps=0, cancelled=True)
+            distributed.close()
+            return 0
 
     # --- setup
     model_dir = resolve_model(config.model).resolve()
@@ -178,17 +188,19 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     engine = distributed.wrap(model, optimizer, config, world)
     method = method_class(config, engine.forward, model, tokenizer)
 
-    # each rank reads its own slice (rows i with i % world_size == rank)
-    rows = data.DataprepRows(config.dataprep_address, config.dataset, rank=world.rank, world_size=world.world_size)
-    num_rows = evaluation.train_row_count(config, rows) if config.max_steps <= 0 else None
-    rows, eval_rows = evaluation.sources(config, rows)
-    total = data.total_steps(config.max_steps, config.num_train_epochs, num_rows or 0,
+    # each rank reads its own share: row j of an epoch's order (held-out rows left out) goes to
+    # rank j % world_size, so every rank's count follows from the manifest's
+    rows, eval_rows = evaluation.sources(config, world.rank, world.world_size)
+    num_rows = rows.rows(described.rows) if described else None
+    most_rows = rows.rows(described.rows, rank=0) if described else 0  # the largest share, by one row at most
+    # every rank computes the same total (rank 0's): no rank stops while another still steps
+    total = data.total_steps(config.max_steps, config.num_train_epochs, most_rows,
                              config.per_device_train_batch_size, config.gradient_accumulation_steps)
-    total = distributed.all_max(total, world)  # ranks whose slice is a row shorter still step together
     scheduler = build_scheduler(optimizer, config, total)
     step, cursor, logged = 0, data.DataCursor(), []
     if resume_dir and not config.resume_only_model:
         state, training = checkpointing.read_state(resume_dir)
+        data.check_order(state.get("data_order"), config.dataset_shuffle, config.seed, resume_dir)
         engine.load_optimizer_state(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         # last: building the model and optimizer above consumed random numbers
@@ -215,7 +227,8 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
 
     def save(final: bool) -> None:
         nonlocal last_saved
-        state = {"step": step, "total_steps": total, "data_cursor": cursor.to_dict()}
+        state = {"step": step, "total_steps": total, "data_cursor": cursor.to_dict(),
+                 "data_order": data.order(config.dataset_shuffle, config.seed)}
         training = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
         training["optimizer"] = engine.optimizer_state()  # FSDP2, ZeRO: gathered from every rank
         publishable = model

@@ -269,6 +269,7 @@ def read_requests(files):
         "Cursor.row": mostly([0, 1, 2, 3], [4, -1, 2**63 - 1]),
         "ReadShardsRequest.seed": mostly([0, 1, 42], [-1, 2**63 - 1, -2**63]),
         "ReadShardsRequest.epoch": mostly([0, 1], [-1, 2**31 - 1]),
+        "Holdout.ratio": mostly([0.1, 0.25, 0.5], [0.0, 1.0, -0.5, 1e-300, float("nan"), float("inf")]),
     }
     mostly_valid = messages(pb.ReadShardsRequest, only=plausible)
     anything = messages(pb.ReadShardsRequest, hints=plausible)

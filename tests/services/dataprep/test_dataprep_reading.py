@@ -2,10 +2,13 @@
 
 import itertools
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from libs.common.errors import InvalidArgument
+from libs.dataset import split
+from libs.dataset.split import Holdout
 from libs.dataset.ipc import from_ipc_stream, to_ipc_stream
 from services.dataprep import reading, shards
 from services.dataprep.reading import Position
@@ -15,7 +18,7 @@ SHARDS = [5, 3, 0, 7, 1]  # 16 rows, an empty shard and a one-row shard included
 
 def global_rows(shard_rows, batches):
     offsets = list(itertools.accumulate([0, *shard_rows]))
-    return [offsets[b.shard_index] + r for b in batches for r in range(b.start, b.stop, b.step)]
+    return [offsets[b.shard_index] + int(r) for b in batches for r in b.positions]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 20])
@@ -43,7 +46,7 @@ def test_resuming_from_any_batch_cursor_continues_exactly(world_size, max_batch_
 
 def test_cursor_is_the_position_after_the_last_row_served():
     batches = list(reading.plan([4, 4], rank=1, world_size=2, start=Position(), max_batch_rows=1))
-    assert [(b.shard_index, b.start, b.next) for b in batches] == [
+    assert [(b.shard_index, b.positions[0], b.next) for b in batches] == [
         (0, 1, Position(0, 2)), (0, 3, Position(1, 0)), (1, 1, Position(1, 2)), (1, 3, Position(2, 0))]
 
 
@@ -76,9 +79,39 @@ def test_end_position_is_a_valid_start():
 def test_take_and_ipc_round_trip():
     table = pa.Table.from_batches([shards.to_batch([[i] * (i + 1) for i in range(6)],
                                                    [[-100] * (i + 1) for i in range(6)])])
-    for batch in (reading.Batch(0, 1, 6, 2, Position(0, 6)), reading.Batch(0, 2, 4, 1, Position(0, 4))):
-        records = reading.take(table, batch)
+    for positions in (range(1, 6, 2), range(2, 4), np.array([0, 3, 4])):
+        records = reading.take(table, reading.Batch(0, positions, Position(0, 6)))
         back = from_ipc_stream(to_ipc_stream(records))
         assert back.schema.equals(shards.SCHEMA)
-        assert back.column("input_ids").to_pylist() == [[i] * (i + 1) for i in range(batch.start, batch.stop, batch.step)]
-        assert back.column("length").to_pylist() == [i + 1 for i in range(batch.start, batch.stop, batch.step)]
+        assert back.column("input_ids").to_pylist() == [[i] * (i + 1) for i in positions]
+        assert back.column("length").to_pylist() == [i + 1 for i in positions]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("held_out", [True, False])
+def test_one_side_of_a_split_is_dealt_round_robin_and_resumes_exactly(world_size, held_out):
+    """The split comes before dealing: the i-th row of the side goes to rank i % world_size."""
+    side = Holdout(0.3, held_out)
+    offsets = list(itertools.accumulate([0, *SHARDS]))
+    dealt = lambda index: np.flatnonzero(side.keeps(offsets[index] + np.arange(SHARDS[index])))  # noqa: E731
+    rows = [i for i in range(sum(SHARDS)) if split.held_out(i, 0.3) == held_out]
+    assert len(rows) == side.rows(sum(SHARDS)) == (5 if held_out else 11)
+    for rank in range(world_size):
+        full = list(reading.plan(SHARDS, rank, world_size, Position(), 2, dealt))
+        assert global_rows(SHARDS, full) == rows[rank::world_size]
+        assert all(0 < b.num_rows <= 2 for b in full)
+        for k, batch in enumerate(full):
+            rest = list(reading.plan(SHARDS, rank, world_size, batch.next, 2, dealt))
+            assert global_rows(SHARDS, rest) == global_rows(SHARDS, full[k + 1:])
+        # a cursor between two dealt rows (a position whose row is on the other side) resumes too
+        start = Position(3, 2)
+        resumed = global_rows(SHARDS, reading.plan(SHARDS, rank, world_size, start, 2, dealt))
+        assert resumed == [i for i in rows[rank::world_size] if i >= offsets[3] + 2]
+
+
+def test_a_split_ratio_outside_0_1_is_invalid_argument():
+    for ratio in (0.0, 1.0, -0.5, 2.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidArgument) as error:
+            reading.check(SHARDS, 0, 1, Position(), 1, holdout_ratio=ratio)
+        assert error.value.field == "holdout"
+    reading.check(SHARDS, 0, 1, Position(), 1, holdout_ratio=0.5)

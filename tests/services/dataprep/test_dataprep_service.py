@@ -12,7 +12,8 @@ from prometheus_client import REGISTRY, generate_latest
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
-from libs.dataset import client
+from libs.dataset import client, split
+from libs.dataset.split import Holdout
 from libs.dataset.client import Cursor
 from services.dataprep.config import PrepareConfig
 from services.dataprep.pipeline import prepare as prepare_in_process
@@ -171,6 +172,38 @@ def test_row_ids_name_each_row_whatever_the_order_rank_or_resume(dataprep_server
     after = client.read_batches_with_ids(address, str(out), rank=1, world_size=2, start=client.Cursor(2, 1),
                                          shuffle=True, seed=7)
     assert all(rows[int(i)] == r for b, _, ids in after for i, r in zip(ids, b.to_pylist()))
+
+
+def test_a_split_serves_one_side_by_row_id_whatever_the_order_epoch_or_rank(dataprep_server, dataset):
+    """--split_dataset_ratio's rows: the held-out side is the same rows in every order, epoch and
+    number of ranks; the split comes before dealing, so the ranks' counts follow from the side's."""
+    address, _ = dataprep_server
+    out, rows = dataset  # 23 rows in shards of 5
+    held = [i for i in range(23) if split.held_out(i, 0.25)]
+    assert len(held) == 6  # ceil(23 x 0.25)
+
+    def read(rank, world_size, side, start=None, **args):
+        return [(int(i), r, c) for b, c, ids in client.read_batches_with_ids(
+            address, str(out), rank=rank, world_size=world_size, start=start, max_batch_rows=2, holdout=side,
+            **args) for i, r in zip(ids, b.to_pylist())]
+
+    for args in ({}, {"shuffle": True, "seed": 7}, {"shuffle": True, "seed": 7, "epoch": 1}):
+        for side in (Holdout(0.25, True), Holdout(0.25, False)):
+            for world_size in (1, 2):
+                dealt = [read(rank, world_size, side, **args) for rank in range(world_size)]
+                assert sorted(i for d in dealt for i, _, _ in d) == [i for i in range(23) if (i in held) == side.held_out]
+                assert all(rows[i] == r for d in dealt for i, r, _ in d)  # each id names its very row
+                assert [len(d) for d in dealt] == [split.rank_rows(side.rows(23), rank, world_size)
+                                                   for rank in range(world_size)]
+            alone = [i for i, _, _ in read(0, 1, side, **args)]
+            assert [i for i, _, _ in read(1, 2, side, **args)] == alone[1::2]  # dealt after the split
+        train = read(1, 2, Holdout(0.25, False), **args)
+        for k in (0, 3, len(train) - 2):
+            cursor = train[k][2]
+            rest = train[max(j for j, (_, _, c) in enumerate(train) if c == cursor) + 1:]
+            assert read(1, 2, Holdout(0.25, False), start=cursor, **args) == rest
+    with pytest.raises(InvalidArgument, match=r"holdout: its ratio must be in \(0, 1\); got 1.0"):
+        read(0, 1, Holdout(1.0, True))
 
 
 def test_shuffled_reads_are_seeded_per_epoch_disjoint_across_ranks_and_resumable(dataprep_server, dataset):

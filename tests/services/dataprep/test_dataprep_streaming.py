@@ -14,7 +14,7 @@ import grpc
 import pyarrow as pa
 import pytest
 
-from libs.common.errors import Cancelled, FailedPrecondition, InvalidArgument
+from libs.common.errors import Cancelled, FailedPrecondition
 from protos.tuneforge.dataprep.v1 import dataprep_pb2 as pb
 from protos.tuneforge.dataprep.v1 import dataprep_pb2_grpc as pb_grpc
 from libs.dataset import client
@@ -22,27 +22,6 @@ from services.dataprep import pipeline, tasks
 from services.dataprep.config import PrepareConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-
-@pytest.fixture
-def gated(monkeypatch):
-    """Preparations tokenize one row per chunk (after the first, read ahead to fix the
-    dataset's kind) and stop before row (line) 5 until gate is set; `fail` makes them
-    fail there instead."""
-    gate, state = threading.Event(), {"fail": False}
-    real = pipeline.encode_chunk
-    monkeypatch.setattr(pipeline, "CHUNK_ROWS", 1)
-    monkeypatch.setattr(tasks, "PEEK_VALID", 1)
-
-    def encode_chunk(tokenizer, records, columns, config):
-        if records[0].line >= 5:
-            assert gate.wait(60)
-            if state["fail"]:
-                raise InvalidArgument("train.jsonl:5: the disk went away", field="dataset")
-        return real(tokenizer, records, columns, config)
-
-    monkeypatch.setattr(pipeline, "encode_chunk", encode_chunk)
-    return gate, state
 
 
 def start(address, data, out):
@@ -107,6 +86,41 @@ def test_a_reader_of_a_preparation_that_fails_gets_its_error_and_nothing_is_left
         list(reader)
     assert state_of(address, operation_id) == pb.PREPARATION_STATE_FAILED
     assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl"]  # no shard, no listing, no manifest
+
+
+def test_wait_complete_waits_for_the_preparation_to_end(dataprep_server, gated, tmp_path, write_jsonl, conversation):
+    """What the trainer does before it reads shuffled or counts rows: ask until the dataset is complete."""
+    address, _ = dataprep_server
+    gate, state = gated
+    data = write_jsonl("train.jsonl", [conversation(i) for i in range(10)])
+    for fail in (False, True):
+        state["fail"] = fail
+        gate.clear()
+        out = tmp_path / f"out-{fail}"
+        operation_id = start(address, data, out)
+        next(client.read_batches(address, str(out), timeout=60))  # a shard is written: the dataset is described
+        stop = threading.Event()
+        stop.set()
+        assert client.wait_complete(address, str(out), stop, poll_seconds=0.05) is None  # stopped while waiting
+        waited = {}
+
+        def wait():
+            try:
+                waited["info"] = client.wait_complete(address, str(out), poll_seconds=0.05)
+            except FailedPrecondition as exc:
+                waited["error"] = exc
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and state_of(address, operation_id) == pb.PREPARATION_STATE_RUNNING
+        gate.set()
+        waiter.join(60)
+        if fail:
+            assert str(waited["error"]) == f"dataset_dir: {out}: no manifest.json; the preparation has not completed"
+        else:
+            info = waited["info"]
+            assert info.complete and info.rows == 10 and sum(info.shard_rows) == 10
 
 
 def test_cancel_removes_the_shards_written_so_far(tmp_path, write_jsonl, conversation, monkeypatch):

@@ -19,6 +19,18 @@ def test_flags_and_defaults():
     assert (defaults.target_modules, defaults.learning_rate, defaults.lr_scheduler_type) == (["all-linear"], 1e-4, "cosine")
     assert (defaults.weight_decay, defaults.max_grad_norm, defaults.max_steps, defaults.save_steps) == (0.1, 1.0, -1, 500)
     assert (defaults.seed, defaults.torch_dtype, defaults.model) == (42, "float32", None)
+    assert defaults.dataset_shuffle is True  # ms-swift's default: every epoch in its own order
+
+
+def test_dataset_shuffle_crosses_the_wire_either_way():
+    """An unset optional bool is the dataclass default (true); false must survive as false."""
+    for flags, shuffle in (([], True), (["--dataset_shuffle", "false"], False), (["--dataset_shuffle", "true"], True)):
+        config = cfg.parse(TrainConfig, [*REQUIRED, *flags])
+        assert config.dataset_shuffle is shuffle
+        assert from_arguments(to_arguments(config)).dataset_shuffle is shuffle
+    from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
+    unset = pb.TrainingArguments(dataset="/data/prepared", dataprep_address="127.0.0.1:5000", output_dir="/tmp/run-x")
+    assert from_arguments(unset).dataset_shuffle is True
 
 
 def test_every_problem_is_reported_at_once(tmp_path):

@@ -4,14 +4,13 @@ loss lands in logging.jsonl, --save_total_limit keeps the newest N plus the best
 and the run directory has loss-curve PNGs and TensorBoard events with every logged number."""
 
 import json
-import math
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from libs.common import checkpoint
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
-from services.trainer import checkpointing, client, evaluation
+from services.trainer import checkpointing, client
 from cli.train import ProgressBar
 from services.trainer.config import TrainConfig
 
@@ -20,16 +19,6 @@ LOGGED_KEYS = {"step", "loss", "learning_rate", "grad_norm", "tokens", "tokens_p
 
 def logged(run_dir):
     return [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
-
-
-def test_held_out_rows_are_exactly_ceil_n_r_and_spread():
-    for ratio in (0.01, 0.1, 0.25, 0.3, 0.5):
-        for rows in (1, 7, 8, 100):
-            held = [i for i in range(rows) if evaluation.held_out(i, ratio)]
-            assert len(held) == evaluation.held_out_count(rows, ratio) == math.ceil(rows * ratio)
-            assert held[0] == 0
-    assert [i for i in range(8) if evaluation.held_out(i, 0.25)] == [0, 4]
-    assert not any(evaluation.held_out(i, 0.0) for i in range(10))
 
 
 def run(trainer, output_dir, on_event=None, **values) -> pb.Job:

@@ -90,7 +90,7 @@ class ListRows:
 
     def epoch_rows(self, cursor):
         for i in range(cursor.skip, len(self.rows)):
-            yield self.rows[i], data.DataCursor(cursor.epoch, skip=i + 1, index=i + 1)
+            yield self.rows[i], data.DataCursor(cursor.epoch, skip=i + 1)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -88,6 +89,47 @@ def test_a_killed_run_resumes_exactly(trainer, prepared_dataset, dataprep_addres
     assert first["step"] == 1
     # the same first batch as the reference's step 1, but on trained weights
     assert first["loss"] < expected[0]["loss"] - 0.05
+
+
+@pytest.mark.slow
+def test_a_shuffled_run_resumes_exactly_mid_first_and_mid_second_epoch(trainer, prepared_dataset, dataprep_address,
+                                                                        tmp_path):
+    # 8 rows, 2 held out: 6 train rows in micro-batches of 2 are 3 steps an epoch, each epoch in
+    # its own order; checkpoints at 2 (mid first epoch), 4 (mid second) and 6, each after an eval
+    values = dict(max_steps=-1, num_train_epochs=2, save_steps=2, per_device_train_batch_size=2,
+                  split_dataset_ratio=0.25, seed=11)
+    reference = tmp_path / "reference"
+    job = client.wait(trainer.address, client.submit(trainer.address, config(
+        prepared_dataset, dataprep_address, reference, **values)))
+    assert job.state == pb.JOB_STATE_SUCCEEDED and job.step == 6, job.error
+    states = {step: json.loads((reference / f"checkpoint-{step}" / "trainer_state.json").read_text())
+              for step in (2, 4)}
+    assert [(states[s]["data_cursor"]["epoch"], states[s]["data_order"]) for s in (2, 4)] == [
+        (0, {"shuffle": True, "seed": 11}), (1, {"shuffle": True, "seed": 11})]
+    assert json.loads((reference / "args.json").read_text())["dataset_shuffle"] is True
+    expected = logged(reference)
+    assert [e["step"] for e in expected if "eval_loss" in e] == [2, 4, 6]
+    assert all(e["eval_rows"] == 2 for e in expected if "eval_loss" in e)
+
+    for step in (2, 4):
+        resumed = tmp_path / f"resumed-{step}"
+        job = client.wait(trainer.address, client.submit(trainer.address, config(
+            prepared_dataset, dataprep_address, resumed, resume_from_checkpoint=str(reference / f"checkpoint-{step}"),
+            **values)))
+        assert job.state == pb.JOB_STATE_SUCCEEDED and job.step == 6, job.error
+        got = logged(resumed)
+        assert trajectory(e for e in got if "loss" in e) == trajectory(e for e in expected if "loss" in e)  # bitwise
+        assert [(e["step"], e["eval_loss"]) for e in got if "eval_loss" in e] == [
+            (e["step"], e["eval_loss"]) for e in expected if "eval_loss" in e]
+
+    # the cursor is a position in the shuffled order: resuming it in file order is refused
+    job_id = client.submit(trainer.address, config(prepared_dataset, dataprep_address, tmp_path / "refused",
+                                                   resume_from_checkpoint=str(reference / "checkpoint-2"),
+                                                   **{**values, "dataset_shuffle": False}))
+    with pytest.raises(client.JobFailed) as failed:
+        client.wait(trainer.address, job_id)
+    assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT and failed.value.job.error == (
+        f"dataset_shuffle: {reference / 'checkpoint-2'} read its rows shuffled: resume it with --dataset_shuffle true")
 
 
 def test_resume_arguments_are_checked(tmp_path):
