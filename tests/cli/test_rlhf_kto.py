@@ -31,7 +31,9 @@ def test_kto_lora_step_one_loss_is_exactly_one_half(tmp_path, capsys):
     run = tmp_path / "run"
     code = tuneforge(["rlhf", "--rlhf_type", "kto", "--dataset", str(raw), "--output_dir", str(run),
                       "--max_steps", "2", "--per_device_train_batch_size", "2", "--lora_rank", "4",
-                      "--learning_rate", "1e-3"])
+                      "--learning_rate", "1e-3",
+                      # file order, so that step 1's batch holds one desirable and one undesirable row
+                      "--dataset_shuffle", "false"])
     _out, err = capsys.readouterr()
     assert code == 0, err
     logged = [json.loads(line) for line in (run / "logging.jsonl").read_text().splitlines()]

@@ -312,26 +312,30 @@ def test_orpo_on_packed_pairs_learns_through_tuneforge_rlhf(trainer, dataprep_ad
                            for q, a in zip(QUESTIONS, ANSWERS)))
     run = tmp_path / "run"
     code = tuneforge(["rlhf", "--rlhf_type", "orpo", "--dataset", str(raw), "--output_dir", str(run),
-                      "--packing", "true", "--max_length", "256", "--max_steps", "9", "--learning_rate", "3e-3",
+                      "--packing", "true", "--max_length", "256", "--max_steps", "12", "--learning_rate", "3e-3",
                       "--lr_scheduler_type", "constant", "--lora_rank", "16",
                       "--trainer_address", trainer.address, "--dataprep_address", dataprep_address])
     _out, err = capsys.readouterr()
     assert code == 0, err
     logged = [json.loads(line) for line in (run / "logging.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in logged] == list(range(1, 10))
+    assert [entry["step"] for entry in logged] == list(range(1, 13))
     for entry in logged:
         assert set(methods.get("orpo").metrics) <= set(entry)
         assert entry["loss"] == pytest.approx(entry["nll_loss"] - 0.1 * entry["log_odds_ratio"], abs=1e-5)
-    assert logged[-1]["rewards/accuracies"] == 1.0 and logged[0]["rewards/accuracies"] < 1.0
+    # three packed rows, shuffled each epoch: the pair accuracy of the first epoch against the fourth
+    # (measured: 0.0 then 0.89)
+    accuracy = [entry["rewards/accuracies"] for entry in logged]
+    assert sum(accuracy[:3]) / 3 < 0.5 and sum(accuracy[-3:]) / 3 > 0.8, accuracy
 
     tokenizer = tiny.tokenizer
     base = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
     before = [answer_logp(base, tokenizer, q, a) - answer_logp(base, tokenizer, q, "I do not know.")
               for q, a in zip(QUESTIONS, ANSWERS)]
-    tuned = PeftModel.from_pretrained(base, str(run / "checkpoint-9")).eval()
+    tuned = PeftModel.from_pretrained(base, str(run / "checkpoint-12")).eval()
     after = [answer_logp(tuned, tokenizer, q, a) - answer_logp(tuned, tokenizer, q, "I do not know.")
              for q, a in zip(QUESTIONS, ANSWERS)]
-    # measured: base -4.3 .. -1.0, tuned +0.5 .. +2.7: the chosen answer now wins on every pair
+    # measured (12 steps, rows shuffled per epoch): base -4.3 .. -1.0, tuned +1.2 .. +3.9: the chosen
+    # answer now wins on every pair
     assert all(a > b and a > 0 for a, b in zip(after, before)), list(zip(before, after))
 
 
