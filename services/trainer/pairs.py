@@ -23,8 +23,9 @@ REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "r
 
 
 def collate(rows: list[data.PairRow | data.Row], pad_id: int) -> data.MicroBatch:
-    """A micro-batch of pairs with extras `chosen` and `rejected` ([pairs] sample indices) and
-    `margins` ([pairs] float64, NaN where a pair has none)."""
+    """A micro-batch of pairs with extras `chosen` and `rejected` ([pairs] sample indices),
+    `margins` ([pairs] float64, NaN where a pair has none) and, when every row carries them
+    (precomputed), `ref_logps` ([samples] float32, the reference's log-prob of each sample)."""
     if all(isinstance(row, data.PairRow) for row in rows):
         micro = data.collate([row.chosen for row in rows] + [row.rejected for row in rows], pad_id)
         pairs = len(rows)
@@ -37,7 +38,24 @@ def collate(rows: list[data.PairRow | data.Row], pad_id: int) -> data.MicroBatch
     else:
         raise ValueError("a pair method needs preference pairs (chosen/rejected or packed pairs with margins)")
     micro.extras.update(chosen=chosen, rejected=rejected, margins=torch.tensor(margins, dtype=torch.float64))
+    if all(row.ref_logps is not None for row in rows):
+        ref = torch.zeros(micro.num_samples, dtype=torch.float32)
+        for row, samples in zip(rows, row_samples(rows)):
+            ref[samples] = torch.as_tensor(row.ref_logps, dtype=torch.float32)
+        micro.extras["ref_logps"] = ref
     return micro
+
+
+def row_samples(rows: list[data.PairRow | data.Row]) -> list[list[int]]:
+    """For each row, the indices of its samples in the micro-batch `collate` makes of `rows`,
+    in the row's own order (a pair: chosen, rejected; a packed row: its samples as packed)."""
+    if all(isinstance(row, data.PairRow) for row in rows):
+        return [[i, len(rows) + i] for i in range(len(rows))]
+    out, start = [], 0
+    for row in rows:
+        out.append(list(range(start, start + len(row.samples))))
+        start += len(row.samples)
+    return out
 
 
 def count(micro: data.MicroBatch) -> int:
