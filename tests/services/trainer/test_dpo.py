@@ -287,6 +287,29 @@ def test_adapters_continue_an_sft_adapter_and_ref_adapters_put_it_under_the_refe
     assert base_reference[0]["rewards/chosen"] != 0.0
 
 
+def test_a_dpo_adapter_merges_with_export_like_an_sft_one(default_model, datasets, dataprep_address, tmp_path):
+    """`tuneforge export --merge_lora true` on a DPO checkpoint: the merged model computes what
+    base + the DPO adapter computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cli.main import main as tuneforge
+
+    run(run_config(datasets, dataprep_address, tmp_path / "dpo", max_steps=2, warmup_ratio=0.0, learning_rate=5e-2))
+    adapter = tmp_path / "dpo" / "checkpoint-2"
+    assert tuneforge(["export", "--adapters", str(adapter), "--merge_lora", "true",
+                      "--output_dir", str(tmp_path / "merged")]) == 0
+    checkpoint.verify(tmp_path / "merged")
+    ids = torch.tensor([read_rows(dataprep_address, datasets["unpacked"])[0].chosen.input_ids.astype(np.int64)])
+    base = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
+    assert (adapted - base_logits).abs().max() > 0.01  # the adapter matters, or equality proves nothing
+    assert (merged - adapted).abs().max() < 1e-4
+
+
 def test_adapters_must_be_one_peft_adapter(tmp_path):
     (tmp_path / "plain").mkdir()
     problems = TrainConfig(dataset="d", dataprep_address="a", output_dir=str(tmp_path / "run"), rlhf_type="dpo",
