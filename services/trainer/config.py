@@ -390,7 +390,10 @@ class TrainConfig:
                              f"{name}: {path} is not a PEFT adapter (no adapter_config.json)"
                              for path in getattr(self, name) if not (pathlib.Path(path) / "adapter_config.json").is_file())
         if self.ref_model and "ref_model" not in unusable:
-            found.extend(f"ref_model: {problem.removeprefix('model: ')}" for problem in _model_problems(self.ref_model))
+            ref_problems = [f"ref_model: {problem.removeprefix('model: ')}" for problem in _model_problems(self.ref_model)]
+            found.extend(ref_problems)
+            if not ref_problems and "model" not in unusable and not (self.model and _model_problems(self.model)):
+                found.extend(_tokenizer_problems(self.model, self.ref_model))
         return found
 
     def _combination_problems(self) -> list[str]:
@@ -450,6 +453,22 @@ def _model_problems(model: str) -> list[str]:
         resolve_model(model)
     except TuneForgeError as exc:
         return [f"model: {exc.message}"]
+    return []
+
+
+def _tokenizer_problems(model: str | None, ref_model: str) -> list[str]:
+    """A reference scores the policy's token ids: its tokenizer must be the model's."""
+    from transformers import AutoTokenizer
+
+    from libs.default_model.resolve import resolve_model
+
+    try:
+        ours, theirs = AutoTokenizer.from_pretrained(resolve_model(model)), AutoTokenizer.from_pretrained(ref_model)
+    except (OSError, ValueError) as exc:
+        return [f"ref_model: cannot load its tokenizer: {exc}"]
+    if ours.get_vocab() != theirs.get_vocab():
+        return [f"ref_model: its tokenizer differs from the model's ({len(theirs)} tokens, the model's {len(ours)}): "
+                f"the reference must score the same token ids"]
     return []
 
 

@@ -310,6 +310,24 @@ def test_a_dpo_adapter_merges_with_export_like_an_sft_one(default_model, dataset
     assert (merged - adapted).abs().max() < 1e-4
 
 
+def test_a_reference_with_another_tokenizer_is_refused(default_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name, extra in (("same", []), ("other", ["<|extra|>"])):
+        AutoModelForCausalLM.from_pretrained(default_model).save_pretrained(tmp_path / name)
+        tokenizer = AutoTokenizer.from_pretrained(default_model)
+        tokenizer.add_tokens(extra)
+        tokenizer.save_pretrained(tmp_path / name)
+
+    def problems(ref_model):
+        return TrainConfig(dataset="d", dataprep_address="a", output_dir=str(tmp_path / "run"), rlhf_type="dpo",
+                           ref_model=str(tmp_path / ref_model)).problems()
+
+    assert not [p for p in problems("same") if p.startswith("ref_model")]
+    assert ("ref_model: its tokenizer differs from the model's (3073 tokens, the model's 3072): the reference must "
+            "score the same token ids") in problems("other")
+
+
 def test_adapters_must_be_one_peft_adapter(tmp_path):
     (tmp_path / "plain").mkdir()
     problems = TrainConfig(dataset="d", dataprep_address="a", output_dir=str(tmp_path / "run"), rlhf_type="dpo",
