@@ -2,9 +2,12 @@
 holding every pair's chosen and rejected sequence, and which sample is which.
 
 Unpacked pairs are laid out as TRL's concatenated forward does: the micro-batch's chosen
-sequences, then its rejected ones, one a row. Packed pairs (dataprep's --packing on
-preference data) stay in their packed rows, each pair's chosen then rejected sample side by
-side, kept apart by the block-diagonal mask: what TRL cannot do (trl#2469)."""
+sequences, then its rejected ones, one a row; or, `padding_free`, those sequences packed into
+as few rows as fit, none longer than the longest sequence (so never more rows, nor longer
+ones, than padding them: less padding to compute through, the same log-probs). Packed pairs
+(dataprep's --packing on preference data) stay in their packed rows, each pair's chosen then
+rejected sample side by side, kept apart by the block-diagonal mask: what TRL cannot do
+(trl#2469)."""
 
 from __future__ import annotations
 
@@ -22,14 +25,14 @@ REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "r
                   "logps/rejected")
 
 
-def collate(rows: list[data.PairRow | data.Row], pad_id: int) -> data.MicroBatch:
+def collate(rows: list[data.PairRow | data.Row], pad_id: int, padding_free: bool = False) -> data.MicroBatch:
     """A micro-batch of pairs with extras `chosen` and `rejected` ([pairs] sample indices),
     `margins` ([pairs] float64, NaN where a pair has none) and, when every row carries them
     (precomputed), `ref_logps` ([samples] float32, the reference's log-prob of each sample)."""
     if all(isinstance(row, data.PairRow) for row in rows):
-        micro = data.collate([row.chosen for row in rows] + [row.rejected for row in rows], pad_id)
-        pairs = len(rows)
-        chosen, rejected = torch.arange(pairs), torch.arange(pairs, 2 * pairs)
+        layout, position = _layout([row.chosen for row in rows] + [row.rejected for row in rows], padding_free)
+        micro = data.collate(layout, pad_id)
+        chosen, rejected = torch.tensor(position[:len(rows)]), torch.tensor(position[len(rows):])
         margins = [np.nan if row.margin is None else row.margin for row in rows]
     elif all(isinstance(row, data.Row) and row.margins is not None for row in rows):
         micro = data.collate(rows, pad_id)
@@ -40,17 +43,52 @@ def collate(rows: list[data.PairRow | data.Row], pad_id: int) -> data.MicroBatch
     micro.extras.update(chosen=chosen, rejected=rejected, margins=torch.tensor(margins, dtype=torch.float64))
     if all(row.ref_logps is not None for row in rows):
         ref = torch.zeros(micro.num_samples, dtype=torch.float32)
-        for row, samples in zip(rows, row_samples(rows)):
+        for row, samples in zip(rows, row_samples(rows, padding_free)):
             ref[samples] = torch.as_tensor(row.ref_logps, dtype=torch.float32)
         micro.extras["ref_logps"] = ref
     return micro
 
 
-def row_samples(rows: list[data.PairRow | data.Row]) -> list[list[int]]:
+def _bins(lengths: list[int]) -> list[list[int]]:
+    """Sequence indices packed first-fit decreasing into rows of at most the longest length."""
+    capacity = max(lengths)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def _layout(sequences: list[data.Row], padding_free: bool) -> tuple[list[data.Row], list[int]]:
+    """(the rows of the micro-batch, the sample index of each sequence in it)."""
+    if not padding_free:
+        return sequences, list(range(len(sequences)))
+    rows, position, sample = [], [0] * len(sequences), 0
+    for members in _bins([len(s.input_ids) for s in sequences]):
+        for j in members:
+            position[j], sample = sample, sample + 1
+        if len(members) == 1:  # alone in its row: no mask needed
+            rows.append(sequences[members[0]])
+            continue
+        parts = [sequences[j] for j in members]
+        rows.append(data.Row(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.labels for p in parts]),
+                             np.array([len(p.input_ids) for p in parts], dtype=np.int32)))
+    return rows, position
+
+
+def row_samples(rows: list[data.PairRow | data.Row], padding_free: bool = False) -> list[list[int]]:
     """For each row, the indices of its samples in the micro-batch `collate` makes of `rows`,
     in the row's own order (a pair: chosen, rejected; a packed row: its samples as packed)."""
     if all(isinstance(row, data.PairRow) for row in rows):
-        return [[i, len(rows) + i] for i in range(len(rows))]
+        _, position = _layout([row.chosen for row in rows] + [row.rejected for row in rows], padding_free)
+        return [[position[i], position[len(rows) + i]] for i in range(len(rows))]
     out, start = [], 0
     for row in rows:
         out.append(list(range(start, start + len(row.samples))))

@@ -39,7 +39,8 @@ class Dpo:
         return Reference(self.config, self.forward, self.model, self.model_dir)
 
     def collate(self, rows: list, pad_id: int) -> data.MicroBatch:
-        return pairs.collate(rows, pad_id)
+        # unpacked pairs packed into the micro-batch's rows: less padding, the same log-probs
+        return pairs.collate(rows, pad_id, padding_free=True)
 
     def counts(self, micro: data.MicroBatch) -> dict[str, int]:
         return {"pairs": pairs.count(micro), "chosen_tokens": pairs.chosen_tokens(micro)}
@@ -88,7 +89,7 @@ class Dpo:
             filler = data.Row(np.array([pad_id], dtype=np.int32), np.array([data.IGNORE_INDEX], dtype=np.int32))
             return precompute.compute(
                 source, lambda group: self.collate(group, pad_id), self.config.per_device_train_batch_size,
-                self.reference_logps, pairs.row_samples, world,
+                self.reference_logps, lambda group: pairs.row_samples(group, padding_free=True), world,
                 lambda: self.reference.forward(**data.collate([filler], pad_id).model_inputs(self.dtype)))
 
         rows = precompute.annotate(rows, "train", self.config.output_dir, self._fingerprint(self.config.dataset),

@@ -24,7 +24,7 @@ from libs.common import checkpoint
 from libs.dataset import client as dataprep_client
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.dataprep.config import PrepareConfig
-from services.trainer import client, data, distributed, methods, modeling, precompute, training
+from services.trainer import client, data, distributed, methods, modeling, pairs, precompute, training
 from services.trainer.config import DpoConfig, TrainConfig
 
 # Answers of different lengths: pairs differ in tokens, so normalising per micro-batch instead
@@ -128,10 +128,10 @@ def config_metrics():
     return methods.get("dpo").metrics
 
 
-def loss_and_grads(config, model, rows):
+def loss_and_grads(config, model, rows, padding_free: bool):
     model.zero_grad(set_to_none=True)
     method, _ = method_on(config, model)
-    micro = method.collate(rows, pad_id=0)
+    micro = pairs.collate(rows, pad_id=0, padding_free=padding_free)
     loss, metrics = method.loss(micro, method.counts(micro))
     loss.backward()
     return (float(loss), {n: float(v) for n, v in metrics.items()},
@@ -140,6 +140,8 @@ def loss_and_grads(config, model, rows):
 
 def test_packed_pairs_give_the_loss_and_gradients_of_the_same_pairs_unpacked(default_model, datasets,
                                                                              dataprep_address):
+    """Against TRL's layout (one sequence a row, padded): dataprep's packed rows, and the
+    padding-free layout the dpo method gives unpacked pairs (packed into the micro-batch's rows)."""
     unpacked = read_rows(dataprep_address, datasets["unpacked"])
     packed = read_rows(dataprep_address, datasets["packed"])
     assert len(packed) < len(unpacked) and any(len(row.samples) > 2 for row in packed), "several pairs per row"
@@ -151,15 +153,37 @@ def test_packed_pairs_give_the_loss_and_gradients_of_the_same_pairs_unpacked(def
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    loss, metrics, grads = loss_and_grads(config, model, unpacked)
-    packed_loss, packed_metrics, packed_grads = loss_and_grads(config, model, packed)
-    assert abs(packed_loss - loss) <= 1e-5, (packed_loss, loss)
-    for name in metrics:
-        assert abs(packed_metrics[name] - metrics[name]) <= 1e-5 * max(1.0, abs(metrics[name])), name
+    loss, metrics, grads = loss_and_grads(config, model, unpacked, padding_free=False)
     scale = max(float(g.abs().max()) for g in grads.values())
     assert scale > 1e-3
-    for name in grads:
-        torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+    for rows, padding_free in ((packed, False), (unpacked, True)):
+        other_loss, other_metrics, other_grads = loss_and_grads(config, model, rows, padding_free)
+        assert abs(other_loss - loss) <= 1e-5, (other_loss, loss)
+        for name in metrics:
+            assert abs(other_metrics[name] - metrics[name]) <= 1e-5 * max(1.0, abs(metrics[name])), name
+        for name in grads:
+            torch.testing.assert_close(other_grads[name], grads[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_padding_free_packs_a_micro_batchs_sequences_into_rows_no_longer_than_the_longest():
+    def pair(chosen: int, rejected: int) -> data.PairRow:
+        def side(n):
+            return data.Row(np.arange(1, n + 1, dtype=np.int32), np.array([-100] + list(range(2, n + 1)), np.int32))
+        return data.PairRow(side(chosen), side(rejected))
+
+    rows = [pair(9, 3), pair(4, 5), pair(2, 6)]  # chosen 9, 4, 2; rejected 3, 5, 6
+    plain = pairs.collate(rows, pad_id=0)
+    assert plain.input_ids.shape == (6, 9)
+    micro = pairs.collate(rows, pad_id=0, padding_free=True)
+    # first-fit decreasing into rows of 9: [9], [6 3], [5 4], [2]
+    assert micro.input_ids.shape == (4, 9) and micro.tokens == plain.tokens == 29
+    assert micro.sample_ids.tolist() == [[0] * 9, [1] * 6 + [2] * 3, [3] * 5 + [4] * 4, [5] * 2 + [-1] * 7]
+    assert micro.extras["chosen"].tolist() == [0, 4, 5] and micro.extras["rejected"].tolist() == [2, 3, 1]
+    assert pairs.row_samples(rows, padding_free=True) == [[0, 2], [4, 3], [5, 1]]
+    assert pairs.chosen_tokens(micro) == pairs.chosen_tokens(plain) == 8 + 3 + 1
+    # one pair whose sides do not fit together: one sequence a row, the plain layout (no mask)
+    alone = pairs.collate([pair(5, 5)], pad_id=0, padding_free=True)
+    assert alone.attention_mask.shape == (2, 5) and alone.position_ids is None
 
 
 # --- whole runs (training.train: the real loop, the real dataprep stream, the run directory)
