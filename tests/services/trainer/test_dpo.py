@@ -128,6 +128,14 @@ def config_metrics():
     return methods.get("dpo").metrics
 
 
+def test_dpo_logs_trls_metric_names_which_prometheus_exports():
+    from services.trainer.metrics import METHOD_METRICS
+
+    assert config_metrics() == ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                                "logps/chosen", "logps/rejected")
+    assert set(config_metrics()) <= set(METHOD_METRICS)
+
+
 def loss_and_grads(config, model, rows, padding_free: bool):
     model.zero_grad(set_to_none=True)
     method, _ = method_on(config, model)
