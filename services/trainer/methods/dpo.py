@@ -21,8 +21,7 @@ from services.trainer.reference import Reference
 class Dpo:
     name: ClassVar[str] = "dpo"
     kinds, needs = METHOD_KINDS["dpo"]
-    metrics: ClassVar[tuple[str, ...]] = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                                          "logps/chosen", "logps/rejected")
+    metrics: ClassVar[tuple[str, ...]] = pairs.REWARD_METRICS
     build_model = staticmethod(modeling.build_model)
 
     def __init__(self, config, forward, model, tokenizer):
@@ -62,18 +61,9 @@ class Dpo:
                   reference[micro.extras["rejected"]], policy.chosen_tokens, policy.rejected_tokens)
         loss = mixed_loss(x, self.params, self.args.loss_type, self.args.loss_weights, self.args.rpo_alpha,
                           step["pairs"], step["chosen_tokens"])
-        # TRL's metrics, as shares of the step's mean over its pairs
-        chosen_rewards = self.args.beta * x.chosen_logratios.detach()
-        rejected_rewards = self.args.beta * x.rejected_logratios.detach()
-        pairs_in_step = max(step["pairs"], 1)
-        metrics = {
-            "rewards/chosen": chosen_rewards.sum() / pairs_in_step,
-            "rewards/rejected": rejected_rewards.sum() / pairs_in_step,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum() / pairs_in_step,
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum() / pairs_in_step,
-            "logps/chosen": x.chosen_logps.detach().sum() / pairs_in_step,
-            "logps/rejected": x.rejected_logps.detach().sum() / pairs_in_step,
-        }
+        # TRL's: the rewards are beta x the log-ratios, whatever the loss type
+        metrics = pairs.reward_metrics(self.args.beta * x.chosen_logratios, self.args.beta * x.rejected_logratios,
+                                       x.chosen_logps, x.rejected_logps, step["pairs"])
         return loss, metrics
 
     def prepare(self, rows: data.RowSource, eval_rows: data.RowSource | None, world: distributed.World,
