@@ -1,7 +1,7 @@
 """`tuneforge rlhf --rlhf_type dpo` end to end (raw pairs prepared by an in-process dataprep,
 trained by an in-process trainer's training process): at step 1 of a LoRA run the policy is
 the reference (LoRA's B starts at 0), so the sigmoid loss is ln 2 and every reward 0, as
-logging.jsonl records them."""
+logging.jsonl records them; and every dpo flag reaches the job through the trainer proto."""
 
 import json
 import math
@@ -12,6 +12,9 @@ import pytest
 from cli import train as cli
 from cli.main import main as tuneforge
 from libs.common import checkpoint
+from libs.common import config as cfg
+from libs.common.errors import Problems
+from services.trainer.config import from_arguments, to_arguments
 
 PAIRS = [("who are you?", "I am Ada.", "I do not know."), ("What is two plus two?", "Four.", "Five."),
          ("Name a colour.", "Blue.", "I do not know."), ("hi", "Hello there!", "What?")]
@@ -43,3 +46,25 @@ def test_dpo_step_1_is_ln_2_through_the_cli(tmp_path, capsys):
     checkpoint.verify(final)
     args = json.loads((final / "args.json").read_text())
     assert args["rlhf_type"] == "dpo" and args["dpo"]["beta"] == 0.5 and args["dpo"]["loss_type"] == ["sigmoid"]
+
+
+def test_dpo_flags_reach_the_job_through_the_trainer_proto(tmp_path):
+    raw = tmp_path / "pairs.jsonl"
+    raw.write_text("")
+    adapter = tmp_path / "sft"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    command = cfg.parse(cli.RlhfCommandConfig, [
+        "--rlhf_type", "dpo", "--dataset", str(raw), "--output_dir", str(tmp_path / "run"), "--beta", "0.25",
+        "--loss_type", "sigmoid", "discopop", "sft", "--loss_weights", "1", "0.5", "0.2", "--label_smoothing", "0.1",
+        "--rpo_alpha", "0.3", "--discopop_tau", "0.07", "--adapters", str(adapter), "--ref_adapters", str(adapter),
+        "--precompute_ref_log_probs", "true"])
+    assert cli.prepare_config(command, [str(raw)], tmp_path / "out").task == "preference"
+    job = from_arguments(to_arguments(cli.job_config(command, str(tmp_path / "prepared"), "127.0.0.1:1")))
+    dpo = job.dpo
+    assert (job.rlhf_type, dpo.beta, dpo.loss_type, dpo.loss_weights, dpo.label_smoothing, dpo.rpo_alpha,
+            dpo.discopop_tau) == ("dpo", 0.25, ["sigmoid", "discopop", "sft"], [1.0, 0.5, 0.2], 0.1, 0.3, 0.07)
+    assert (job.adapters, job.ref_adapters, job.precompute_ref_log_probs) == ([str(adapter)], [str(adapter)], True)
+    with pytest.raises(Problems, match="discopop_tau: not an argument of rlhf_type kto"):
+        cfg.parse(cli.RlhfCommandConfig, ["--rlhf_type", "kto", "--dataset", str(raw), "--output_dir",
+                                          str(tmp_path / "run"), "--discopop_tau", "0.1"])

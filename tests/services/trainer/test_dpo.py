@@ -332,7 +332,7 @@ def test_a_dpo_adapter_merges_with_export_like_an_sft_one(default_model, dataset
     assert tuneforge(["export", "--adapters", str(adapter), "--merge_lora", "true",
                       "--output_dir", str(tmp_path / "merged")]) == 0
     checkpoint.verify(tmp_path / "merged")
-    ids = torch.tensor([read_rows(dataprep_address, datasets["unpacked"])[0].chosen.input_ids.astype(np.int64)])
+    ids = torch.from_numpy(read_rows(dataprep_address, datasets["unpacked"])[0].chosen.input_ids.astype(np.int64))[None]
     base = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32).eval()
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits
