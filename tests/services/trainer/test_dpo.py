@@ -148,8 +148,9 @@ def loss_and_grads(config, model, rows, padding_free: bool):
 
 def test_packed_pairs_give_the_loss_and_gradients_of_the_same_pairs_unpacked(default_model, datasets,
                                                                              dataprep_address):
-    """Against TRL's layout (one sequence a row, padded): dataprep's packed rows, and the
-    padding-free layout the dpo method gives unpacked pairs (packed into the micro-batch's rows)."""
+    """Against TRL's layout (one sequence a row, padded): dataprep's packed rows as packed, and
+    the padding-free layout the dpo method gives packed and unpacked pairs alike (every
+    sequence re-laid into rows no longer than the longest)."""
     unpacked = read_rows(dataprep_address, datasets["unpacked"])
     packed = read_rows(dataprep_address, datasets["packed"])
     assert len(packed) < len(unpacked) and any(len(row.samples) > 2 for row in packed), "several pairs per row"
@@ -164,7 +165,7 @@ def test_packed_pairs_give_the_loss_and_gradients_of_the_same_pairs_unpacked(def
     loss, metrics, grads = loss_and_grads(config, model, unpacked, padding_free=False)
     scale = max(float(g.abs().max()) for g in grads.values())
     assert scale > 1e-3
-    for rows, padding_free in ((packed, False), (unpacked, True)):
+    for rows, padding_free in ((packed, False), (packed, True), (unpacked, True)):
         other_loss, other_metrics, other_grads = loss_and_grads(config, model, rows, padding_free)
         assert abs(other_loss - loss) <= 1e-5, (other_loss, loss)
         for name in metrics:
@@ -189,6 +190,19 @@ def test_padding_free_packs_a_micro_batchs_sequences_into_rows_no_longer_than_th
     assert micro.extras["chosen"].tolist() == [0, 4, 5] and micro.extras["rejected"].tolist() == [2, 3, 1]
     assert pairs.row_samples(rows, padding_free=True) == [[0, 2], [4, 3], [5, 1]]
     assert pairs.chosen_tokens(micro) == pairs.chosen_tokens(plain) == 8 + 3 + 1
+    # a packed row (two pairs: 4 + 3, 2 + 2 tokens) beside another (one pair: 5 + 1) is re-laid the same way
+    packed = [data.Row(np.arange(1, 12, dtype=np.int32), np.arange(1, 12, dtype=np.int32),
+                       np.array([4, 3, 2, 2], dtype=np.int32), margins=np.array([1.0, np.nan])),
+              data.Row(np.arange(1, 7, dtype=np.int32), np.arange(1, 7, dtype=np.int32), np.array([5, 1], dtype=np.int32),
+                       margins=np.array([2.0]))]
+    micro = pairs.collate(packed, pad_id=0, padding_free=True)
+    # sequences 4, 3, 2, 2, 5, 1 into rows of 5: [5], [4 1], [3 2], [2]
+    assert micro.sample_ids.tolist() == [[0] * 5, [1] * 4 + [2], [3] * 3 + [4] * 2, [5] * 2 + [-1] * 3]
+    assert micro.extras["chosen"].tolist() == [1, 4, 0] and micro.extras["rejected"].tolist() == [3, 5, 2]
+    assert pairs.row_samples(packed, padding_free=True) == [[1, 3, 4, 5], [0, 2]]
+    assert micro.extras["margins"].tolist()[0::2] == [1.0, 2.0]
+    as_packed = pairs.collate(packed, pad_id=0)
+    assert as_packed.extras["chosen"].tolist() == [0, 2, 4] and as_packed.input_ids.shape == (2, 11)
     # one pair whose sides do not fit together: one sequence a row, the plain layout (no mask)
     alone = pairs.collate([pair(5, 5)], pad_id=0, padding_free=True)
     assert alone.attention_mask.shape == (2, 5) and alone.position_ids is None
