@@ -151,7 +151,9 @@ def worker_ours(spec: dict) -> dict:
                          lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"], target_modules=["all-linear"],
                          lr_scheduler_type="constant", per_device_train_batch_size=spec["batch"],
                          gradient_accumulation_steps=1, max_steps=spec["steps"], save_steps=10**6, logging_steps=1,
-                         rlhf_type="dpo", dpo=DpoConfig(beta=BETA, loss_type=["sigmoid"]), **OPTIM)
+                         rlhf_type="dpo", dpo=DpoConfig(beta=BETA, loss_type=["sigmoid"]),
+                         dataset_shuffle=False,  # file order, as TRL's sequential sampler: the same pairs a step
+                         **OPTIM)
     times, cpu, tokens = [], [], []
     last_cpu = [0.0]
 
