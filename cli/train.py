@@ -88,8 +88,8 @@ class PtCommandConfig(SftCommandConfig):
 RLHF_TASKS = {"dpo": "preference", "orpo": "preference", "cpo": "preference", "simpo": "preference", "rm": "reward",
               "kto": "kto"}
 # Flags of `tuneforge rlhf` that are a method's own arguments (services.trainer.config's method dataclasses).
-METHOD_FLAGS = ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "cpo_alpha", "simpo_gamma",
-                "desirable_weight", "undesirable_weight", "center_rewards_coefficient")
+METHOD_FLAGS = ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "discopop_tau", "cpo_alpha",
+                "simpo_gamma", "desirable_weight", "undesirable_weight", "center_rewards_coefficient")
 
 
 @dataclass
@@ -109,11 +109,13 @@ class RlhfCommandConfig(SftCommandConfig):
     beta: float | None = field(default=None, metadata={
         "help": "dpo/kto/cpo: reward temperature (0.1); simpo: reward scale (2.0); orpo: lambda (0.1)"})
     loss_type: list[str] | None = field(default=None, metadata={
-        "help": "dpo: one or more of sigmoid, hinge, ipo, robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, "
-                "...; kto: kto or apo_zero_unpaired; cpo: sigmoid, hinge, ipo or simpo"})
+        "help": "dpo: one or more of sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, "
+                "aot_unpaired (aot_pair), apo_zero, apo_down, discopop, sft, sigmoid_norm; kto: kto or apo_zero_unpaired; "
+                "cpo: sigmoid, hinge, ipo or simpo"})
     loss_weights: list[float] | None = field(default=None, metadata={"help": "dpo: a weight per --loss_type"})
     label_smoothing: float | None = field(default=None, metadata={"help": "dpo/cpo/simpo: label smoothing (0)"})
     rpo_alpha: float | None = field(default=None, metadata={"help": "dpo: weight of the chosen answers' NLL (unset: none)"})
+    discopop_tau: float | None = field(default=None, metadata={"help": "dpo --loss_type discopop: its temperature (0.05)"})
     cpo_alpha: float | None = field(default=None, metadata={"help": "cpo/simpo: weight of the chosen answers' NLL (1.0)"})
     simpo_gamma: float | None = field(default=None, metadata={"help": "simpo (and cpo --loss_type simpo): target margin (1.0)"})
     desirable_weight: float | None = field(default=None, metadata={"help": "kto: weight of desirable rows (1.0)"})

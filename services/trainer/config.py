@@ -24,8 +24,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 RLHF_TYPES = ("dpo", "kto", "orpo", "simpo", "cpo", "rm")
 # Methods that compare the policy with a reference model (the others have none).
 REFERENCE_METHODS = ("dpo", "kto")
+# Every loss type of TRL 1.16's DPOTrainer, and aot_pair: ms-swift's (TRL < 1.0's) name of aot_unpaired.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_pair", "apo_zero", "apo_down", "discopop", "sft")
+                  "aot_unpaired", "aot_pair", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
 
@@ -47,6 +48,8 @@ class DpoConfig:
         "help": "the probability that a pair's labels are flipped (cDPO; ms-swift applies it to sigmoid too)"})
     rpo_alpha: float | None = field(default=None, metadata={
         "help": "adds rpo_alpha x the NLL of the chosen answers (mean over their tokens), as ms-swift"})
+    discopop_tau: float = field(default=0.05, metadata={
+        "help": "loss_type discopop: temperature of the mix of its logistic and exponential losses"})
 
     def problems(self) -> list[str]:
         found = _positive_beta(self.beta)
@@ -58,6 +61,12 @@ class DpoConfig:
             found.append(f"loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types")
         if not 0.0 <= self.label_smoothing < 0.5:
             found.append(f"label_smoothing: must be in [0, 0.5); got {self.label_smoothing}")
+        elif "exo_pair" in self.loss_type and self.label_smoothing == 0:
+            found.append("label_smoothing: loss_type exo_pair needs it positive (the EXO paper recommends 1e-3)")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            found.append(f"rpo_alpha: must not be negative; got {self.rpo_alpha}")
+        if self.discopop_tau <= 0:
+            found.append(f"discopop_tau: must be positive; got {self.discopop_tau}")
         return found
 
 
@@ -373,12 +382,18 @@ class TrainConfig:
                              f"model (only {', '.join(REFERENCE_METHODS)})")
         if self.adapters and not self.is_adapter:
             found.append("adapters: only for lora and qlora (train_type full trains a whole model)")
+        if len(self.adapters) > 1:
+            found.append(f"adapters: training continues one adapter; got {len(self.adapters)}")
         for name in ("adapters", "ref_adapters"):
             if name not in unusable:
-                found.extend(f"{name}: {path} is not a directory" for path in getattr(self, name)
-                             if not pathlib.Path(path).is_dir())
+                found.extend(f"{name}: {path} is not a directory" if not pathlib.Path(path).is_dir() else
+                             f"{name}: {path} is not a PEFT adapter (no adapter_config.json)"
+                             for path in getattr(self, name) if not (pathlib.Path(path) / "adapter_config.json").is_file())
         if self.ref_model and "ref_model" not in unusable:
-            found.extend(f"ref_model: {problem.removeprefix('model: ')}" for problem in _model_problems(self.ref_model))
+            ref_problems = [f"ref_model: {problem.removeprefix('model: ')}" for problem in _model_problems(self.ref_model)]
+            found.extend(ref_problems)
+            if not ref_problems and "model" not in unusable and not (self.model and _model_problems(self.model)):
+                found.extend(_tokenizer_problems(self.model, self.ref_model))
         return found
 
     def _combination_problems(self) -> list[str]:
@@ -438,6 +453,22 @@ def _model_problems(model: str) -> list[str]:
         resolve_model(model)
     except TuneForgeError as exc:
         return [f"model: {exc.message}"]
+    return []
+
+
+def _tokenizer_problems(model: str | None, ref_model: str) -> list[str]:
+    """A reference scores the policy's token ids: its tokenizer must be the model's."""
+    from transformers import AutoTokenizer
+
+    from libs.default_model.resolve import resolve_model
+
+    try:
+        ours, theirs = AutoTokenizer.from_pretrained(resolve_model(model)), AutoTokenizer.from_pretrained(ref_model)
+    except (OSError, ValueError) as exc:
+        return [f"ref_model: cannot load its tokenizer: {exc}"]
+    if ours.get_vocab() != theirs.get_vocab():
+        return [f"ref_model: its tokenizer differs from the model's ({len(theirs)} tokens, the model's {len(ours)}): "
+                f"the reference must score the same token ids"]
     return []
 
 

@@ -74,6 +74,9 @@ class Row:
     label: bool | None = None  # a KTO row: desirable (true) or undesirable (false)
     margins: np.ndarray | None = None  # a packed preference row: [pairs] float64, NaN where a pair has none
     key: int | None = None  # the row's identity in its dataset (ReadShards' row id), whatever the read order
+    # [samples] float32: the reference model's summed log-probs of each sample's labelled tokens, when
+    # precomputed (--precompute_ref_log_probs; services.trainer.precompute)
+    ref_logps: np.ndarray | None = None
 
     @property
     def samples(self) -> list[int]:
@@ -90,6 +93,7 @@ class PairRow:
     rejected: Row
     margin: float | None = None
     key: int | None = None  # the pair's identity in its dataset (ReadShards' row id)
+    ref_logps: np.ndarray | None = None  # [2] float32: the reference's (chosen, rejected) log-probs, when precomputed
 
 
 class RowSource(Protocol):

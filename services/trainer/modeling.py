@@ -1,8 +1,8 @@
 """The model a job trains: the base loaded in `torch_dtype` (4-bit nf4 through bitsandbytes
 for qlora) with the head its method needs (a causal LM's, or a reward model's classification
 head), every weight trainable for `full`, else frozen under fresh PEFT LoRA adapters on
-`target_modules` (plus `modules_to_save` trained whole), with gradient checkpointing on
-request."""
+`target_modules` (plus `modules_to_save` trained whole) or under the adapter given with
+`--adapters` (its weights and its own LoRA config), with gradient checkpointing on request."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def build_model(config: TrainConfig, model_dir, auto_class=None, task_type: str 
                                                gradient_checkpointing_kwargs=checkpointing)
     elif config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if config.adapters:  # continue an adapter (ms-swift's --adapters): its weights, and its LoRA config
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, config.adapters[0], is_trainable=True)
     targets = "all-linear" if config.target_modules == ["all-linear"] else list(config.target_modules)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, modules_to_save=list(config.modules_to_save) or None,

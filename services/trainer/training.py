@@ -193,6 +193,8 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     rows, eval_rows = evaluation.sources(config, world.rank, world.world_size)
     num_rows = rows.rows(described.rows) if described else None
     most_rows = rows.rows(described.rows, rank=0) if described else 0  # the largest share, by one row at most
+    if hasattr(method, "prepare"):  # a method's own pass over the data first (dpo: --precompute_ref_log_probs)
+        rows, eval_rows = method.prepare(rows, eval_rows, world, pad_id)
     # every rank computes the same total (rank 0's): no rank stops while another still steps
     total = data.total_steps(config.max_steps, config.num_train_epochs, most_rows,
                              config.per_device_train_batch_size, config.gradient_accumulation_steps)

@@ -6,6 +6,10 @@ A method is one module here. It says which dataset kinds it trains on (the manif
 loss of a micro-batch with the metrics it logs. The loss is normalised by totals over the
 whole optimizer step (`counts`, summed over micro-batches and ranks by the engine), so how
 rows are split into micro-batches or ranks does not change the update.
+
+A method may also have `prepare(rows, eval_rows, world, pad_id) -> (rows, eval_rows)`, which
+the engine calls once before training: a pass over the data of its own (dpo's precomputed
+reference log-probs), returning the row sources to train and evaluate on.
 """
 
 from __future__ import annotations
