@@ -6,6 +6,8 @@ The paths (`attention_path`; docs/training.md measures them):
 - varlen (flash_attention_2/3/4): no mask; cumulative sequence lengths of every row's blocks
   (`cu_seq_lens_q/k`, `max_length_q/k`), which transformers hands to flash-attn's varlen kernel.
   Position ids alone would not do: transformers reads packing from them only for batch size 1.
+  They go too, with `use_cache=False`: a model that is not flash (a reference loaded without
+  the policy's implementation) ignores the lengths and builds its packed mask from them.
 - block_mask (flex_attention): no mask; restarting position ids with `use_cache=False`, from
   which transformers builds a FlexAttention BlockMask (memory ~ (L/128)^2, not L^2).
 - dense (sdpa, eager, anything else): the 4-D additive block-diagonal causal mask, built in the

@@ -145,12 +145,17 @@ def test_without_the_mask_samples_leak(default_model, chat_rows):
                           micro.trained_tokens).item()
         uncached = sft_loss(model(input_ids=micro.input_ids, position_ids=micro.position_ids, use_cache=False).logits,
                             micro.labels, micro.trained_tokens).item()
+        # varlen inputs reaching a model that is not flash (a reference loaded without the policy's
+        # implementation): the lengths are ignored, the position ids without a cache still isolate
+        varlen_on_sdpa = sft_loss(model(**micro.model_inputs(torch.float32, "varlen")).logits, micro.labels,
+                                  micro.trained_tokens).item()
         isolated = sft_loss(model(**micro.model_inputs()).logits, micro.labels, micro.trained_tokens).item()
         reference = sft_loss(model(**unpacked.model_inputs()).logits, unpacked.labels, unpacked.trained_tokens).item()
     assert abs(isolated - reference) < 1e-5
     assert abs(leaked - reference) > 1e-3
     assert abs(cached - reference) > 1e-3
     assert abs(uncached - reference) < 1e-5
+    assert abs(varlen_on_sdpa - reference) < 1e-5
 
 
 @pytest.mark.slow
