@@ -163,7 +163,8 @@ def test_flex_attention_block_mask_forward_equals_unpacked(default_model, chat_r
     """FlexAttention's path (position ids, no cache: transformers builds a BlockMask) isolates
     the samples: forward only, as torch 2.13 has no FlexAttention backward on CPU (compiles
     with inductor, a C++ compiler needed: 30 s to 3 min here, by the machine's load)."""
-    model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32, attn_implementation="flex_attention")
+    model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32,
+                                                 attn_implementation="flex_attention")
     model.eval()
     assert packing.attention_path(model) == "block_mask"
     micro = data.collate([packed(chat_rows[:3]), packed(chat_rows[3:])], pad_id=0)
