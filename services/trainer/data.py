@@ -178,8 +178,8 @@ class MicroBatch:
 
     input_ids: torch.Tensor  # [batch, seq] int64, right-padded with the pad id
     labels: torch.Tensor  # [batch, seq] int64, IGNORE_INDEX on padding (and at packed sample starts)
-    # [batch, seq] int64, 0 on padding; for packed rows [batch, 1, seq, seq] float32 additive
-    # block-diagonal causal mask (services.trainer.packing)
+    # [batch, seq] int64, 0 on padding (with TUNEFORGE_PACKING_MASK=prebuilt, for packed rows: the
+    # [batch, 1, seq, seq] float32 additive block-diagonal causal mask, services.trainer.packing)
     attention_mask: torch.Tensor
     tokens: int  # real (non-padding) input tokens
     position_ids: torch.Tensor | None = None  # [batch, seq] int64 restarting per sample, packed rows only
@@ -188,17 +188,29 @@ class MicroBatch:
     sample_ids: torch.Tensor | None = None
     num_samples: int = 0
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's own tensors (pair indices, ...)
+    seq_lens: list[list[int]] | None = None  # packed rows only: each row's sample lengths
 
     @property
     def trained_tokens(self) -> int:
         return trained_tokens(self.labels)
 
-    def model_inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Keyword arguments of the model's forward (an additive mask in the model's dtype)."""
+    def model_inputs(self, dtype: torch.dtype = torch.float32, path: str = "dense") -> dict:
+        """Keyword arguments of the model's forward. Packed rows take the attention path of the
+        model (packing.attention_path): a dense additive mask in the model's dtype, built now
+        and dropped with the forward's inputs, flash-attn's varlen lengths, or position ids
+        alone for FlexAttention's block mask."""
         if self.position_ids is None:
             return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        mask = self.attention_mask.clamp(min=torch.finfo(dtype).min).to(dtype)
-        return {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": self.position_ids}
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.attention_mask.ndim == 4:  # prebuilt at collation
+            mask = self.attention_mask.clamp(min=torch.finfo(dtype).min).to(dtype)
+            return {**inputs, "attention_mask": mask}
+        length, device = self.input_ids.shape[1], self.input_ids.device
+        if path == "varlen":
+            return {**inputs, **packing.varlen_kwargs(self.seq_lens, length, device), "use_cache": False}
+        if path == "block_mask":  # transformers builds the packed mask itself only without a cache
+            return {**inputs, "use_cache": False}
+        return {**inputs, "attention_mask": packing.block_causal_mask(self.seq_lens, length, dtype, device)}
 
 
 def sample_ids(rows_samples: list[list[int]], length: int) -> torch.Tensor:
@@ -216,8 +228,9 @@ def sample_ids(rows_samples: list[list[int]], length: int) -> torch.Tensor:
 
 def collate(rows: list[Row], pad_id: int) -> MicroBatch:
     """Right-pads every row to the longest of the micro-batch; packed rows (with seq_lens)
-    get a block-diagonal causal mask, restarting position ids and labels cut at every sample
-    boundary, so each sample trains exactly as it would alone."""
+    get restarting position ids, their sample lengths (from which model_inputs keeps the
+    samples apart) and labels cut at every sample boundary, so each sample trains exactly as
+    it would alone."""
     longest = max(len(row.input_ids) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
@@ -233,9 +246,11 @@ def collate(rows: list[Row], pad_id: int) -> MicroBatch:
     count = sum(map(len, rows_samples))
     if all(row.seq_lens is None for row in rows):
         return MicroBatch(input_ids, labels, attention_mask, tokens=tokens, sample_ids=samples, num_samples=count)
-    return MicroBatch(input_ids, packing.cut_labels(labels, rows_samples),
-                      packing.block_causal_mask(rows_samples, longest), tokens=tokens,
-                      position_ids=packing.position_ids(rows_samples, longest), sample_ids=samples, num_samples=count)
+    if packing.prebuilt():
+        attention_mask = packing.block_causal_mask(rows_samples, longest)
+    return MicroBatch(input_ids, packing.cut_labels(labels, rows_samples), attention_mask, tokens=tokens,
+                      position_ids=packing.position_ids(rows_samples, longest), sample_ids=samples, num_samples=count,
+                      seq_lens=rows_samples)
 
 
 @dataclass

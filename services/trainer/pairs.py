@@ -4,11 +4,11 @@ holding every pair's chosen and rejected sequence, and which sample is which.
 Unpacked pairs are laid out as TRL's concatenated forward does: the micro-batch's chosen
 sequences, then its rejected ones, one a row. Packed pairs (dataprep's --packing on
 preference data) stay in their packed rows, each pair's chosen then rejected sample side by
-side, kept apart by the block-diagonal mask: what TRL cannot do (trl#2469). Or, with
-`padding_free`, every sequence of the micro-batch, packed or not, is laid out anew into as
-few rows as first-fit decreasing finds, none longer than the longest sequence: never more
-rows, nor longer ones, than padding them, so less padding to compute through, and the same
-log-probs."""
+side, kept apart as every packed row is (services.trainer.packing): what TRL cannot do
+(trl#2469). Or, with `padding_free`, every sequence of the micro-batch, packed or not, is
+laid out anew into as few rows as first-fit decreasing finds, none longer than the longest
+sequence: never more rows, nor longer ones, than padding them, so less padding to compute
+through, and the same log-probs."""
 
 from __future__ import annotations
 

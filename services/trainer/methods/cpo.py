@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from services.trainer import data, modeling, pairs
+from services.trainer import data, modeling, packing, pairs
 from services.trainer.config import METHOD_KINDS
 from services.trainer.losses.cpo import AVERAGED, cpo_loss
 from services.trainer.losses.nll import chosen_nll
@@ -25,7 +25,7 @@ class Cpo:
 
     def __init__(self, config, forward, model, tokenizer):
         self.forward = forward
-        self.dtype = model.dtype
+        self.dtype, self.attention = model.dtype, packing.attention_path(model)
         # CpoConfig (SimpoConfig for SimPO): beta, cpo_alpha, label_smoothing, simpo_gamma
         self.args = config.method_config
         self.loss_type = self.fixed_loss_type or self.args.loss_type
@@ -38,7 +38,7 @@ class Cpo:
 
     def loss(self, micro: data.MicroBatch, step: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         args = self.args
-        logits = self.forward(**micro.model_inputs(self.dtype)).logits  # [b, s, vocab]
+        logits = self.forward(**micro.model_inputs(self.dtype, self.attention)).logits  # [b, s, vocab]
         logps = pairs.pair_logps(logits, micro)
         chosen, rejected = logps.means() if self.loss_type in AVERAGED else (logps.chosen, logps.rejected)
         losses, chosen_rewards, rejected_rewards = cpo_loss(chosen, rejected, args.beta, self.loss_type,

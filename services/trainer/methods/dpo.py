@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from services.trainer import data, distributed, modeling, pairs, precompute
+from services.trainer import data, distributed, modeling, packing, pairs, precompute
 from services.trainer.config import METHOD_KINDS
 from services.trainer.logprobs import sequence_logps
 from services.trainer.losses.dpo import Pairs, Params, mixed_loss
@@ -29,6 +29,7 @@ class Dpo:
 
         self.config, self.args = config, config.dpo
         self.forward, self.model, self.dtype = forward, model, model.dtype
+        self.attention = packing.attention_path(model)
         self.params = Params(self.args.beta, self.args.label_smoothing, self.args.discopop_tau)
         self.model_dir = resolve_model(config.model).resolve()
         # precomputed: loaded only if the run directory lacks the values, and freed once they exist
@@ -49,13 +50,13 @@ class Dpo:
         if "ref_logps" in micro.extras:
             return micro.extras["ref_logps"]
         with torch.no_grad():
-            logits = self.reference.forward(**micro.model_inputs(self.dtype)).logits  # [b, s, vocab]
+            logits = self.reference.forward(**micro.model_inputs(self.dtype, self.attention)).logits  # [b, s, vocab]
             return sequence_logps(logits, micro.labels, micro.sample_ids, micro.num_samples)[0]
 
     def loss(self, micro: data.MicroBatch, step: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # the reference first: its logits are gone before the policy's (kept for backward) exist
         reference = self.reference_logps(micro)
-        policy = pairs.pair_logps(self.forward(**micro.model_inputs(self.dtype)).logits, micro)
+        policy = pairs.pair_logps(self.forward(**micro.model_inputs(self.dtype, self.attention)).logits, micro)
         reference = reference.to(policy.chosen.device, policy.chosen.dtype)
         x = Pairs(policy.chosen, policy.rejected, reference[micro.extras["chosen"]],
                   reference[micro.extras["rejected"]], policy.chosen_tokens, policy.rejected_tokens)

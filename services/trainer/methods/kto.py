@@ -24,7 +24,7 @@ import torch
 
 from libs.common.errors import InvalidArgument
 from libs.dataset.schema import IGNORE_INDEX
-from services.trainer import data, modeling
+from services.trainer import data, modeling, packing
 from services.trainer.config import METHOD_KINDS
 from services.trainer.logprobs import sequence_logps
 from services.trainer.losses.kto import kto_kl, kto_loss
@@ -72,7 +72,7 @@ class Kto:
 
         self.forward = forward
         self.model = model
-        self.dtype = model.dtype
+        self.dtype, self.attention = model.dtype, packing.attention_path(model)
         self.args = config.kto
         self.loss_type = self.args.loss_type[0]
         self.estimates_kl = self.loss_type == "kto"  # apo_zero_unpaired has no KL term
@@ -104,7 +104,7 @@ class Kto:
                 "undesirable": int(micro.extras["desirable"].numel()) - desirable}
 
     def loss(self, micro: data.MicroBatch, step: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = micro.model_inputs(self.dtype)
+        inputs = micro.model_inputs(self.dtype, self.attention)
         logits = self.forward(**inputs).logits  # [samples, seq, vocab]: rows, then mismatched sequences
         ref_logits = self.reference.forward(**inputs).logits
         labels, samples = micro.extras["logp_labels"].to(logits.device), micro.sample_ids.to(logits.device)

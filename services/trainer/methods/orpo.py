@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from services.trainer import data, modeling, pairs
+from services.trainer import data, modeling, packing, pairs
 from services.trainer.config import METHOD_KINDS
 from services.trainer.losses.nll import chosen_nll
 from services.trainer.losses.orpo import orpo_loss
@@ -24,7 +24,7 @@ class Orpo:
 
     def __init__(self, config, forward, model, tokenizer):
         self.forward = forward
-        self.dtype = model.dtype
+        self.dtype, self.attention = model.dtype, packing.attention_path(model)
         self.beta = config.orpo.beta
 
     def collate(self, rows: list, pad_id: int) -> data.MicroBatch:
@@ -34,7 +34,7 @@ class Orpo:
         return {"pairs": pairs.count(micro), "chosen_tokens": pairs.chosen_tokens(micro)}
 
     def loss(self, micro: data.MicroBatch, step: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.forward(**micro.model_inputs(self.dtype)).logits  # [b, s, vocab]
+        logits = self.forward(**micro.model_inputs(self.dtype, self.attention)).logits  # [b, s, vocab]
         logps = pairs.pair_logps(logits, micro)
         chosen, rejected = logps.means()
         losses, ratio, chosen_rewards, rejected_rewards = orpo_loss(chosen, rejected, self.beta)

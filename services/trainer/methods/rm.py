@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from libs.common.errors import InvalidArgument
-from services.trainer import data, modeling, pairs
+from services.trainer import data, modeling, packing, pairs
 from services.trainer.config import METHOD_KINDS
 from services.trainer.losses.reward import reward_loss, reward_model_metrics
 
@@ -77,7 +77,7 @@ class RewardModel:
 
     def __init__(self, config, forward, model, tokenizer):
         self.forward = forward
-        self.dtype = model.dtype
+        self.dtype, self.attention = model.dtype, packing.attention_path(model)
         self.center_rewards_coefficient = config.rm.center_rewards_coefficient
         self.pad_id = model.config.pad_token_id  # what transformers pools by (build_reward_model sets it)
         self._scores: torch.Tensor | None = None
@@ -94,7 +94,7 @@ class RewardModel:
 
     def rewards(self, micro: data.MicroBatch) -> torch.Tensor:
         """[num_samples] float32: each sample's reward, from one forward over the micro-batch."""
-        self.forward(**micro.model_inputs(self.dtype))
+        self.forward(**micro.model_inputs(self.dtype, self.attention))
         scores, self._scores = self._scores, None
         ends = sample_ends(micro.sample_ids.to(scores.device), micro.input_ids, self.pad_id, micro.num_samples)
         return scores.reshape(-1)[ends].float()

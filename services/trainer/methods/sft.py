@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from services.trainer import data, modeling
+from services.trainer import data, modeling, packing
 from services.trainer.config import METHOD_KINDS
 from services.trainer.losses.sft import sft_loss, trained_tokens
 
@@ -20,7 +20,7 @@ class Sft:
 
     def __init__(self, config, forward, model, tokenizer):
         self.forward = forward
-        self.dtype = model.dtype
+        self.dtype, self.attention = model.dtype, packing.attention_path(model)
 
     def collate(self, rows: list[data.Row], pad_id: int) -> data.MicroBatch:
         return data.collate(rows, pad_id)
@@ -29,7 +29,7 @@ class Sft:
         return {"trained_tokens": trained_tokens(micro.labels)}
 
     def loss(self, micro: data.MicroBatch, step: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.forward(**micro.model_inputs(self.dtype)).logits  # [b, s, vocab]
+        logits = self.forward(**micro.model_inputs(self.dtype, self.attention)).logits  # [b, s, vocab]
         return sft_loss(logits, micro.labels, step["trained_tokens"]), {}
 
 

@@ -147,10 +147,10 @@ def loss_and_grads(config, model, rows, padding_free: bool):
 
 
 def test_packed_pairs_give_the_loss_and_gradients_of_the_same_pairs_unpacked(default_model, datasets,
-                                                                             dataprep_address):
+                                                                             dataprep_address, attention):
     """Against TRL's layout (one sequence a row, padded): dataprep's packed rows as packed, and
     the padding-free layout the dpo method gives packed and unpacked pairs alike (every
-    sequence re-laid into rows no longer than the longest)."""
+    sequence re-laid into rows no longer than the longest), on each CPU attention path."""
     unpacked = read_rows(dataprep_address, datasets["unpacked"])
     packed = read_rows(dataprep_address, datasets["packed"])
     assert len(packed) < len(unpacked) and any(len(row.samples) > 2 for row in packed), "several pairs per row"
@@ -158,6 +158,7 @@ def test_packed_pairs_give_the_loss_and_gradients_of_the_same_pairs_unpacked(def
     config = dpo_config()
     torch.manual_seed(0)
     model = modeling.build_model(config, default_model)
+    attention.use(model)
     with torch.no_grad():  # the policy away from the reference, so every part of the loss has a gradient
         for name, param in model.named_parameters():
             if "lora_B" in name:

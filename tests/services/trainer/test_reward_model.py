@@ -145,9 +145,19 @@ def test_loss_equals_trl_reward_trainer(scorer, reward_data, default_model, tmp_
     assert mean == pytest.approx(logged["mean_reward"][0], abs=1e-5)
 
 
-def test_packed_pairs_score_as_unpacked(scorer, reward_data):
+@pytest.fixture
+def switched(scorer, attention):
+    """The scorer on one CPU attention path (conftest.CPU_PATHS), switched back afterwards."""
+    before = scorer.config._attn_implementation
+    attention.use(scorer)
+    yield scorer
+    scorer.set_attn_implementation(before)
+
+
+def test_packed_pairs_score_as_unpacked(switched, reward_data):
     """Each pair's rewards, the loss and its gradients on packed rows (several pairs a row, kept
-    apart by the block-diagonal mask) equal those on the same pairs one sequence a row."""
+    apart on each CPU attention path) equal those on the same pairs one sequence a row."""
+    scorer = switched
     unpacked, packed, _ = reward_data
     method = method_for(scorer, 0.01)
     results = []
