@@ -159,6 +159,21 @@ def test_input_ids_equal_apply_chat_template(request, which, messages):
                                                                          add_generation_prompt=True)
 
 
+@pytest.mark.parametrize("which,trained", [
+    ("qwen", "Hello! How can I help?<|im_end|>ok<|im_end|>"),
+    ("llama", "Hello! How can I help?<|eot_id|>ok<|eot_id|>"),
+])
+def test_an_opening_answer_trains_on_qwen_and_llama3(request, which, trained):
+    """A conversation opening with an answer: the template's ids, both answers
+    trained from after the preamble (Qwen's default system prompt, Llama's bos and header)."""
+    tokenizer = request.getfixturevalue(which)
+    messages = [{"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "hm"},
+                {"role": "assistant", "content": "ok"}]
+    encoded = template.encode(tokenizer, messages)
+    assert encoded.input_ids == reference(tokenizer, messages)
+    assert tokenizer.decode([i for i in encoded.labels if i != IGNORE_INDEX]) == trained
+
+
 def test_builtin_default_template_is_ms_swift_default(default_model):
     """ms-swift's `default`: default system, '### Human:'/'### Assistant:' rounds joined
     by a blank line (not trained), eos after the last answer (trained)."""

@@ -159,3 +159,41 @@ def test_rows_the_models_template_refuses_are_rejected_as_template(tmp_path, def
     assert manifest["chat_template_sha256"] == hashlib.sha256(refusing.encode()).hexdigest()
     reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
     assert reject["error"] == f"{data}:2: messages: the chat template refused the conversation: no forbidden words"
+
+
+OPENING = [{"messages": [{"role": "assistant", "content": "I start"}, {"role": "user", "content": "hm"},
+                         {"role": "assistant", "content": "ok"}]},             # issue 12's row: the layout path
+           {"messages": [{"role": "assistant", "content": " I start "}, {"role": "user", "content": "hm"},
+                         {"role": "assistant", "content": "ok"}]},             # the per-row path (whitespace edges)
+           {"text": "Once upon a time."}]                                     # pre-training: one assistant turn
+
+
+@pytest.mark.parametrize("args", [{}, {"num_proc": 2}, {"streaming": True}, {"packing": True},
+                                  {"streaming": True, "packing": True}, "cli"],
+                         ids=["in_process", "num_proc_2", "streaming", "packing", "streaming_packing", "cli"])
+def test_conversations_opening_with_an_answer_are_kept_in_every_code_path(tmp_path, write_jsonl, conversation,
+                                                                           tokenizer, args):
+    """Issue 12: a row opening with an assistant turn stopped the preparation with a
+    traceback. It is a valid row (ms-swift trains it as a pre-training row, TRL as
+    the template renders it): kept, with the template's ids, in every code path."""
+    from cli.main import main as tuneforge
+    from services.dataprep import formats
+
+    data = write_jsonl("train.jsonl", [conversation(1), *OPENING])
+    out = tmp_path / "out"
+    if args == "cli":
+        assert tuneforge(["prepare", "--dataset", str(data), "--output_dir", str(out)]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+    else:
+        manifest = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out), max_length=512, **args))
+    encoded = [template.encode(tokenizer, formats.to_example(row).messages) for row in [conversation(1), *OPENING]]
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (4, 4, 0)
+    assert manifest["trained_tokens"] == sum(e.trained_tokens for e in encoded)
+    samples = []
+    for shard in manifest["shards"]:
+        for row in read_shard(out / shard["file"]).to_pylist():
+            start = 0
+            for length in row.get("seq_lens", [row["length"]]):  # a packed row: its samples, whole
+                samples.append((row["input_ids"][start:start + length], row["labels"][start:start + length]))
+                start += length
+    assert sorted(samples) == sorted((e.input_ids, e.labels) for e in encoded)
