@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -16,6 +17,8 @@ import pyarrow as pa
 from libs.common.errors import InvalidArgument
 from libs.dataset.schema import SCHEMAS, TOKEN_COLUMNS
 from services.dataprep import formats, inputs, jsonl, template
+
+LOG = logging.getLogger("tuneforge.dataprep")
 
 # --task auto: the dataset's kind is the one most of its first PEEK_VALID valid rows have (ties: the
 # earliest), so one odd first row (an SFT row missing its answer) does not decide for the rest.
@@ -157,7 +160,24 @@ def _columns(tokenizer, conversation: formats.Conversation, config) -> tuple[dic
 
 
 def encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], config) -> Example | jsonl.Reject:
-    """One raw row to its shard columns under config.task, or a Reject naming its field."""
+    """One raw row to its shard columns under config.task, or a Reject naming its field.
+    An error nobody foresaw on one row (a bug of ours) rejects that row as
+    internal_error, logged with its traceback and counted, rather than ending a
+    preparation that may have run for hours; the fuzzer (tests) fails on any."""
+    try:
+        return _encode_record(tokenizer, record, columns, config)
+    except template.ReferenceMismatch:
+        raise  # every row would be wrong alike: stop
+    except Exception as exc:
+        raw = record.raw if record.data is None else record.data.decode("utf-8", errors="replace").rstrip("\r\n")
+        LOG.error("internal error on a dataset row; the row is rejected (internal_error)", exc_info=True,
+                  extra={"fields": {"file": record.file, "line": record.line, "error": f"{type(exc).__name__}: {exc}"}})
+        return jsonl.Reject(record.file, record.line, None, jsonl.INTERNAL_ERROR,
+                            f"internal error (a TuneForge bug; please report it with this row): "
+                            f"{type(exc).__name__}: {exc}", raw)
+
+
+def _encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], config) -> Example | jsonl.Reject:
     record = record.decoded()
     if record.error is not None:
         return jsonl.Reject(record.file, record.line, None, jsonl.INVALID_JSON, record.error, record.raw)

@@ -437,9 +437,14 @@ def encode_plain(tokenizer, messages: list[dict], losses: list[bool | None] | No
     return Encoded(input_ids + [eos], labels + [eos if last_trained else IGNORE_INDEX])
 
 
+class ReferenceMismatch(RuntimeError):
+    """Our tokens differ from apply_chat_template's: no row's labels can be trusted, so
+    the preparation stops (never one row's reject)."""
+
+
 def _check_reference(input_ids: list[int], reference: list[int]) -> None:
     if input_ids != reference:
         # Both tokenize the same rendered text; a difference means transformers
         # changed how apply_chat_template tokenizes, and the offsets cannot be trusted.
-        raise RuntimeError("tokenizing the rendered chat template text does not reproduce "
-                           "apply_chat_template's input_ids")
+        raise ReferenceMismatch("tokenizing the rendered chat template text does not reproduce "
+                                "apply_chat_template's input_ids")

@@ -197,3 +197,47 @@ def test_conversations_opening_with_an_answer_are_kept_in_every_code_path(tmp_pa
                 samples.append((row["input_ids"][start:start + length], row["labels"][start:start + length]))
                 start += length
     assert sorted(samples) == sorted((e.input_ids, e.labels) for e in encoded)
+
+
+def test_an_unforeseen_error_on_one_row_rejects_it_as_internal_error_and_the_run_goes_on(
+        tmp_path, write_jsonl, conversation, monkeypatch, caplog):
+    """A bug met on one row of a long preparation costs that row, not the run: it is
+    rejected as internal_error naming its place, logged with its traceback, counted
+    (manifest and metric). The fuzzer fails on any such reject, so bugs still fail tests."""
+    from prometheus_client import REGISTRY
+
+    from services.dataprep import formats
+
+    real = formats.to_example
+
+    def buggy(value, *args, **kwargs):
+        if value.get("messages", [{}])[0].get("content") == "What is 2 plus 2?":
+            return {}["a bug of ours"]
+        return real(value, *args, **kwargs)
+
+    monkeypatch.setattr(formats, "to_example", buggy)
+    data = write_jsonl("train.jsonl", [conversation(1), conversation(2), conversation(3)])
+    out = tmp_path / "out"
+    before = REGISTRY.get_sample_value("tuneforge_dataprep_rows_rejected_total", {"reason": "internal_error"})
+    manifest = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out)))
+
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rejected_by_reason"]) == (3, 2, {"internal_error": 1})
+    assert REGISTRY.get_sample_value("tuneforge_dataprep_rows_rejected_total", {"reason": "internal_error"}) == before + 1
+    reject = json.loads((out / "rejects.jsonl").read_text())
+    assert (reject["line"], reject["field"], reject["reason"], reject["raw"]) == (
+        2, None, "internal_error", json.dumps(conversation(2)))
+    assert reject["error"] == (f"{data}:2: internal error (a TuneForge bug; please report it with this row): "
+                               "KeyError: 'a bug of ours'")
+    [record] = [r for r in caplog.records if r.name == "tuneforge.dataprep"]
+    assert record.fields == {"file": str(data), "line": 2, "error": "KeyError: 'a bug of ours'"}
+    assert record.exc_info[0] is KeyError
+
+
+def test_tokens_that_differ_from_apply_chat_template_stop_the_run(tmp_path, write_jsonl, conversation, monkeypatch):
+    """Not a row's fault and true of every row: the preparation fails, nothing looks complete."""
+    monkeypatch.setattr(template, "template_ids", lambda *args, **kwargs: [0])
+    monkeypatch.setattr(template, "_checked", type(template._checked)())
+    data = write_jsonl("train.jsonl", [conversation(1)])
+    with pytest.raises(template.ReferenceMismatch, match="does not reproduce apply_chat_template's input_ids"):
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "manifest.json").exists()
