@@ -10,6 +10,7 @@ import pytest
 from libs.common.errors import InvalidArgument
 from services.dataprep import template, templates
 from services.dataprep.template import IGNORE_INDEX
+from tests.services.dataprep.invariants import reference
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -31,11 +32,6 @@ def spell(tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int
         input_ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
     return input_ids, labels
-
-
-def reference(tokenizer, messages, **kwargs) -> list[int]:
-    result = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-    return list(result["input_ids"] if not isinstance(result, list) else result)
 
 
 def test_fixtures_are_the_real_templates_and_the_built_ins_ship_them(qwen, llama):
