@@ -16,6 +16,7 @@ import sys
 from typing import Iterator
 
 from libs.common.errors import InvalidArgument, NotFound
+from services.dataprep import jsonl
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _GLOB_CHARS = ("*", "?", "[")
@@ -206,7 +207,7 @@ def _json_array(path: str, text: _ArrayText) -> Iterator[Record]:
                     break
             text.pos = end
             number += 1
-            yield Record(path, number, json.dumps(value, ensure_ascii=False), value)
+            yield Record(path, number, jsonl.dumps(value), value)
             after = text.skip_space()
             text.pos += 1
             if after == "]":

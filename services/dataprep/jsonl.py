@@ -67,7 +67,19 @@ class Reject:
     def to_json(self) -> str:
         record = {"file": self.file, "line": self.line, "field": self.field, "reason": self.reason,
                   "error": str(self), "raw": self.raw}
-        return json.dumps(record, ensure_ascii=False)
+        return dumps(record)
+
+
+def dumps(value) -> str:
+    """JSON text of `value`, its characters as they are, or, where a string holds a lone
+    surrogate (a JSON "\\ud800" escape without its pair, which UTF-8 cannot write),
+    with \\u escapes: the same value, and a text any UTF-8 file takes."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
 
 
 @dataclasses.dataclass

@@ -101,6 +101,16 @@ def test_invalid_arguments_are_reported_together(tmp_path):
     assert len(error.value.problems) == 4
 
 
+def test_a_system_prompt_that_is_not_utf8_is_refused_before_any_row(tmp_path, write_jsonl, conversation):
+    """`--system $'\\xff'` reaches Python as a lone surrogate (surrogateescape): refused once,
+    not as a tokenizer error on every row."""
+    data = write_jsonl("train.jsonl", [conversation(1)])
+    with pytest.raises(Problems) as error:
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), system="be \udcff brief"))
+    assert error.value.problems == ["system: not UTF-8 text (a lone surrogate, e.g. from an argument that is not "
+                                    "UTF-8)"]
+
+
 def test_rows_longer_than_max_length_are_rejected_as_too_long(tmp_path, write_jsonl, conversation, tokenizer):
     short = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     long = conversation(123456)
