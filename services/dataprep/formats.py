@@ -76,7 +76,10 @@ class Problem:
 
 
 def _text(value) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except RecursionError:  # valid JSON nested nearly as deep as Python reads: too deep to print here
+        return "a value nested too deeply to show"
     return text if len(text) <= 60 else text[:57] + "..."
 
 

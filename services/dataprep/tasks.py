@@ -193,13 +193,48 @@ def _encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], co
     return Example(record.file, record.line, record.raw, kind, values, trained)
 
 
+MAX_EXTRA_NESTING = 32  # lists/objects in an extra column; Arrow's IPC reader refuses 64 levels and more
+_UNSTORABLE = (pa.ArrowException, OverflowError, RecursionError)  # pyarrow on a value it cannot store
+
+
 def _arrow_type(value) -> pa.DataType:
+    """An extra column's type, from the first row's value; string where that value
+    has none Arrow can store (admit then refuses the value itself)."""
     if value is None:
         return pa.string()
     try:
-        return pa.array([value]).type
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        type_ = pa.array([value]).type
+    except _UNSTORABLE:
         return pa.string()
+    return type_ if _nesting(type_) <= MAX_EXTRA_NESTING else pa.string()
+
+
+def _nesting(type_: pa.DataType) -> int:
+    """How deep lists, structs and maps nest in a type (0 for a scalar); iterative, as a
+    value may nest as deep as JSON allows."""
+    deepest, stack = 0, [(type_, 0)]
+    while stack:
+        type_, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((type_.field(i).type, depth + 1) for i in range(type_.num_fields))
+    return deepest
+
+
+def _stored_as_given(value, stored) -> bool:
+    """Whether Arrow keeps `value` as it is, rather than coercing it: a text read as a
+    list of characters, an object's keys beyond the column's dropped, a number rounded."""
+    if isinstance(value, dict):
+        return isinstance(stored, dict) and value.keys() <= stored.keys() \
+            and all(stored[k] is None for k in stored.keys() - value.keys()) \
+            and all(_stored_as_given(item, stored[k]) for k, item in value.items())
+    if isinstance(value, list):
+        return isinstance(stored, list) and len(value) == len(stored) and all(map(_stored_as_given, value, stored))
+    if isinstance(value, float) and value != value:  # NaN
+        return isinstance(stored, float) and stored != stored
+    numbers = (int, float)
+    if isinstance(value, numbers) and isinstance(stored, numbers) and bool not in (type(value), type(stored)):
+        return value == stored
+    return type(value) is type(stored) and value == stored
 
 
 class Admission:
@@ -244,8 +279,10 @@ class Admission:
                 return example.reject(name, jsonl.INVALID_EXTRA, "a column the dataset's first row does not have "
                                       f"(its columns: {', '.join(self.extra_types) or 'none'})")
             try:
-                pa.array([value], type=self.extra_types[name])
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                kept = _stored_as_given(value, pa.array([value], type=self.extra_types[name]).to_pylist()[0])
+            except _UNSTORABLE:
+                kept = False
+            if not kept:
                 return example.reject(name, jsonl.INVALID_EXTRA, f"expected {self.extra_types[name]} like the "
                                       f"dataset's first row; got {formats._text(value)}")
         return dataclasses.replace(example, columns={**{k: None for k in self.extra_types}, **example.columns})

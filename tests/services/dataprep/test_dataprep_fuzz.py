@@ -734,3 +734,35 @@ def test_a_lone_surrogate_in_a_json_array_row_is_rejected_and_its_raw_text_kept_
     assert manifest["rejected_by_reason"] == {"invalid_content": 1}
     reject = json.loads((out / "rejects.jsonl").read_bytes().decode("utf-8"))
     assert (reject["line"], reject["field"], reject["raw"]) == (2, "text", '{"text": "a\\udc80b"}')
+
+
+PROMPT = {"role": "user", "content": ""}
+
+
+@pytest.mark.parametrize("solution,kept,rejected", [
+    # pyarrow cannot type the first row's value (OverflowError: Python int too large to convert to C long, out
+    # of Admission, ending the run): the column is a string one, and that row's value is refused
+    ({"messages": 9223372036854775808}, [2], [(1, "solution")]),
+    # struct<> from the first row took '' as {} alone, then failed on the shard's whole column (ArrowTypeError)
+    ({}, [1], [(2, "solution")]),
+    # list<null> from the first row stored '' as [] (the string read as its characters): the value was lost
+    ([], [1], [(2, "solution")]),
+    # 64 levels deep: written, but Arrow's IPC reader refuses such a shard (Max recursion depth reached)
+    (json.loads("[" * 64 + "]" * 64), [2], [(1, "solution")]),
+], ids=["int_beyond_int64", "empty_object", "empty_list", "nested_64_deep"])
+def test_prompt_extra_columns_are_stored_as_given_or_rejected(tmp_path, solution, kept, rejected):
+    """Minimal example (case = Case(model='default', family='prompt', suffix='.json', rows=[Row(value={'messages':
+    [{'role': 'user', 'content': ''}] * 3, 'solution': <solution>, 'level': 0}), Row(value={'messages': [{'role':
+    'user', 'content': ''}], 'solution': '', 'level': 0}, good=True)], config={'task': 'auto', ...})): the first
+    row types the extra columns; a value Arrow would not keep as it is, is that row's reject."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"messages": [PROMPT] * 3, "solution": solution, "level": 0},
+                                {"messages": [PROMPT], "solution": "", "level": 0}]))
+    out = tmp_path / "out"
+    manifest = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out)))
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"], r["reason"]) for r in rejects] == [(*r, "invalid_extra") for r in rejected]
+    table = pa.concat_tables(pa.ipc.open_file(pa.memory_map(str(out / s["file"]))).read_all()
+                             for s in manifest["shards"])  # readable back
+    rows = json.loads(data.read_text())
+    assert table.column("solution").to_pylist() == [rows[line - 1]["solution"] for line in kept]
