@@ -16,7 +16,6 @@ import sys
 from typing import Iterator
 
 from libs.common.errors import InvalidArgument, NotFound
-from services.dataprep import jsonl
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _GLOB_CHARS = ("*", "?", "[")
@@ -205,9 +204,9 @@ def _json_array(path: str, text: _ArrayText) -> Iterator[Record]:
                 cut = end == len(text.text) or (isinstance(value, (int, float)) and text.text[end] in _NUMBER_CHARS)
                 if not cut or not text.more():  # a number at the window's end may go on after it
                     break
-            text.pos = end
+            raw, text.pos = text.text[text.pos:end], end  # the row as written (no JSON writer re-nests it)
             number += 1
-            yield Record(path, number, jsonl.dumps(value), value)
+            yield Record(path, number, raw, value)
             after = text.skip_space()
             text.pos += 1
             if after == "]":
