@@ -91,7 +91,6 @@ TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add tw
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
 BAD_TOOLS = st.one_of(JUNK, st.just("[{not json"), st.just('{"type": "function"}'), st.just("[1, 2]"),
                       st.just([TOOLS[0], "x"]), st.just([{"type": "function", "function": None}]))
-ROLES = ["system", "user", "assistant", "tool", "tool_call", "tool_response"]
 FROM = {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation", "tool_call": "function_call",
         "tool_response": "tool_response"}
 
@@ -332,6 +331,7 @@ def cases(draw, models=("default", "qwen", "llama"), rows_per_file=(2, 12),
 # Writing the file
 
 def _splice(text: str) -> bytes:
+    """The file's bytes, each SPLICES placeholder replaced by what it stands for."""
     data = text.encode("utf-8", errors="surrogatepass")  # lone surrogates as the (invalid UTF-8) bytes they are
     for deep in DEEP:
         depth = int(deep.split(":")[1].rstrip("@"))
@@ -766,3 +766,14 @@ def test_prompt_extra_columns_are_stored_as_given_or_rejected(tmp_path, solution
                              for s in manifest["shards"])  # readable back
     rows = json.loads(data.read_text())
     assert table.column("solution").to_pylist() == [rows[line - 1]["solution"] for line in kept]
+
+
+def test_packing_a_prompt_dataset_is_one_line_naming_the_flag_once(tmp_path):
+    """Minimal example (case = Case(model='default', family='sft', suffix='.jsonl', rows=[Row(value=None),
+    Row(value=None), Row(value={'conversations': [{'from': 'human', 'value': ''}]})], config={..., 'packing':
+    True})): the only valid row is a prompt, so the dataset is one; the error said `packing: packing: ...`."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('null\nnull\n{"conversations": [{"from": "human", "value": ""}]}\n')
+    with pytest.raises(InvalidArgument) as raised:
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), packing=True))
+    assert str(raised.value) == "packing: prompt rows are not packed; use --packing false"
