@@ -15,10 +15,15 @@ import numpy as np
 import pyarrow as pa
 
 from libs.common.errors import InvalidArgument
-from libs.dataset.schema import SCHEMAS, TOKEN_COLUMNS
+from libs.dataset.schema import PACKED_PAIR_SCHEMA, PACKED_SCHEMA, SCHEMAS, TOKEN_COLUMNS
 from services.dataprep import formats, inputs, jsonl, template
 
 LOG = logging.getLogger("tuneforge.dataprep")
+# Names a prompt row's extra column may not take: a shard's own columns, of every task, packed or not. A reader
+# tells a dataset's kind (and whether it is packed) by them while it is prepared, and token columns are
+# converted as such (Example.as_arrays).
+SHARD_COLUMNS = frozenset(name for schema in (*SCHEMAS.values(), PACKED_SCHEMA, PACKED_PAIR_SCHEMA)
+                          for name in schema.names)
 
 # --task auto: the dataset's kind is the one most of its first PEEK_VALID valid rows have (ties: the
 # earliest), so one odd first row (an SFT row missing its answer) does not decide for the rest.
@@ -137,10 +142,10 @@ def _columns(tokenizer, conversation: formats.Conversation, config) -> tuple[dic
         raise _Refused("tools", jsonl.TEMPLATE, "the chat template does not render tools; name one that does "
                        "(--template qwen) or drop the column")
     if kind == "prompt":
-        taken = sorted(set(conversation.extras) & set(SCHEMAS["prompt"].names))
+        taken = sorted(set(conversation.extras) & SHARD_COLUMNS)
         if taken:
-            raise _Refused(taken[0], jsonl.INVALID_EXTRA, "an extra column may not be named like an output column "
-                           f"({', '.join(SCHEMAS['prompt'].names)}); rename it with --columns")
+            raise _Refused(taken[0], jsonl.INVALID_EXTRA, "an extra column may not be named like a shard column of "
+                           f"any task ({', '.join(sorted(SHARD_COLUMNS))}); rename it with --columns")
         input_ids = _prompt(tokenizer, conversation, config)
         return {"input_ids": input_ids, "length": len(input_ids), **conversation.extras}, 0
     if kind in ("preference", "reward"):

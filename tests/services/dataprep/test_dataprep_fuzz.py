@@ -777,3 +777,25 @@ def test_packing_a_prompt_dataset_is_one_line_naming_the_flag_once(tmp_path):
     with pytest.raises(InvalidArgument) as raised:
         prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), packing=True))
     assert str(raised.value) == "packing: prompt rows are not packed; use --packing false"
+
+
+@pytest.mark.parametrize("labels", ["", None, 1180591620717411303424])
+def test_a_prompt_row_extra_column_named_like_a_shard_column_is_rejected(tmp_path, labels):
+    """Minimal example (case = Case(model='qwen', family='prompt', suffix='.jsonl', rows=[Row(value={'messages':
+    [{'role': 'user', 'content': ''}], 'solution': '', 'level': 0}, good=True)] * 8 + [Row(value={'messages':
+    [{'role': 'user', 'content': ''}], 'solution': '', 'level': 0, 'labels': <labels>})], ...); Hypothesis stopped
+    shrinking it, the eight good rows do not matter): `labels` was taken for a token column (Example.as_arrays),
+    ValueError/TypeError/OverflowError out of the run; and a prompt dataset with a `labels` (or `label`,
+    `seq_lens`, ...) column reads as another kind of dataset while it is prepared."""
+    good = {"messages": [PROMPT], "solution": "", "level": 0}
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in [good, {**good, "labels": labels}]))
+    out = tmp_path / "out"
+    manifest = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out)))
+    reject = json.loads((out / "rejects.jsonl").read_text())
+    assert (manifest["rows_out"], reject["line"], reject["field"], reject["reason"]) == (1, 2, "labels",
+                                                                                         "invalid_extra")
+    assert reject["error"].endswith("labels: an extra column may not be named like a shard column of any task "
+                                    "(chosen_input_ids, chosen_labels, input_ids, label, labels, length, margin, "
+                                    "margins, position_ids, rejected_input_ids, rejected_labels, seq_lens); rename "
+                                    "it with --columns")
