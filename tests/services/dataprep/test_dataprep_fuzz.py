@@ -262,16 +262,19 @@ CSV_COLUMNS = {"sft": ["query", "response", "system"], "pt": ["text"], "kto": ["
 
 @st.composite
 def csv_rows(draw, family: str) -> Row:
+    """A CSV record of the family's columns (all text), or one with an odd cell: empty (a
+    missing value), not UTF-8, quotes, separators, newlines, control characters, huge.
+    (Which CSV rows must be kept is not checked: an empty cell is a missing value.)"""
     cells = {column: draw(GOOD_TEXT.map(lambda t: t if t.strip() else f"x{t}")) for column in CSV_COLUMNS[family]}
-    cells.pop("system") if "system" in cells and draw(st.booleans()) else None
+    if "system" in cells and draw(st.booleans()):
+        del cells["system"]
     if family == "kto":
         cells["label"] = draw(st.sampled_from(["true", "False", " TRUE "]))
     if family == "preference":
         cells["margin"] = draw(st.sampled_from(["", "1", "-0.5", "1e3"]))
     if draw(st.booleans()):
-        return Row(cells, good=family != "prompt" and all(not set(v) & set("\x00\r") for v in cells.values()))
-    column = draw(st.sampled_from(sorted(cells)))
-    cells[column] = draw(st.one_of(BAD_TEXT.map(str), st.sampled_from(["", BAD_UTF8, "1,2", '"', "\n"])))
+        column = draw(st.sampled_from(sorted(cells)))
+        cells[column] = draw(st.one_of(BAD_TEXT.map(str), st.sampled_from(["", BAD_UTF8, "1,2", '"', "\n"])))
     return Row(cells)
 
 
@@ -734,6 +737,50 @@ def test_a_lone_surrogate_in_a_json_array_row_is_rejected_and_its_raw_text_kept_
     assert manifest["rejected_by_reason"] == {"invalid_content": 1}
     reject = json.loads((out / "rejects.jsonl").read_bytes().decode("utf-8"))
     assert (reject["line"], reject["field"], reject["raw"]) == (2, "text", '{"text": "a\\udc80b"}')
+
+
+DEEPEST = range(750, 1001)  # nestings about the JSON reader's limit, wherever pytest's stack puts it
+
+
+def test_rows_nested_as_deeply_as_the_reader_takes_are_rejected_naming_their_field(tmp_path, conversation):
+    """case = Case(model='default', family='sft', suffix='.jsonl', rows=[Row(value={'messages': '@@deep:990@@'}),
+    ...]): json.loads read the row, then printing the value for its reject (formats._text) ran out of stack
+    frames a few calls deeper (RecursionError, internal_error once rows were guarded). Which depth hits it
+    moves with the caller's stack, so every depth about the reader's limit is one row of the file."""
+    data = tmp_path / "data.jsonl"
+    rows = [json.dumps(conversation(1))]
+    for depth in DEEPEST:
+        deep = "[" * depth + "]" * depth
+        rows += ['{"messages": %s}' % deep,
+                 '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": %s}]}' % deep]
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    manifest = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out)))
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert manifest["rows_out"] == 1 and len(rejects) == 2 * len(DEEPEST)
+    by_reason = collections.Counter(r["reason"] for r in rejects)
+    assert by_reason.keys() == {"invalid_json", "invalid_messages", "invalid_content"}, by_reason  # the limit lies within
+    for reject in rejects:
+        if reject["reason"] == "invalid_messages":
+            assert reject["field"] == "messages[0]", reject
+        elif reject["reason"] == "invalid_content":
+            assert reject["field"] == "messages[1].content", reject
+
+
+def test_a_json_array_of_rows_nested_ever_deeper_ends_with_one_line_naming_the_first_too_deep(tmp_path,
+                                                                                             conversation):
+    """A .json array row nested nearly as deeply as the reader takes was written again with json.dumps for
+    its raw text, deeper in the stack: RecursionError out of the reader, the run ended with a traceback
+    (found by the fuzzer's '@@deep:990@@' in .json arrays). Rows of every depth about the limit, in order:
+    each is read (and rejected) until the first one too deep, which ends the run in one line."""
+    data = tmp_path / "data.json"
+    rows = [json.dumps(conversation(1))] + ['{"messages": %s}' % ("[" * depth + "]" * depth) for depth in DEEPEST]
+    data.write_text("[" + ", ".join(rows) + "]")
+    with pytest.raises(InvalidArgument) as raised:
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out")))
+    found = re.fullmatch(rf"dataset: {re.escape(str(data))}: not a JSON array: row (\d+): nested more deeply than "
+                         r"the JSON reader allows \(about 1000 levels\)", str(raised.value))
+    assert found and 2 < int(found.group(1)) <= len(rows), str(raised.value)  # some deep rows were read first
 
 
 PROMPT = {"role": "user", "content": ""}
