@@ -11,6 +11,14 @@ from services.dataprep.templates import NAMES as TEMPLATE_NAMES
 from services.dataprep.loss_scale import LOSS_SCALES
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass
 class PrepareConfig:
     """One preparation: dataset rows in, tokenized Arrow shards out. Flag names are
@@ -67,6 +75,8 @@ class PrepareConfig:
             found.append("dataset: at least one dataset file is required")
         if not self.output_dir:
             found.append("output_dir: required")
+        if self.system is not None and not _utf8(self.system):
+            found.append("system: not UTF-8 text (a lone surrogate, e.g. from an argument that is not UTF-8)")
         if self.max_length < 0:
             found.append(f"max_length: expected 0 (no limit) or a positive number; got {self.max_length}")
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 # Reject reasons of this stage (see jsonl.REASONS for the full bounded set).
 from services.dataprep.jsonl import (INVALID_CONTENT, INVALID_JSON, INVALID_LABEL, INVALID_MESSAGES, INVALID_ROLE,
@@ -75,8 +76,36 @@ class Problem:
 
 
 def _text(value) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except RecursionError:  # valid JSON nested nearly as deep as Python reads: too deep to print here
+        return "a value nested too deeply to show"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _not_unicode(value: dict) -> str | None:
+    """The place of the first string (or key) in a row holding a lone surrogate, which
+    JSON decoding lets through (escapes, and bytes json.loads reads with surrogatepass);
+    None when there is none. Iterative: a row may be nested as deep as JSON allows."""
+    stack = [(None, value)]
+    while stack:
+        place, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return place
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                name = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                where = name if place is None else f"{place}.{name}"
+                if not key.isascii() and _SURROGATE.search(key):
+                    return where
+                stack.append((where, child))
+        elif isinstance(item, list):
+            stack.extend((f"{place}[{i}]", child) for i, child in reversed(list(enumerate(item))))
+    return None
 
 
 def parse_columns(text: str | None) -> dict[str, str]:
@@ -389,6 +418,10 @@ def to_example(value, columns: dict[str, str] | None = None, task: str = "auto",
     name the row's own column names."""
     if not isinstance(value, dict):
         return Problem(None, INVALID_JSON, f"expected a JSON object; got {_text(value)}")
+    place = _not_unicode(value)
+    if place is not None:
+        return Problem(place, INVALID_CONTENT, "not Unicode text: a lone surrogate (a JSON \\ud800-\\udfff escape "
+                       "without its pair, or bytes that are not UTF-8); no tokenizer or Arrow file takes it")
     row, names = _rename(value, columns or {})
     if row.get("chosen") is not None and row.get("rejected") is not None \
             and not any(row.get(k) is not None for k in (*REJECTED_KEYS, *MESSAGE_KEYS)):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import pathlib
 import random
+import sys
 from typing import Iterator
 
 from libs.common.errors import InvalidArgument, NotFound
@@ -57,8 +58,19 @@ class Record:
         text = self.data.decode("utf-8", errors="replace").rstrip("\r\n")
         try:
             return Record(self.file, self.line, text, json.loads(self.data))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return Record(self.file, self.line, text, error=f"not a JSON object: {exc}")
+        except (ValueError, RecursionError) as exc:
+            return Record(self.file, self.line, text, error=f"not a JSON object: {unreadable(exc)}")
+
+
+def unreadable(exc: ValueError | RecursionError) -> str:
+    """Why json.loads refused a text, in one line: its own syntax errors (with their
+    place), and valid JSON that Python does not read: deeper than its recursion
+    allows, or an integer longer than it converts (sys.get_int_max_str_digits())."""
+    if isinstance(exc, RecursionError):
+        return f"nested more deeply than the JSON reader allows (about {sys.getrecursionlimit()} levels)"
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+        return str(exc)
+    return f"an integer of more than {sys.get_int_max_str_digits()} digits"
 
 
 def split_sample(spec: str) -> tuple[str, int | None]:
@@ -187,12 +199,14 @@ def _json_array(path: str, text: _ArrayText) -> Iterator[Record]:
                     if text.more():
                         continue
                     raise bad(f"{exc.msg} in row {number + 1}") from None
+                except (ValueError, RecursionError) as exc:  # valid JSON Python cannot read: where it ends is unknown
+                    raise bad(f"row {number + 1}: {unreadable(exc)}") from None
                 cut = end == len(text.text) or (isinstance(value, (int, float)) and text.text[end] in _NUMBER_CHARS)
                 if not cut or not text.more():  # a number at the window's end may go on after it
                     break
-            text.pos = end
+            raw, text.pos = text.text[text.pos:end], end  # the row as written (no JSON writer re-nests it)
             number += 1
-            yield Record(path, number, json.dumps(value, ensure_ascii=False), value)
+            yield Record(path, number, raw, value)
             after = text.skip_space()
             text.pos += 1
             if after == "]":

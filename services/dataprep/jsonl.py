@@ -29,8 +29,9 @@ INVALID_LABEL = "invalid_label"
 NO_REJECTED = "no_rejected"
 NOT_PROMPT = "not_prompt"
 INVALID_EXTRA = "invalid_extra"
+INTERNAL_ERROR = "internal_error"  # a bug of ours met on this row (logged with its traceback); never the row's fault
 REASONS = (INVALID_JSON, INVALID_MESSAGES, INVALID_ROLE, INVALID_CONTENT, NO_ASSISTANT, NO_TRAINABLE, UNKNOWN_FORMAT,
-           TOO_LONG, TEMPLATE, INVALID_TOOLS, INVALID_LABEL, NO_REJECTED, NOT_PROMPT, INVALID_EXTRA)
+           TOO_LONG, TEMPLATE, INVALID_TOOLS, INVALID_LABEL, NO_REJECTED, NOT_PROMPT, INVALID_EXTRA, INTERNAL_ERROR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,19 @@ class Reject:
     def to_json(self) -> str:
         record = {"file": self.file, "line": self.line, "field": self.field, "reason": self.reason,
                   "error": str(self), "raw": self.raw}
-        return json.dumps(record, ensure_ascii=False)
+        return dumps(record)
+
+
+def dumps(value) -> str:
+    """JSON text of `value`, its characters as they are, or, where a string holds a lone
+    surrogate (a JSON "\\ud800" escape without its pair, which UTF-8 cannot write),
+    with \\u escapes: the same value, and a text any UTF-8 file takes."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
 
 
 @dataclasses.dataclass

@@ -193,7 +193,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     rows = inputs.read(datasets, config.data_seed, decode=False)  # JSON lines are decoded where tokenized
     admission, peeked, records = tasks.start(tokenizer, rows, columns, config)
     if config.packing and admission.kind not in ("sft", "pt", "preference", "reward"):
-        raise InvalidArgument(f"packing: {admission.kind} rows are not packed; use --packing false",
+        raise InvalidArgument(f"{admission.kind} rows are not packed; use --packing false",
                               field="packing")
     pairs = admission.kind in ("preference", "reward")
     clear_outputs(output_dir)

@@ -8,14 +8,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from libs.common.errors import InvalidArgument
-from libs.dataset.schema import SCHEMAS, TOKEN_COLUMNS
+from libs.dataset.schema import PACKED_PAIR_SCHEMA, PACKED_SCHEMA, SCHEMAS, TOKEN_COLUMNS
 from services.dataprep import formats, inputs, jsonl, template
+
+LOG = logging.getLogger("tuneforge.dataprep")
+# Names a prompt row's extra column may not take: a shard's own columns, of every task, packed or not. A reader
+# tells a dataset's kind (and whether it is packed) by them while it is prepared, and token columns are
+# converted as such (Example.as_arrays).
+SHARD_COLUMNS = frozenset(name for schema in (*SCHEMAS.values(), PACKED_SCHEMA, PACKED_PAIR_SCHEMA)
+                          for name in schema.names)
 
 # --task auto: the dataset's kind is the one most of its first PEEK_VALID valid rows have (ties: the
 # earliest), so one odd first row (an SFT row missing its answer) does not decide for the rest.
@@ -134,10 +142,10 @@ def _columns(tokenizer, conversation: formats.Conversation, config) -> tuple[dic
         raise _Refused("tools", jsonl.TEMPLATE, "the chat template does not render tools; name one that does "
                        "(--template qwen) or drop the column")
     if kind == "prompt":
-        taken = sorted(set(conversation.extras) & set(SCHEMAS["prompt"].names))
+        taken = sorted(set(conversation.extras) & SHARD_COLUMNS)
         if taken:
-            raise _Refused(taken[0], jsonl.INVALID_EXTRA, "an extra column may not be named like an output column "
-                           f"({', '.join(SCHEMAS['prompt'].names)}); rename it with --columns")
+            raise _Refused(taken[0], jsonl.INVALID_EXTRA, "an extra column may not be named like a shard column of "
+                           f"any task ({', '.join(sorted(SHARD_COLUMNS))}); rename it with --columns")
         input_ids = _prompt(tokenizer, conversation, config)
         return {"input_ids": input_ids, "length": len(input_ids), **conversation.extras}, 0
     if kind in ("preference", "reward"):
@@ -157,7 +165,24 @@ def _columns(tokenizer, conversation: formats.Conversation, config) -> tuple[dic
 
 
 def encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], config) -> Example | jsonl.Reject:
-    """One raw row to its shard columns under config.task, or a Reject naming its field."""
+    """One raw row to its shard columns under config.task, or a Reject naming its field.
+    An error nobody foresaw on one row (a bug of ours) rejects that row as
+    internal_error, logged with its traceback and counted, rather than ending a
+    preparation that may have run for hours; the fuzzer (tests) fails on any."""
+    try:
+        return _encode_record(tokenizer, record, columns, config)
+    except template.ReferenceMismatch:
+        raise  # every row would be wrong alike: stop
+    except Exception as exc:
+        raw = record.raw if record.data is None else record.data.decode("utf-8", errors="replace").rstrip("\r\n")
+        LOG.error("internal error on a dataset row; the row is rejected (internal_error)", exc_info=True,
+                  extra={"fields": {"file": record.file, "line": record.line, "error": f"{type(exc).__name__}: {exc}"}})
+        return jsonl.Reject(record.file, record.line, None, jsonl.INTERNAL_ERROR,
+                            f"internal error (a TuneForge bug; please report it with this row): "
+                            f"{type(exc).__name__}: {exc}", raw)
+
+
+def _encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], config) -> Example | jsonl.Reject:
     record = record.decoded()
     if record.error is not None:
         return jsonl.Reject(record.file, record.line, None, jsonl.INVALID_JSON, record.error, record.raw)
@@ -173,13 +198,48 @@ def encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], con
     return Example(record.file, record.line, record.raw, kind, values, trained)
 
 
+MAX_EXTRA_NESTING = 32  # lists/objects in an extra column; Arrow's IPC reader refuses 64 levels and more
+_UNSTORABLE = (pa.ArrowException, OverflowError, RecursionError)  # pyarrow on a value it cannot store
+
+
 def _arrow_type(value) -> pa.DataType:
+    """An extra column's type, from the first row's value; string where that value
+    has none Arrow can store (admit then refuses the value itself)."""
     if value is None:
         return pa.string()
     try:
-        return pa.array([value]).type
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        type_ = pa.array([value]).type
+    except _UNSTORABLE:
         return pa.string()
+    return type_ if _nesting(type_) <= MAX_EXTRA_NESTING else pa.string()
+
+
+def _nesting(type_: pa.DataType) -> int:
+    """How deep lists, structs and maps nest in a type (0 for a scalar); iterative, as a
+    value may nest as deep as JSON allows."""
+    deepest, stack = 0, [(type_, 0)]
+    while stack:
+        type_, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((type_.field(i).type, depth + 1) for i in range(type_.num_fields))
+    return deepest
+
+
+def _stored_as_given(value, stored) -> bool:
+    """Whether Arrow keeps `value` as it is, rather than coercing it: a text read as a
+    list of characters, an object's keys beyond the column's dropped, a number rounded."""
+    if isinstance(value, dict):
+        return isinstance(stored, dict) and value.keys() <= stored.keys() \
+            and all(stored[k] is None for k in stored.keys() - value.keys()) \
+            and all(_stored_as_given(item, stored[k]) for k, item in value.items())
+    if isinstance(value, list):
+        return isinstance(stored, list) and len(value) == len(stored) and all(map(_stored_as_given, value, stored))
+    if isinstance(value, float) and value != value:  # NaN
+        return isinstance(stored, float) and stored != stored
+    numbers = (int, float)
+    if isinstance(value, numbers) and isinstance(stored, numbers) and bool not in (type(value), type(stored)):
+        return value == stored
+    return type(value) is type(stored) and value == stored
 
 
 class Admission:
@@ -224,8 +284,10 @@ class Admission:
                 return example.reject(name, jsonl.INVALID_EXTRA, "a column the dataset's first row does not have "
                                       f"(its columns: {', '.join(self.extra_types) or 'none'})")
             try:
-                pa.array([value], type=self.extra_types[name])
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                kept = _stored_as_given(value, pa.array([value], type=self.extra_types[name]).to_pylist()[0])
+            except _UNSTORABLE:
+                kept = False
+            if not kept:
                 return example.reject(name, jsonl.INVALID_EXTRA, f"expected {self.extra_types[name]} like the "
                                       f"dataset's first row; got {formats._text(value)}")
         return dataclasses.replace(example, columns={**{k: None for k in self.extra_types}, **example.columns})

@@ -6,6 +6,7 @@ How the trained spans are found, for any template that renders a conversation
 prefix as a prefix of the whole conversation:
   - start of assistant turn i: the length of the text of messages[:i] rendered
     with add_generation_prompt=True (everything the model is given at inference);
+    for an opening answer (i = 0), what the template writes before its content;
   - end: the length of messages[:i+1] rendered, less trailing whitespace (so the
     end-of-turn token is trained and the newline a template puts after it is not);
     a template that closes the last turn differently from earlier ones (ms-swift's
@@ -140,8 +141,10 @@ def tokenizer_fingerprint(model_dir: str | pathlib.Path, tokenizer) -> str:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
-    """The template's text; its own refusals (`raise_exception(...)` in Jinja, e.g.
-    roles that do not alternate) become TemplateError."""
+    """The template's text; every refusal of apply_chat_template becomes TemplateError:
+    the template's own (`raise_exception(...)` in Jinja, e.g. roles that do not
+    alternate), and whatever a row's values make it or transformers raise (a
+    template that adds a string to a number, tools it cannot print)."""
     from jinja2.exceptions import TemplateError as JinjaError
 
     try:
@@ -149,6 +152,9 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
                                              add_generation_prompt=add_generation_prompt)
     except JinjaError as exc:
         raise TemplateError(f"the chat template refused the conversation: {exc}") from exc
+    except Exception as exc:  # the template runs the row's own values: any error there is the row's
+        raise TemplateError(f"the chat template cannot render the conversation: {type(exc).__name__}: {exc}") \
+            from exc
 
 
 def template_ids(tokenizer, messages: list[dict], tools: list | None = None,
@@ -174,12 +180,32 @@ def _not_prefix(i: int) -> TemplateError:
 
 def _prefix(tokenizer, messages: list[dict], text: str, i: int, add_generation_prompt: bool = False,
             tools: list | None = None) -> str:
-    if not messages and not add_generation_prompt:
-        return ""
-    rendered = render(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools)
+    """What `text` holds before turn i: messages[:i] rendered (with the generation
+    prompt when asked), which must be a prefix of it."""
+    if i == 0:
+        return _opening(tokenizer, messages[0], text, tools) if add_generation_prompt else ""
+    rendered = render(tokenizer, messages[:i], add_generation_prompt=add_generation_prompt, tools=tools)
     if not text.startswith(rendered):
         raise _not_prefix(i)
     return rendered
+
+
+_PROBES = ("\ue000", "\ue001")  # two contents no template treats apart but for printing them
+
+
+def _opening(tokenizer, message: dict, text: str, tools: list | None) -> str:
+    """The generation prompt before a conversation's first turn (an opening answer:
+    ms-swift's pre-training rows, a greeting): transformers renders no empty
+    conversation, so it is what the template writes before that turn's content,
+    the common start of the turn rendered alone with two different contents
+    (the template's preamble, default system prompt and bos included)."""
+    first, second = (render(tokenizer, [{**message, "content": probe}], tools=tools) for probe in _PROBES)
+    if first == second:
+        raise TemplateError("the chat template does not render the content of this opening turn", "messages[0]")
+    opening = os.path.commonprefix([first, second])
+    if not text.startswith(opening):
+        raise _not_prefix(0)
+    return opening
 
 
 def _turn_end(tokenizer, messages: list[dict], text: str, i: int, start: int, tools: list | None,
@@ -223,7 +249,7 @@ def trained_spans(tokenizer, messages: list[dict], text: str, trained: list[bool
             last = i
             while last + 1 < len(trained) and not trained[last + 1]:
                 last += 1
-            turn_start = len(_prefix(tokenizer, messages[:i], text, i, tools=tools))
+            turn_start = len(_prefix(tokenizer, messages, text, i, tools=tools))
             spans.append((start, turn_start))
             through = text if last + 1 == len(messages) else render(tokenizer, messages[:last + 1], tools=tools)
             start = len(through) if text.startswith(through) else _turn_end(tokenizer, messages, text, last,
@@ -235,7 +261,7 @@ def trained_spans(tokenizer, messages: list[dict], text: str, trained: list[bool
     for i, message in enumerate(messages):
         if not trained[i]:
             continue
-        before = _prefix(tokenizer, messages[:i], text, i, add_generation_prompt=message["role"] == "assistant",
+        before = _prefix(tokenizer, messages, text, i, add_generation_prompt=message["role"] == "assistant",
                          tools=tools)
         spans.append((len(before), _turn_end(tokenizer, messages, text, i, len(before), tools, prefix_only)))
     return spans
@@ -411,9 +437,14 @@ def encode_plain(tokenizer, messages: list[dict], losses: list[bool | None] | No
     return Encoded(input_ids + [eos], labels + [eos if last_trained else IGNORE_INDEX])
 
 
+class ReferenceMismatch(RuntimeError):
+    """Our tokens differ from apply_chat_template's: no row's labels can be trusted, so
+    the preparation stops (never one row's reject)."""
+
+
 def _check_reference(input_ids: list[int], reference: list[int]) -> None:
     if input_ids != reference:
         # Both tokenize the same rendered text; a difference means transformers
         # changed how apply_chat_template tokenizes, and the offsets cannot be trusted.
-        raise RuntimeError("tokenizing the rendered chat template text does not reproduce "
-                           "apply_chat_template's input_ids")
+        raise ReferenceMismatch("tokenizing the rendered chat template text does not reproduce "
+                                "apply_chat_template's input_ids")

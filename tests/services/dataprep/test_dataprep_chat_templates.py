@@ -10,6 +10,7 @@ import pytest
 from libs.common.errors import InvalidArgument
 from services.dataprep import template, templates
 from services.dataprep.template import IGNORE_INDEX
+from tests.services.dataprep.invariants import reference
 
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -31,11 +32,6 @@ def spell(tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int
         input_ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
     return input_ids, labels
-
-
-def reference(tokenizer, messages, **kwargs) -> list[int]:
-    result = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-    return list(result["input_ids"] if not isinstance(result, list) else result)
 
 
 def test_fixtures_are_the_real_templates_and_the_built_ins_ship_them(qwen, llama):
@@ -157,6 +153,21 @@ def test_input_ids_equal_apply_chat_template(request, which, messages):
     assert encoded.input_ids == reference(tokenizer, messages)
     assert template.encode_prompt(tokenizer, messages[:-1]) == reference(tokenizer, messages[:-1],
                                                                          add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("which,trained", [
+    ("qwen", "Hello! How can I help?<|im_end|>ok<|im_end|>"),
+    ("llama", "Hello! How can I help?<|eot_id|>ok<|eot_id|>"),
+])
+def test_an_opening_answer_trains_on_qwen_and_llama3(request, which, trained):
+    """A conversation opening with an answer: the template's ids, both answers
+    trained from after the preamble (Qwen's default system prompt, Llama's bos and header)."""
+    tokenizer = request.getfixturevalue(which)
+    messages = [{"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "hm"},
+                {"role": "assistant", "content": "ok"}]
+    encoded = template.encode(tokenizer, messages)
+    assert encoded.input_ids == reference(tokenizer, messages)
+    assert tokenizer.decode([i for i in encoded.labels if i != IGNORE_INDEX]) == trained
 
 
 def test_builtin_default_template_is_ms_swift_default(default_model):

@@ -189,3 +189,12 @@ def test_undecoded_json_lines_decode_to_what_read_gives(tmp_path):
     assert [r.decoded() for r in lazy] == list(inputs.read(datasets, 0))
     assert [(r.value, r.error is not None) for r in inputs.read(datasets, 0)] == [
         ({"text": "a"}, False), (None, True), (None, True), ([1, 2], False)]
+
+
+def test_a_json_array_row_keeps_its_text_as_written(tmp_path, monkeypatch):
+    """A reject's raw text is the row as the file holds it (escapes, spacing), also when a
+    row is cut across chunks, not the row written again by a JSON writer."""
+    monkeypatch.setattr(inputs, "JSON_CHUNK", 3)
+    path = tmp_path / "a.json"
+    path.write_text('[ {"a": 1,\n  "b": "\\u00e9\\ud800"} ,2.50]')
+    assert [r.raw for r in inputs.read(inputs.resolve([str(path)]), 42)] == ['{"a": 1,\n  "b": "\\u00e9\\ud800"}', "2.50"]

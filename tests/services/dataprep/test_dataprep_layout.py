@@ -9,6 +9,7 @@ import pytest
 
 from services.dataprep import template
 from services.dataprep.loss_scale import trained_messages
+from tests.services.dataprep.invariants import per_row
 
 PIECES = ["Paris.", "  Paris.  ", "\n\nnew lines\n", "", " ", "Rome", "a\tb", "é😀 unicode", "###", "<|im_end|>x",
           "\ue0003\ue001", "ends with space ", " starts with space", "Assistant:", "1 + 1 = 2"]
@@ -26,18 +27,6 @@ def conversations(seed: int, count: int) -> list[tuple[list[dict], list, str]]:
         losses = [rng.choice([None, None, True, False]) if m["role"] == "assistant" else None for m in messages]
         rows.append((messages, losses, rng.choice(["default", "last_round", "all"])))
     return rows
-
-
-def per_row(tokenizer, messages, losses, loss_scale) -> tuple[list[int], list[int]] | None:
-    """The slow path: every prefix rendered for this row, labels from all offsets."""
-    text = template.render(tokenizer, messages)
-    trained = trained_messages([m["role"] for m in messages], losses, loss_scale)
-    try:
-        spans = template.trained_spans(tokenizer, messages, text, trained, loss_scale == "all")
-    except template.TemplateError:
-        return None
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    return encoding.ids, template.labels_from_spans(encoding.ids, encoding.offsets, spans)
 
 
 @pytest.fixture(scope="module")

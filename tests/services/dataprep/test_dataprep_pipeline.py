@@ -101,6 +101,16 @@ def test_invalid_arguments_are_reported_together(tmp_path):
     assert len(error.value.problems) == 4
 
 
+def test_a_system_prompt_that_is_not_utf8_is_refused_before_any_row(tmp_path, write_jsonl, conversation):
+    """`--system $'\\xff'` reaches Python as a lone surrogate (surrogateescape): refused once,
+    not as a tokenizer error on every row."""
+    data = write_jsonl("train.jsonl", [conversation(1)])
+    with pytest.raises(Problems) as error:
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), system="be \udcff brief"))
+    assert error.value.problems == ["system: not UTF-8 text (a lone surrogate, e.g. from an argument that is not "
+                                    "UTF-8)"]
+
+
 def test_rows_longer_than_max_length_are_rejected_as_too_long(tmp_path, write_jsonl, conversation, tokenizer):
     short = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     long = conversation(123456)
@@ -159,3 +169,85 @@ def test_rows_the_models_template_refuses_are_rejected_as_template(tmp_path, def
     assert manifest["chat_template_sha256"] == hashlib.sha256(refusing.encode()).hexdigest()
     reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text())
     assert reject["error"] == f"{data}:2: messages: the chat template refused the conversation: no forbidden words"
+
+
+OPENING = [{"messages": [{"role": "assistant", "content": "I start"}, {"role": "user", "content": "hm"},
+                         {"role": "assistant", "content": "ok"}]},             # issue 12's row: the layout path
+           {"messages": [{"role": "assistant", "content": " I start "}, {"role": "user", "content": "hm"},
+                         {"role": "assistant", "content": "ok"}]},             # the per-row path (whitespace edges)
+           {"text": "Once upon a time."}]                                     # pre-training: one assistant turn
+
+
+@pytest.mark.parametrize("args", [{}, {"num_proc": 2}, {"streaming": True}, {"packing": True},
+                                  {"streaming": True, "packing": True}, "cli"],
+                         ids=["in_process", "num_proc_2", "streaming", "packing", "streaming_packing", "cli"])
+def test_conversations_opening_with_an_answer_are_kept_in_every_code_path(tmp_path, write_jsonl, conversation,
+                                                                           tokenizer, args):
+    """Issue 12: a row opening with an assistant turn stopped the preparation with a
+    traceback. It is a valid row (ms-swift trains it as a pre-training row, TRL as
+    the template renders it): kept, with the template's ids, in every code path."""
+    from cli.main import main as tuneforge
+    from services.dataprep import formats
+
+    data = write_jsonl("train.jsonl", [conversation(1), *OPENING])
+    out = tmp_path / "out"
+    if args == "cli":
+        assert tuneforge(["prepare", "--dataset", str(data), "--output_dir", str(out)]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+    else:
+        manifest = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out), max_length=512, **args))
+    encoded = [template.encode(tokenizer, formats.to_example(row).messages) for row in [conversation(1), *OPENING]]
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_rejected"]) == (4, 4, 0)
+    assert manifest["trained_tokens"] == sum(e.trained_tokens for e in encoded)
+    samples = []
+    for shard in manifest["shards"]:
+        for row in read_shard(out / shard["file"]).to_pylist():
+            start = 0
+            for length in row.get("seq_lens", [row["length"]]):  # a packed row: its samples, whole
+                samples.append((row["input_ids"][start:start + length], row["labels"][start:start + length]))
+                start += length
+    assert sorted(samples) == sorted((e.input_ids, e.labels) for e in encoded)
+
+
+def test_an_unforeseen_error_on_one_row_rejects_it_as_internal_error_and_the_run_goes_on(
+        tmp_path, write_jsonl, conversation, monkeypatch, caplog):
+    """A bug met on one row of a long preparation costs that row, not the run: it is
+    rejected as internal_error naming its place, logged with its traceback, counted
+    (manifest and metric). The fuzzer fails on any such reject, so bugs still fail tests."""
+    from prometheus_client import REGISTRY
+
+    from services.dataprep import formats
+
+    real = formats.to_example
+
+    def buggy(value, *args, **kwargs):
+        if value.get("messages", [{}])[0].get("content") == "What is 2 plus 2?":
+            return {}["a bug of ours"]
+        return real(value, *args, **kwargs)
+
+    monkeypatch.setattr(formats, "to_example", buggy)
+    data = write_jsonl("train.jsonl", [conversation(1), conversation(2), conversation(3)])
+    out = tmp_path / "out"
+    before = REGISTRY.get_sample_value("tuneforge_dataprep_rows_rejected_total", {"reason": "internal_error"})
+    manifest = prepare(PrepareConfig(dataset=[str(data)], output_dir=str(out)))
+
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rejected_by_reason"]) == (3, 2, {"internal_error": 1})
+    assert REGISTRY.get_sample_value("tuneforge_dataprep_rows_rejected_total", {"reason": "internal_error"}) == before + 1
+    reject = json.loads((out / "rejects.jsonl").read_text())
+    assert (reject["line"], reject["field"], reject["reason"], reject["raw"]) == (
+        2, None, "internal_error", json.dumps(conversation(2)))
+    assert reject["error"] == (f"{data}:2: internal error (a TuneForge bug; please report it with this row): "
+                               "KeyError: 'a bug of ours'")
+    [record] = [r for r in caplog.records if r.name == "tuneforge.dataprep"]
+    assert record.fields == {"file": str(data), "line": 2, "error": "KeyError: 'a bug of ours'"}
+    assert record.exc_info[0] is KeyError
+
+
+def test_tokens_that_differ_from_apply_chat_template_stop_the_run(tmp_path, write_jsonl, conversation, monkeypatch):
+    """Not a row's fault and true of every row: the preparation fails, nothing looks complete."""
+    monkeypatch.setattr(template, "template_ids", lambda *args, **kwargs: [0])
+    monkeypatch.setattr(template, "_checked", type(template._checked)())
+    data = write_jsonl("train.jsonl", [conversation(1)])
+    with pytest.raises(template.ReferenceMismatch, match="does not reproduce apply_chat_template's input_ids"):
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "manifest.json").exists()

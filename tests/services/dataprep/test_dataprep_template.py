@@ -125,3 +125,51 @@ def test_fingerprints_are_sha256_of_template_text_and_tokenizer_json(tokenizer, 
     assert template.template_fingerprint(tokenizer) == hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
     assert template.tokenizer_fingerprint(default_model, tokenizer) == \
         hashlib.sha256((default_model / "tokenizer.json").read_bytes()).hexdigest()
+
+
+OPENING_ANSWER = [{"role": "assistant", "content": "I start"}, {"role": "user", "content": "hm"},
+                  {"role": "assistant", "content": "ok"}]
+
+
+def test_an_opening_answer_trains_from_where_its_content_starts(tokenizer):
+    """A conversation that opens with an answer (ms-swift's pre-training rows, a
+    greeting) is the template's rendering, its answers trained: transformers renders
+    no empty conversation, so the first answer's start is where the template's
+    preamble ends (issue 12: this row stopped a whole preparation with
+    `ValueError: Cannot apply chat template to an empty conversation`)."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    preamble = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>assistant\n"
+    middle = "\n<|im_start|>user\nhm<|im_end|>\n<|im_start|>assistant\n"
+    p, a1, m, a2, t = (ids(tokenizer, s) for s in (preamble, "I start", middle, "ok", "\n"))
+    encoded = template.encode(tokenizer, OPENING_ANSWER)
+    assert encoded.input_ids == p + a1 + [im_end] + m + a2 + [im_end] + t
+    assert encoded.input_ids == list(tokenizer.apply_chat_template(OPENING_ANSWER, tokenize=True)["input_ids"])
+    assert encoded.labels == ([IGNORE_INDEX] * len(p) + a1 + [im_end] + [IGNORE_INDEX] * len(m) + a2 + [im_end]
+                              + [IGNORE_INDEX] * len(t))
+    alone = template.encode(tokenizer, OPENING_ANSWER[:1])  # `text` alone: one assistant turn
+    assert alone.labels == [IGNORE_INDEX] * len(p) + a1 + [im_end] + [IGNORE_INDEX] * len(t)
+
+
+@pytest.mark.parametrize("content", ["I start", "  I start  "])  # the layout path; the per-row path (guarded edges)
+def test_an_opening_answer_takes_the_layout_or_the_per_row_path_alike(tokenizer, content):
+    messages = [{**OPENING_ANSWER[0], "content": content}, *OPENING_ANSWER[1:]]
+    text = template.render(tokenizer, messages)
+    trained = [True, False, True]
+    per_row = template.trained_spans(tokenizer, messages, text, trained, everything=False)
+    found = template._layout(tokenizer, messages, trained, False)
+    assert found is not None
+    assert found.spans([m["content"] for m in messages], text) == (per_row if content == "I start" else None)
+    assert template._spans(tokenizer, messages, text, trained, False, None) == per_row
+    assert text[per_row[0][0]:per_row[0][1]] == content + "<|im_end|>"
+
+
+def test_every_error_of_apply_chat_template_is_a_template_error(tokenizer):
+    """Not only Jinja's own refusals: what a row's values make the template raise
+    (here a string added to a number) is that row's reject, not a crash."""
+    custom = copy.deepcopy(tokenizer)
+    custom.chat_template = "{% for m in messages %}{{ m['role'] + m['n'] }}{% endfor %}"
+    with pytest.raises(template.TemplateError, match="cannot render the conversation: TypeError") as error:
+        template.render(custom, [{"role": "user", "content": "x", "n": 1}])
+    assert error.value.field == "messages"
+    with pytest.raises(template.TemplateError, match="empty conversation"):
+        template.render(custom, [])
