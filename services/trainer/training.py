@@ -246,7 +246,8 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
             "resume_from_checkpoint": str(resume_dir) if resume_dir else None}
     run = checkpointing.RunDir(config.output_dir, args, logged=logged) if world.is_main else None  # rank 0 writes
     report("started", total_steps=total, rows=num_rows, arguments=run.args if run else args, resumed_step=step,
-           trainable_parameters=sum(p.numel() for p in trainable))
+           trainable_parameters=sum(p.numel() for p in trainable), device=str(device),
+           backend=engine.name)
 
     last_saved = step
     step_seconds: list[float] = []
