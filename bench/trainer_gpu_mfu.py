@@ -105,7 +105,8 @@ def prepare_data(address: str, model_dir: pathlib.Path, where: pathlib.Path, row
     manifest = dataprep_client.prepare(address, PrepareConfig(model=str(model_dir), dataset=[str(raw)],
                                                               output_dir=str(prepared), task="pt", packing=True,
                                                               max_length=seq))
-    print(f"dataprep: {manifest['rows_out']} packed rows of up to {seq} tokens", file=sys.stderr)
+    print(f"dataprep: {manifest['rows_out']} texts, {manifest['tokens']} tokens, packed into "
+          f"{manifest['packing']['bins']} rows of up to {seq} tokens", file=sys.stderr)
     return str(prepared)
 
 
