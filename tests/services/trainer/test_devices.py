@@ -220,3 +220,20 @@ def test_a_float16_run_keeps_its_loss_scale_and_resumes_exactly(prepared_dataset
 
     assert trajectory(resumed) == trajectory(whole)
     assert whole[-1]["loss"] < whole[0]["loss"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refusals of a machine without CUDA")
+def test_the_trainer_service_refuses_a_device_it_does_not_have(stub, tmp_path):
+    import grpc
+
+    from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
+
+    request = pb.SubmitJobRequest(arguments=pb.TrainingArguments(
+        dataset=str(tmp_path), dataprep_address="127.0.0.1:1", output_dir=str(tmp_path / "run"), device="cuda",
+        ddp_backend="nccl", attn_impl="flash_attention_2"))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.SubmitJob(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details()
+    assert f"device: cuda asked for, but this machine has no CUDA device (torch {torch.__version__})" in details
+    assert "attn_impl: flash_attention_2 needs the flash_attn package" in details
