@@ -152,6 +152,27 @@ def test_master_weights_and_load_dtypes():
     assert (layer.weight.dtype, layer.bias.dtype) == (torch.float32, torch.bfloat16)  # frozen: stays
 
 
+def test_deepspeed_and_fsdp2_take_the_dtype_as_their_own_mixed_precision(tmp_path):
+    from services.trainer import distributed
+
+    world = distributed.World(0, 2, 0)
+    preset = distributed.resolved_deepspeed_config(TrainConfig(deepspeed="zero2", torch_dtype="bfloat16"), world)
+    assert (preset["bf16"], preset["fp16"]) == ({"enabled": True}, {"enabled": False})
+    assert distributed.resolved_deepspeed_config(TrainConfig(deepspeed="zero2"), world)["bf16"] == {"enabled": False}
+    bare = tmp_path / "ds.json"
+    bare.write_text(json.dumps({"zero_optimization": {"stage": 2}}))  # no bf16/fp16 section: --torch_dtype decides
+    resolved = distributed.resolved_deepspeed_config(TrainConfig(deepspeed=str(bare), torch_dtype="float16"), world)
+    assert resolved["fp16"] == {"enabled": True} and "bf16" not in resolved
+    assert "fp16" not in distributed.resolved_deepspeed_config(TrainConfig(deepspeed=str(bare)), world)
+    # engines: autocast only where the back end has no mixed precision of its own; a scaler for float16
+    engine = distributed.Engine(torch.nn.Linear(2, 2), None, distributed.World(), TrainConfig(torch_dtype="float16"),
+                                torch.device("cpu"))
+    assert engine.autocasts and engine.scaler is not None
+    plain = distributed.Engine(torch.nn.Linear(2, 2), None, distributed.World(), TrainConfig(), torch.device("cpu"))
+    assert not plain.autocasts and plain.scaler is None
+    assert distributed.FSDPEngine.own_mixed_precision and distributed.DeepSpeedEngine.own_mixed_precision
+
+
 # --- whole runs on the CPU (training.train: the real loop, the real dataprep stream)
 
 def run(config: TrainConfig, stop_after: int | None = None, seen: list | None = None) -> list[dict]:
