@@ -242,6 +242,7 @@ class Engine:
 
     name = "single"
     own_mixed_precision = False  # the back end casts itself (DeepSpeed bf16/fp16, FSDP2's policy)
+    own_loss_scaler = False  # DeepSpeed's fp16 scales the loss itself
 
     def __init__(self, module, optimizer, world: World, config=None, device=None):
         from services.trainer import devices
@@ -253,7 +254,7 @@ class Engine:
         self.config, self.device = config, device
         mixed = config is not None and device is not None and devices.mixed(config)
         self.autocasts = mixed and not self.own_mixed_precision
-        self.scaler = devices.grad_scaler(config, device) if mixed and self.name != "deepspeed" else None
+        self.scaler = devices.grad_scaler(config, device) if mixed and not self.own_loss_scaler else None
 
     def forward(self, **inputs):
         from services.trainer import devices
@@ -366,7 +367,7 @@ class DeepSpeedEngine(Engine):
     (it casts the module itself and keeps float32 partitions; fp16 with its own loss scaler)."""
 
     name = "deepspeed"
-    own_mixed_precision = True
+    own_mixed_precision = own_loss_scaler = True
 
     def __init__(self, module, optimizer, world: World, ds_config: dict[str, Any], config=None, device=None):
         import deepspeed
