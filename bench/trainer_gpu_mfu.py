@@ -4,9 +4,9 @@ ZeRO-2 and FSDP2 against DDP on the GPUs present.
 
 What is timed is the product's step, nothing copied: each case is a TrainConfig run by the
 trainer's recipe (services.trainer.training.train: the sft method's forward and loss, the
-engine's autocast / back end, backward, clipping, AdamW, the dataprep gRPC stream), in this
-process for one device and through the trainer's own worker for several (services.trainer.
-worker -> torchrun -> ranks, as `NPROC_PER_NODE=N tuneforge sft` runs it). The time and tokens
+engine's autocast / back end, backward, clipping, AdamW, the dataprep gRPC stream) in the
+trainer's own worker process, as the trainer service starts a job (services.trainer.worker;
+for several devices it launches torchrun, as `NPROC_PER_NODE=N tuneforge sft` does). The time and tokens
 of each step are read from its `progress` events (the step's wall time and its real tokens
 over every rank); the median over the timed steps is reported. The data are prepared by
 dataprep: random texts, task pt (every token trained), packed into rows of --seq tokens.
@@ -126,29 +126,21 @@ def run_case(case: str, nproc: int, args, model_dir, dataset, address, out: path
     problems = config.problems()
     if problems:
         sys.exit(f"{case}: " + "; ".join(problems))
-    events: list[dict] = []
+    # the trainer service's way: its worker process (which launches torchrun for several processes),
+    # events as JSON lines on stdout; the dataprep server stays in this process, out of the way
+    path = out.parent / f"{case}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.save_json(config, path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("RANK", None)
+    if args.cpu_smoke:  # one intra-op thread a process, as the ddp ranks get on a small CPU box
+        env["OMP_NUM_THREADS"] = "1"
     started = time.perf_counter()
-    if nproc == 1:
-        from services.trainer import training
-
-        training.train(config, lambda event, **fields: events.append({"event": event, **fields}))
-        peak = None
-        import torch
-
-        if torch.cuda.is_available() and not args.cpu_smoke:
-            peak = torch.cuda.max_memory_allocated() / 2**30
-    else:  # the trainer service's way: the worker launches torchrun, its events on stdout
-        path = out.parent / f"{case}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cfg.save_json(config, path)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        env.pop("RANK", None)
-        done = subprocess.run([sys.executable, "-m", "services.trainer.worker", "--config", str(path)], cwd=ROOT,
-                              env=env, capture_output=True, text=True)
-        events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0:
-            sys.exit(f"{case} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-        peak = None
+    done = subprocess.run([sys.executable, "-m", "services.trainer.worker", "--config", str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0:
+        sys.exit(f"{case} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     wall = time.perf_counter() - started
     steps = [e for e in events if e["event"] == "progress"][args.warmup:]
     logged = [e for e in events if e["event"] == "step"]
@@ -157,8 +149,7 @@ def run_case(case: str, nproc: int, args, model_dir, dataset, address, out: path
     return {"case": case, "world": nproc, "device": first.get("device"), "median_step_seconds": seconds,
             "tokens_per_second": statistics.median(e["tokens"] / e["seconds"] for e in steps),
             "tokens_per_step": statistics.median(e["tokens"] for e in steps),
-            "first_loss": logged[0]["loss"], "last_loss": logged[-1]["loss"], "peak_memory_gib": peak,
-            "wall_seconds": wall}
+            "first_loss": logged[0]["loss"], "last_loss": logged[-1]["loss"], "wall_seconds": wall}
 
 
 # ----------------------------------------------------------------------------- main
@@ -232,15 +223,14 @@ def main() -> int:
     print(f"parameters {params / 1e6:.1f}M, model FLOPs/token {per_token / 1e9:.3f} G, "
           f"attn_impl {args.attn_impl}, device {results[0]['device']}")
     baseline = next((r for r in results if r["case"] == "ddp"), None)
-    print(f"{'case':<8} {'procs':>5} {'tokens/s':>12} {'step s':>8} {'MFU':>7} {'peak GiB':>9} "
+    print(f"{'case':<8} {'procs':>5} {'tokens/s':>12} {'step s':>8} {'MFU':>7} "
           f"{'loss first->last':>18} {'baseline':>9} {'ratio':>6}")
     for r in results:
         mfu = f"{r['tokens_per_second'] * per_token / (peak * 1e12 * r['world']) * 100:6.1f}%" if peak else "    n/a"
-        memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         compare = baseline if baseline and r["case"] in ("zero2", "fsdp") else None
         ratio = f"{r['tokens_per_second'] / compare['tokens_per_second']:.2f}x" if compare else "-"
         print(f"{r['case']:<8} {r['world']:>5} {r['tokens_per_second']:>12.0f} {r['median_step_seconds']:>8.3f} "
-              f"{mfu} {memory:>9} {r['first_loss']:>8.3f}->{r['last_loss']:<8.3f} "
+              f"{mfu} {r['first_loss']:>8.3f}->{r['last_loss']:<8.3f} "
               f"{'ddp' if compare else '-':>9} {ratio:>6}")
     if peak:
         best = max(r["tokens_per_second"] * per_token / (peak * 1e12 * r["world"]) for r in results)
