@@ -14,7 +14,7 @@ from libs.common import checkpoint, paths
 from libs.common import config as cfg
 from libs.common.errors import TuneForgeError
 from libs.common.server import ServerOptions
-from services.trainer import distributed
+from services.trainer import devices, distributed
 
 TRAIN_TYPES = ("lora", "qlora", "full")
 # Train types whose checkpoints are PEFT adapters (the base model stays frozen).
@@ -231,7 +231,12 @@ class TrainConfig:
     model_name: str | None = field(default=None, metadata={"help": "self-cognition name recorded in args.json"})
     model_author: str | None = field(default=None, metadata={"help": "self-cognition author recorded in args.json"})
     adapter_name: str | None = field(default=None, metadata={"help": "name serving loads the adapters under (default: basename of output_dir)"})
-    torch_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    torch_dtype: str = field(default="float32", metadata={
+        "help": "float32, bfloat16 or float16: the forward's precision; trained weights stay float32 (autocast, or "
+                "DeepSpeed's/FSDP2's own mixed precision), float16 with a loss scaler"})
+    attn_impl: str | None = field(default=None, metadata={
+        "help": "attention kernel: sdpa, eager, flash_attention_2 (CUDA, flash_attn package) or flex_attention "
+                "(CUDA); unset: the model's default (sdpa)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "checkpoint directory to continue from exactly: weights, optimizer, scheduler, RNG, step and data cursor"})
     resume_only_model: bool = field(default=False, metadata={
@@ -250,6 +255,10 @@ class TrainConfig:
     fsdp: bool = field(default=False, metadata={"help": "shard parameters, gradients and optimizer state with FSDP2"})
     ddp_timeout: int = field(default=1800, metadata={
         "help": "seconds a collective may wait for the other ranks before the job fails"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (cuda:LOCAL_RANK when CUDA is present, else cpu), cpu, cuda, or cuda:N (one process)"})
+    ddp_backend: str | None = field(default=None, metadata={
+        "help": "process-group backend: nccl or gloo; unset: nccl on CUDA, gloo on the CPU"})
     # RLHF (services.trainer.methods; docs/rlhf.md)
     rlhf_type: str | None = field(default=None, metadata={"cli": False, 
         "help": f"training method: {', '.join(RLHF_TYPES)}; unset trains supervised (sft, pt)"})
@@ -341,6 +350,7 @@ class TrainConfig:
                 found.append(f"output_dir: {self.output_dir} already holds checkpoints ({published[-1].name}); "
                              f"choose a new run directory")
         found.extend(distributed.problems(self, check_files="deepspeed" not in unusable))
+        found.extend(devices.problems(self))
         found.extend(self._method_problems(unusable))
         # NaN passes every `<` check above unnoticed, and an infinity some: said once, first
         not_finite = {name: value for name, value in self._floats() if not math.isfinite(value)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -23,6 +23,7 @@ from libs.dataset.client import Cursor, read_batches_with_ids
 from libs.dataset.schema import IGNORE_INDEX
 from libs.dataset.split import Holdout, rank_rows
 from services.trainer import packing
+from services.trainer.devices import to_device
 from services.trainer.losses.sft import trained_tokens
 
 
@@ -193,6 +194,10 @@ class MicroBatch:
     @property
     def trained_tokens(self) -> int:
         return trained_tokens(self.labels)
+
+    def to(self, device) -> "MicroBatch":
+        """This micro-batch with every tensor (a method's extras too) on `device`."""
+        return replace(self, **{f.name: to_device(getattr(self, f.name), device) for f in fields(self)})
 
     def model_inputs(self, dtype: torch.dtype = torch.float32, path: str = "dense") -> dict:
         """Keyword arguments of the model's forward. Packed rows take the attention path of the

@@ -136,17 +136,20 @@ def problems(config, check_files: bool = True) -> list[str]:
 # --- process group
 
 def init(config) -> World:
-    """Joins the process group when started by torchrun with more than one process."""
+    """Joins the process group when started by torchrun with more than one process (the
+    backend from devices.backend); on CUDA, makes the rank's device the current one."""
     import torch
     import torch.distributed as dist
 
+    from services.trainer import devices
+
     world = world_from_env()
+    device = devices.resolve(config, world.local_rank)
+    if device.type == "cuda":  # collectives and bitsandbytes' loading use the current device
+        torch.cuda.set_device(device)
     if not world.distributed or dist.is_initialized():
         return world
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(world.local_rank)
-    backend = "nccl" if cuda else "gloo"
+    backend = devices.backend(config, device)
     timeout = datetime.timedelta(seconds=config.ddp_timeout)
     if config.deepspeed:
         import deepspeed
@@ -174,7 +177,8 @@ def all_sum(values: list[float], world: World) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # where the backend reduces: nccl on the current CUDA device, gloo on the CPU
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
@@ -230,31 +234,63 @@ class Publishable:
 
 
 class Engine:
-    """One process, and the base of the data-parallel engines: forward on `model`,
-    `backward` per micro-batch, `step` once per optimizer step."""
+    """One process, and the base of the data-parallel engines: forward on `model` (its
+    inputs moved to the rank's device, under autocast when --torch_dtype is mixed and the
+    back end has no mixed precision of its own), `backward` per micro-batch (the loss
+    scaled for float16), `step` once per optimizer step. Without `config` and `device` it
+    runs in float32 wherever the inputs are (tests driving the engine by hand)."""
 
     name = "single"
+    own_mixed_precision = False  # the back end casts itself (DeepSpeed bf16/fp16, FSDP2's policy)
+    own_loss_scaler = False  # DeepSpeed's fp16 scales the loss itself
 
-    def __init__(self, module, optimizer, world: World):
+    def __init__(self, module, optimizer, world: World, config=None, device=None):
+        from services.trainer import devices
+
         self.module = module  # the unwrapped (PEFT or HF) model
         self.model = module  # what forward runs on
         self.optimizer = optimizer
         self.world = world
+        self.config, self.device = config, device
+        mixed = config is not None and device is not None and devices.mixed(config)
+        self.autocasts = mixed and not self.own_mixed_precision
+        self.scaler = devices.grad_scaler(config, device) if mixed and not self.own_loss_scaler else None
 
     def forward(self, **inputs):
-        return self.model(**inputs)
+        from services.trainer import devices
+
+        if self.device is not None:
+            inputs = devices.to_device(inputs, self.device)
+        if not self.autocasts:
+            return self.model(**inputs)
+        with devices.autocast(self.config, self.device):
+            return self.model(**inputs)
+
+    def scaled(self, loss):
+        """What backward runs on: the loss x world size (every back end averages gradients
+        over ranks), x the float16 loss scale when there is one."""
+        loss = loss * self.world.world_size
+        return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def backward(self, loss, last: bool) -> None:
-        (loss * self.world.world_size).backward()
+        self.scaled(loss).backward()
 
     def step(self, trainable: list, max_grad_norm: float) -> float:
-        """Clips, steps the optimizer, clears gradients; returns the norm before clipping."""
+        """Clips, steps the optimizer, clears gradients; returns the norm before clipping
+        (float16: of the unscaled gradients; a step whose gradients overflowed is skipped
+        by the scaler, which then lowers its scale)."""
         import torch
 
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf)
         if hasattr(norm, "full_tensor"):  # DTensor (FSDP2)
             norm = norm.full_tensor()
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -273,22 +309,21 @@ class Engine:
 class DDPEngine(Engine):
     name = "ddp"
 
-    def __init__(self, module, optimizer, world: World):
+    def __init__(self, module, optimizer, world: World, config=None, device=None):
         from torch.nn.parallel import DistributedDataParallel
 
-        super().__init__(module, optimizer, world)
-        import torch
-
-        device_ids = [world.local_rank] if torch.cuda.is_available() else None
-        self.model = DistributedDataParallel(module, device_ids=device_ids)
+        super().__init__(module, optimizer, world, config, device)
+        # device_ids only for a module on one CUDA device (torch refuses them for a CPU module)
+        cuda = device is not None and device.type == "cuda"
+        self.model = DistributedDataParallel(module, device_ids=[device.index] if cuda else None)
 
     def backward(self, loss, last: bool) -> None:
         # gradients are all-reduced on the last micro-batch of the step only
         if last:
-            (loss * self.world.world_size).backward()
+            self.scaled(loss).backward()
         else:
             with self.model.no_sync():
-                (loss * self.world.world_size).backward()
+                self.scaled(loss).backward()
 
 
 class FSDPEngine(Engine):
@@ -297,14 +332,15 @@ class FSDPEngine(Engine):
     root is its base model and the PEFT model is what gets published."""
 
     name = "fsdp"
+    own_mixed_precision = True  # shard(): MixedPrecisionPolicy
 
-    def __init__(self, module, optimizer, world: World):
-        super().__init__(module, optimizer, world)
+    def __init__(self, module, optimizer, world: World, config=None, device=None):
+        super().__init__(module, optimizer, world, config, device)
         self.root = module.get_base_model() if hasattr(module, "get_base_model") else module
 
     def backward(self, loss, last: bool) -> None:
         self.root.set_requires_gradient_sync(last)  # reduce-scatter on the last micro-batch only
-        (loss * self.world.world_size).backward()
+        self.scaled(loss).backward()
 
     def publishable(self) -> Publishable | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -327,12 +363,16 @@ class FSDPEngine(Engine):
 
 
 class DeepSpeedEngine(Engine):
-    name = "deepspeed"
+    """DeepSpeed's engine around the module: its bf16/fp16 sections are the mixed precision
+    (it casts the module itself and keeps float32 partitions; fp16 with its own loss scaler)."""
 
-    def __init__(self, module, optimizer, world: World, ds_config: dict[str, Any]):
+    name = "deepspeed"
+    own_mixed_precision = own_loss_scaler = True
+
+    def __init__(self, module, optimizer, world: World, ds_config: dict[str, Any], config=None, device=None):
         import deepspeed
 
-        super().__init__(module, optimizer, world)
+        super().__init__(module, optimizer, world, config, device)
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.model, self.ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
 
@@ -398,30 +438,39 @@ class DeepSpeedEngine(Engine):
 
 def shard(model, config, world: World):
     """FSDP2 shards the model in place (each decoder layer, then the whole); call before
-    building the optimizer. Other back ends leave it alone."""
+    building the optimizer. With --torch_dtype bfloat16/float16 the shards stay float32 (the
+    master weights) and are gathered in torch_dtype for compute, gradients reduced in
+    float32 (MixedPrecisionPolicy). Other back ends leave it alone."""
     if not (world.distributed and config.fsdp):
         return model
-    from torch.distributed.fsdp import fully_shard
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from services.trainer import devices
+
+    options = {}
+    if devices.mixed(config):
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=devices.compute_dtype(config),
+                                                    reduce_dtype=torch.float32)
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     layer_classes = set(getattr(root, "_no_split_modules", None) or [])
     for module in root.modules():
         if type(module).__name__ in layer_classes:
-            fully_shard(module)
-    fully_shard(root)
+            fully_shard(module, **options)
+    fully_shard(root, **options)
     return model
 
 
-def wrap(model, optimizer, config, world: World) -> Engine:
-    """The engine for this job's back end (one process: no wrapping at all)."""
+def wrap(model, optimizer, config, world: World, device=None) -> Engine:
+    """The engine for this job's back end on `device` (one process: no wrapping at all)."""
     if not world.distributed:
-        return Engine(model, optimizer, world)
+        return Engine(model, optimizer, world, config, device)
     if config.deepspeed:
         ds_config = resolved_deepspeed_config(config, world)
-        return DeepSpeedEngine(model, optimizer, world, ds_config)
+        return DeepSpeedEngine(model, optimizer, world, ds_config, config, device)
     if config.fsdp:
-        return FSDPEngine(model, optimizer, world)
-    return DDPEngine(model, optimizer, world)
+        return FSDPEngine(model, optimizer, world, config, device)
+    return DDPEngine(model, optimizer, world, config, device)
 
 
 def resolved_deepspeed_config(config, world: World) -> dict[str, Any]:
@@ -437,6 +486,8 @@ def resolved_deepspeed_config(config, world: World) -> dict[str, Any]:
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if section not in ds and config.torch_dtype == dtype:  # a JSON without the section: --torch_dtype decides
+            ds[section] = {"enabled": True}
         if isinstance(ds.get(section), dict) and ds[section].get("enabled") == "auto":
             ds[section]["enabled"] = config.torch_dtype == dtype
     zero = ds.get("zero_optimization", {})

@@ -47,7 +47,7 @@ class EvalResult:
 
 
 def evaluate(method, forward: Callable[..., torch.Tensor], source: data.RowSource, micro_batch_size: int,
-             pad_id: int, dtype: torch.dtype = torch.float32, world=None) -> EvalResult:
+             pad_id: int, dtype: torch.dtype = torch.float32, world=None, device=None) -> EvalResult:
     """One pass over this rank's eval rows without gradients, every rank's results summed;
     the caller puts the model in eval mode and back. The method's loss of the whole pass is
     normalised by its counts over all eval rows, as a training step's over its rows.
@@ -55,7 +55,8 @@ def evaluate(method, forward: Callable[..., torch.Tensor], source: data.RowSourc
     Distributed (`world`), every rank runs as many forwards as the rank with the most eval
     micro-batches: a forward of FSDP2, ZeRO-3 or DDP is itself a collective (parameter
     all-gathers, buffer broadcasts), and a rank whose slice is a row shorter would otherwise
-    leave the others waiting. Its extra forwards are on one pad token and count for nothing."""
+    leave the others waiting. Its extra forwards are on one pad token and count for nothing.
+    `device`: where the micro-batches go (the engine's; counts are taken on the host first)."""
     from services.trainer import distributed
 
     rows = [row for row, _ in source.epoch_rows(data.DataCursor())]
@@ -81,7 +82,8 @@ def evaluate(method, forward: Callable[..., torch.Tensor], source: data.RowSourc
             if index >= len(micro_batches):  # weight zero: only keeps this rank in step with the others
                 forward(**data.collate([filler], pad_id).model_inputs(dtype))
                 continue
-            value, logged = method.loss(micro_batches[index], totals)
+            micro = micro_batches[index]
+            value, logged = method.loss(micro.to(device) if device is not None else micro, totals)
             loss += float(value)
             for name, metric in logged.items():
                 metrics[name] += float(metric)

@@ -1,5 +1,7 @@
-"""The model a job trains: the base loaded in `torch_dtype` (4-bit nf4 through bitsandbytes
-for qlora) with the head its method needs (a causal LM's, or a reward model's classification
+"""The model a job trains: the base loaded onto the rank's device in its load dtype (float32
+for full training, whose weights are the float32 masters; `torch_dtype` for a frozen base
+under adapters; 4-bit nf4 through bitsandbytes for qlora, computing in torch_dtype) with
+`--attn_impl`'s attention, with the head its method needs (a causal LM's, or a reward model's classification
 head), every weight trainable for `full`, else frozen under fresh PEFT LoRA adapters on
 `target_modules` (plus `modules_to_save` trained whole) or under the adapter given with
 `--adapters` (its weights and its own LoRA config), with gradient checkpointing on request."""
@@ -9,11 +11,13 @@ from __future__ import annotations
 import torch
 
 from libs.common.errors import InvalidArgument
+from services.trainer import devices
 from services.trainer.config import TrainConfig
 
 
 def quantization_config(config: TrainConfig):
-    """bitsandbytes' 4-bit nf4 config for qlora (None otherwise). Matmuls run in torch_dtype;
+    """bitsandbytes' 4-bit nf4 config for qlora (None otherwise). Matmuls run in torch_dtype
+    (float32 when it is float32);
     the nested (double) quantization of the scales saves ~0.4 bit a weight, as QLoRA does."""
     if config.train_type != "qlora":
         return None
@@ -24,7 +28,8 @@ def quantization_config(config: TrainConfig):
 
 
 def build_model(config: TrainConfig, model_dir, auto_class=None, task_type: str = "CAUSAL_LM", **model_kwargs):
-    """The model to train from `model_dir` (on CPU; on CUDA with qlora when there is one).
+    """The model to train from `model_dir`, loaded onto this rank's device (devices.rank_device:
+    straight onto the GPU when it trains on one, so no host copy of a large model is made).
     `auto_class` (AutoModelForCausalLM unless given) picks the head, `task_type` the PEFT
     model around it (SEQ_CLS trains the classification head whole beside the adapter), and
     `model_kwargs` go to from_pretrained (the reward model's num_labels=1)."""
@@ -33,10 +38,13 @@ def build_model(config: TrainConfig, model_dir, auto_class=None, task_type: str 
 
     quantization = quantization_config(config)
     extra = {"quantization_config": quantization, **model_kwargs}
-    if quantization is not None and torch.cuda.is_available():
-        extra["device_map"] = {"": torch.cuda.current_device()}
+    device = devices.rank_device(config)
+    if device.type == "cuda":
+        extra["device_map"] = {"": device}
+    if config.attn_impl:
+        extra["attn_implementation"] = config.attn_impl
     auto_class = auto_class or AutoModelForCausalLM
-    base = auto_class.from_pretrained(model_dir, dtype=getattr(torch, config.torch_dtype), **extra)
+    base = auto_class.from_pretrained(model_dir, dtype=devices.load_dtype(config), **extra)
     checkpointing = {"use_reentrant": False}  # works with frozen inputs (no enable_input_require_grads)
     if config.train_type == "full":
         base.requires_grad_(True)

@@ -3,12 +3,15 @@ forward, without gradients, on the same micro-batches as the policy.
 
 - LoRA/QLoRA with no --ref_model: the policy's own weights with the adapter disabled (no
   second copy in memory); with --ref_adapters, those adapters on the base instead.
-- full training, or --ref_model DIR: a frozen copy loaded from that directory.
+- full training, or --ref_model DIR: a frozen copy loaded from that directory, in
+  torch_dtype (it never takes an update) on the policy's device, run under the same autocast.
 """
 
 from __future__ import annotations
 
 import torch
+
+from services.trainer import devices
 
 
 class Reference:
@@ -20,14 +23,16 @@ class Reference:
             self.policy_forward, self.policy = policy_forward, policy
             self.model = None
         else:
-            self.model = load(config, config.ref_model or model_dir)
+            self.config, self.device = config, next(policy.parameters()).device
+            self.model = load(config, config.ref_model or model_dir).to(self.device)
 
     def forward(self, **inputs):
         with torch.no_grad():
             if self.shared:  # the same weights, adapter off: one copy in memory
                 with self.policy.disable_adapter():
                     return self.policy_forward(**inputs)
-            return self.model(**inputs)
+            with devices.autocast(self.config, self.device):
+                return self.model(**devices.to_device(inputs, self.device))
 
 
 def load(config, model_dir):
@@ -35,7 +40,8 @@ def load(config, model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config.torch_dtype))
+    extra = {"attn_implementation": config.attn_impl} if config.attn_impl else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=devices.compute_dtype(config), **extra)
     for adapter in config.ref_adapters:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()

@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from libs.common.errors import InvalidArgument
 from libs.dataset import client as dataset_client
-from services.trainer import checkpointing, data, dataset_check, distributed, evaluation, methods
+from services.trainer import checkpointing, data, dataset_check, devices, distributed, evaluation, methods
 from services.trainer.config import TrainConfig, as_dict
 
 
@@ -79,14 +80,30 @@ def load_adapter_weights(model, checkpoint_dir: pathlib.Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random stream the recipe draws from (dropout uses torch's CPU generator)."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Every random stream the recipe may draw from: torch's CPU generator (dropout on the
+    CPU), the current CUDA device's (dropout on a GPU), Python's and numpy's. Tensors and plain
+    values only (training_state.pt is read back with weights_only)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Puts back what rng_state saved (a checkpoint from before numpy's or CUDA's state was
+    kept leaves those streams as seeded)."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        saved = state["numpy"]
+        np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["position"],
+                             saved["has_gauss"], saved["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def build_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
@@ -139,6 +156,8 @@ def train_step(method: methods.Method, batch: data.StepBatch, trainable: list[to
     loss_value, metrics = 0.0, dict.fromkeys(method.metrics, 0.0)  # every rank sums the same names
     last = len(batch.micro_batches) - 1
     for i, micro in enumerate(batch.micro_batches):
+        if engine.device is not None:  # counted above on the host; computed on the rank's device
+            micro = micro.to(engine.device)
         loss, logged = method.loss(micro, step)
         engine.backward(loss, last=i == last)
         loss_value += loss.item()
@@ -159,6 +178,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     stop = stop or threading.Event()
     dataset_check.check(config)  # the service checked at submission; a worker run directly is checked here
     world = distributed.init(config)  # torchrun's ranks join the process group; one process: nothing
+    device = devices.resolve(config, world.local_rank)  # cuda:LOCAL_RANK, the CPU, or --device
     # Shuffled reads and row counts (from the manifest) need the whole dataset: one the service is
     # still preparing is waited for. File order for max_steps reads shards as they are written.
     described = None
@@ -181,11 +201,14 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     model = method_class.build_model(config, resume_dir if resume_dir and full else model_dir)
     if resume_dir and not full:
         load_adapter_weights(model, resume_dir)
+    model = devices.place(model, device)
+    if devices.mixed(config):
+        devices.master_weights(model)  # the optimizer steps float32 numbers; autocast computes in torch_dtype
     model.train()
     model = distributed.shard(model, config, world)  # FSDP2 replaces the parameters: before collecting them
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, config)
-    engine = distributed.wrap(model, optimizer, config, world)
+    engine = distributed.wrap(model, optimizer, config, world, device)
     method = method_class(config, engine.forward, model, tokenizer)
 
     # each rank reads its own share: row j of an epoch's order (held-out rows left out) goes to
@@ -205,6 +228,8 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         data.check_order(state.get("data_order"), config.dataset_shuffle, config.seed, resume_dir)
         engine.load_optimizer_state(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
+        if engine.scaler is not None and "grad_scaler" in training:  # float16: the loss scale it had reached
+            engine.scaler.load_state_dict(training["grad_scaler"])
         # last: building the model and optimizer above consumed random numbers
         rng, cursors = training["rng"], state.get("data_cursors", [state["data_cursor"]])
         if len(cursors) != world.world_size:
@@ -221,7 +246,8 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
             "resume_from_checkpoint": str(resume_dir) if resume_dir else None}
     run = checkpointing.RunDir(config.output_dir, args, logged=logged) if world.is_main else None  # rank 0 writes
     report("started", total_steps=total, rows=num_rows, arguments=run.args if run else args, resumed_step=step,
-           trainable_parameters=sum(p.numel() for p in trainable))
+           trainable_parameters=sum(p.numel() for p in trainable), device=str(device),
+           backend=engine.name)
 
     last_saved = step
     step_seconds: list[float] = []
@@ -233,6 +259,8 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
                  "data_order": data.order(config.dataset_shuffle, config.seed)}
         training = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
         training["optimizer"] = engine.optimizer_state()  # FSDP2, ZeRO: gathered from every rank
+        if engine.scaler is not None:  # the same on every rank (gradients are reduced before it looks)
+            training["grad_scaler"] = engine.scaler.state_dict()
         publishable = model
         if world.distributed:  # collectives: every rank takes part, rank 0 publishes
             state["data_cursors"] = distributed.gather(cursor.to_dict(), world)
@@ -262,7 +290,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     def run_eval() -> None:
         with evaluation.eval_mode(model):
             result = evaluation.evaluate(method, engine.forward, eval_rows, config.per_device_train_batch_size,
-                                         pad_id, model.dtype, world)
+                                         pad_id, model.dtype, world, device=engine.device)
         entry = {"step": step, "eval_loss": result.loss, "eval_trained_tokens": result.trained_tokens,
                  "eval_rows": result.rows}
         logged = {f"eval_{name}": value for name, value in result.metrics.items()}

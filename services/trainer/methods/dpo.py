@@ -51,7 +51,9 @@ class Dpo:
             return micro.extras["ref_logps"]
         with torch.no_grad():
             logits = self.reference.forward(**micro.model_inputs(self.dtype, self.attention)).logits  # [b, s, vocab]
-            return sequence_logps(logits, micro.labels, micro.sample_ids, micro.num_samples)[0]
+            # the precompute pass hands host micro-batches: the labels go where the logits are
+            return sequence_logps(logits, micro.labels.to(logits.device), micro.sample_ids.to(logits.device),
+                                  micro.num_samples)[0]
 
     def loss(self, micro: data.MicroBatch, step: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # the reference first: its logits are gone before the policy's (kept for backward) exist
