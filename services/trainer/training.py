@@ -261,6 +261,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         nonlocal last_saved
         train_peak = memory.peak_rss_bytes()  # over the steps since the loop began or the last save
         memory.reset_peak()
+        save_start = memory.peak_rss_bytes()  # the RSS the save starts from
         state = {"step": step, "total_steps": total, "data_cursor": cursor.to_dict(),
                  "data_order": data.order(config.dataset_shuffle, config.seed)}
         training = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
@@ -280,7 +281,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
             path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
                                         training_state=training, staged=staged)
         # every rank's peak RSS while training and while saving (rank 0's includes the publication)
-        peaks = distributed.gather([train_peak, memory.peak_rss_bytes()], world)
+        peaks = distributed.gather([train_peak, save_start, memory.peak_rss_bytes()], world)
         memory.reset_peak()
         if not world.is_main:
             return
@@ -290,7 +291,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         served = not full and config.rlhf_type != "rm"
         report("checkpoint", step=step, path=str(path), final=final, base_model=str(model_dir),
                adapter_name=config.resolved_adapter_name() if served else "", publish_seconds=seconds,
-               peak_rss_bytes={"train": [train for train, _ in peaks], "save": [saved for _, saved in peaks]})
+               rss_bytes=dict(zip(("train_peak", "save_start", "save_peak"), map(list, zip(*peaks)))))
 
     def log(learning_rate: float, grad_norm: float) -> None:
         nonlocal window
