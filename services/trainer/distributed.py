@@ -338,6 +338,9 @@ class FSDPEngine(Engine):
 
     name = "fsdp"
     own_mixed_precision = True  # shard(): MixedPrecisionPolicy
+    sharded = True
+    STATE = "fsdp_state"  # torch.distributed.checkpoint: .metadata and one __<rank>_0.distcp per rank
+    SHARD_FILES = f"{STATE}/ (torch.distributed.checkpoint)"
 
     def __init__(self, module, optimizer, world: World, config=None, device=None):
         super().__init__(module, optimizer, world, config, device)
@@ -346,10 +349,6 @@ class FSDPEngine(Engine):
     def backward(self, loss, last: bool) -> None:
         self.root.set_requires_gradient_sync(last)  # reduce-scatter on the last micro-batch only
         self.scaled(loss).backward()
-
-    sharded = True
-    STATE = "fsdp_state"  # torch.distributed.checkpoint: .metadata and one __<rank>_0.distcp per rank
-    SHARD_FILES = f"{STATE}/ (torch.distributed.checkpoint)"
 
     def _state_dicts(self) -> dict:
         """Every rank's own shards (DTensors) of the trainable parameters and of their AdamW
@@ -403,13 +402,15 @@ class DeepSpeedEngine(Engine):
 
     name = "deepspeed"
     own_mixed_precision = own_loss_scaler = True
+    sharded = True
+    SHARD_FILES = "global_step<N>/ (DeepSpeed's checkpoint)"
 
     def __init__(self, module, optimizer, world: World, ds_config: dict[str, Any], config=None, device=None):
         import deepspeed
 
         super().__init__(module, optimizer, world, config, device)
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        self.model, self.ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        self.model, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
 
     def backward(self, loss, last: bool) -> None:
         self.model.set_gradient_accumulation_boundary(last)
@@ -419,9 +420,6 @@ class DeepSpeedEngine(Engine):
         self.model.step()
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
-
-    sharded = True
-    SHARD_FILES = "global_step<N>/ (DeepSpeed's checkpoint)"
 
     def save_shards(self, directory: pathlib.Path, step: int) -> None:
         """DeepSpeed's own checkpoint, as the Hugging Face Trainer lays it out: global_step<N>/
@@ -449,11 +447,15 @@ class DeepSpeedEngine(Engine):
                                    load_optimizer_states=True, load_lr_scheduler_states=False)
 
     def write_model(self, directory: pathlib.Path | None) -> None:
-        if self.stage != 3:
-            return super().write_model(directory)  # ZeRO-1/2: every rank holds the whole model
-        import deepspeed
-
+        """Streamed under every stage: save_pretrained's safetensors writer would first copy the
+        whole model into one buffer (measured: +0.95x the model on rank 0 under ZeRO-2)."""
         from services.trainer import streamed_save
+
+        if self.stage != 3:  # ZeRO-1/2: rank 0 holds the whole model itself, nothing to gather
+            if directory is not None:
+                streamed_save.write_model(directory, self.module, lambda tensor: tensor.detach())
+            return
+        import deepspeed
 
         main = self.world.is_main
 
