@@ -265,7 +265,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         state = {"step": step, "total_steps": total, "data_cursor": cursor.to_dict(),
                  "data_order": data.order(config.dataset_shuffle, config.seed)}
         training = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
-        publishable, staged = model, None
+        publishable, staged, staging_seconds = model, None, 0.0
         if not engine.sharded:
             training["optimizer"] = engine.optimizer_state()
         if engine.scaler is not None:  # the same on every rank (gradients are reduced before it looks)
@@ -275,7 +275,9 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
             training["rng"] = distributed.gather(rng_state(), world)
             publishable = engine.publishable()
             if engine.sharded:  # each rank's own shards, the model files gathered one parameter at a time
+                started = time.perf_counter()
                 staged, publishable = checkpointing.stage_shards(run, step, engine, world), None
+                staging_seconds = time.perf_counter() - started
         last_saved = step
         if world.is_main:
             path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
@@ -290,7 +292,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         # scoring head, not a generator: no name, so serving leaves them alone.
         served = not full and config.rlhf_type != "rm"
         report("checkpoint", step=step, path=str(path), final=final, base_model=str(model_dir),
-               adapter_name=config.resolved_adapter_name() if served else "", publish_seconds=seconds,
+               adapter_name=config.resolved_adapter_name() if served else "", publish_seconds=staging_seconds + seconds,
                rss_bytes=dict(zip(("train_peak", "save_start", "save_peak"), map(list, zip(*peaks)))))
 
     def log(learning_rate: float, grad_norm: float) -> None:

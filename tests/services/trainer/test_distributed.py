@@ -205,13 +205,13 @@ SHARDS = {
     "ddp": [],
     "fsdp": ["fsdp_state/.metadata", "fsdp_state/__0_0.distcp", "fsdp_state/__1_0.distcp"],
     "zero2": ["global_step3/mp_rank_00_model_states.pt", "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-              "global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest", "zero_to_fp32.py"],
+              "global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest", "zero_to_fp32.py", "zero_to_torch.py"],
     "zero3": ["global_step3/zero_pp_rank_0_mp_rank_00_model_states.pt",
               "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt",
               "global_step3/zero_pp_rank_1_mp_rank_00_model_states.pt",
-              "global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest", "zero_to_fp32.py"],
+              "global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest", "zero_to_fp32.py", "zero_to_torch.py"],
 }
-ONE_PROCESS_FILES = ["adapter_config.json", "adapter_model.safetensors", "args.json", "logging.jsonl",
+ONE_PROCESS_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "args.json", "logging.jsonl",
                      "trainer_state.json", "training_state.pt"]
 
 
