@@ -453,7 +453,7 @@ class DeepSpeedEngine(Engine):
 
         if self.stage != 3:  # ZeRO-1/2: rank 0 holds the whole model itself, nothing to gather
             if directory is not None:
-                streamed_save.write_model(directory, self.module, lambda tensor: tensor.detach())
+                streamed_save.write_model(directory, self.module, lambda tensor: tensor.detach().cpu())
             return
         import deepspeed
 

@@ -101,7 +101,7 @@ def _header(entries: list[tuple[str, torch.dtype, list[int]]]) -> bytes:
 
 
 def _write_tensor(f, tensor: torch.Tensor) -> None:
-    f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def write_model(directory: pathlib.Path | None, module, gather: Gather, max_shard_size: int = MAX_SHARD_SIZE) -> None:
