@@ -2,8 +2,9 @@
 (reader): atomic publication and a manifest of sha256 digests.
 
 A checkpoint is a directory `checkpoint-<step>` under a run directory. It is
-built in a hidden temporary sibling, every file and the directory fsynced,
-then renamed into place, so a reader sees either nothing or all of it. A
+built in a hidden temporary sibling (by one process, or by every rank of a
+sharded training job: `stage`), every file and the directory fsynced, then
+renamed into place by one process, so a reader sees either nothing or all of it. A
 publication that fails (a full disk: DiskFull) removes its temporary
 directory; one whose process was killed leaves it hidden, for the next run
 in that directory to remove (`remove_leftovers`).
@@ -54,20 +55,36 @@ def write_manifest(directory: pathlib.Path) -> dict:
     return manifest
 
 
+def stage(final_dir: str | pathlib.Path, field: str | None = None) -> pathlib.Path:
+    """Creates the hidden temporary sibling a publication of `final_dir` is built in and
+    returns it: for writers that fill it in several processes (every rank of a sharded
+    training job writes its own files) before one of them calls `publish(..., staged=)`.
+    Until then no reader takes it for a checkpoint, and `remove_leftovers` clears it."""
+    final_dir = pathlib.Path(final_dir).resolve()
+    tmp = final_dir.parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
+    with disk.writing(final_dir, field=field, context="nothing was published"):
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    return tmp
+
+
 def publish(final_dir: str | pathlib.Path, build: Callable[[pathlib.Path], None],
-            field: str | None = None) -> pathlib.Path:
+            field: str | None = None, staged: pathlib.Path | None = None) -> pathlib.Path:
     """Runs `build(tmp_dir)` to fill a temporary directory, writes its manifest,
     fsyncs everything and renames it to `final_dir`. An existing `final_dir`
     is replaced (moved aside first, then removed). On any failure the temporary
     directory is removed and `final_dir` is as it was; a full disk raises
-    DiskFull naming `final_dir` (and `field`, the argument that chose it)."""
+    DiskFull naming `final_dir` (and `field`, the argument that chose it).
+    `staged` is a directory from `stage(final_dir)` that already holds files (the
+    manifest covers them too); without it a fresh one is made."""
     final_dir = pathlib.Path(final_dir).resolve()
     parent = final_dir.parent
-    tmp = parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
+    tmp = staged or parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
     try:
         with disk.writing(final_dir, field=field, context="nothing was published"):
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
+            if staged is None:
+                parent.mkdir(parents=True, exist_ok=True)
+                tmp.mkdir()
             _build(final_dir, tmp, build)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

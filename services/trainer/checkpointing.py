@@ -1,7 +1,9 @@
 """A training run's directory: OUTPUT_DIR/args.json and logging.jsonl kept current, and
 checkpoint-<step> directories published atomically (PEFT adapter or full HF model, args.json,
 logging.jsonl, trainer_state.json, training_state.pt, manifest.json) through
-libs.common.checkpoint, and what a resume reads back from them. The run directory also gets
+libs.common.checkpoint, and what a resume reads back from them. Sharded back ends (ZeRO,
+FSDP2) add every rank's own optimizer and parameter shards, written by each rank into the
+hidden directory the checkpoint is built in (`stage_shards`), before rank 0 publishes it. The run directory also gets
 TensorBoard events (runs/) and loss-curve images (images/), and keeps at most
 `save_total_limit` checkpoints (the newest, plus the best by eval loss). Every write that fails
 for want of room raises DiskFull naming its path (field output_dir); a failed publication
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import time
 from typing import Any
@@ -22,7 +25,8 @@ from typing import Any
 import torch
 
 from libs.common import checkpoint, disk, faults, logs
-from services.trainer import plots
+from libs.common.errors import FailedPrecondition
+from services.trainer import distributed, plots
 from services.trainer.tensorboard_events import LOGGING_DIR, EventWriter
 
 LOG = logging.getLogger("tuneforge.trainer.checkpointing")
@@ -152,12 +156,14 @@ class RunDir:
         return self.path / f"checkpoint-{step}"
 
     def publish(self, step: int, model, state: dict[str, Any], tokenizer=None,
-                training_state: dict[str, Any] | None = None) -> tuple[pathlib.Path, float]:
+                training_state: dict[str, Any] | None = None,
+                staged: pathlib.Path | None = None) -> tuple[pathlib.Path, float]:
         """Publishes checkpoint-<step> from a PEFT model (adapter files) or a full model (a
         Hugging Face model directory, loadable on its own when `tokenizer` is given too);
         returns (its path, seconds taken). `state` (step, data cursor, ...) goes to
         trainer_state.json; `training_state` (optimizer, scheduler, RNG: tensors and plain
-        values only) to training_state.pt, for an exact resume."""
+        values only) to training_state.pt, for an exact resume. `staged` is the directory of
+        `stage_shards`, already holding the shards and the model files (`model` is None)."""
         started = time.perf_counter()
         if faults.ARMED:
             faults.reach("trainer.publish")
@@ -165,7 +171,8 @@ class RunDir:
         logged = "".join(_dumps(entry) + "\n" for entry in self.logged)
 
         def build(tmp: pathlib.Path) -> None:
-            model.save_pretrained(tmp)
+            if model is not None:
+                model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             (tmp / "args.json").write_text(json.dumps(self.args, indent=2, sort_keys=True, default=str) + "\n")
@@ -177,7 +184,36 @@ class RunDir:
                 with open(tmp / TRAINING_STATE, "wb") as f:
                     torch.save(training_state, f)
 
-        path = checkpoint.publish(self.checkpoint_dir(step), build, field=FIELD)
+        path = checkpoint.publish(self.checkpoint_dir(step), build, field=FIELD, staged=staged)
         seconds = time.perf_counter() - started
         self.prune()
         return path, seconds
+
+
+def stage_shards(run: RunDir | None, step: int, engine, world) -> pathlib.Path | None:
+    """Collective, for sharded back ends: rank 0 (the one with `run`) makes the hidden directory
+    checkpoint-<step> is built in; every rank writes its own optimizer and parameter shards
+    into it (engine.save_shards), then rank 0 the model files, each parameter gathered in turn
+    (engine.write_model). Returns the directory on rank 0 (for RunDir.publish), None on the
+    others. Nothing is visible as a checkpoint until rank 0 publishes it; on failure rank 0
+    removes it. Every rank must see the same directory: a run directory on a file system the
+    nodes do not share is refused here, naming output_dir."""
+    staged = distributed.broadcast(checkpoint.stage(run.checkpoint_dir(step), field=FIELD) if run else None, world)
+    staged = pathlib.Path(staged)
+    try:
+        with disk.writing(staged.parent / f"checkpoint-{step}", field=FIELD, context="nothing was published"):
+            engine.save_shards(staged, step)
+            seen = distributed.gather(sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()),
+                                      world)
+            if any(files != seen[0] for files in seen):
+                partly = sorted(set().union(*map(set, seen)) - set.intersection(*map(set, seen)))
+                raise FailedPrecondition(
+                    f"{staged.parent}: the ranks do not see the same files there (not on every rank: "
+                    f"{', '.join(partly[:3])}): a sharded checkpoint needs an output_dir on a file system every node "
+                    "shares", field=FIELD)
+            engine.write_model(staged if run else None)
+    except BaseException:
+        if run is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged if run else None

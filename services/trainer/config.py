@@ -5,6 +5,7 @@ per RLHF method for that method's own arguments (TRL's habit), and `TrainerServe
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 from dataclasses import dataclass, field
@@ -340,7 +341,8 @@ class TrainConfig:
         if self.split_dataset_ratio > 0 and self.val_dataset:
             found.append("split_dataset_ratio: give either split_dataset_ratio or val_dataset, not both")
         if self.resume_from_checkpoint and "resume_from_checkpoint" not in unusable:
-            found.extend(_resume_problems(self.resume_from_checkpoint, self.train_type))
+            found.extend(_resume_problems(self.resume_from_checkpoint, self.train_type,
+                                          None if self.resume_only_model else self.nproc_per_node * self.nnodes))
         elif self.resume_only_model and not self.resume_from_checkpoint:
             found.append("resume_only_model: needs resume_from_checkpoint")
         # a resumed run continues its directory
@@ -438,7 +440,9 @@ class TrainConfig:
 RESUME_FILES = ("trainer_state.json", "training_state.pt")
 
 
-def _resume_problems(path: str, train_type: str) -> list[str]:
+def _resume_problems(path: str, train_type: str, processes: int | None) -> list[str]:
+    """`processes`: how many the job trains with, when it resumes the optimizer and data
+    cursors (one per rank: a checkpoint resumes on as many processes as trained it)."""
     directory = pathlib.Path(path)
     if not directory.is_dir():
         return [f"resume_from_checkpoint: {path} is not a directory"]
@@ -453,6 +457,15 @@ def _resume_problems(path: str, train_type: str) -> list[str]:
     if is_adapter != (train_type in ADAPTER_TRAIN_TYPES):
         kind = "a LoRA adapter" if is_adapter else "a full model"
         return [f"resume_from_checkpoint: {path} holds {kind}, which train_type {train_type} cannot continue"]
+    if processes is not None:
+        try:
+            state = json.loads((directory / "trainer_state.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return [f"resume_from_checkpoint: {directory / 'trainer_state.json'}: cannot read: {exc}"]
+        trained = len(state.get("data_cursors") or [None]) if isinstance(state, dict) else 1
+        if trained != processes:
+            return [f"resume_from_checkpoint: {path} was trained by {trained} processes; resume it with as many "
+                    f"(nproc_per_node x nnodes; this job has {processes}), or add --resume_only_model true"]
     return []
 
 

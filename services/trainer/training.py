@@ -21,7 +21,7 @@ import torch
 
 from libs.common.errors import InvalidArgument
 from libs.dataset import client as dataset_client
-from services.trainer import checkpointing, data, dataset_check, devices, distributed, evaluation, methods
+from services.trainer import checkpointing, data, dataset_check, devices, distributed, evaluation, memory, methods
 from services.trainer.config import TrainConfig, as_dict
 
 
@@ -226,15 +226,19 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     if resume_dir and not config.resume_only_model:
         state, training = checkpointing.read_state(resume_dir)
         data.check_order(state.get("data_order"), config.dataset_shuffle, config.seed, resume_dir)
-        engine.load_optimizer_state(training["optimizer"])
-        scheduler.load_state_dict(training["scheduler"])
-        if engine.scaler is not None and "grad_scaler" in training:  # float16: the loss scale it had reached
-            engine.scaler.load_state_dict(training["grad_scaler"])
-        # last: building the model and optimizer above consumed random numbers
+        # every rank's data cursor (and optimizer shard) is a slice of that many processes' work
         rng, cursors = training["rng"], state.get("data_cursors", [state["data_cursor"]])
         if len(cursors) != world.world_size:
             raise InvalidArgument(f"{resume_dir} was trained by {len(cursors)} processes; resume it with as many "
                                   f"(this run has {world.world_size})", field="resume_from_checkpoint")
+        if engine.sharded:  # ZeRO, FSDP2: each rank reads its own shards
+            engine.load_shards(resume_dir)
+        else:
+            engine.load_optimizer_state(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
+        if engine.scaler is not None and "grad_scaler" in training:  # float16: the loss scale it had reached
+            engine.scaler.load_state_dict(training["grad_scaler"])
+        # last: building the model and optimizer above consumed random numbers
         set_rng_state(rng[world.rank] if isinstance(rng, list) else rng)
         step, cursor = int(state["step"]), data.DataCursor.from_dict(cursors[world.rank])
         logged = [entry for entry in checkpointing.read_logged(resume_dir) if entry["step"] <= step]
@@ -255,28 +259,41 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
 
     def save(final: bool) -> None:
         nonlocal last_saved
+        train_peak = memory.peak_rss_bytes()  # over the steps since the loop began or the last save
+        memory.reset_peak()
+        save_start = memory.peak_rss_bytes()  # the RSS the save starts from
         state = {"step": step, "total_steps": total, "data_cursor": cursor.to_dict(),
                  "data_order": data.order(config.dataset_shuffle, config.seed)}
         training = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
-        training["optimizer"] = engine.optimizer_state()  # FSDP2, ZeRO: gathered from every rank
+        publishable, staged, staging_seconds = model, None, 0.0
+        if not engine.sharded:
+            training["optimizer"] = engine.optimizer_state()
         if engine.scaler is not None:  # the same on every rank (gradients are reduced before it looks)
             training["grad_scaler"] = engine.scaler.state_dict()
-        publishable = model
         if world.distributed:  # collectives: every rank takes part, rank 0 publishes
             state["data_cursors"] = distributed.gather(cursor.to_dict(), world)
             training["rng"] = distributed.gather(rng_state(), world)
             publishable = engine.publishable()
+            if engine.sharded:  # each rank's own shards, the model files gathered one parameter at a time
+                started = time.perf_counter()
+                staged, publishable = checkpointing.stage_shards(run, step, engine, world), None
+                staging_seconds = time.perf_counter() - started
         last_saved = step
+        if world.is_main:
+            path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
+                                        training_state=training, staged=staged)
+        # every rank's peak RSS while training and while saving (rank 0's includes the publication)
+        peaks = distributed.gather([train_peak, save_start, memory.peak_rss_bytes()], world)
+        memory.reset_peak()
         if not world.is_main:
             return
-        path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
-                                    training_state=training)
         # Serving hot-loads a checkpoint with an adapter name into its LLM engine. A full
         # checkpoint is a whole model, not an adapter, and a reward model's adapter carries a
         # scoring head, not a generator: no name, so serving leaves them alone.
         served = not full and config.rlhf_type != "rm"
         report("checkpoint", step=step, path=str(path), final=final, base_model=str(model_dir),
-               adapter_name=config.resolved_adapter_name() if served else "", publish_seconds=seconds)
+               adapter_name=config.resolved_adapter_name() if served else "", publish_seconds=staging_seconds + seconds,
+               rss_bytes=dict(zip(("train_peak", "save_start", "save_peak"), map(list, zip(*peaks)))))
 
     def log(learning_rate: float, grad_norm: float) -> None:
         nonlocal window
@@ -305,6 +322,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     def stopping() -> bool:
         return agreed_stop if world.distributed else stop.is_set()
 
+    memory.reset_peak()  # the training peak leaves setup out (ZeRO-3 builds the whole model on every rank first)
     while step < total and not stopping():
         started = time.perf_counter()
         batch = next(batches)

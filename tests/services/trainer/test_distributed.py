@@ -32,6 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from libs.common import checkpoint
 from libs.common import config as cfg
 from services.trainer import launch, training
 from services.trainer.config import TrainConfig
@@ -197,23 +198,48 @@ def test_nproc_per_node_makes_tuneforge_sft_launch_torchrun(prepared_dataset, da
     assert len(torch.load(run / "checkpoint-3" / "training_state.pt", weights_only=True)["rng"]) == 2
 
 
+# What each sharded back end adds to a checkpoint of a 2-process LoRA run: every rank's own
+# shards (ZeRO-2/3: DeepSpeed's checkpoint; FSDP2: torch.distributed.checkpoint); DDP keeps its
+# whole optimizer state in training_state.pt instead.
+SHARDS = {
+    "ddp": [],
+    "fsdp": ["fsdp_state/.metadata", "fsdp_state/__0_0.distcp", "fsdp_state/__1_0.distcp"],
+    "zero2": ["global_step3/mp_rank_00_model_states.pt", "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+              "global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest", "zero_to_fp32.py", "zero_to_torch.py"],
+    "zero3": ["global_step3/zero_pp_rank_0_mp_rank_00_model_states.pt",
+              "global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+              "global_step3/zero_pp_rank_1_mp_rank_00_model_states.pt",
+              "global_step3/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest", "zero_to_fp32.py", "zero_to_torch.py"],
+}
+ONE_PROCESS_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "args.json", "logging.jsonl",
+                     "trainer_state.json", "training_state.pt"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [pytest.param({}, id="ddp"), pytest.param({"fsdp": True}, id="fsdp"),
                                      pytest.param({"deepspeed": "zero2"}, id="zero2"),
                                      pytest.param({"deepspeed": "zero3"}, id="zero3")])
-def test_two_processes_resume_within_1e_6(backend, prepared_dataset, dataprep_address, tmp_path):
+def test_two_processes_resume_within_1e_6(backend, prepared_dataset, dataprep_address, tmp_path, request):
     """Resume restores every rank's RNG state (LoRA dropout on) and data cursor, and the
-    optimizer state (FSDP2: consolidated on save, re-sharded on load; ZeRO-2: every rank's
-    partition of the AdamW state, each rank loads its own; ZeRO-3 likewise per sub-group,
-    with the groups' learning rates): the steps after a
-    resume from checkpoint-3 log the losses of the uninterrupted run. Each rank has 4
-    rows an epoch, in steps of 3 and 1 micro-batches: step 3 ends mid-epoch."""
+    optimizer state (FSDP2 and ZeRO: each rank writes and reads back its own shards, nothing
+    gathered): the steps after a resume from checkpoint-3 log the losses of the
+    uninterrupted run. Each rank has 4 rows an epoch, in steps of 3 and 1 micro-batches:
+    step 3 ends mid-epoch. Another number of processes is refused at submission."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     common = dict(nproc_per_node=2, save_steps=3, lora_dropout=0.1, gradient_accumulation_steps=3, **backend)
     code, _events, err = finish(run_worker(job(prepared_dataset, dataprep_address, whole, **common), tmp_path))
     assert code == 0, err[-3000:]
     state = json.loads((whole / "checkpoint-3" / "trainer_state.json").read_text())
     assert [c["epoch"] for c in state["data_cursors"]] == [1, 1]  # mid-epoch on both ranks
+    name = request.node.callspec.id
+    manifest = checkpoint.verify(whole / "checkpoint-3")  # the shards are covered by the manifest too
+    assert sorted(manifest["files"]) == sorted(ONE_PROCESS_FILES + SHARDS[name])
+    saved = torch.load(whole / "checkpoint-3" / "training_state.pt", weights_only=True)
+    assert ("optimizer" in saved) == (name == "ddp")
+    refused = job(prepared_dataset, dataprep_address, resumed, resume_from_checkpoint=str(whole / "checkpoint-3"),
+                  **{**common, "nproc_per_node": 1}).problems()
+    assert refused == [f"resume_from_checkpoint: {whole / 'checkpoint-3'} was trained by 2 processes; resume it with "
+                       "as many (nproc_per_node x nnodes; this job has 1), or add --resume_only_model true"]
     code, _events, err = finish(run_worker(job(prepared_dataset, dataprep_address, resumed,
                                                resume_from_checkpoint=str(whole / "checkpoint-3"), **common), tmp_path))
     assert code == 0, err[-3000:]
@@ -273,3 +299,60 @@ def test_cancel_publishes_and_a_killed_launcher_leaves_no_rank_behind(trainer, p
     while training_processes(config_path) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert training_processes(config_path) == []
+
+
+# A Llama of 54.5M parameters (218 MB in fp32) with the default model's tokenizer: big enough
+# that a rank holding the whole model, or the whole AdamW state (twice that), shows in its RSS
+# above the training peak; small enough to train 2 steps on 2 CPU ranks in seconds.
+MEMORY_MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                    num_key_value_heads=16, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def memory_model(default_model, tmp_path_factory) -> pathlib.Path:
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    where = tmp_path_factory.mktemp("memory-model")
+    config = AutoConfig.from_pretrained(default_model)
+    for key, value in MEMORY_MODEL.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(where)
+    AutoTokenizer.from_pretrained(default_model).save_pretrained(where)
+    return where
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [pytest.param({"deepspeed": "zero2"}, id="zero2"),
+                                     pytest.param({"deepspeed": "zero3"}, id="zero3"),
+                                     pytest.param({"fsdp": True}, id="fsdp")])
+def test_a_sharded_save_gathers_neither_the_model_nor_the_optimizer_on_any_rank(backend, memory_model,
+                                                                                 prepared_dataset, dataprep_address,
+                                                                                 tmp_path):
+    """Full fine-tuning on 2 ranks, a checkpoint after 2 steps: while a rank saves (its own
+    shards, and rank 0 the published model, gathered one parameter at a time) its RSS grows by
+    less than a quarter of the model's fp32 size above what it held when the save began, and
+    its peak stays below its peak over the training steps. Gathering the whole model onto a
+    rank adds the model (ZeRO-3 gathered it on every rank, FSDP2 on rank 0), the whole AdamW
+    state twice the model: either fails the first bound. glibc returns freed memory at once
+    (MALLOC_MMAP_THRESHOLD_), so RSS follows what is live."""
+    out = tmp_path / "run"
+    config = job(prepared_dataset, dataprep_address, out, model=str(memory_model), train_type="full",
+                 nproc_per_node=2, max_steps=2, save_steps=2, gradient_accumulation_steps=1, **backend)
+    started = time.monotonic()
+    code, events, err = finish(run_worker(config, tmp_path, env={"MALLOC_MMAP_THRESHOLD_": "65536"}))
+    assert code == 0, err[-3000:]
+    model_bytes = sum(t.numel() * t.element_size() for t in load_file(memory_model / "model.safetensors").values())
+    rss = [e for e in events if e["event"] == "checkpoint"][0]["rss_bytes"]
+    assert len(rss["train_peak"]) == len(rss["save_start"]) == len(rss["save_peak"]) == 2
+    mib = 2**20
+    for rank, (train, start, save) in enumerate(zip(rss["train_peak"], rss["save_start"], rss["save_peak"])):
+        print(f"{backend}: rank {rank}: peak RSS training {train / mib:.0f} MiB; saving from {start / mib:.0f} MiB "
+              f"to a peak of {save / mib:.0f} MiB (+{(save - start) / model_bytes:.2f} x the model's "
+              f"{model_bytes / mib:.0f} MiB)")
+    for train, start, save in zip(rss["train_peak"], rss["save_start"], rss["save_peak"]):
+        assert save - start <= model_bytes / 4
+        assert save <= train
+    published = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert published.keys() == load_file(memory_model / "model.safetensors").keys()
+    print(f"{backend}: {time.monotonic() - started:.1f} s")
