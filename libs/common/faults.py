@@ -11,7 +11,8 @@ first appends `{"point": ..., "pid": ...}` to FILE, so a test learns which proce
 Points: trainer.publish (a run starts publishing a checkpoint, before it writes anything),
 checkpoint.built (a checkpoint's files are written in its temporary directory, not yet its
 manifest nor renamed into place), serving.hold (serving has linked or copied one more file
-of an adapter it loads).
+of an adapter it loads), worker.exit (a torchrun rank has finished its run and is about
+to exit).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from libs.common import tempdirs
+from libs.common import logs, tempdirs
 
 # ms-swift's environment variables and the TrainConfig fields they fill
 ENVIRONMENT = {"NPROC_PER_NODE": "nproc_per_node", "NNODES": "nnodes", "NODE_RANK": "node_rank",
@@ -36,6 +37,7 @@ ENVIRONMENT = {"NPROC_PER_NODE": "nproc_per_node", "NNODES": "nnodes", "NODE_RAN
 # events a rank that does not report progress still sends (its failure)
 ALWAYS_SENT = ("error",)
 _PR_SET_PDEATHSIG = 1
+LOG = logging.getLogger("tuneforge.trainer.launch")
 
 
 def from_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -102,6 +104,7 @@ class Relay:
         self.path = path
         self.send = send
         self.error: dict[str, Any] | None = None
+        self.done = threading.Event()  # the reporting rank said "done": the run is published
         self.finished = threading.Event()
         self.thread = threading.Thread(target=self._run, name="events-relay", daemon=True)
 
@@ -121,6 +124,8 @@ class Relay:
         else:
             event.pop("rank", None)
         self.send(kind, **event)
+        if kind == "done":
+            self.done.set()
 
     def _run(self) -> None:
         with open(self.path) as f:
@@ -146,6 +151,32 @@ class Relay:
 
 
 LAUNCH_DIR_PREFIX = "tuneforge-launch-"
+# How long ranks may take to exit once the run is done (published, every rank past its last
+# collective) before the launcher kills them; overridable by environment for tests.
+EXIT_GRACE_ENV = "TUNEFORGE_RANK_EXIT_GRACE_SECONDS"
+EXIT_GRACE_SECONDS = 60.0
+
+
+def wait_for_ranks(process: subprocess.Popen, relay: Relay, grace: float | None = None) -> int:
+    """torchrun's exit code; once the ranks have reported done, ranks still running after
+    `grace` seconds are killed (with torchrun: they die with it) and the job counts as done.
+    A rank's interpreter teardown was seen to deadlock after the work was complete (DDP's gloo
+    process group joining its worker thread while that thread waited for the GIL): the
+    published run must not turn into a hung job for it."""
+    if grace is None:
+        grace = float(os.environ.get(EXIT_GRACE_ENV, EXIT_GRACE_SECONDS))
+    while not relay.done.is_set():
+        try:
+            return process.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        return process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        logs.log(LOG, logging.WARNING, "ranks still running after done were killed", grace_seconds=grace)
+        process.kill()
+        process.wait()
+        return 0
 
 
 def remove_stale_launch_dirs(root: str | None = None) -> list[str]:
@@ -176,7 +207,7 @@ def run(config, config_path: str, send: Callable[..., None], stop: threading.Eve
                 process.send_signal(signal.SIGTERM)  # torchrun passes it to every rank
 
         threading.Thread(target=forward_stop, daemon=True).start()
-        code = process.wait()
+        code = wait_for_ranks(process, relay)
         relay.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

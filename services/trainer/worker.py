@@ -24,6 +24,7 @@ import threading
 from typing import Any, TextIO
 
 from libs.common import config as cfg
+from libs.common import faults
 from libs.common import logs
 from libs.common.errors import TuneForgeError
 from services.trainer import distributed, launch
@@ -115,5 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_rank(code: int) -> None:
+    """Ends a torchrun rank without the interpreter's teardown: the run is over and its files
+    are closed, and destroying torch's distributed objects at exit was seen to deadlock (gloo's
+    worker thread waiting for the GIL the tearing-down main thread held)."""
+    if faults.ARMED:
+        faults.reach("worker.exit")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if distributed.world_from_env().distributed:
+        exit_rank(code)
+    sys.exit(code)

@@ -181,6 +181,21 @@ def test_a_crashed_rank_fails_the_job_quickly(prepared_dataset, dataprep_address
     assert seconds < 120, f"took {seconds:.0f} s"
 
 
+def test_ranks_hung_after_done_are_killed_and_the_job_is_done(prepared_dataset, dataprep_address, tmp_path):
+    """Both ranks stop (SIGSTOP) where they would exit after a published run, as a rank whose
+    teardown deadlocked: the launcher kills them after the grace and the job ends done, exit 0."""
+    config = job(prepared_dataset, dataprep_address, tmp_path / "run", nproc_per_node=2, max_steps=2, save_steps=2)
+    started = time.monotonic()
+    code, events, err = finish(run_worker(config, tmp_path, env={"TUNEFORGE_FAULT": "worker.exit=stop",
+                                                                 launch.EXIT_GRACE_ENV: "3"}), timeout=180)
+    assert code == 0, err[-3000:]
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "done" and kinds.count("checkpoint") == 1, kinds
+    assert "ranks still running after done were killed" in err
+    assert training_processes(tmp_path / "job-0.json") == []
+    assert time.monotonic() - started < 150
+
+
 @pytest.mark.slow
 def test_nproc_per_node_makes_tuneforge_sft_launch_torchrun(prepared_dataset, dataprep_address, tmp_path,
                                                              monkeypatch, capsys):
