@@ -491,6 +491,30 @@ def shard(model, config, world: World):
     return model
 
 
+def frozen(model, config, world: World):
+    """A frozen model that runs beside the trained one (the reference of dpo and kto in full
+    training or with --ref_model), placed as the back end places the policy: FSDP2 shards it
+    the same way (each decoder layer, then the whole; its forward all-gathers, as the
+    policy's), ZeRO-3 partitions it with the job's DeepSpeed config (no optimizer; TRL's
+    prepare_deepspeed). DDP and ZeRO-0/1/2 keep a whole copy on every rank, as TRL does (its
+    forward needs no collective). Returns what to call forward on."""
+    model.requires_grad_(False)
+    model.eval()
+    if not world.distributed:
+        return model
+    if config.fsdp:
+        return shard(model, config, world)
+    if config.deepspeed:
+        ds_config = resolved_deepspeed_config(config, world)
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            import deepspeed
+
+            engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+            engine.eval()
+            return engine
+    return model
+
+
 def wrap(model, optimizer, config, world: World, device=None) -> Engine:
     """The engine for this job's back end on `device` (one process: no wrapping at all)."""
     if not world.distributed:
