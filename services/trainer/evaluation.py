@@ -24,7 +24,10 @@ def eval_mode(model) -> Iterator[None]:
     """Dropout off for the eval pass, training mode back after. bitsandbytes' 4-bit layers
     stay in training mode (they have no dropout): in eval mode on a CPU with AVX512-BF16 they
     repack their weights in place into a CPU-only layout, which fails for shapes that are not
-    multiples of 32 and would leave the training weights changed."""
+    multiples of 32 and would leave the training weights changed. FSDP2's root gives back
+    the parameters it gathered for the pass (it keeps them for a backward that never comes)."""
+    from services.trainer import distributed
+
     model.eval()
     try:
         for module in model.modules():
@@ -32,6 +35,7 @@ def eval_mode(model) -> Iterator[None]:
                 module.train()
         yield
     finally:
+        distributed.reshard(model)
         model.train()
 
 
