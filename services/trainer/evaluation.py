@@ -73,7 +73,7 @@ def evaluate(method, source: data.RowSource, micro_batch_size: int, pad_id: int,
         for name, value in method.counts(micro).items():
             totals[name] = totals.get(name, 0) + value
     # every rank evaluates its own slice; counts, then results, are summed over all of them
-    agreed, filler = len(micro_batches), micro_batches[0] if micro_batches else None
+    agreed, filler = len(micro_batches), replace(micro_batches[0], filler=True) if micro_batches else None
     if distributed_run:
         shares = distributed.gather((len(micro_batches), totals, rows[0] if rows else None), world)
         agreed = max(count for count, _, _ in shares)
@@ -82,7 +82,8 @@ def evaluate(method, source: data.RowSource, micro_batch_size: int, pad_id: int,
             for name, value in share.items():
                 totals[name] = totals.get(name, 0) + value
         if filler is None and agreed:
-            filler = method.collate([next(row for _, _, row in shares if row is not None)], pad_id)
+            filler = replace(method.collate([next(row for _, _, row in shares if row is not None)], pad_id),
+                             filler=True)
     loss, metrics = 0.0, dict.fromkeys(method.metrics, 0.0)  # every rank sums the same names
     trained = sum(micro.trained_tokens for micro in micro_batches)
     with torch.no_grad():

@@ -13,7 +13,7 @@ import pathlib
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -168,7 +168,7 @@ def train_step(method: methods.Method, batch: data.StepBatch, trainable: list[to
     loss_value, metrics = 0.0, dict.fromkeys(method.metrics, 0.0)  # every rank sums the same names
     own = len(batch.micro_batches)
     for i in range(most):
-        micro = batch.micro_batches[i if i < own else 0]
+        micro = batch.micro_batches[i] if i < own else replace(batch.micro_batches[0], filler=True)
         if engine.device is not None:  # counted above on the host; computed on the rank's device
             micro = micro.to(engine.device)
         loss, logged = method.loss(micro, step)
