@@ -12,8 +12,8 @@ method's whole loss (without it the sharded back ends' collectives would not pai
 The reference model: LoRA (ZeRO-2) disables the adapter on the policy's own weights; full DPO
 keeps a frozen copy, whole on each rank under DDP (where it computes the precomputed
 log-probs), sharded as the policy under ZeRO-3 (partitioned by DeepSpeed) and FSDP2
-(fully_shard per decoder layer). (Full-parameter ZeRO-2 DPO ran 218-250 s here under load
-against 35 s for LoRA, so ZeRO-2 runs LoRA.)
+(fully_shard per decoder layer). (Full-parameter ZeRO-2 DPO ran 218-250 s here under heavy
+load against 35 s for LoRA, so ZeRO-2 runs LoRA.) The file: ~110 s at light load.
 
 The DDP DPO run reads shuffled rows with --precompute_ref_log_probs: each epoch deals the
 rows to the ranks anew, so each rank needs the log-probs of rows another rank computed.
@@ -23,8 +23,8 @@ metric within 2e-5 of max(1, |value|) (summed log-probs run past -100); the grad
 before clipping within 5e-4 relative (a gradient off by a constant factor, which Adam would
 hide, shows there). fp32 gradients summed across ranks in another order differ from one
 process in the last bits. Measured here (max |loss diff|, metric, grad norm; eval loss):
-  DDP     DPO LoRA (shuffled, precomputed) 2.7e-7, 1.4e-6, 1.0e-6    RM LoRA 6.0e-8, 2.2e-7, 7.7e-8
-  ZeRO-2  DPO full 2.1e-9, 3.4e-6, 3.0e-5; eval 7.5e-7                RM LoRA 7.5e-8, 1.8e-7, 1.5e-7
+  DDP     DPO full (shuffled, precomputed) 3.3e-9, 6.6e-7, 3.0e-6    RM LoRA 6.0e-8, 2.2e-7, 7.7e-8
+  ZeRO-2  DPO LoRA 2.0e-7, 7.2e-7, 9.0e-7; eval 2.7e-7                RM LoRA 7.5e-8, 1.8e-7, 1.5e-7
   ZeRO-3  DPO full 2.9e-9, 3.4e-6, 2.7e-5; eval 8.9e-8                RM full 4.5e-8, 4.6e-7, 1.3e-6
   FSDP2   DPO full 2.4e-9, 1.2e-6, 1.0e-5; eval 2.2e-7                RM LoRA 9.7e-8, 3.0e-7, 2.2e-7
 A wrong normalisation (per rank instead of per step) moves the losses by more than 1e-3.
