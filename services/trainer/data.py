@@ -190,6 +190,9 @@ class MicroBatch:
     num_samples: int = 0
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's own tensors (pair indices, ...)
     seq_lens: list[list[int]] | None = None  # packed rows only: each row's sample lengths
+    # weight zero: run only so that this rank issues the collectives of the ranks with more micro-batches
+    # (training.train_step, evaluation.evaluate); a method adds nothing of it to what ranks pool (kto's KL)
+    filler: bool = False
 
     @property
     def trained_tokens(self) -> int:

@@ -466,11 +466,13 @@ class DeepSpeedEngine(Engine):
         streamed_save.write_model(directory, self.module, gather)
 
 
-def shard(model, config, world: World):
+def shard(model, config, world: World, trained: bool = True):
     """FSDP2 shards the model in place (each decoder layer, then the whole); call before
     building the optimizer. With --torch_dtype bfloat16/float16 the shards stay float32 (the
     master weights) and are gathered in torch_dtype for compute, gradients reduced in
-    float32 (MixedPrecisionPolicy). Other back ends leave it alone."""
+    float32 (MixedPrecisionPolicy). Other back ends leave it alone. The root of a trained model
+    keeps its parameters gathered from its forward to its backward (FSDP2's default); a frozen
+    one (`trained` false) has no backward and gives them back after each forward."""
     if not (world.distributed and config.fsdp):
         return model
     import torch
@@ -487,7 +489,43 @@ def shard(model, config, world: World):
     for module in root.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, **options)
-    fully_shard(root, **options)
+    fully_shard(root, reshard_after_forward=None if trained else True, **options)
+    return model
+
+
+def reshard(model) -> None:
+    """Gives back the parameters an FSDP2 root still holds gathered after forwards without a
+    backward (eval): left so, the model's parameters are no longer the sharded ones its
+    optimizer steps, and saving the optimizer state fails (KeyError in
+    get_optimizer_state_dict). Nothing to do for the other back ends."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def frozen(model, config, world: World):
+    """A frozen model that runs beside the trained one (the reference of dpo and kto in full
+    training or with --ref_model), placed as the back end places the policy: FSDP2 shards it
+    the same way (each decoder layer, then the whole; its forward all-gathers, as the
+    policy's), ZeRO-3 partitions it with the job's DeepSpeed config (no optimizer; TRL's
+    prepare_deepspeed). DDP and ZeRO-0/1/2 keep a whole copy on every rank, as TRL does (its
+    forward needs no collective). Returns what to call forward on."""
+    model.requires_grad_(False)
+    model.eval()
+    if not world.distributed:
+        return model
+    if config.fsdp:
+        return shard(model, config, world, trained=False)
+    if config.deepspeed:
+        ds_config = resolved_deepspeed_config(config, world)
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            import deepspeed
+
+            engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+            engine.eval()
+            return engine
     return model
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Iterator
 
-import numpy as np
 import torch
 
 from libs.dataset.split import Holdout
@@ -25,7 +24,10 @@ def eval_mode(model) -> Iterator[None]:
     """Dropout off for the eval pass, training mode back after. bitsandbytes' 4-bit layers
     stay in training mode (they have no dropout): in eval mode on a CPU with AVX512-BF16 they
     repack their weights in place into a CPU-only layout, which fails for shapes that are not
-    multiples of 32 and would leave the training weights changed."""
+    multiples of 32 and would leave the training weights changed. FSDP2's root gives back
+    the parameters it gathered for the pass (it keeps them for a backward that never comes)."""
+    from services.trainer import distributed
+
     model.eval()
     try:
         for module in model.modules():
@@ -33,6 +35,7 @@ def eval_mode(model) -> Iterator[None]:
                 module.train()
         yield
     finally:
+        distributed.reshard(model)
         model.train()
 
 
@@ -46,17 +49,19 @@ class EvalResult:
     metrics: dict[str, float]  # the method's, over all of them
 
 
-def evaluate(method, forward: Callable[..., torch.Tensor], source: data.RowSource, micro_batch_size: int,
-             pad_id: int, dtype: torch.dtype = torch.float32, world=None, device=None) -> EvalResult:
+def evaluate(method, source: data.RowSource, micro_batch_size: int, pad_id: int, world=None,
+             device=None) -> EvalResult:
     """One pass over this rank's eval rows without gradients, every rank's results summed;
     the caller puts the model in eval mode and back. The method's loss of the whole pass is
     normalised by its counts over all eval rows, as a training step's over its rows.
 
-    Distributed (`world`), every rank runs as many forwards as the rank with the most eval
-    micro-batches: a forward of FSDP2, ZeRO-3 or DDP is itself a collective (parameter
-    all-gathers, buffer broadcasts), and a rank whose slice is a row shorter would otherwise
-    leave the others waiting. Its extra forwards are on one pad token and count for nothing.
-    `device`: where the micro-batches go (the engine's; counts are taken on the host first)."""
+    Distributed (`world`), every rank runs as many micro-batches as the rank with the most: a
+    forward of FSDP2, ZeRO-3 or DDP is itself a collective (parameter all-gathers, buffer
+    broadcasts), and a rank whose slice is a row shorter would otherwise leave the others
+    waiting. Its extra micro-batches go through the method's whole loss (a method with a
+    reference runs two forwards) on a real micro-batch, its own first or, when it has no
+    rows, one of another rank's, and count for nothing. `device`: where the micro-batches go
+    (the engine's; counts are taken on the host first)."""
     from services.trainer import distributed
 
     rows = [row for row, _ in source.epoch_rows(data.DataCursor())]
@@ -67,20 +72,24 @@ def evaluate(method, forward: Callable[..., torch.Tensor], source: data.RowSourc
     for micro in micro_batches:
         for name, value in method.counts(micro).items():
             totals[name] = totals.get(name, 0) + value
-    names = sorted(totals)
     # every rank evaluates its own slice; counts, then results, are summed over all of them
-    agreed = len(micro_batches)
+    agreed, filler = len(micro_batches), replace(micro_batches[0], filler=True) if micro_batches else None
     if distributed_run:
-        agreed = distributed.all_max(len(micro_batches), world)
-        summed = distributed.all_sum([totals.get(name, 0) for name in names], world)
-        totals = {name: int(value) for name, value in zip(names, summed)}
-    filler = data.Row(np.array([pad_id], dtype=np.int32), np.array([data.IGNORE_INDEX], dtype=np.int32))
+        shares = distributed.gather((len(micro_batches), totals, rows[0] if rows else None), world)
+        agreed = max(count for count, _, _ in shares)
+        totals = {}
+        for _, share, _ in shares:
+            for name, value in share.items():
+                totals[name] = totals.get(name, 0) + value
+        if filler is None and agreed:
+            filler = replace(method.collate([next(row for _, _, row in shares if row is not None)], pad_id),
+                             filler=True)
     loss, metrics = 0.0, dict.fromkeys(method.metrics, 0.0)  # every rank sums the same names
     trained = sum(micro.trained_tokens for micro in micro_batches)
     with torch.no_grad():
         for index in range(agreed):
             if index >= len(micro_batches):  # weight zero: only keeps this rank in step with the others
-                forward(**data.collate([filler], pad_id).model_inputs(dtype))
+                method.loss(filler.to(device) if device is not None else filler, totals)
                 continue
             micro = micro_batches[index]
             value, logged = method.loss(micro.to(device) if device is not None else micro, totals)

@@ -1,13 +1,17 @@
 """--precompute_ref_log_probs: the reference model's log-probs of every row, computed in one
-pass over the data before training (the same gRPC stream, this rank's slice, the training
-micro-batch size), kept in the run directory keyed by each row's identity (`Row.key`:
-ReadShards' row id, whatever order the rows come in) and attached to the rows as they are read
-(`Row.ref_logps`). Training then never runs the reference, and a resumed run reads the file
-back instead of loading the reference again.
+pass over the data before training (the same gRPC stream, each rank its slice, the training
+micro-batch size), then gathered so that every rank holds every row's; kept in the run
+directory keyed by each row's identity (`Row.key`: ReadShards' row id, whatever order the rows
+come in) and attached to the rows as they are read (`Row.ref_logps`). Training then never runs
+the reference, and a resumed run reads the file back instead of loading the reference again.
+
+Every rank needs every row's values: with shuffling each epoch deals the rows to the ranks
+anew, so a rank meets rows in a later epoch that another rank computed in the first.
 
 Files: OUTPUT_DIR/reference_logps/<role>.rank<r>-of-<n>.npz (role `train` or `eval`), each
-holding what this rank reads and the fingerprint of what the values depend on (dataset, model,
-reference); a file whose fingerprint differs is computed again."""
+holding every row's values (a run directory need not be shared between nodes) and the
+fingerprint of what the values depend on (dataset, model, reference); a file whose fingerprint
+differs is computed again."""
 
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ from services.trainer import data, distributed
 
 LOG = logging.getLogger("tuneforge.trainer.precompute")
 TABLE_DIR = "reference_logps"
+# Part of every file's fingerprint: files written before tables held every rank's rows (only
+# the writing rank's first-epoch rows) are computed again rather than failing in epoch 2.
+TABLE_FORMAT = "all-ranks"
 
 
 def table_path(output_dir: str | pathlib.Path, role: str, world: distributed.World) -> pathlib.Path:
@@ -129,12 +136,15 @@ def annotate(source: data.RowSource, role: str, output_dir: str, print_: str, wo
     """`source` with its rows' reference log-probs: read from the run directory when they were
     computed for the same fingerprint, else computed now (and saved there)."""
     path = table_path(output_dir, role, world)
+    print_ = f"{print_}:{TABLE_FORMAT}"
     table = load(path, print_)
     # every rank computes when any must: a sharded reference forward is a collective
     missing = distributed.all_max(int(table is None), world) if world.distributed else table is None
     if missing:
         LOG.info("computing the reference log-probs of the %s rows", role)
-        table = compute_table(source)
+        table = {}
+        for share in distributed.gather(compute_table(source), world):  # every rank's rows, on every rank
+            table.update(share)
         save(path, print_, table)
     else:
         LOG.info("reference log-probs of the %s rows read from %s", role, path)

@@ -4,14 +4,16 @@ forward, without gradients, on the same micro-batches as the policy.
 - LoRA/QLoRA with no --ref_model: the policy's own weights with the adapter disabled (no
   second copy in memory); with --ref_adapters, those adapters on the base instead.
 - full training, or --ref_model DIR: a frozen copy loaded from that directory, in
-  torch_dtype (it never takes an update) on the policy's device, run under the same autocast.
+  torch_dtype (it never takes an update) on the policy's device, run under the same autocast;
+  sharded as the policy under FSDP2 and ZeRO-3, whole on every rank under DDP and ZeRO-2
+  (services.trainer.distributed.frozen).
 """
 
 from __future__ import annotations
 
 import torch
 
-from services.trainer import devices
+from services.trainer import devices, distributed
 
 
 class Reference:
@@ -24,7 +26,9 @@ class Reference:
             self.model = None
         else:
             self.config, self.device = config, next(policy.parameters()).device
-            self.model = load(config, config.ref_model or model_dir).to(self.device)
+            world = distributed.world_from_env()  # the process group is joined before any method exists
+            model = load(config, config.ref_model or model_dir).to(self.device)
+            self.model = distributed.frozen(model, config, world)
 
     def forward(self, **inputs):
         with torch.no_grad():
@@ -36,7 +40,7 @@ class Reference:
 
 
 def load(config, model_dir):
-    """A frozen reference from `model_dir` (with --ref_adapters applied), in eval mode."""
+    """A frozen reference from `model_dir` (with --ref_adapters applied), in eval mode, whole."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

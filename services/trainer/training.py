@@ -13,7 +13,7 @@ import pathlib
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -134,16 +134,23 @@ class StepResult:
     learning_rate: float  # the one the step used
 
 
-def step_counts(method: methods.Method, batch: data.StepBatch, world: distributed.World) -> dict[str, int]:
-    """The method's normalisers summed over the step's micro-batches and every rank."""
+def step_counts(method: methods.Method, batch: data.StepBatch,
+                world: distributed.World) -> tuple[dict[str, int], int]:
+    """The method's normalisers summed over the step's micro-batches and every rank, and the
+    most micro-batches any rank has in this step (one collective for both)."""
     totals: dict[str, int] = {}
     for micro in batch.micro_batches:
         for name, value in method.counts(micro).items():
             totals[name] = totals.get(name, 0) + value
+    most = len(batch.micro_batches)
     if world.distributed:
         names = sorted(totals)
-        totals = dict(zip(names, map(int, distributed.all_sum([totals[name] for name in names], world))))
-    return totals
+        mine = [0.0] * world.world_size  # each rank's count in its own slot: the sum holds them all
+        mine[world.rank] = float(most)
+        summed = distributed.all_sum([totals[name] for name in names] + mine, world)
+        totals = dict(zip(names, map(int, summed[:len(names)])))
+        most = int(max(summed[len(names):]))
+    return totals, most
 
 
 def train_step(method: methods.Method, batch: data.StepBatch, trainable: list[torch.nn.Parameter],
@@ -151,15 +158,24 @@ def train_step(method: methods.Method, batch: data.StepBatch, trainable: list[to
     """One optimizer step over the batch's micro-batches. Each micro-batch's loss is divided
     by the method's totals over the whole step (every rank's), so how rows are split into
     micro-batches or ranks does not change the update. `engine` runs backward and the
-    optimizer step for the back end (the method's forward runs through it too)."""
-    step = step_counts(method, batch, engine.world)
+    optimizer step for the back end (the method's forward runs through it too).
+
+    Every rank runs as many micro-batches as the rank with the most (at an epoch's end a
+    rank may hold a row fewer): under FSDP2 and ZeRO every forward and backward is a
+    collective. A rank's extra micro-batches repeat its first through the method's whole
+    loss (policy and reference forwards alike, so the collectives pair up) with weight zero."""
+    step, most = step_counts(method, batch, engine.world)
     loss_value, metrics = 0.0, dict.fromkeys(method.metrics, 0.0)  # every rank sums the same names
-    last = len(batch.micro_batches) - 1
-    for i, micro in enumerate(batch.micro_batches):
+    own = len(batch.micro_batches)
+    for i in range(most):
+        micro = batch.micro_batches[i] if i < own else replace(batch.micro_batches[0], filler=True)
         if engine.device is not None:  # counted above on the host; computed on the rank's device
             micro = micro.to(engine.device)
         loss, logged = method.loss(micro, step)
-        engine.backward(loss, last=i == last)
+        if i >= own:  # weight zero: adds nothing to the gradients, the loss or the metrics
+            engine.backward(loss * 0.0, last=i == most - 1)
+            continue
+        engine.backward(loss, last=i == most - 1)
         loss_value += loss.item()
         for name, value in logged.items():
             metrics[name] += float(value)
@@ -306,8 +322,8 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
 
     def run_eval() -> None:
         with evaluation.eval_mode(model):
-            result = evaluation.evaluate(method, engine.forward, eval_rows, config.per_device_train_batch_size,
-                                         pad_id, model.dtype, world, device=engine.device)
+            result = evaluation.evaluate(method, eval_rows, config.per_device_train_batch_size, pad_id, world,
+                                         device=engine.device)
         entry = {"step": step, "eval_loss": result.loss, "eval_trained_tokens": result.trained_tokens,
                  "eval_rows": result.rows}
         logged = {f"eval_{name}": value for name, value in result.metrics.items()}

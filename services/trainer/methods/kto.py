@@ -116,7 +116,9 @@ class Kto:
             # Training: every rank's micro-batch of this index takes part (one with no mismatched sequence
             # too), as the ranks step together. Eval: ranks may hold different numbers of eval
             # micro-batches, so each micro-batch's own estimate (a collective here would meet another).
-            kl = kto_kl(logps[rows:], ref_logps[rows:], all_sum if self.model.training else None)
+            # a filler micro-batch (weight zero) joins the sum with no sequence: it must not move the others' KL
+            kept = rows if micro.filler else logps.numel()
+            kl = kto_kl(logps[rows:kept], ref_logps[rows:kept], all_sum if self.model.training else None)
         else:
             kl = torch.zeros((), dtype=logps.dtype, device=logps.device)
         losses, rewards = kto_loss(logps[:rows], ref_logps[:rows], desirable, kl, self.args.beta, self.loss_type,

@@ -66,6 +66,6 @@ def test_fsdp_eval_with_uneven_rank_slices_finishes_and_sums_every_row(prepared_
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with evaluation.eval_mode(model):
         sft = methods.get(None)(config, model, model, tokenizer)
-        alone = evaluation.evaluate(sft, model, data.DataprepRows(dataprep_address, str(tmp_path / "val")), 1, pad_id)
+        alone = evaluation.evaluate(sft, data.DataprepRows(dataprep_address, str(tmp_path / "val")), 1, pad_id)
     assert alone.rows == 3 and alone.trained_tokens == evals[0]["eval_trained_tokens"]
     assert abs(alone.loss - evals[0]["eval_loss"]) <= 1e-5 * alone.loss, (alone.loss, evals[0]["eval_loss"])

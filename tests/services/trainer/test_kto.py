@@ -5,6 +5,7 @@ the formula with its weights; a step normalised by its rows; the clear refusals.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -198,3 +199,22 @@ def test_kl_is_gathered_across_two_ddp_ranks_as_trl_gathers_it(default_model, tm
     assert sum(r["loss_share"] for r in results) == pytest.approx(sum(r["trl_loss"] for r in results) / 2, abs=1e-5)
     # eval: a rank's eval micro-batch has its own estimate (ranks may hold different numbers of them)
     assert results[1]["eval_kl"] == pytest.approx(results[1]["local_kl"], abs=1e-5)
+
+
+def test_a_filler_micro_batch_adds_nothing_to_the_pooled_kl(default_model, tokenizer, monkeypatch):
+    """A rank short of micro-batches runs a filler (weight zero) so the ranks' KL sums pair up;
+    it joins the sum with no sequence, or it would move the other ranks' estimate."""
+    policy, config = lora_policy(default_model)
+    method = kto_method.Kto(config, policy, policy, tokenizer)
+    rows = []
+    for prompt, completion, label in EXAMPLES:
+        p, c = tokenizer(prompt)["input_ids"], tokenizer(completion)["input_ids"]
+        rows.append(data.Row(np.array(p + c, dtype=np.int32), np.array([IGNORE_INDEX] * len(p) + c, dtype=np.int32),
+                             label=label))
+    pooled = []
+    monkeypatch.setattr(kto_method, "all_sum", lambda totals: pooled.append(totals.tolist()) or totals)
+    micro = method.collate(rows, tokenizer.pad_token_id)
+    counts = method.counts(micro)
+    method.loss(micro, counts)
+    method.loss(dataclasses.replace(micro, filler=True), counts)
+    assert pooled[0][1] == len(rows) and pooled[1] == [0.0, 0.0]  # (sum of differences, count)
