@@ -22,10 +22,7 @@ except ZeRO-3, whose partitioned norm differs by 1e-5 already at step 1 and up t
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import time
 
 import pytest
@@ -33,11 +30,10 @@ import torch
 from safetensors.torch import load_file
 
 from libs.common import checkpoint
-from libs.common import config as cfg
 from services.trainer import launch, training
 from services.trainer.config import TrainConfig
+from tests.services.trainer.launching import finish, run_worker
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
 STEPS = 10
 LOSS_TOLERANCE = 2e-5  # relative
 WEIGHT_TOLERANCE = 1e-4
@@ -49,30 +45,6 @@ def job(prepared_dataset, dataprep_address, output_dir, **overrides) -> TrainCon
                   max_steps=STEPS, save_steps=STEPS, per_device_train_batch_size=1, gradient_accumulation_steps=2,
                   lora_dropout=0.0, learning_rate=5e-4, warmup_ratio=0.1, lr_scheduler_type="cosine", seed=7)
     return TrainConfig(**{**values, **overrides})
-
-
-def run_worker(config: TrainConfig, where: pathlib.Path, env: dict[str, str] | None = None,
-               timeout: float = 300) -> subprocess.Popen:
-    """Starts the job's training process exactly as the trainer service does."""
-    path = where / f"job-{config.node_rank}.json"
-    cfg.save_json(config, path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **(env or {})}
-    env.pop("RANK", None)
-    return subprocess.Popen([sys.executable, "-m", "services.trainer.worker", "--config", str(path)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, list[dict], str]:
-    """Waits for the training process (under Bazel's 300 s, so that a hang fails with its stderr)."""
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        _, err = process.communicate()
-        pytest.fail(f"the training process did not end in {timeout:.0f} s; its stderr ends:\n{err[-4000:]}")
-    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return process.returncode, events, err
 
 
 def losses(run_dir: pathlib.Path) -> list[float]:
