@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import pathlib
-import random
 import resource
 import statistics
 import subprocess
@@ -34,27 +33,11 @@ import sys
 import tempfile
 import time
 
+import fixtures  # bench/fixtures.py: the model and texts the benchmarks share
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_LENGTH = 4096
 CASES = {"prebuilt (before)": "prebuilt", "per-forward (ours)": ""}  # TUNEFORGE_PACKING_MASK
-
-
-def write_conversations(path: pathlib.Path, rows: int, seed: int = 0) -> None:
-    """Conversations of varied length (about 40 to 700 tokens) cut from the default model's corpus."""
-    from libs.default_model import corpus
-
-    words = " ".join(corpus.paragraphs()).split()
-    rng = random.Random(seed)
-
-    def text(n: int) -> str:
-        start = rng.randrange(0, len(words) - n)
-        return " ".join(words[start:start + n])
-
-    with open(path, "w") as f:
-        for _ in range(rows):
-            turns = [{"role": "user", "content": text(rng.randint(5, 60))},
-                     {"role": "assistant", "content": text(rng.choice([20, 60, 120, 250, 400]))}]
-            f.write(json.dumps({"messages": turns}) + "\n")
 
 
 def worker(spec: dict) -> dict:
@@ -129,7 +112,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-packing-mask-") as tmp:
             root = pathlib.Path(tmp)
-            write_conversations(root / "conversations.jsonl", args.rows)
+            fixtures.write_conversations(root / "conversations.jsonl", args.rows)
             prepared = client.prepare(address, PrepareConfig(model=str(resolve_model(None)),
                                                              dataset=[str(root / "conversations.jsonl")],
                                                              output_dir=str(root / "packed"), max_length=MAX_LENGTH,

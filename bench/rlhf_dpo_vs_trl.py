@@ -39,6 +39,8 @@ import sys
 import tempfile
 import time
 
+import fixtures  # bench/fixtures.py: the model and texts the benchmarks share
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 MAX_LENGTH = 1024  # a packed row; a pair (both sides) fits in it
@@ -53,36 +55,12 @@ MODEL_SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
 
 # ----------------------------------------------------------------------------- set-up (parent)
 
-def build_model(out: pathlib.Path) -> int:
-    """A random-init Llama with the default model's tokenizer and chat template; returns its parameter count."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from libs.default_model.resolve import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **MODEL_SHAPE)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
-
-
 def write_pairs(path: pathlib.Path, rows: int, seed: int = 0) -> None:
     """Pairs of a prompt (5 to 60 words) and two answers of independent lengths (15 to 200
     words), cut from the default model's corpus: padding a pair's short side to its long one is
     what packing saves."""
-    from libs.default_model import corpus
-
-    words = " ".join(corpus.paragraphs()).split()
     rng = random.Random(seed)
-
-    def text(n: int) -> str:
-        start = rng.randrange(0, len(words) - n)
-        return " ".join(words[start:start + n])
-
+    text = fixtures.excerpts(rng)
     with open(path, "w") as f:
         for _ in range(rows):
             f.write(json.dumps({"messages": [{"role": "user", "content": text(rng.randint(5, 60))},
@@ -258,7 +236,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
             root = pathlib.Path(tmp)
-            params = build_model(root / "model")
+            params = fixtures.random_llama(root / "model", MODEL_SHAPE)
             write_pairs(root / "pairs.jsonl", args.rows)
             plain = prepare(address, root / "model", root / "pairs.jsonl", root / "plain", packing=False)
             packed = prepare(address, root / "model", root / "pairs.jsonl", root / "packed", packing=True)

@@ -29,13 +29,14 @@ import dataclasses
 import json
 import os
 import pathlib
-import random
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+import fixtures  # bench/fixtures.py: the model and texts the benchmarks share
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,41 +49,6 @@ MODEL_SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
 
 
 # ----------------------------------------------------------------------------- set-up (parent)
-
-def build_model(out: pathlib.Path) -> int:
-    """A random-init Llama with the default model's tokenizer and chat template; returns its parameter count."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from libs.default_model.resolve import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **MODEL_SHAPE)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
-
-
-def write_conversations(path: pathlib.Path, rows: int, seed: int = 0) -> None:
-    """Conversations of varied length (about 40 to 700 tokens) cut from the default model's corpus."""
-    from libs.default_model import corpus
-
-    words = " ".join(corpus.paragraphs()).split()
-    rng = random.Random(seed)
-
-    def text(n: int) -> str:
-        start = rng.randrange(0, len(words) - n)
-        return " ".join(words[start:start + n])
-
-    with open(path, "w") as f:
-        for _ in range(rows):
-            turns = [{"role": "user", "content": text(rng.randint(5, 60))},
-                     {"role": "assistant", "content": text(rng.choice([20, 60, 120, 250, 400]))}]
-            f.write(json.dumps({"messages": turns}) + "\n")
-
 
 def prepare(address: str, model_dir: pathlib.Path, raw: pathlib.Path, out: pathlib.Path, packing: bool) -> dict:
     from libs.dataset import client
@@ -250,8 +216,8 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
             root = pathlib.Path(tmp)
-            params = build_model(root / "model")
-            write_conversations(root / "conversations.jsonl", args.rows)
+            params = fixtures.random_llama(root / "model", MODEL_SHAPE)
+            fixtures.write_conversations(root / "conversations.jsonl", args.rows)
             plain = prepare(address, root / "model", root / "conversations.jsonl", root / "plain", packing=False)
             packed = "packing" in {f.name for f in dataclasses.fields(PrepareConfig)}
             ours_dataset = root / "plain"
