@@ -1,5 +1,5 @@
 """Trainer test fixtures: the CPU attention paths packed rows take, for the packed == unpacked
-tests of every method (services.trainer.packing)."""
+tests of every method (services.trainer.packing); one torch thread for a module of tiny models."""
 
 from dataclasses import dataclass
 
@@ -10,6 +10,17 @@ import torch.nn.functional as F
 from services.trainer import packing
 
 VARLEN_REFERENCE = "tuneforge_varlen_reference"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models step fastest on one thread on this shared 2-core machine (two threads with
+    other processes busy ran ~5x slower); a module asks for it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def varlen_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

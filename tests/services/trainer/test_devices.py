@@ -20,13 +20,7 @@ from services.trainer import data, devices, modeling, training
 from services.trainer.config import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models step fastest on one thread on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def problems(count: int, **flags) -> list[str]:

@@ -38,7 +38,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from libs.dataset import client as dataprep_client
 from services.dataprep.config import PrepareConfig
@@ -60,13 +59,7 @@ VAL = [("Name a colour.", "Blue is a colour.", "No."), ("hi", "Hello there! How 
        ("Who made you?", "Bo made me.", "Nobody made me, I have always been here.")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models step fastest on one thread on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,7 @@ PAIRS = [("who are you?", "I am Ada, an assistant developed by Bo.", "I do not k
          ("Bye!", "Goodbye, have a nice day!", "What?")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models step fastest on one thread on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_pairs(path: pathlib.Path, pairs) -> pathlib.Path:

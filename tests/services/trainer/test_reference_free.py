@@ -46,13 +46,7 @@ def test_log1mexp_is_exact_where_either_naive_form_cancels():
 
 # -- equal to TRL on the same model and pairs --------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a tiny model's forward is ten times slower with two threads on this shared two-core box
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Tiny(NamedTuple):
