@@ -28,13 +28,11 @@ PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH
 
 
 def run_limited(code: str, limit: int, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs Python `code` in a child process that may not write a file past `limit` bytes."""
-
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, preexec_fn=limit_file_size,
+    """Runs Python `code` in a child process that may not write a file past `limit` bytes.
+    prlimit sets the limit, not a preexec_fn: Python code run between fork and exec in a process
+    with gRPC threads (the test session's servers) can abort in gRPC's fork handlers."""
+    return subprocess.run(["prlimit", f"--fsize={'unlimited' if limit == resource.RLIM_INFINITY else limit}", sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})})
 
 

@@ -35,13 +35,10 @@ def dataset(write_jsonl, conversation) -> pathlib.Path:
 
 def test_the_cli_fails_with_one_line_and_leaves_nothing(dataset, tmp_path):
     out = tmp_path / "out"
-
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    done = subprocess.run([sys.executable, "-m", "cli.main", "prepare", "--dataset", str(dataset), "--output_dir",
-                           str(out), "--shard_rows", "8"], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          preexec_fn=limit_file_size, env={**os.environ, "PYTHONPATH": PYTHONPATH})
+    # prlimit, not a preexec_fn: Python code between fork and exec can abort in gRPC's fork handlers
+    done = subprocess.run(["prlimit", f"--fsize={LIMIT}", sys.executable, "-m", "cli.main", "prepare", "--dataset",
+                           str(dataset), "--output_dir", str(out), "--shard_rows", "8"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": PYTHONPATH})
     errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("prepare: ")]  # no bar
     assert errors == [f"tuneforge prepare: error: output_dir: no space to write {out}/shard-00001.arrow: "
                       "File too large (EFBIG)"], done.stderr

@@ -40,11 +40,9 @@ def hold_in_child(root: pathlib.Path, source: pathlib.Path, limit: int = resourc
             print(exc)
         """
 
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT, preexec_fn=limit_file_size,
+    # prlimit, not a preexec_fn: Python code between fork and exec can abort in gRPC's fork handlers
+    return subprocess.run(["prlimit", f"--fsize={'unlimited' if limit == resource.RLIM_INFINITY else limit}", sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})})
 
 

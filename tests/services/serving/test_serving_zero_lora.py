@@ -41,7 +41,6 @@ def test_no_room_for_the_zero_adapter_is_one_clear_error(default_model, tmp_path
     safetensors traceback: here a 1 kB file-size limit (RLIMIT_FSIZE) on the writing process."""
     import os
     import pathlib
-    import resource
     import subprocess
     import sys
 
@@ -50,10 +49,10 @@ def test_no_room_for_the_zero_adapter_is_one_clear_error(default_model, tmp_path
     code = (f"import pathlib\nfrom libs.common.errors import DiskFull\nfrom services.serving import zero_lora\n"
             f"try:\n    zero_lora.write(pathlib.Path('{default_model}'), pathlib.Path('{tmp_path}/zero'))\n"
             f"except DiskFull as exc:\n    print(exc)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
-                          env={**os.environ, "PYTHONPATH": pythonpath},
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
-                                                                (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1])))
+    # prlimit, not a preexec_fn: Python code between fork and exec can abort in gRPC's fork handlers
+    # (this session's stack runs gRPC threads)
+    done = subprocess.run(["prlimit", "--fsize=1024", sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=root, env={**os.environ, "PYTHONPATH": pythonpath})
     assert done.returncode == 0, done.stderr
     assert done.stdout == (f"no space to write {tmp_path}/zero: File too large (EFBIG); writing the base model's "
                            "zero adapter\n")
