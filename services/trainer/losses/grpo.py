@@ -119,7 +119,8 @@ def per_token(logps: torch.Tensor, advantages: torch.Tensor, params: Params,
     -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta (exp(ref - logp) - (ref - logp) - 1)
     with r = exp(logp - old_logp) (old_logps None: the policy's own, detached, as when
     --num_iterations is 1: r = 1, gradient A). logps, old_logps, ref_logps: [B, T] completion
-    tokens' log-probs; advantages: [B] (or [B, T])."""
+    tokens' log-probs, each of the logits divided by --temperature (TRL and ms-swift score
+    completions at the sampling temperature); advantages: [B] (or [B, T])."""
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     old_logps = logps.detach() if old_logps is None else old_logps

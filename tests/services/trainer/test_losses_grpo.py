@@ -222,6 +222,20 @@ def test_kl_is_not_bias_corrected():
     torch.testing.assert_close(terms.loss, 0.1 * (torch.exp(d) - d - 1))
 
 
+def test_trl_default_bias_corrected_kl_differs(make_trainer):
+    """TRL's default use_bias_correction_kl=True multiplies the KL by the ratio: not ms-swift's
+    loss, so the setting above is what makes the comparison hold."""
+    logps, old_logps, ref_logps, advantages, mask = batch()
+    params = grpo.Params(loss_type="grpo", beta=0.5, max_completion_length=MAX_COMPLETION_LENGTH)
+    trainer, _ = make_trainer(loss_type="grpo", beta=0.5, use_bias_correction_kl=True)
+    trl_default, _, _ = trl_loss(trainer, logps, old_logps, ref_logps, advantages, mask, int(mask.sum()))
+    loss, _, _ = ours(logps, old_logps, ref_logps, advantages, mask, grpo.counts(mask), params)
+    terms = grpo.per_token(logps, advantages, params, old_logps, ref_logps)
+    biased = terms.loss + params.beta * terms.kl * (torch.exp(logps - old_logps) - 1)  # kl x ratio in place of kl
+    torch.testing.assert_close(trl_default, grpo.numerator(biased, mask, "grpo") / mask.size(0), rtol=0, atol=1e-6)
+    assert abs(float(loss - trl_default)) > 1e-4  # 100x the tolerance the equality tests hold
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_two_micro_batches_or_ranks_equal_one_batch(loss_type):
     """The micro-batches' losses divided by the step's totals add up to the whole batch's
@@ -265,13 +279,17 @@ def test_bnpo_is_a_mean_of_micro_batch_means():
     split with unequal token counts changes it; the mean of the two micro-batch means is it."""
     logps, old_logps, ref_logps, advantages, mask = batch(seed=3, sequences=8)
     params = grpo.Params(loss_type="bnpo")
-    per_token = grpo.per_token(logps, advantages, params, old_logps).loss
-    a, b = slice(0, 3), slice(3, 8)
+    parts = (slice(0, 3), slice(3, 8))  # 12 and 23 completion tokens
     step = {"sequences": 8, "completion_tokens": int(mask.sum()), "micro_batches": 2}
-    total = sum(grpo.numerator(per_token[part], mask[part], "bnpo") / grpo.normaliser("bnpo", step, 0) for part in (a, b))
-    mean = lambda part: (per_token[part] * mask[part]).sum() / mask[part].sum()  # noqa: E731
-    torch.testing.assert_close(total, (mean(a) + mean(b)) / 2)
-    whole = (per_token * mask).sum() / mask.sum()
+    total = sum(grpo.grpo_loss(logps[part], advantages[part], mask[part], step, params, old_logps=old_logps[part])[0]
+                for part in parts)
+    per_token = grpo.per_token(logps, advantages, params, old_logps).loss
+
+    def mean(part):
+        return (per_token[part] * mask[part]).sum() / mask[part].sum()
+
+    torch.testing.assert_close(total, (mean(parts[0]) + mean(parts[1])) / 2)
+    whole = mean(slice(0, 8))
     assert abs(float(total - whole)) > 1e-4
 
 
