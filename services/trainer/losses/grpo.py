@@ -61,7 +61,7 @@ def reward_std(rewards: torch.Tensor, num_generations: int, scale_rewards: str,
                batch_sums: list[float] | None = None) -> torch.Tensor:
     """[N]: the standard deviation each completion's advantage is scaled by: its group's
     (`group`, and `none`, where TRL computes it only to log the groups whose rewards are all
-    equal, frac_reward_zero_std), or the whole step's (`batch`: over `batch_sums`, every
+    equal, frac_reward_zero_std), or the whole rollout's (`batch`: over `batch_sums`, every
     rank's `reward_sums` added; None: this tensor alone, one process)."""
     _check_groups(rewards, num_generations, scale_rewards)
     if scale_rewards == "batch":
@@ -74,7 +74,7 @@ def advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str,
                batch_sums: list[float] | None = None) -> torch.Tensor:
     """[N] GRPO advantages of rewards [N] (groups of `num_generations` adjacent completions of
     one prompt): reward - its group's mean, divided by (std + 1e-4) unless `none`. The mean is
-    always the group's, also with `batch`, whose std is the whole step's (TRL 1.16)."""
+    always the group's, also with `batch`, whose std is the whole rollout's (TRL 1.16)."""
     std = reward_std(rewards, num_generations, scale_rewards, batch_sums)  # checks the shapes first
     centred = rewards - rewards.view(-1, num_generations).mean(dim=1).repeat_interleave(num_generations)
     return centred if scale_rewards == "none" else centred / (std + STD_EPSILON)
