@@ -5,6 +5,8 @@ with `--reward_weights`; plus the submission-time `problems` of the reward flags
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
 import numbers
@@ -119,7 +121,8 @@ def score(funcs: Sequence[RewardFunc], weights: Sequence[float] | None, prompts:
     the functions that scored it, and it is NaN where none did (unscorable: TRL gives it
     advantage 0), with a warning naming its source.
 
-    Every function gets `completions` and, as keyword arguments, `prompts`, `completion_ids`
+    Every function gets `completions` (positionally, as ms-swift calls it; an `async def`
+    one is awaited) and, as keyword arguments, `prompts`, `completion_ids`
     (also under ms-swift's name `response_token_ids`), `prompt_ids` when given, and each of
     `columns` (one value per completion). `sources` names each completion's row (file:line
     or its key) for errors. A function that raises, returns other than N values, or a value
@@ -163,10 +166,10 @@ def score(funcs: Sequence[RewardFunc], weights: Sequence[float] | None, prompts:
 
 def _call(func: RewardFunc, completions: list[str], kwargs: dict[str, Any], sources: list[str]) -> list[float]:
     try:
-        returned = func.func(completions, **kwargs)
+        returned = _run(func.func(completions, **kwargs))
     except Exception as exc:
         raise _raised(func, exc, completions, kwargs, sources) from None
-    if isinstance(returned, (str, bytes, dict)) or not hasattr(returned, "__len__"):
+    if isinstance(returned, (str, bytes, dict)) or not hasattr(returned, "__len__") or getattr(returned, "ndim", 1) == 0:
         raise _error(func, f"returned {_shown(returned)}, not a list of {len(completions)} rewards", sources)
     values = list(returned.tolist() if hasattr(returned, "tolist") else returned)
     if len(values) != len(completions):
@@ -184,6 +187,11 @@ def _call(func: RewardFunc, completions: list[str], kwargs: dict[str, Any], sour
                          [sources[i]])
         out.append(number)
     return out
+
+
+def _run(returned: Any) -> Any:
+    """An async reward function's result (TRL and ms-swift take `async def` ones too)."""
+    return asyncio.run(returned) if inspect.iscoroutine(returned) else returned
 
 
 def _number(value: Any) -> float | None:
@@ -204,7 +212,7 @@ def _raised(func: RewardFunc, exc: Exception, completions: list[str], kwargs: di
     failing = sources
     for i in range(len(completions)):
         try:
-            func.func(completions[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()})
+            _run(func.func(completions[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()}))
         except Exception as alone:
             failing, exc = [sources[i]], alone
             break

@@ -11,6 +11,7 @@ import math
 import os
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,12 +239,19 @@ def test_a_completion_no_function_scores_is_warned_with_its_source(caplog):
 
 
 def test_numbers_of_any_kind_are_rewards():
-    import numpy as np
-
     values = func("kinds", lambda completions, **kw: np.array([1, 2.5, True]))
     assert score([values], ["a", "b", "c"])[0].tolist() == [1.0, 2.5, 1.0]
     scalars = func("scalars", lambda completions, **kw: [torch.tensor(0.5), np.float32(2.0), np.int64(3)])
     assert score([scalars], ["a", "b", "c"])[0].tolist() == [0.5, 2.0, 3.0]
+
+
+def test_async_functions_and_array_returns():
+    async def later(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    assert score([func("later", later)], ["a", "bcd"])[0].tolist() == [1.0, 3.0]
+    with pytest.raises(rewards.RewardError, match=r"returned ndarray array\(1\.\), not a list of 2 rewards"):
+        score([func("zero_d", lambda completions, **kw: np.array(1.0))], ["a", "b"])
 
 
 def test_a_function_raising_on_one_row_names_it_its_file_and_that_row(tmp_path):
