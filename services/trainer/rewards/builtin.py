@@ -108,17 +108,21 @@ def extract_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def exact_accuracy(completions: list[str], solution: list[str], **kwargs) -> list[float]:
+def exact_accuracy(completions: list[str], solution: list, **kwargs) -> list[float | None]:
     """1.0 where the completion's extracted answer equals the solution's (a solution with no
-    answer, like math_verify's unparsable gold, scores 0.0)."""
+    answer, like math_verify's unparsable gold, scores 0.0; a row whose solution is None is
+    not scored: None)."""
     rewards = []
     for content, gold in zip(completions, solution):
+        if gold is None:
+            rewards.append(None)
+            continue
         expected = extract_answer(str(gold))
         rewards.append(1.0 if expected and extract_answer(content) == expected else 0.0)
     return rewards
 
 
-def verified_accuracy(completions: list[str], solution: list[str], **kwargs) -> list[float]:
+def verified_accuracy(completions: list[str], solution: list, **kwargs) -> list[float | None]:
     """ms-swift's MathAccuracy: math_verify's parse of the <answer> contents (or the whole
     text, then a boxed LaTeX answer) verified against the parsed solution."""
     from latex2sympy2_extended import NormalizationConfig
@@ -126,6 +130,10 @@ def verified_accuracy(completions: list[str], solution: list[str], **kwargs) -> 
 
     rewards = []
     for content, sol in zip(completions, solution):
+        if sol is None:
+            rewards.append(None)
+            continue
+        sol = str(sol)
         content_match = ANSWER.search(content)
         content_to_parse = content_match.group(1).strip() if content_match else content
         sol_match = ANSWER.search(sol)
@@ -167,12 +175,15 @@ def cosine_value(length: int, max_length: int, min_value: float, max_value: floa
 def cosine_function(params: RewardParams) -> Callable[..., list[float]]:
     accuracy = accuracy_function()
 
-    def cosine(completions: list[str], solution: list[str], completion_ids: list, **kwargs) -> list[float]:
+    def cosine(completions: list[str], solution: list, completion_ids: list, **kwargs) -> list[float | None]:
         """Correct answers: cosine_min_len_value_correct at length 0 down to
         cosine_max_len_value_correct at cosine_max_len; wrong ones from
         cosine_min_len_value_wrong up to cosine_max_len_value_wrong. Length in tokens."""
         rewards = []
         for ids, correct in zip(completion_ids, accuracy(completions, solution)):
+            if correct is None:  # no solution: not scored, as accuracy
+                rewards.append(None)
+                continue
             if correct >= 1.0:
                 ends = params.cosine_max_len_value_correct, params.cosine_min_len_value_correct
             else:

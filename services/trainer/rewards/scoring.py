@@ -165,8 +165,8 @@ def score(funcs: Sequence[RewardFunc], weights: Sequence[float] | None, prompts:
 
 
 def _call(func: RewardFunc, completions: list[str], kwargs: dict[str, Any], sources: list[str]) -> list[float]:
-    try:
-        returned = _run(func.func(completions, **kwargs))
+    try:  # its own lists: a function that edits its arguments in place changes nothing for the others
+        returned = _run(func.func(list(completions), **{name: list(values) for name, values in kwargs.items()}))
     except Exception as exc:
         raise _raised(func, exc, completions, kwargs, sources) from None
     if isinstance(returned, (str, bytes, dict)) or not hasattr(returned, "__len__") or getattr(returned, "ndim", 1) == 0:

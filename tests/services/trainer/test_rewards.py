@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pathlib
 import textwrap
 
 import numpy as np
@@ -61,6 +62,9 @@ def test_exact_accuracy_matches_the_extracted_answer_exactly():
                    "The answer is 4", "<answer>5</answer>", "anything", "<answer>a  b\nc</answer>"]
     solution = ["4", "<answer>\\frac{1}{2}</answer>", "The  answer is\n4", "4", "", "a b c"]
     assert builtin.exact_accuracy(completions, solution=solution) == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    # a row without a solution (a multi-task dataset) is not scored: None, and so by cosine
+    assert builtin.exact_accuracy(["4", "4"], solution=[None, 4]) == [None, 1.0]
+    assert call("cosine", ["4", "4"], solution=[None, "4"], completion_ids=[[1], [1]])[0] is None
 
 
 def test_accuracy_says_once_how_it_checks(monkeypatch, caplog):
@@ -236,6 +240,32 @@ def test_a_completion_no_function_scores_is_warned_with_its_source(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "every reward function returned None for 2 completion(s), first of rl.jsonl:1: they are not scored "
         "(reward NaN, advantage 0)"]
+
+
+def test_functions_get_their_own_argument_lists():
+    def greedy(completions, **kwargs):
+        completions.clear()
+        kwargs["solution"].clear()
+        return []
+
+    def honest(completions, solution, **kwargs):
+        return [float(c == s) for c, s in zip(completions, solution)]
+
+    with pytest.raises(rewards.RewardError, match="returned 0 rewards for 2 completions"):
+        score([func("greedy", greedy)], ["a", "b"], {"solution": ["a", "c"]})
+    clears = func("clears", lambda completions, **kwargs: greedy(completions, **kwargs) or [0.0, 0.0])
+    assert score([clears, func("honest", honest)], ["a", "b"], {"solution": ["a", "c"]})[1]["honest"].tolist() == [
+        1.0, 0.0]
+
+
+def test_the_plugin_of_the_docs_works(tmp_path):
+    docs = (pathlib.Path(__file__).parents[3] / "docs" / "rlhf.md").read_text()
+    source = docs.split("**Writing a reward plugin.**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    file = write(tmp_path, "my_rewards.py", source)
+    total, per_func = score(rewards.resolve(["short", "exact"], [file]), [" 4", "5"], {"solution": ["4", None]},
+                            ids=[[1, 2, 3], [1]])
+    assert per_func["short"].tolist() == [0.25, 0.5] and per_func["exact"][0] == 1.0
+    assert math.isnan(per_func["exact"][1]) and total.tolist() == [1.25, 0.5]
 
 
 def test_numbers_of_any_kind_are_rewards():
