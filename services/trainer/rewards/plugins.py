@@ -26,7 +26,7 @@ from libs.common.errors import InvalidArgument
 FIELD = "external_plugins"
 # The child must run the very code this process runs, installed or not (as jobs.py starts workers).
 _CODE_ROOT = pathlib.Path(__file__).resolve().parents[3]
-INSPECT_TIMEOUT_S = 120.0
+INSPECT_TIMEOUT_S = 60.0  # a plugin whose import hangs must not hold a submission longer
 
 
 class PluginError(InvalidArgument):

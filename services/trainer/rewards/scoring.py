@@ -49,7 +49,8 @@ class RewardFunc:
     columns: tuple[str, ...] = ()
 
 
-def resolve(names: Sequence[str], plugin_files: Sequence[str] = (), params: RewardParams | None = None) -> list[RewardFunc]:
+def resolve(names: Sequence[str], plugin_files: Sequence[str] = (),
+            params: RewardParams | None = None) -> list[RewardFunc]:
     """The reward functions `names` (in order): defined by a plugin file (a later file wins
     over an earlier; a plugin over a built-in of the same name), else built in. A name
     neither defines is an InvalidArgument naming what there is."""
@@ -135,6 +136,10 @@ def score(funcs: Sequence[RewardFunc], weights: Sequence[float] | None, prompts:
                          *((("prompt_ids", prompt_ids),) if prompt_ids is not None else ())):
         if len(values) != count:
             raise ValueError(f"score: {name} holds {len(values)} values for {count} completions")
+    names = [func.name for func in funcs]
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"each reward is logged by its name, so a name may come once; got {', '.join(names)}",
+                              field="reward_funcs")
     weights = [1.0] * len(funcs) if weights is None else list(weights)
     if len(weights) != len(funcs):
         raise InvalidArgument(f"one weight per reward ({len(funcs)}); got {len(weights)}", field="reward_weights")
@@ -169,7 +174,8 @@ def _call(func: RewardFunc, completions: list[str], kwargs: dict[str, Any], sour
         returned = _run(func.func(list(completions), **{name: list(values) for name, values in kwargs.items()}))
     except Exception as exc:
         raise _raised(func, exc, completions, kwargs, sources) from None
-    if isinstance(returned, (str, bytes, dict)) or not hasattr(returned, "__len__") or getattr(returned, "ndim", 1) == 0:
+    listed = hasattr(returned, "__len__") and getattr(returned, "ndim", 1) != 0  # not a 0-d array
+    if isinstance(returned, (str, bytes, dict)) or not listed:
         raise _error(func, f"returned {_shown(returned)}, not a list of {len(completions)} rewards", sources)
     values = list(returned.tolist() if hasattr(returned, "tolist") else returned)
     if len(values) != len(completions):

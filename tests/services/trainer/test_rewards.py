@@ -201,7 +201,8 @@ def test_plugin_files_that_cannot_load_name_file_and_line(tmp_path):
     failing = write(tmp_path, "failing.py", "import os\n\nvalue = 1 / 0\n")
     with pytest.raises(rewards.PluginError) as raised:
         plugins.load(failing)
-    assert str(raised.value) == f"external_plugins: {failing}:3: importing it failed: ZeroDivisionError: division by zero"
+    assert str(raised.value) == (f"external_plugins: {failing}:3: importing it failed: ZeroDivisionError: "
+                                 "division by zero")
     assert raised.value.__suppress_context__  # the user sees one line, not importlib's frames
 
 
@@ -219,6 +220,11 @@ def test_an_unknown_name_lists_the_builtins_and_what_the_plugins_define(tmp_path
 
 def func(name, body, origin="built-in"):
     return rewards.RewardFunc(name, body, origin)
+
+
+def test_a_name_twice_is_refused():
+    with pytest.raises(InvalidArgument, match="a name may come once; got format, repetition, format"):
+        score(rewards.resolve(["format", "repetition", "format"]), ["x"])
 
 
 def test_weighted_sum_and_none_as_trl():
@@ -295,8 +301,8 @@ def test_a_function_raising_on_one_row_names_it_its_file_and_that_row(tmp_path):
     funcs = rewards.resolve(["ratio"], [file])
     with pytest.raises(rewards.RewardError) as raised:
         score(funcs, ["a", "bb", "ccc"], {"level": [1, 2, 0]})
-    assert str(raised.value) == (f"reward_funcs: reward function 'ratio' ({file}) raised ZeroDivisionError: division by "
-                                 f"zero (at {file}:4), scoring the completions of row rl.jsonl:3")
+    assert str(raised.value) == (f"reward_funcs: reward function 'ratio' ({file}) raised ZeroDivisionError: "
+                                 f"division by zero (at {file}:4), scoring the completions of row rl.jsonl:3")
     assert (raised.value.function, raised.value.origin, raised.value.source) == ("ratio", file, "rl.jsonl:3")
     assert raised.value.__suppress_context__ and "\n" not in str(raised.value)
 
