@@ -82,3 +82,17 @@ def test_paths_that_hold_no_reward_model_are_refused(tmp_path, default_model):
         "checkpoint-N with one): give a checkpoint of `tuneforge rlhf --rlhf_type rm`",
         f"reward_model: {sft.resolve()} is a LoRA adapter of task CAUSAL_LM, not a reward model (SEQ_CLS, from "
         "`tuneforge rlhf --rlhf_type rm`)"]
+
+
+@pytest.mark.gpu
+def test_on_cuda_it_scores_as_on_cpu(tmp_path, default_model):
+    """float32 on both; the GPU's matmuls accumulate in another order, hence 1e-4."""
+    if not torch.cuda.is_available():
+        print("SKIPPED: needs a CUDA device (none here)")
+        pytest.skip("needs a CUDA device (none here)")
+    _, run = published(tmp_path, default_model, "full")
+    on_gpu = RewardModel(run, "cuda", batch_size=3)
+    assert next(on_gpu.model.parameters()).device.type == "cuda"
+    got = on_gpu.score(PROMPTS, COMPLETIONS)
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, RewardModel(run, "cpu").score(PROMPTS, COMPLETIONS), rtol=0, atol=1e-4)
