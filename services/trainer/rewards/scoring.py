@@ -201,14 +201,19 @@ def _run(returned: Any) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, numbers.Real):  # bool, int, float, numpy's scalars
-        return float(value)
+    """The reward `value` as a float (an int too large for one: an infinity), or None when
+    it is not a number."""
     if getattr(value, "ndim", None) == 0 or (hasattr(value, "numel") and value.numel() == 1):  # 0-d arrays, tensors
         try:
-            return float(value.item())
-        except (TypeError, ValueError):
+            value = value.item()
+        except (TypeError, ValueError, RuntimeError):
             return None
-    return None
+    if not isinstance(value, numbers.Real):  # bool, int, float, Fraction, numpy's scalars
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _raised(func: RewardFunc, exc: Exception, completions: list[str], kwargs: dict[str, Any],

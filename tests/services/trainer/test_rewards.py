@@ -15,6 +15,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from libs.common.errors import InvalidArgument
 from services.trainer import rewards
@@ -392,3 +394,33 @@ def test_problems_are_all_reported_at_once_without_running_the_plugins_here(tmp_
         "reward_funcs: an online method needs a reward: give --reward_funcs NAME ... (built in: accuracy, format, "
         "cosine, repetition, soft_overlong; or a function of --external_plugins) or --reward_model PATH"]
     assert rewards.problems(["short", "accuracy"], [1.0, 0.5], [good], None) == []
+
+
+def test_an_int_too_large_for_a_float_is_an_infinite_reward():
+    """float(10**400) raised OverflowError out of score (seen while writing the fuzzer below, whose integers stay
+    far smaller)."""
+    with pytest.raises(rewards.RewardError, match=r"returned inf: an infinite reward"):
+        score([func("big", lambda completions, **kw: [10**400])], ["a"])
+
+
+RETURNED = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=3), st.binary(max_size=3),
+    st.fractions(), st.decimals(allow_nan=True), st.just(torch.tensor([1.0, 2.0])), st.just(np.float16(3)),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
+
+
+@settings(max_examples=settings().max_examples // 2)
+@given(st.one_of(RETURNED, st.lists(st.one_of(RETURNED, st.lists(RETURNED, max_size=2)), max_size=4),
+                 st.lists(RETURNED, max_size=4).map(tuple)))
+def test_fuzz_whatever_a_function_returns_it_is_a_reward_or_a_typed_error(returned):
+    """Three completions: rewards are exactly three finite numbers or NaN (None, NaN), the
+    total their sum; anything else is a RewardError naming the function, and nothing else
+    escapes."""
+    try:
+        total, per_func = score([func("any", lambda completions, **kw: returned, "/x/any.py")], ["a", "b", "c"])
+    except rewards.RewardError as exc:
+        assert str(exc).startswith("reward_funcs: reward function 'any' (/x/any.py) ") and "\n" not in str(exc)
+        return
+    values = per_func["any"]
+    assert values.shape == (3,) and not torch.isinf(values).any()
+    torch.testing.assert_close(total[~torch.isnan(values)], values[~torch.isnan(values)])
