@@ -75,6 +75,9 @@ def load(file: str) -> Any:
         if isinstance(exc, KeyboardInterrupt):
             raise
         message = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "swift":
+            message += (" (ms-swift is not installed: instead of registering into swift.rewards.orms, define the "
+                        "reward as a module-level function, or a dict `orms = {name: YourORM}` in the file)")
         raise PluginError(f"{where(exc, path)}: importing it failed: {type(exc).__name__}: {message}") from None
     return module
 

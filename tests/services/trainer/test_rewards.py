@@ -206,6 +206,13 @@ def test_plugin_files_that_cannot_load_name_file_and_line(tmp_path):
     assert str(raised.value) == (f"external_plugins: {failing}:3: importing it failed: ZeroDivisionError: "
                                  "division by zero")
     assert raised.value.__suppress_context__  # the user sees one line, not importlib's frames
+    swift = write(tmp_path, "swift_style.py", "from swift.rewards import ORM, orms\n")
+    with pytest.raises(rewards.PluginError) as ms_swift:
+        plugins.load(swift)
+    assert str(ms_swift.value) == (
+        f"external_plugins: {swift}:1: importing it failed: ModuleNotFoundError: No module named 'swift' (ms-swift is "
+        "not installed: instead of registering into swift.rewards.orms, define the reward as a module-level "
+        "function, or a dict `orms = {name: YourORM}` in the file)")
 
 
 def test_an_unknown_name_lists_the_builtins_and_what_the_plugins_define(tmp_path):
