@@ -431,3 +431,11 @@ def test_fuzz_whatever_a_function_returns_it_is_a_reward_or_a_typed_error(return
     values = per_func["any"]
     assert values.shape == (3,) and not torch.isinf(values).any()
     torch.testing.assert_close(total[~torch.isnan(values)], values[~torch.isnan(values)])
+
+
+def test_a_plugin_that_hangs_or_kills_its_importer_is_a_problem(tmp_path, monkeypatch):
+    hangs = write(tmp_path, "hangs.py", "import time\ntime.sleep(60)\n")
+    monkeypatch.setattr(plugins, "INSPECT_TIMEOUT_S", 1.0)
+    assert rewards.problems(["x"], None, [hangs], None) == [f"external_plugins: importing {hangs} took over 1 s"]
+    exits = write(tmp_path, "exits.py", "import os, sys\nsys.stderr.write('bye\\n')\nos._exit(3)\n")
+    assert rewards.problems(["x"], None, [exits], None) == [f"external_plugins: importing {exits} ended the process: bye"]
