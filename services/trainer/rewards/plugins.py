@@ -86,34 +86,35 @@ def reward_functions(module: Any, params: Any) -> dict[str, Callable[..., Any]]:
     """The reward functions a plugin module defines: its own module-level functions (not the
     ones it imported), then its `orms` dict's entries (an ORM class is built with
     `args=params`, as ms-swift builds it)."""
-    found = {name: value for name, value in vars(module).items()
-             if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")}
-    orms = getattr(module, "orms", None)
-    if isinstance(orms, dict):
-        for name, entry in orms.items():
-            found[str(name)] = _orm(entry, params, module) if inspect.isclass(entry) else entry
+    found: dict[str, Callable[..., Any]] = {name: getattr(module, name) for name in _own_functions(module)}
+    for name, entry in _orms(module).items():
+        found[name] = _build_orm(entry, params, module) if inspect.isclass(entry) else entry
     return found
 
 
 def defined_names(module: Any) -> list[str]:
     """The reward names a plugin module defines (without building its ORM classes)."""
-    names = [name for name, value in vars(module).items()
-             if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")]
+    return [*_own_functions(module), *_orms(module)]
+
+
+def _own_functions(module: Any) -> list[str]:
+    return [name for name, value in vars(module).items()
+            if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")]
+
+
+def _orms(module: Any) -> dict[str, Any]:
     orms = getattr(module, "orms", None)
-    return names + ([str(name) for name in orms] if isinstance(orms, dict) else [])
+    return {str(name): entry for name, entry in orms.items()} if isinstance(orms, dict) else {}
 
 
-def _orm(cls: type, params: Any, module: Any) -> Callable[..., Any]:
+def _build_orm(cls: type, params: Any, module: Any) -> Callable[..., Any]:
     try:
-        return cls(args=params)
-    except TypeError:  # an ORM whose constructor takes no args
         try:
+            return cls(args=params)
+        except TypeError:  # an ORM whose constructor takes no args
             return cls()
-        except Exception as exc:
-            raise PluginError(f"{module.__file__}: building its ORM {cls.__name__} failed: "
-                              f"{type(exc).__name__}: {exc}") from None
     except Exception as exc:
-        raise PluginError(f"{module.__file__}: building its ORM {cls.__name__} failed: "
+        raise PluginError(f"{where(exc, pathlib.Path(module.__file__))}: building its ORM {cls.__name__} failed: "
                           f"{type(exc).__name__}: {exc}") from None
 
 

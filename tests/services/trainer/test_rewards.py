@@ -183,6 +183,20 @@ def test_a_plugin_function_gets_prompts_ids_and_every_column(tmp_path):
     assert module.__name__.startswith("tuneforge_reward_plugin_my_rewards_")
 
 
+def test_an_orm_that_cannot_be_built_names_its_line(tmp_path):
+    file = write(tmp_path, "orm.py", """\
+        class Needs:
+            def __init__(self, args=None):
+                self.value = args.cosine_magic
+
+        orms = {"needs": Needs}
+    """)
+    with pytest.raises(rewards.PluginError) as raised:
+        rewards.resolve(["needs"], [file])
+    assert str(raised.value) == (f"external_plugins: {file}:3: building its ORM Needs failed: AttributeError: "
+                                 "'RewardParams' object has no attribute 'cosine_magic'")
+
+
 def test_same_named_files_are_different_modules_and_a_plugin_wins_over_a_builtin(tmp_path):
     first = write(tmp_path, "a/rewards.py", "def one(completions, **kw):\n    return [1] * len(completions)\n")
     second = write(tmp_path, "b/rewards.py", "def format(completions, **kw):\n    return [2] * len(completions)\n")
