@@ -30,7 +30,8 @@ import torch
 from services.trainer.data import MicroBatch, PromptRow
 
 # --rlhf_type -> its module here; unset trains supervised (sft, and pt: the same loss on other data)
-MODULES = {None: "sft", "dpo": "dpo", "kto": "kto", "orpo": "orpo", "cpo": "cpo", "simpo": "simpo", "rm": "rm"}
+MODULES = {None: "sft", "dpo": "dpo", "kto": "kto", "orpo": "orpo", "cpo": "cpo", "simpo": "simpo", "rm": "rm",
+           "grpo": "grpo"}
 
 
 class Method(Protocol):
