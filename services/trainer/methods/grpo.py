@@ -202,10 +202,11 @@ class Grpo:
         unfinished = sum(not c.finished for group in groups for c in group)
         zero_std = int((grouped.std(dim=1).nan_to_num(0.0) == 0).sum()) if grouped.numel() else 0
         names = sorted(per_func)
-        local = [float(filled.sum()), float(filled.numel()), float(std.sum()), float(zero_std), float(grouped.size(0)),
-                 float(sum(lengths)), float(unfinished)]
+        # float32 values summed in float64 are exact sums: the same whichever ranks hold them
+        local = [float(filled.double().sum()), float(filled.numel()), float(std.double().sum()), float(zero_std),
+                 float(grouped.size(0)), float(sum(lengths)), float(unfinished)]
         for name in names:
-            values = per_func[name]
+            values = per_func[name].double()
             local += [float(torch.nansum(values)), float((~torch.isnan(values)).sum())]
         summed = distributed.all_sum(local, self.world)
         reward, count, std_sum, zero, group_count, length, clipped = summed[:7]
