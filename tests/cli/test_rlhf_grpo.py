@@ -7,6 +7,7 @@ logging.jsonl. And the refusals a GRPO job gets at submission, one line each, ex
 import json
 
 import pytest
+from prometheus_client import REGISTRY
 
 from cli import train as cli
 from cli.main import main as tuneforge
@@ -40,6 +41,9 @@ def write_plugin(path, text=SHORT):
 @pytest.mark.slow
 def test_grpo_learns_to_answer_short(tmp_path, capsys):
     raw, plugin, run = write_prompts(tmp_path / "prompts.jsonl"), write_plugin(tmp_path / "short.py"), tmp_path / "run"
+    phases = lambda: {phase: REGISTRY.get_sample_value("tuneforge_trainer_phase_seconds_total",  # noqa: E731
+                                                       {"phase": phase}) or 0.0 for phase in ("generation", "train")}
+    before = phases()
     code = tuneforge(["rlhf", "--rlhf_type", "grpo", "--dataset", str(raw), "--output_dir", str(run),
                       "--external_plugins", str(plugin), "--reward_funcs", "short",
                       # 2 prompts x 4 completions a step, 12 tokens at most; no reference (beta 0): faster
@@ -58,6 +62,10 @@ def test_grpo_learns_to_answer_short(tmp_path, capsys):
     # the time split of each step: generation, reward, train (no reference with beta 0, no sync with transformers)
     assert all(e["generation_seconds"] > 0 and e["reward_seconds"] > 0 and e["train_seconds"] > 0 for e in logged)
     assert not any("reference_seconds" in e or "sync_seconds" in e for e in logged)
+    # ... and on the (in-process) trainer service's Prometheus page, as the job reported them
+    grew = {phase: seconds - before[phase] for phase, seconds in phases().items()}
+    assert grew["generation"] == pytest.approx(sum(e["generation_seconds"] for e in logged))
+    assert grew["train"] == pytest.approx(sum(e["train_seconds"] for e in logged))
     completions = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     assert len(completions) == STEPS * 8 and [c["step"] for c in completions[::8]] == list(range(1, STEPS + 1))
     assert all(c["reward"] == c["short"] and c["prompt"].endswith("<|im_start|>assistant\n") for c in completions)
