@@ -547,6 +547,9 @@ class TrainConfig:
         elif self.use_vllm and self.vllm_mode == "server" and not self.vllm_server_host:
             found.append("vllm_server_host: vllm_mode server needs the serving service's host "
                          "(--vllm_server_host, --vllm_server_port)")
+        elif self.use_vllm and self.vllm_mode == "colocate" and self.nproc_per_node * self.nnodes > 1:
+            found.append(f"vllm_mode: colocate runs one vLLM engine inside a single training process; this job has "
+                         f"{self.nproc_per_node * self.nnodes} (nproc_per_node x nnodes): use --vllm_mode server")
         if not 0 < self.vllm_server_port < 65536:
             found.append(f"vllm_server_port: expected a port number; got {self.vllm_server_port}")
         if self.split_dataset_ratio > 0 or self.val_dataset:

@@ -108,12 +108,15 @@ def test_grpo_refusals_name_their_flags(tmp_path, capsys):
 
     code = tuneforge(["rlhf", "--rlhf_type", "grpo", "--dataset", str(raw), "--output_dir", run,
                       "--num_generations", "2", "--per_device_train_batch_size", "2", "--reward_funcs", "shorter",
-                      "--external_plugins", str(plugin), "--deepspeed", "zero3", "--nproc_per_node", "2"])
+                      "--external_plugins", str(plugin), "--deepspeed", "zero3", "--nproc_per_node", "2",
+                      "--use_vllm", "true"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"reward_funcs: 'shorter' is neither a built-in reward" in err and f"{plugin} defines short" in err, err
     assert ("deepspeed: rlhf_type grpo generates with each rank's whole policy: use DDP or --deepspeed zero2 (ZeRO-3 "
             "and FSDP2 are not supported for online methods yet)") in err
+    assert ("vllm_mode: colocate runs one vLLM engine inside a single training process; this job has 2 "
+            "(nproc_per_node x nnodes): use --vllm_mode server") in err
 
     # the generation flags are the online methods' only
     code = tuneforge(["rlhf", "--rlhf_type", "dpo", "--dataset", str(raw), "--output_dir", run, "--use_vllm", "true",
