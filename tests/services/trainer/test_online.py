@@ -2,7 +2,8 @@
 their extra columns and keys, grouped into rollouts (whole rollouts only, the same count on
 every rank, resumed exactly from a rollout boundary); transformers generation seeded per prompt
 (a prompt's completions do not depend on its neighbours, the training's RNG is left alone);
-GRPO's --dynamic_sample; the step count; the time split's Prometheus metrics."""
+GRPO's --dynamic_sample; a reward model beside a reward function, weighted; the step count; the
+time split's Prometheus metrics."""
 
 import json
 
@@ -193,3 +194,42 @@ def test_the_time_split_reaches_prometheus():
     assert grew == {"generation": 2.0, "reward": 0.25, "reference": 0.0, "old_logps": 0.0, "sync": 0.125,
                     "train": 1.0}
     assert value("tuneforge_trainer_weight_sync_duration_seconds_count") - syncs == 1
+
+
+def test_a_reward_model_scores_the_rollout_beside_a_function_with_its_weight(policy, default_model, dataprep_address,
+                                                                             prompt_dataset, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from services.trainer.rewards.model import RewardModel
+
+    scorer = tmp_path / "rm"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(default_model, num_labels=1, pad_token_id=0).save_pretrained(
+        scorer)
+    plugin = tmp_path / "length.py"
+    plugin.write_text("def length(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    config = TrainConfig(dataset=prompt_dataset, dataprep_address=dataprep_address, output_dir=str(tmp_path),
+                         rlhf_type="grpo", per_device_train_batch_size=2, gradient_accumulation_steps=2, seed=5,
+                         grpo=GrpoConfig(num_generations=2, max_completion_length=6, reward_funcs=["length"],
+                                         external_plugins=[str(plugin)], reward_model=[str(scorer)],
+                                         reward_weights=[0.5, 2.0], beta=0.0, log_completions=True))
+    assert config.problems() == []
+    method = grpo.Grpo(config, policy, policy, AutoTokenizer.from_pretrained(default_model))
+    prompts = [row for row, _ in data.DataprepRows(dataprep_address, prompt_dataset).epoch_rows(DataCursor())][:2]
+    rollout = method.rollout(prompts, step=0)
+    logged = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 4 and all(set(c) >= {"length", "reward_model", "reward", "advantage"} for c in logged)
+    # the reward model's score of each prompt + completion (the token ids trained on), as it scores them alone
+    micro_batches = rollout.updates[0]
+    sequences = [(ids[mask.bool()].tolist(), ids[(labels != -100) & mask.bool()].tolist())
+                 for micro in micro_batches for ids, labels, mask in zip(micro.input_ids, micro.labels,
+                                                                         micro.attention_mask)]
+    prompt_ids = [ids[:len(ids) - len(completion)] for ids, completion in sequences]
+    assert prompt_ids == [prompts[i // 2].input_ids.tolist() for i in range(4)]
+    alone = RewardModel(scorer).score(prompt_ids, [completion for _, completion in sequences])
+    for c, score in zip(logged, alone.tolist()):
+        assert c["reward_model"] == pytest.approx(score, abs=1e-5)
+        assert c["reward"] == pytest.approx(0.5 * c["length"] + 2.0 * c["reward_model"], abs=1e-5)
+    assert rollout.logged["rewards/reward_model/mean"] == pytest.approx(sum(c["reward_model"] for c in logged) / 4)
+    assert rollout.logged["reward"] == pytest.approx(sum(c["reward"] for c in logged) / 4, abs=1e-5)
+    assert len(rollout.updates) == 1 and len(rollout.updates[0]) == 2  # 2 micro-batches of 2 completions
