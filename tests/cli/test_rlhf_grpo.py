@@ -156,3 +156,20 @@ def test_grpo_flags_reach_the_job_through_the_trainer_proto(tmp_path):
         dynamic_sample=True, max_resample_times=2, log_completions=True, repetition_n_grams=4)
     assert (job.use_vllm, job.vllm_mode, job.vllm_server_host, job.vllm_server_port) == (
         True, "server", "127.0.0.1", 50051)
+
+
+@pytest.mark.slow
+def test_a_reward_function_that_raises_fails_the_job_with_one_line_naming_it_and_the_row(tmp_path, capsys):
+    raw = write_prompts(tmp_path / "prompts.jsonl")
+    plugin = write_plugin(tmp_path / "bad.py", "def bad(completions, solution, **kwargs):\n"
+                                               "    return [1.0 / (s == 'once') for s in solution]\n")
+    code = tuneforge(["rlhf", "--rlhf_type", "grpo", "--dataset", str(raw), "--output_dir", str(tmp_path / "run"),
+                      "--external_plugins", str(plugin), "--reward_funcs", "bad", "--num_generations", "2",
+                      "--per_device_train_batch_size", "2", "--max_completion_length", "4", "--max_steps", "2",
+                      "--dataset_shuffle", "false"])  # file order: the first rollout's row is row 0
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    failed = [line for line in err.splitlines() if line.startswith("tuneforge rlhf: error:")]
+    assert len(failed) == 1 and failed[0].endswith(
+        f"failed: reward_funcs: reward function 'bad' ({plugin}) raised ZeroDivisionError: float division by zero "
+        f"(at {plugin}:2), scoring the completions of row 0 of {tmp_path / 'run' / 'dataset'}"), err

@@ -148,7 +148,7 @@ class Grpo:
         completion_ids = [list(c.token_ids) for group in groups for c in group]
         names = list(prompts[0].columns) if prompts else []
         columns = {name: repeat([row.columns.get(name) for row in prompts]) for name in names}
-        sources = repeat([f"{self.config.dataset} row {row.key}" for row in prompts])
+        sources = repeat([f"{row.key} of {self.config.dataset}" for row in prompts])  # "row K of DATASET"
         return rewards.score(self.funcs, self.args.reward_weights,
                              repeat([self.tokenizer.decode(ids) for ids in prompt_ids]),
                              self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
