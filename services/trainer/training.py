@@ -2,11 +2,12 @@
 bottom: setup (model, adapter, optimizer, scheduler, data, method), the training loop, save.
 It reports what happens through `report(event, **fields)` and stops at the next step boundary
 (an online method's: the next rollout boundary), publishing a checkpoint, once `stop` is set.
-An online method (grpo, ...) feeds the same loop: each rollout it makes of its prompt rows
-is the micro-batches of one or more optimizer steps (`OnlineSteps`). With `resume_from_checkpoint` it continues
-exactly where that checkpoint stood: weights, optimizer, scheduler, RNG, step and data cursor
-(only the weights with resume_only_model). What differs between methods (the batch, the
-forward, the loss and its metrics) is the method's; everything else is here, once."""
+With `resume_from_checkpoint` it continues exactly where that checkpoint stood: weights,
+optimizer, scheduler, RNG, step and data cursor (only the weights with resume_only_model).
+What differs between methods (the batch, the forward, the loss and its metrics) is the
+method's; everything else is here, once. An online method (grpo, ...) feeds the same loop:
+each rollout it makes of its prompt rows is the micro-batches of one or more optimizer steps
+(`online_steps`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -204,7 +205,7 @@ class Step:
     logged: dict[str, float] = field(default_factory=dict)  # the rollout's metrics (every rank's, on every step)
 
 
-def offline_steps(batches) -> Any:
+def offline_steps(batches: Iterator[data.StepBatch]) -> Iterator[Step]:
     for batch in batches:
         yield Step(batch)
 
@@ -217,7 +218,7 @@ def online_total(max_steps: int, num_train_epochs: float, per_epoch: int, update
     return max(1, math.ceil(num_train_epochs * per_epoch)) * updates
 
 
-def online_steps(method, prompts, step: int) -> Any:
+def online_steps(method, prompts: Iterator[data.PromptBatch], step: int) -> Iterator[Step]:
     """The optimizer steps of an online method's rollouts, rollout after rollout, from `step`
     (a rollout boundary): each rollout's prompts are read, then generated, scored and batched
     by the method (its time split goes with its first step)."""
