@@ -8,6 +8,8 @@ j % 2, so the step's prompts are the same). Each rank generates its prompts' who
 by prompt, not by rank); --scale_rewards batch all-reduces the step's reward statistics, so the
 advantages are the one process's. Tolerances as test_distributed_rlhf.py: the loss within 1e-5
 absolute, the gradient norm within 5e-4 relative; the rewards, lengths and completions exactly.
+Measured here: max |loss diff| 3.7e-9 under both, grad norm 5.8e-7 (DDP) and 5.0e-7 (ZeRO-2)
+relative; about 40 s each at load 6 on 2 cores (ZeRO-2 once took 130 s at heavier load).
 """
 
 from __future__ import annotations
