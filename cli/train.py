@@ -131,10 +131,12 @@ class RlhfCommandConfig(SftCommandConfig):
         "help": "rm: weight of mean((r_chosen + r_rejected)^2) (unset: none)"})
     # grpo (services.trainer.config.GrpoConfig has each one's meaning and default)
     num_generations: int | None = field(default=None, metadata={"help": "grpo: completions per prompt (8)"})
-    max_completion_length: int | None = field(default=None, metadata={"help": "grpo: most tokens a completion has (512)"})
+    max_completion_length: int | None = field(default=None, metadata={
+        "help": "grpo: most tokens a completion has (512)"})
     temperature: float | None = field(default=None, metadata={"help": "grpo: sampling temperature (0.9)"})
     top_p: float | None = field(default=None, metadata={"help": "grpo: nucleus sampling mass (0.9)"})
-    top_k: int | None = field(default=None, metadata={"help": "grpo: sample among the k likeliest tokens (50; -1: all)"})
+    top_k: int | None = field(default=None, metadata={
+        "help": "grpo: sample among the k likeliest tokens (50; -1: all)"})
     reward_funcs: list[str] | None = field(default=None, metadata={
         "help": "grpo: reward functions: accuracy, format, cosine, repetition, soft_overlong, or --external_plugins'"})
     reward_weights: list[float] | None = field(default=None, metadata={

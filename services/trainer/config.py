@@ -208,9 +208,12 @@ class GrpoConfig:
     log_completions: bool = field(default=False, metadata={
         "help": "write every completion with its rewards to completions.jsonl in the run directory"})
     # the built-in rewards' parameters (ms-swift's)
-    cosine_min_len_value_wrong: float = field(default=-0.5, metadata={"help": "cosine: reward of an empty wrong answer"})
-    cosine_max_len_value_wrong: float = field(default=0.0, metadata={"help": "cosine: reward of the longest wrong answer"})
-    cosine_min_len_value_correct: float = field(default=1.0, metadata={"help": "cosine: reward of an empty right answer"})
+    cosine_min_len_value_wrong: float = field(default=-0.5, metadata={
+        "help": "cosine: reward of an empty wrong answer"})
+    cosine_max_len_value_wrong: float = field(default=0.0, metadata={
+        "help": "cosine: reward of the longest wrong answer"})
+    cosine_min_len_value_correct: float = field(default=1.0, metadata={
+        "help": "cosine: reward of an empty right answer"})
     cosine_max_len_value_correct: float = field(default=0.5, metadata={
         "help": "cosine: reward of the longest right answer"})
     cosine_max_len: int | None = field(default=None, metadata={"help": "cosine: the longest length; unset: "

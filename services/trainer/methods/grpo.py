@@ -254,7 +254,8 @@ class Grpo:
                 k = i * n + j
                 mine.append({"step": step + 1, "prompt": self.tokenizer.decode(prompt),
                              "completion": self.tokenizer.decode(list(completion.token_ids), skip_special_tokens=True),
-                             "reward": _number(total[k]), **{name: _number(values[k]) for name, values in per_func.items()},
+                             "reward": _number(total[k]),
+                             **{name: _number(values[k]) for name, values in per_func.items()},
                              "advantage": _number(advantages[k])})
         everyone = distributed.gather(mine, self.world)
         if self.completions_file is None:

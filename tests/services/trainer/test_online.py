@@ -53,7 +53,8 @@ def test_prompt_rows_carry_their_extra_columns_and_keys(dataprep_address, prompt
     assert [row.columns for row in read] == [{"solution": str(i), "level": i % 3} for i in range(7)]
     assert [row.key for row in read] == list(range(7))
     tokenizer = AutoTokenizer.from_pretrained(default_model)
-    assert tokenizer.decode(read[0].input_ids.tolist()).endswith("user\nwho are you?<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(read[0].input_ids.tolist()).endswith(
+        "user\nwho are you?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_rollouts_are_whole_the_same_count_on_every_rank_and_resume_exactly(dataprep_address, prompt_dataset):
@@ -73,7 +74,8 @@ def test_rollouts_are_whole_the_same_count_on_every_rank_and_resume_exactly(data
     batches = data.prompt_batches(whole, 2, 3)
     reference = [next(batches) for _ in range(7)]
     assert [b.cursor.epoch for b in reference] == [0, 0, 1, 1, 1, 2, 2]
-    assert sorted(sum((solutions(b) for b in reference[:3]), [])) != sorted(map(str, range(6)))  # shuffled: some row left
+    # shuffled: the row left out of epoch 0 is not always the last one
+    assert sorted(sum((solutions(b) for b in reference[:3]), [])) != sorted(map(str, range(6)))
     assert len({s for b in reference[:3] for s in solutions(b)}) == 6
     for done in range(1, 6):
         resumed = data.prompt_batches(whole, 2, 3, start=reference[done - 1].cursor, done=done % 3)
