@@ -24,7 +24,7 @@ from libs.common import config as cfg
 from libs.common.server import create_server
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import client
-from services.trainer.config import METHOD_CONFIGS, RLHF_TYPES, CpoConfig, TrainConfig
+from services.trainer.config import METHOD_CONFIGS, RLHF_TYPES, CpoConfig, GrpoConfig, TrainConfig
 
 # dataprep writes this file last: a directory holding it is a prepared dataset
 PREPARED_MARKER = "manifest.json"
@@ -86,10 +86,17 @@ class PtCommandConfig(SftCommandConfig):
 
 # What dataprep prepares raw rows as for each --rlhf_type.
 RLHF_TASKS = {"dpo": "preference", "orpo": "preference", "cpo": "preference", "simpo": "preference", "rm": "reward",
-              "kto": "kto"}
+              "kto": "kto", "grpo": "prompt"}
 # Flags of `tuneforge rlhf` that are a method's own arguments (services.trainer.config's method dataclasses).
 METHOD_FLAGS = ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "discopop_tau", "cpo_alpha",
-                "simpo_gamma", "desirable_weight", "undesirable_weight", "center_rewards_coefficient")
+                "simpo_gamma", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
+                # grpo's
+                "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "reward_funcs",
+                "reward_weights", "reward_model", "external_plugins", "epsilon", "epsilon_high", "num_iterations",
+                "scale_rewards", "dynamic_sample", "max_resample_times", "log_completions",
+                "cosine_min_len_value_wrong", "cosine_max_len_value_wrong", "cosine_min_len_value_correct",
+                "cosine_max_len_value_correct", "cosine_max_len", "repetition_n_grams", "repetition_max_penalty",
+                "soft_max_length", "soft_cache_length")
 
 
 @dataclass
@@ -122,6 +129,46 @@ class RlhfCommandConfig(SftCommandConfig):
     undesirable_weight: float | None = field(default=None, metadata={"help": "kto: weight of undesirable rows (1.0)"})
     center_rewards_coefficient: float | None = field(default=None, metadata={
         "help": "rm: weight of mean((r_chosen + r_rejected)^2) (unset: none)"})
+    # grpo (services.trainer.config.GrpoConfig has each one's meaning and default)
+    num_generations: int | None = field(default=None, metadata={"help": "grpo: completions per prompt (8)"})
+    max_completion_length: int | None = field(default=None, metadata={
+        "help": "grpo: most tokens a completion has (512)"})
+    temperature: float | None = field(default=None, metadata={"help": "grpo: sampling temperature (0.9)"})
+    top_p: float | None = field(default=None, metadata={"help": "grpo: nucleus sampling mass (0.9)"})
+    top_k: int | None = field(default=None, metadata={
+        "help": "grpo: sample among the k likeliest tokens (50; -1: all)"})
+    reward_funcs: list[str] | None = field(default=None, metadata={
+        "help": "grpo: reward functions: accuracy, format, cosine, repetition, soft_overlong, or --external_plugins'"})
+    reward_weights: list[float] | None = field(default=None, metadata={
+        "help": "grpo: a weight per reward function, then per reward model (1 each)"})
+    reward_model: list[str] | None = field(default=None, metadata={
+        "help": "grpo: reward model checkpoints (of --rlhf_type rm) scoring prompt + completion"})
+    external_plugins: list[str] | None = field(default=None, metadata={
+        "help": "grpo: Python files defining reward functions name(completions, **kwargs) -> list[float]"})
+    epsilon: float | None = field(default=None, metadata={"help": "grpo: clip range of the ratio (0.2)"})
+    epsilon_high: float | None = field(default=None, metadata={"help": "grpo: upper clip range (unset: epsilon)"})
+    num_iterations: int | None = field(default=None, metadata={"help": "grpo: optimizer steps per rollout (1)"})
+    scale_rewards: str | None = field(default=None, metadata={"help": "grpo: group, batch or none (group)"})
+    dynamic_sample: bool | None = field(default=None, metadata={
+        "help": "grpo: regenerate groups whose rewards are all equal (false)"})
+    max_resample_times: int | None = field(default=None, metadata={"help": "grpo --dynamic_sample: most tries (3)"})
+    log_completions: bool | None = field(default=None, metadata={
+        "help": "grpo: write completions.jsonl (step, prompt, completion, rewards) in the run directory (false)"})
+    cosine_min_len_value_wrong: float | None = field(default=None, metadata={"help": "reward cosine (-0.5)"})
+    cosine_max_len_value_wrong: float | None = field(default=None, metadata={"help": "reward cosine (0.0)"})
+    cosine_min_len_value_correct: float | None = field(default=None, metadata={"help": "reward cosine (1.0)"})
+    cosine_max_len_value_correct: float | None = field(default=None, metadata={"help": "reward cosine (0.5)"})
+    cosine_max_len: int | None = field(default=None, metadata={"help": "reward cosine (max_completion_length)"})
+    repetition_n_grams: int | None = field(default=None, metadata={"help": "reward repetition (3)"})
+    repetition_max_penalty: float | None = field(default=None, metadata={"help": "reward repetition (-1.0)"})
+    soft_max_length: int | None = field(default=None, metadata={"help": "reward soft_overlong (max_completion_length)"})
+    soft_cache_length: int | None = field(default=None, metadata={"help": "reward soft_overlong (required by it)"})
+    use_vllm: bool = field(default=False, metadata={
+        "help": "grpo: generate with vLLM (--vllm_mode) instead of transformers generate"})
+    vllm_mode: str = field(default="colocate", metadata={
+        "help": "colocate (a vLLM engine in the training process) or server (the serving service)"})
+    vllm_server_host: str | None = field(default=None, metadata={"help": "vllm_mode server: the serving host"})
+    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode server: the serving gRPC port"})
 
     REQUIRED = ("dataset", "output_dir", "rlhf_type")
 
@@ -146,9 +193,9 @@ class RlhfCommandConfig(SftCommandConfig):
                 continue
             if flag not in own:
                 self.rlhf_arguments_problems.append(f"{flag}: not an argument of rlhf_type {self.rlhf_type}")
-            elif flag == "loss_type" and cls is CpoConfig:
+            elif flag == "loss_type" and cls in (CpoConfig, GrpoConfig):
                 if len(value) != 1:
-                    self.rlhf_arguments_problems.append("loss_type: cpo takes one loss type")
+                    self.rlhf_arguments_problems.append(f"loss_type: {self.rlhf_type} takes one loss type")
                 values[flag] = value[0]
             else:
                 values[flag] = value
@@ -192,6 +239,10 @@ def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: st
                val_dataset_dir: str | None = None) -> TrainConfig:
     """The job the trainer runs: the command's TrainConfig fields, with absolute paths."""
     values = {f.name: getattr(command, f.name) for f in dataclasses.fields(TrainConfig)}
+    if command.grpo is not None:  # files the job reads: absolute, as the other paths
+        values["grpo"] = dataclasses.replace(
+            command.grpo, external_plugins=[str(pathlib.Path(p).resolve()) for p in command.grpo.external_plugins],
+            reward_model=[str(pathlib.Path(p).resolve()) for p in command.grpo.reward_model])
     values.update(ref_model=str(pathlib.Path(command.ref_model).resolve()) if command.ref_model else None,
                   adapters=[str(pathlib.Path(p).resolve()) for p in command.adapters],
                   ref_adapters=[str(pathlib.Path(p).resolve()) for p in command.ref_adapters])
@@ -268,7 +319,7 @@ def prepare(command: SftCommandConfig, dataprep_address: str, datasets: list[str
 
 
 # The methods' metrics the progress bar shows beside the loss (all are in logging.jsonl).
-SHOWN_METRICS = ("rewards/accuracies", "rewards/margins", "accuracy", "kl")
+SHOWN_METRICS = ("rewards/accuracies", "rewards/margins", "accuracy", "kl", "reward")
 
 
 class ProgressBar:

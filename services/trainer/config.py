@@ -22,9 +22,12 @@ TRAIN_TYPES = ("lora", "qlora", "full")
 ADAPTER_TRAIN_TYPES = ("lora", "qlora")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-RLHF_TYPES = ("dpo", "kto", "orpo", "simpo", "cpo", "rm")
+RLHF_TYPES = ("dpo", "kto", "orpo", "simpo", "cpo", "rm", "grpo")
 # Methods that compare the policy with a reference model (the others have none).
-REFERENCE_METHODS = ("dpo", "kto")
+REFERENCE_METHODS = ("dpo", "kto", "grpo")
+# Methods that generate what they train on from prompt rows (services.trainer.methods: `online`).
+ONLINE_METHODS = ("grpo",)
+VLLM_MODES = ("colocate", "server")
 # Every loss type of TRL 1.16's DPOTrainer, and aot_pair: ms-swift's (TRL < 1.0's) name of aot_unpaired.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "aot_pair", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -167,6 +170,114 @@ class RewardConfig:
         return []
 
 
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class GrpoConfig:
+    """--rlhf_type grpo: group relative policy optimisation on the policy's own completions of
+    prompt rows, scored by reward functions and/or a reward model (ms-swift's flags and
+    defaults; docs/rlhf.md)."""
+
+    num_generations: int = field(default=8, metadata={"help": "completions per prompt (a group); at least 2"})
+    max_completion_length: int = field(default=512, metadata={"help": "most tokens a completion may have"})
+    temperature: float = field(default=0.9, metadata={"help": "sampling temperature (the log-probs use it too)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: the smallest set of tokens with this mass"})
+    top_k: int = field(default=50, metadata={"help": "sample among the k likeliest tokens; -1 (or 0): all"})
+    reward_funcs: list[str] = field(default_factory=list, metadata={
+        "help": "reward functions: built-ins (accuracy, format, cosine, repetition, soft_overlong) or functions of "
+                "--external_plugins"})
+    reward_weights: list[float] | None = field(default=None, metadata={
+        "help": "a weight per reward function, then per reward model (default 1 each)"})
+    reward_model: list[str] = field(default_factory=list, metadata={
+        "help": "reward model checkpoints (of tuneforge rlhf --rlhf_type rm) scoring prompt + completion"})
+    external_plugins: list[str] = field(default_factory=list, metadata={
+        "help": "Python files defining reward functions name(completions, **kwargs) -> list[float]"})
+    loss_type: str = field(default="grpo", metadata={"help": f"one of {', '.join(GRPO_LOSS_TYPES)}"})
+    epsilon: float = field(default=0.2, metadata={"help": "clip range of the probability ratio (its lower side)"})
+    epsilon_high: float | None = field(default=None, metadata={
+        "help": "upper clip range (DAPO's clip-higher); unset: epsilon"})
+    beta: float = field(default=0.04, metadata={"help": "weight of the KL to the reference; 0 loads no reference"})
+    num_iterations: int = field(default=1, metadata={"help": "optimizer steps each rollout is trained for"})
+    scale_rewards: str = field(default="group", metadata={
+        "help": "advantages divided by the std of the group's rewards (group), of the step's (batch), or not (none)"})
+    dynamic_sample: bool = field(default=False, metadata={
+        "help": "DAPO's dynamic sampling: a group whose rewards are all equal is generated again (new seeds)"})
+    max_resample_times: int = field(default=3, metadata={"help": "dynamic_sample: most regenerations per rollout"})
+    log_completions: bool = field(default=False, metadata={
+        "help": "write every completion with its rewards to completions.jsonl in the run directory"})
+    # the built-in rewards' parameters (ms-swift's)
+    cosine_min_len_value_wrong: float = field(default=-0.5, metadata={
+        "help": "cosine: reward of an empty wrong answer"})
+    cosine_max_len_value_wrong: float = field(default=0.0, metadata={
+        "help": "cosine: reward of the longest wrong answer"})
+    cosine_min_len_value_correct: float = field(default=1.0, metadata={
+        "help": "cosine: reward of an empty right answer"})
+    cosine_max_len_value_correct: float = field(default=0.5, metadata={
+        "help": "cosine: reward of the longest right answer"})
+    cosine_max_len: int | None = field(default=None, metadata={"help": "cosine: the longest length; unset: "
+                                                                       "max_completion_length"})
+    repetition_n_grams: int = field(default=3, metadata={"help": "repetition: n-gram size"})
+    repetition_max_penalty: float = field(default=-1.0, metadata={"help": "repetition: the most negative reward"})
+    soft_max_length: int | None = field(default=None, metadata={
+        "help": "soft_overlong: the length penalised fully; unset: max_completion_length"})
+    soft_cache_length: int | None = field(default=None, metadata={
+        "help": "soft_overlong: the penalty ramps over the last soft_cache_length tokens before soft_max_length"})
+
+    def reward_params(self):
+        from services.trainer.rewards import RewardParams
+
+        return RewardParams.of(self)
+
+    def problems(self) -> list[str]:
+        from services.trainer import rewards
+
+        found = []
+        if self.num_generations < 2:
+            found.append(f"num_generations: a group needs at least 2 completions (advantages compare them); got "
+                         f"{self.num_generations}")
+        if self.max_completion_length < 1:
+            found.append(f"max_completion_length: must be positive; got {self.max_completion_length}")
+        if self.temperature <= 0:
+            found.append(f"temperature: must be positive (GRPO samples); got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            found.append(f"top_p: must be in (0, 1]; got {self.top_p}")
+        if self.top_k < -1:
+            found.append(f"top_k: must be positive, or -1 (or 0) for no limit; got {self.top_k}")
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            found.append(f"loss_type: expected one of {', '.join(GRPO_LOSS_TYPES)}; got {self.loss_type!r}")
+        if self.epsilon <= 0:
+            found.append(f"epsilon: must be positive; got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            found.append(f"epsilon_high: must be at least epsilon ({self.epsilon}); got {self.epsilon_high}")
+        if self.beta < 0:
+            found.append(f"beta: must not be negative (0 loads no reference); got {self.beta}")
+        if self.num_iterations < 1:
+            found.append(f"num_iterations: must be at least 1; got {self.num_iterations}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            found.append(f"scale_rewards: expected one of {', '.join(SCALE_REWARDS)}; got {self.scale_rewards!r}")
+        if self.max_resample_times < 0:
+            found.append(f"max_resample_times: must not be negative; got {self.max_resample_times}")
+        found.extend(rewards.problems(self.reward_funcs, self.reward_weights, self.external_plugins,
+                                      self.reward_model, self.reward_params()))
+        return found
+
+    def job_problems(self, job: "TrainConfig") -> list[str]:
+        """The job's fields GRPO cannot train with (named as the job's own fields)."""
+        found = []
+        completions = job.per_device_train_batch_size * job.gradient_accumulation_steps
+        if completions % self.num_generations:
+            found.append(f"per_device_train_batch_size: counts completions: per_device_train_batch_size x "
+                         f"gradient_accumulation_steps ({job.per_device_train_batch_size} x "
+                         f"{job.gradient_accumulation_steps} = {completions}) must be a multiple of num_generations "
+                         f"({self.num_generations}), so that each rank generates whole groups")
+        if job.max_steps > 0 and job.max_steps % self.num_iterations:
+            found.append(f"max_steps: must be a multiple of num_iterations ({self.num_iterations}): each rollout "
+                         f"trains that many steps; got {job.max_steps}")
+        return found
+
+
 # The dataset kinds (a prepared dataset's task) each method trains on, and what they hold.
 METHOD_KINDS = {
     None: (("sft", "pt"), "conversations or texts with trained tokens (prepared with task sft or pt)"),
@@ -176,11 +287,13 @@ METHOD_KINDS = {
     "simpo": (("preference", "reward"), "chosen/rejected pairs (task preference)"),
     "rm": (("preference", "reward"), "chosen/rejected pairs, optionally with a margin (task reward)"),
     "kto": (("kto",), "answers labelled desirable or undesirable (task kto: a boolean `label` column)"),
+    "grpo": (("prompt",), "prompts ending on a user turn, extra columns for the reward functions (task prompt)"),
 }
 
 # --rlhf_type -> the TrainConfig field holding that method's arguments, and their dataclass
 METHOD_CONFIGS = {"dpo": ("dpo", DpoConfig), "kto": ("kto", KtoConfig), "orpo": ("orpo", OrpoConfig),
-                  "cpo": ("cpo", CpoConfig), "simpo": ("simpo", SimpoConfig), "rm": ("rm", RewardConfig)}
+                  "cpo": ("cpo", CpoConfig), "simpo": ("simpo", SimpoConfig), "rm": ("rm", RewardConfig),
+                  "grpo": ("grpo", GrpoConfig)}
 
 
 @dataclass
@@ -277,6 +390,17 @@ class TrainConfig:
     cpo: CpoConfig | None = None
     simpo: SimpoConfig | None = None
     rm: RewardConfig | None = None
+    grpo: GrpoConfig | None = None
+    # Online methods' generation (services.trainer.rollout): transformers generate, or vLLM
+    use_vllm: bool = field(default=False, metadata={"cli": False,
+        "help": "online methods: generate with vLLM (--vllm_mode) instead of transformers generate"})
+    vllm_mode: str = field(default="colocate", metadata={"cli": False,
+        "help": "colocate (a vLLM engine in the training process) or server (the serving service at "
+                "vllm_server_host:vllm_server_port)"})
+    vllm_server_host: str | None = field(default=None, metadata={"cli": False,
+        "help": "vllm_mode server: host of TuneForge's serving service (its gRPC port)"})
+    vllm_server_port: int = field(default=8000, metadata={"cli": False,
+        "help": "vllm_mode server: the serving service's gRPC port"})
 
     def __post_init__(self) -> None:
         # the method named by rlhf_type always has its arguments (its defaults when none are given)
@@ -387,6 +511,9 @@ class TrainConfig:
                 found.extend(f"{name}.{problem}" for problem in value.problems())
         if self.kto is not None and self.rlhf_type == "kto":
             found.extend(self.kto.job_problems(self))
+        if self.grpo is not None and self.rlhf_type == "grpo":
+            found.extend(self.grpo.job_problems(self))
+        found.extend(self._online_problems())
         has_reference = self.rlhf_type in REFERENCE_METHODS
         for name in ("ref_model", "ref_adapters", "precompute_ref_log_probs"):
             if getattr(self, name) and not has_reference:
@@ -406,6 +533,42 @@ class TrainConfig:
             found.extend(ref_problems)
             if not ref_problems and "model" not in unusable and not (self.model and _model_problems(self.model)):
                 found.extend(_tokenizer_problems(self.model, self.ref_model))
+        return found
+
+    def _online_problems(self) -> list[str]:
+        """The generation fields: only for online methods, and what online methods cannot do."""
+        found = []
+        online = self.rlhf_type in ONLINE_METHODS
+        if not online:
+            for name in ("use_vllm", "vllm_server_host"):
+                if getattr(self, name):
+                    found.append(f"{name}: only for the online methods ({', '.join(ONLINE_METHODS)}), which generate; "
+                                 f"rlhf_type is {self.rlhf_type or 'unset (supervised training)'}")
+            return found
+        if self.vllm_mode not in VLLM_MODES:
+            found.append(f"vllm_mode: expected one of {', '.join(VLLM_MODES)}; got {self.vllm_mode!r}")
+        elif self.use_vllm and self.vllm_mode == "server" and not self.vllm_server_host:
+            found.append("vllm_server_host: vllm_mode server needs the serving service's host "
+                         "(--vllm_server_host, --vllm_server_port)")
+        elif self.use_vllm and self.vllm_mode == "colocate" and self.nproc_per_node * self.nnodes > 1:
+            found.append(f"vllm_mode: colocate runs one vLLM engine inside a single training process; this job has "
+                         f"{self.nproc_per_node * self.nnodes} (nproc_per_node x nnodes): use --vllm_mode server")
+        if not 0 < self.vllm_server_port < 65536:
+            found.append(f"vllm_server_port: expected a port number; got {self.vllm_server_port}")
+        if self.split_dataset_ratio > 0 or self.val_dataset:
+            found.append(f"{'split_dataset_ratio' if self.split_dataset_ratio > 0 else 'val_dataset'}: rlhf_type "
+                         f"{self.rlhf_type} has no eval loss (it trains on its own generations)")
+        if self.fsdp:
+            found.append(f"fsdp: rlhf_type {self.rlhf_type} generates with each rank's whole policy: use DDP or "
+                         f"--deepspeed zero2 (FSDP2 and ZeRO-3 are not supported for online methods yet)")
+        elif self.deepspeed:
+            try:
+                stage = distributed.deepspeed_json(self.deepspeed).get("zero_optimization", {}).get("stage", 0)
+            except ValueError:  # said by distributed.problems
+                stage = 0
+            if stage == 3:
+                found.append(f"deepspeed: rlhf_type {self.rlhf_type} generates with each rank's whole policy: use "
+                             f"DDP or --deepspeed zero2 (ZeRO-3 and FSDP2 are not supported for online methods yet)")
         return found
 
     def _combination_problems(self) -> list[str]:

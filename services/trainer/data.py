@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +20,15 @@ import torch
 
 from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.dataset.client import Cursor, read_batches_with_ids
-from libs.dataset.schema import IGNORE_INDEX
+from libs.dataset.schema import IGNORE_INDEX, SCHEMAS
 from libs.dataset.split import Holdout, rank_rows
 from services.trainer import packing
 from services.trainer.devices import to_device
 from services.trainer.losses.sft import trained_tokens
+
+
+# A prompt shard's own columns; every other column of it is an extra one (services.dataprep.tasks)
+PROMPT_COLUMNS = frozenset(SCHEMAS["prompt"].names)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,17 @@ class PairRow:
     ref_logps: np.ndarray | None = None  # [2] float32: the reference's (chosen, rejected) log-probs, when precomputed
 
 
+@dataclass(frozen=True)
+class PromptRow:
+    """One row of a prompt dataset (the online methods' data): the tokenized prompt, ending on
+    the template's generation prompt, and its extra columns (a reward function's inputs, e.g.
+    `solution`), by name."""
+
+    input_ids: np.ndarray  # [length] int32
+    columns: dict[str, Any]
+    key: int | None = None  # the row's identity in its dataset (ReadShards' row id), whatever the read order
+
+
 class RowSource(Protocol):
     """This rank's rows of one epoch from a cursor, each with the cursor just after it."""
 
@@ -110,12 +125,21 @@ def _lists(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
     return array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False)
 
 
-def batch_rows(batch: pa.RecordBatch, keys: np.ndarray | None = None) -> Iterator[Row | PairRow]:
+def batch_rows(batch: pa.RecordBatch, keys: np.ndarray | None = None) -> Iterator[Row | PairRow | PromptRow]:
     """The rows of one record batch of a prepared dataset, as the shard schema says
     (libs/dataset/schema.py): Row for sft/pt/kto rows and packed rows, PairRow for the
-    pairs of an unpacked preference or reward dataset; `keys`: their row ids."""
+    pairs of an unpacked preference or reward dataset, PromptRow for prompt rows; `keys`:
+    their row ids."""
     names = set(batch.schema.names)
     key = (lambda i: int(keys[i])) if keys is not None else (lambda i: None)
+    if "labels" not in names and "chosen_input_ids" not in names:  # prompt rows: input_ids, extras, length
+        offsets, ids = _lists(batch, "input_ids")
+        extras = {name: batch.column(name).to_pylist() for name in batch.schema.names
+                  if name not in PROMPT_COLUMNS}
+        for i in range(batch.num_rows):
+            yield PromptRow(ids[offsets[i]:offsets[i + 1]], {name: values[i] for name, values in extras.items()},
+                            key=key(i))
+        return
     if "chosen_input_ids" in names:
         sides = [_lists(batch, name) for name in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                                   "rejected_labels")]
@@ -322,3 +346,52 @@ def step_batches(source: RowSource, micro_batch_size: int, accumulation: int,
         if seen == 0 and cursor == DataCursor(cursor.epoch):
             raise FailedPrecondition("the dataset has no rows for this reader", field="dataset")
         cursor = next_epoch
+
+
+@dataclass
+class PromptBatch:
+    """The prompt rows of one rollout (an online method's)."""
+
+    rows: list[PromptRow]
+    cursor: DataCursor  # where reading stands after this rollout's rows
+    data_wait_seconds: float
+
+
+def rollouts_per_epoch(rows: int, prompts_per_rollout: int) -> int:
+    """Whole rollouts in an epoch of `rows` rows (this rank's, or the smallest rank's share):
+    the rows left over are not read that epoch, as TRL's RepeatSampler drops its last short
+    batch (a short rollout would be short of whole groups on some rank, and the next epoch,
+    in another order, reads them)."""
+    return rows // prompts_per_rollout
+
+
+def prompt_batches(source: RowSource, prompts_per_rollout: int, per_epoch: int,
+                   start: DataCursor = DataCursor(), done: int = 0) -> Iterator[PromptBatch]:
+    """The rollouts' prompt rows, `per_epoch` rollouts an epoch (every rank the same number),
+    epoch after epoch, forever, from `start`: a rollout boundary after `done` rollouts of its
+    epoch."""
+    if per_epoch < 1:
+        raise FailedPrecondition(f"the dataset has fewer prompt rows for this reader than one rollout takes "
+                                 f"({prompts_per_rollout}: per_device_train_batch_size x gradient_accumulation_steps "
+                                 f"/ num_generations)", field="dataset")
+    cursor = start
+    while True:
+        rows = source.epoch_rows(cursor)
+        group: list[PromptRow] = []
+        waited = 0.0
+        while done < per_epoch:
+            asked = time.perf_counter()
+            item = next(rows, None)
+            waited += time.perf_counter() - asked
+            if item is None:
+                raise FailedPrecondition(f"epoch {cursor.epoch} ended after {done} of its {per_epoch} rollouts: "
+                                         f"the dataset changed under the run", field="dataset")
+            row, after = item
+            group.append(row)
+            if len(group) == prompts_per_rollout:
+                done += 1
+                yield PromptBatch(group, after if done < per_epoch else DataCursor(cursor.epoch + 1), waited)
+                group, waited = [], 0.0
+        if hasattr(rows, "close"):  # the rows after the epoch's last whole rollout: end the stream now
+            rows.close()
+        cursor, done = DataCursor(cursor.epoch + 1), 0

@@ -325,6 +325,8 @@ class JobManager:
                 metrics.TRAINED_TOKENS.inc(event["trained_tokens"])
                 metrics.STEP_DURATION.observe(event["seconds"])
                 metrics.DATA_WAIT.observe(event["data_wait_seconds"])
+                if "phase_seconds" in event:  # an online method's step
+                    metrics.observe_phases(event["phase_seconds"])
             elif kind == "step":
                 step = pb.StepEvent(**_message_fields(pb.StepEvent, event))
                 job.step = max(job.step, step.step)

@@ -1,10 +1,13 @@
 """The training recipe (full, LoRA or QLoRA; any method of services.trainer.methods), top to
 bottom: setup (model, adapter, optimizer, scheduler, data, method), the training loop, save.
-It reports what happens through `report(event, **fields)` and stops at the next step boundary,
-publishing a checkpoint, once `stop` is set. With `resume_from_checkpoint` it continues
-exactly where that checkpoint stood: weights, optimizer, scheduler, RNG, step and data cursor
-(only the weights with resume_only_model). What differs between methods (the batch, the
-forward, the loss and its metrics) is the method's; everything else is here, once."""
+It reports what happens through `report(event, **fields)` and stops at the next step boundary
+(an online method's: the next rollout boundary), publishing a checkpoint, once `stop` is set.
+With `resume_from_checkpoint` it continues exactly where that checkpoint stood: weights,
+optimizer, scheduler, RNG, step and data cursor (only the weights with resume_only_model).
+What differs between methods (the batch, the forward, the loss and its metrics) is the
+method's; everything else is here, once. An online method (grpo, ...) feeds the same loop:
+each rollout it makes of its prompt rows is the micro-batches of one or more optimizer steps
+(`online_steps`)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -40,13 +43,18 @@ class LogWindow:
     tokens: int = 0
     trained_tokens: int = 0
     data_wait_seconds: float = 0.0
+    # an online method's time split (generation, reward, reference, old_logps, sync, train), summed
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
-    def add(self, loss: float, metrics: dict[str, float], tokens: int, trained: int, data_wait: float) -> None:
+    def add(self, loss: float, metrics: dict[str, float], tokens: int, trained: int, data_wait: float,
+            phases: dict[str, float] | None = None) -> None:
         self.losses.append(loss)
         self.metrics.append(metrics)
         self.tokens += tokens
         self.trained_tokens += trained
         self.data_wait_seconds += data_wait
+        for phase, seconds in (phases or {}).items():
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
 
     def mean_metrics(self) -> dict[str, float]:
         """Each metric's mean over the window's steps (as the loss)."""
@@ -64,6 +72,7 @@ class LogWindow:
             "data_wait_seconds": self.data_wait_seconds,
             "step_seconds": seconds / len(self.losses),
             "eta_seconds": eta,
+            **{f"{phase}_seconds": value for phase, value in self.phase_seconds.items()},
         }
 
 
@@ -185,6 +194,43 @@ def train_step(method: methods.Method, batch: data.StepBatch, trainable: list[to
     return StepResult(loss_value, metrics, grad_norm, learning_rate)
 
 
+@dataclass
+class Step:
+    """One optimizer step's batch, and where it stands in its rollout (offline methods: every
+    step is a rollout of its own)."""
+
+    batch: data.StepBatch
+    last: bool = True  # the rollout's last step: a checkpoint or a stop may follow it
+    seconds: dict[str, float] = field(default_factory=dict)  # the rollout's time split (on its first step)
+    logged: dict[str, float] = field(default_factory=dict)  # the rollout's metrics (every rank's, on every step)
+
+
+def offline_steps(batches: Iterator[data.StepBatch]) -> Iterator[Step]:
+    for batch in batches:
+        yield Step(batch)
+
+
+def online_total(max_steps: int, num_train_epochs: float, per_epoch: int, updates: int) -> int:
+    """max_steps when positive, else epochs x whole rollouts per epoch (rounded up) x the
+    optimizer steps each rollout feeds."""
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(num_train_epochs * per_epoch)) * updates
+
+
+def online_steps(method, prompts: Iterator[data.PromptBatch], step: int) -> Iterator[Step]:
+    """The optimizer steps of an online method's rollouts, rollout after rollout, from `step`
+    (a rollout boundary): each rollout's prompts are read, then generated, scored and batched
+    by the method (its time split goes with its first step)."""
+    for batch in prompts:
+        rollout = method.rollout(batch.rows, step)
+        for i, micro_batches in enumerate(rollout.updates):
+            last = i == len(rollout.updates) - 1
+            yield Step(data.StepBatch(micro_batches, batch.cursor, batch.data_wait_seconds if i == 0 else 0.0),
+                       last=last, seconds=rollout.seconds if i == 0 else {}, logged=rollout.logged)
+            step += 1
+
+
 def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = None) -> int:
     """Runs one job; returns the last step trained."""
     from transformers import AutoTokenizer
@@ -198,7 +244,9 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     # Shuffled reads and row counts (from the manifest) need the whole dataset: one the service is
     # still preparing is waited for. File order for max_steps reads shards as they are written.
     described = None
-    if config.dataset_shuffle or config.max_steps <= 0:
+    method_class = methods.get(config.rlhf_type)
+    online = methods.is_online(method_class)  # its rollouts per epoch come from the manifest's row count
+    if config.dataset_shuffle or config.max_steps <= 0 or online:
         described = dataset_client.wait_complete(config.dataprep_address, config.dataset, stop)
         if described is None:  # cancelled while waiting: nothing trained, nothing to save
             report("done", step=0, total_steps=0, cancelled=True)
@@ -213,7 +261,6 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     full = not config.is_adapter
     resume_dir = pathlib.Path(config.resume_from_checkpoint).resolve() if config.resume_from_checkpoint else None
     # A full checkpoint is a whole model: it is the model to build; an adapter goes on the base.
-    method_class = methods.get(config.rlhf_type)
     model = method_class.build_model(config, resume_dir if resume_dir and full else model_dir)
     if resume_dir and not full:
         load_adapter_weights(model, resume_dir)
@@ -235,8 +282,13 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     if hasattr(method, "prepare"):  # a method's own pass over the data first (dpo: --precompute_ref_log_probs)
         rows, eval_rows = method.prepare(rows, eval_rows, world, pad_id)
     # every rank computes the same total (rank 0's): no rank stops while another still steps
-    total = data.total_steps(config.max_steps, config.num_train_epochs, most_rows,
-                             config.per_device_train_batch_size, config.gradient_accumulation_steps)
+    if online:  # every rank the same rollouts an epoch: as many as the smallest share holds
+        per_epoch = data.rollouts_per_epoch(rows.rows(described.rows, rank=world.world_size - 1),
+                                            method.prompts_per_rollout())
+        total = online_total(config.max_steps, config.num_train_epochs, per_epoch, method.updates_per_rollout())
+    else:
+        total = data.total_steps(config.max_steps, config.num_train_epochs, most_rows,
+                                 config.per_device_train_batch_size, config.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, config, total)
     step, cursor, logged = 0, data.DataCursor(), []
     if resume_dir and not config.resume_only_model:
@@ -258,8 +310,14 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         set_rng_state(rng[world.rank] if isinstance(rng, list) else rng)
         step, cursor = int(state["step"]), data.DataCursor.from_dict(cursors[world.rank])
         logged = [entry for entry in checkpointing.read_logged(resume_dir) if entry["step"] <= step]
-    batches = data.step_batches(rows, config.per_device_train_batch_size, config.gradient_accumulation_steps,
-                                lambda group: method.collate(group, pad_id), start=cursor)
+    if online:  # resumed at a rollout boundary: step // updates rollouts done, per_epoch in each epoch
+        prompts = data.prompt_batches(rows, method.prompts_per_rollout(), per_epoch, start=cursor,
+                                      done=(step // method.updates_per_rollout()) % per_epoch)
+        steps = online_steps(method, prompts, step)
+    else:
+        steps = offline_steps(data.step_batches(rows, config.per_device_train_batch_size,
+                                                config.gradient_accumulation_steps,
+                                                lambda group: method.collate(group, pad_id), start=cursor))
 
     args = {**as_dict(config), "model": str(model_dir), "output_dir": str(pathlib.Path(config.output_dir).resolve()),
             "adapter_name": config.resolved_adapter_name(),
@@ -339,11 +397,15 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         return agreed_stop if world.distributed else stop.is_set()
 
     memory.reset_peak()  # the training peak leaves setup out (ZeRO-3 builds the whole model on every rank first)
-    while step < total and not stopping():
+    boundary, rollout_start = True, step  # online: a stop or a checkpoint waits for the rollout's end
+    while step < total and not (boundary and stopping()):
         started = time.perf_counter()
-        batch = next(batches)
+        item = next(steps)
+        batch = item.batch
         trained, tokens = batch.trained_tokens, batch.tokens
+        trained_at = time.perf_counter()
         result = train_step(method, batch, trainable, engine, scheduler, config.max_grad_norm)
+        phases = {**item.seconds, "train": time.perf_counter() - trained_at} if online else None
         loss_value, logged = result.loss, result.metrics
         grad_norm, learning_rate = result.grad_norm, result.learning_rate
         if world.distributed:  # the step's loss, metrics and tokens over all ranks, and whether any must stop
@@ -352,24 +414,34 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
                                           float(stop.is_set())], world)
             loss_value, logged = summed[0], dict(zip(names, summed[1:1 + len(names)]))
             tokens, trained, agreed_stop = int(summed[-3]), int(summed[-2]), summed[-1] > 0
-        step, cursor = step + 1, batch.cursor
+        logged = {**logged, **item.logged}  # the rollout's metrics are every rank's already
+        step = step + 1
+        if item.last:
+            cursor = batch.cursor
         seconds = time.perf_counter() - started
         step_seconds.append(seconds)
-        window.add(loss_value, logged, tokens, trained, batch.data_wait_seconds)
+        window.add(loss_value, logged, tokens, trained, batch.data_wait_seconds, phases)
         report("progress", step=step, seconds=seconds, tokens=tokens, trained_tokens=trained,
-               data_wait_seconds=batch.data_wait_seconds)
+               data_wait_seconds=batch.data_wait_seconds, **({"phase_seconds": phases} if phases else {}))
         if step % config.logging_steps == 0 or step == total:
             log(learning_rate, grad_norm)
         if eval_rows is not None and (step % config.resolved_eval_steps() == 0 or step == total):
             run_eval()  # before the save: save_total_limit keeps the best checkpoint by this loss
-        if step % config.save_steps == 0 and step < total and not stopping():
+        # a save_steps multiple passed during this rollout (offline: this step is one)
+        due = item.last and step // config.save_steps > rollout_start // config.save_steps
+        if due and step < total and not stopping():
             save(final=False)
+        boundary = item.last
+        if boundary:
+            rollout_start = step
 
     # --- save (a cancelled run keeps what it trained; nothing trained, nothing to save)
     if window.losses:
         log(learning_rate, grad_norm)
     if step > 0 and step != last_saved:
         save(final=True)
+    if online:
+        method.close()
     if run is not None:
         run.close()  # final loss curves, TensorBoard events flushed
     report("done", step=step, total_steps=total, cancelled=step < total)

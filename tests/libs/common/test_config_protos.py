@@ -22,6 +22,7 @@ PAIRS = [
     (trainer_config.CpoConfig, trainer_pb2.CpoArguments),
     (trainer_config.SimpoConfig, trainer_pb2.SimpoArguments),
     (trainer_config.RewardConfig, trainer_pb2.RewardArguments),
+    (trainer_config.GrpoConfig, trainer_pb2.GrpoArguments),
 ]
 
 
@@ -59,3 +60,24 @@ def test_nested_method_arguments_round_trip():
                                        rlhf_type="simpo")
     assert trainer_config.from_arguments(trainer_config.to_arguments(simpo)).simpo == trainer_config.SimpoConfig(
         beta=2.0, simpo_gamma=1.0, cpo_alpha=1.0, label_smoothing=0.0)
+
+
+def test_grpo_arguments_and_the_generation_fields_round_trip(tmp_path):
+    plugin = tmp_path / "mine.py"
+    plugin.write_text("def mine(completions, **kwargs):\n    return [0.0 for _ in completions]\n")
+    config = trainer_config.TrainConfig(
+        dataset="/d", dataprep_address="127.0.0.1:1", output_dir="/o", rlhf_type="grpo", use_vllm=True,
+        vllm_mode="server", vllm_server_host="10.0.0.2", vllm_server_port=50051, per_device_train_batch_size=4,
+        grpo=trainer_config.GrpoConfig(num_generations=4, temperature=0.7, top_k=-1, reward_funcs=["format", "mine"],
+                                       reward_weights=[0.5, 2.0], external_plugins=[str(plugin)], loss_type="dapo",
+                                       epsilon_high=0.28, beta=0.0, scale_rewards="batch", soft_cache_length=64))
+    back = trainer_config.from_arguments(trainer_config.to_arguments(config))
+    assert back.grpo == config.grpo
+    assert (back.use_vllm, back.vllm_mode, back.vllm_server_host, back.vllm_server_port) == (
+        True, "server", "10.0.0.2", 50051)
+    # unset: ms-swift's defaults (beta 0.04 arrives as 0.04, not float32's 0.03999999910593033)
+    grpo = trainer_config.from_arguments(trainer_config.to_arguments(trainer_config.TrainConfig(
+        dataset="/d", dataprep_address="127.0.0.1:1", output_dir="/o", rlhf_type="grpo", per_device_train_batch_size=8,
+        grpo=trainer_config.GrpoConfig(reward_funcs=["format"])))).grpo
+    assert grpo == trainer_config.GrpoConfig(reward_funcs=["format"]) and grpo.beta == 0.04
+    assert (grpo.num_generations, grpo.max_completion_length, grpo.temperature, grpo.epsilon) == (8, 512, 0.9, 0.2)

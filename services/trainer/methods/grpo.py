@@ -1,0 +1,292 @@
+"""Group relative policy optimisation (--rlhf_type grpo), an online method: each rollout
+generates --num_generations completions of each of this rank's prompt rows (seeded per prompt
+from --seed, the step and the row's key), scores them with the reward functions and reward
+models, turns the rewards into group-relative advantages and trains --num_iterations optimizer
+steps on them with the clipped GRPO loss and the KL to the reference
+(services.trainer.losses.grpo). A group never spans ranks: only --scale_rewards batch and the
+logged metrics pool over ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from libs.dataset.schema import IGNORE_INDEX
+from services.trainer import data, distributed, modeling, packing, rewards, rollout
+from services.trainer.config import METHOD_KINDS
+from services.trainer.logprobs import token_logps
+from services.trainer.losses import grpo as losses
+from services.trainer.methods import Rollout
+from services.trainer.reference import Reference
+from services.trainer.rollout.base import Completion, Sampling
+
+COMPLETIONS_FILE = "completions.jsonl"
+
+
+def generation_seed(seed: int, step: int, key: int, attempt: int = 0) -> int:
+    """The seed of one prompt's completions: a stable hash of the run's seed, the step its rollout
+    starts at, the row's key (its id in the dataset) and, for --dynamic_sample, the attempt, so
+    the same prompt at the same step draws the same completions whichever rank or run (a resume)
+    generates it."""
+    return int(np.random.SeedSequence([seed, step, key, attempt]).generate_state(1)[0])
+
+
+class Grpo:
+    name: ClassVar[str] = "grpo"
+    online: ClassVar[bool] = True
+    kinds, needs = METHOD_KINDS["grpo"]
+    metrics: ClassVar[tuple[str, ...]] = losses.METRICS
+    build_model = staticmethod(modeling.build_model)
+
+    def __init__(self, config, forward, model, tokenizer):
+        from libs.default_model.resolve import resolve_model
+
+        self.config, self.args = config, config.grpo
+        self.forward, self.model, self.tokenizer = forward, model, tokenizer
+        self.dtype, self.attention = model.dtype, packing.attention_path(model)
+        self.world = distributed.world_from_env()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.params = losses.Params(self.args.loss_type, self.args.epsilon, self.args.epsilon_high, self.args.beta,
+                                    self.args.max_completion_length)
+        model_dir = resolve_model(config.model).resolve()
+        # beta 0: no KL term, no reference loaded (ms-swift)
+        self.reference = Reference(config, forward, model, model_dir) if self.args.beta > 0 else None
+        self.device = next(model.parameters()).device
+        self.funcs = rewards.resolve(self.args.reward_funcs, self.args.external_plugins, self.args.reward_params())
+        if self.args.reward_model:
+            from services.trainer.rewards.model import RewardModel
+
+            for i, path in enumerate(self.args.reward_model):
+                name = "reward_model" if len(self.args.reward_model) == 1 else f"reward_model_{i}"
+                self.funcs.append(RewardModel(path, self.device).reward_func(name))
+        self.sampling = Sampling(n=self.args.num_generations, max_tokens=self.args.max_completion_length,
+                                 temperature=self.args.temperature, top_p=self.args.top_p, top_k=self.args.top_k,
+                                 stop_token_ids=stop_tokens(tokenizer, model))
+        self.generator = rollout.build(config, model_dir, tokenizer, self.world, model)
+        self.completions_file = (pathlib.Path(config.output_dir) / COMPLETIONS_FILE
+                                 if self.args.log_completions and self.world.is_main else None)
+        self.completions_checked = False
+
+    # --- the online seam
+
+    def prompts_per_rollout(self) -> int:
+        completions = self.config.per_device_train_batch_size * self.config.gradient_accumulation_steps
+        return completions // self.args.num_generations
+
+    def updates_per_rollout(self) -> int:
+        return self.args.num_iterations
+
+    def rollout(self, prompts: list[data.PromptRow], step: int) -> Rollout:
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        self.generator.sync(self.model, step)
+        if self.generator.name != "transformers":  # generating with the policy itself: nothing to sync
+            seconds["sync"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        prompt_ids = [row.input_ids.astype(np.int64).tolist() for row in prompts]
+        keys = [row.key if row.key is not None else i for i, row in enumerate(prompts)]
+        groups = self.generator.generate(prompt_ids, [generation_seed(self.config.seed, step, k) for k in keys],
+                                         self.sampling)
+        seconds["generation"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        scored = self._score(prompts, prompt_ids, groups)
+        seconds["reward"] = time.perf_counter() - started
+        if self.args.dynamic_sample:
+            groups, scored = self._resample(prompts, prompt_ids, keys, step, groups, scored, seconds)
+        total, per_func = scored
+
+        advantages, logged = self._advantages(total, per_func, groups)
+        micro_batches = self._micro_batches(prompt_ids, groups, advantages)
+        if self.reference is not None:
+            started = time.perf_counter()
+            for micro in micro_batches:
+                micro.extras["ref_logps"] = self._token_logps(micro, self.reference.forward)
+            seconds["reference"] = time.perf_counter() - started
+        if self.args.num_iterations > 1:  # the later iterations' ratio is to the rollout's policy
+            started = time.perf_counter()
+            for micro in micro_batches:
+                micro.extras["old_logps"] = self._token_logps(micro, self.forward)
+            seconds["old_logps"] = time.perf_counter() - started
+        if self.args.log_completions:
+            self._log_completions(step, prompt_ids, groups, total, per_func, advantages)
+        return Rollout([micro_batches] * self.args.num_iterations, seconds, logged)
+
+    def close(self) -> None:
+        self.generator.close()
+
+    # --- the offline seam: a rollout's micro-batches
+
+    def collate(self, rows: list, pad_id: int) -> data.MicroBatch:
+        return data.collate(rows, pad_id)
+
+    def counts(self, micro: data.MicroBatch) -> dict[str, int]:
+        return losses.counts(micro.labels[..., 1:] != IGNORE_INDEX)
+
+    def loss(self, micro: data.MicroBatch, step: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.forward(**micro.model_inputs(self.dtype, self.attention)).logits  # [b, s, vocab]
+        # the log-probs of the distribution sampled from (TRL and ms-swift divide by the temperature)
+        logps, mask = token_logps(logits / self.args.temperature, micro.labels)
+        extras = micro.extras
+        return losses.grpo_loss(logps, extras["advantages"], mask, step, self.params,
+                                old_logps=extras.get("old_logps"), ref_logps=extras.get("ref_logps"))
+
+    # --- the parts of a rollout
+
+    def _score(self, prompts: list[data.PromptRow], prompt_ids: list[list[int]],
+               groups: list[list[Completion]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total [N], {name: [N]}) of the N = prompts x num_generations completions, prompt-major."""
+        n = self.args.num_generations
+        repeat = lambda values: [value for value in values for _ in range(n)]  # noqa: E731 (one per completion)
+        completion_ids = [list(c.token_ids) for group in groups for c in group]
+        names = list(prompts[0].columns) if prompts else []
+        columns = {name: repeat([row.columns.get(name) for row in prompts]) for name in names}
+        sources = repeat([f"{row.key} of {self.config.dataset}" for row in prompts])  # "row K of DATASET"
+        return rewards.score(self.funcs, self.args.reward_weights,
+                             repeat([self.tokenizer.decode(ids) for ids in prompt_ids]),
+                             self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+                             completion_ids, columns, sources, prompt_ids=repeat(prompt_ids))
+
+    def _resample(self, prompts, prompt_ids, keys, step, groups, scored, seconds):
+        """--dynamic_sample: a group whose rewards are all equal teaches nothing (advantages 0);
+        its prompt is generated again with the next attempt's seed, up to max_resample_times,
+        and the first group with unequal rewards replaces it (ms-swift draws new prompts
+        instead: here the rollout keeps its rows, so the data cursor stays exact)."""
+        n = self.args.num_generations
+        total, per_func = scored
+        for attempt in range(1, self.args.max_resample_times + 1):
+            flat = total.view(-1, n)
+            equal = [i for i in range(len(prompts)) if bool((flat[i] == flat[i, 0]).all())]
+            if not equal:
+                break
+            started = time.perf_counter()
+            again = self.generator.generate([prompt_ids[i] for i in equal],
+                                            [generation_seed(self.config.seed, step, keys[i], attempt) for i in equal],
+                                            self.sampling)
+            seconds["generation"] += time.perf_counter() - started
+            started = time.perf_counter()
+            new_total, new_per_func = self._score([prompts[i] for i in equal], [prompt_ids[i] for i in equal], again)
+            seconds["reward"] += time.perf_counter() - started
+            for j, i in enumerate(equal):
+                if bool((new_total[j * n:(j + 1) * n] != new_total[j * n]).any()):
+                    groups[i] = again[j]
+                    total[i * n:(i + 1) * n] = new_total[j * n:(j + 1) * n]
+                    for name in per_func:
+                        per_func[name][i * n:(i + 1) * n] = new_per_func[name][j * n:(j + 1) * n]
+        return groups, (total, per_func)
+
+    def _advantages(self, total: torch.Tensor, per_func: dict[str, torch.Tensor],
+                    groups: list[list[Completion]]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The completions' advantages and the rollout's logged metrics over every rank (TRL's
+        names). A completion no reward function scored (NaN) gets advantage 0 and stands at its
+        group's mean in the group's statistics."""
+        n = self.args.num_generations
+        scored = ~torch.isnan(total)
+        grouped = total.view(-1, n)
+        means = torch.nanmean(grouped, dim=1, keepdim=True).nan_to_num(0.0)
+        filled = torch.where(torch.isnan(grouped), means, grouped).reshape(-1)
+        batch_sums = None
+        if self.args.scale_rewards == "batch":
+            batch_sums = distributed.all_sum(losses.reward_sums(filled), self.world)
+        advantages = losses.advantages(filled, n, self.args.scale_rewards, batch_sums) * scored
+        std = losses.reward_std(filled, n, self.args.scale_rewards, batch_sums)
+
+        lengths = [len(c.token_ids) for group in groups for c in group]
+        unfinished = sum(not c.finished for group in groups for c in group)
+        zero_std = int((grouped.std(dim=1).nan_to_num(0.0) == 0).sum()) if grouped.numel() else 0
+        names = sorted(per_func)
+        # float32 values summed in float64 are exact sums: the same whichever ranks hold them
+        local = [float(filled.double().sum()), float(filled.numel()), float(std.double().sum()), float(zero_std),
+                 float(grouped.size(0)), float(sum(lengths)), float(unfinished)]
+        for name in names:
+            values = per_func[name].double()
+            local += [float(torch.nansum(values)), float((~torch.isnan(values)).sum())]
+        summed = distributed.all_sum(local, self.world)
+        reward, count, std_sum, zero, group_count, length, clipped = summed[:7]
+        logged = {"reward": reward / count, "reward_std": std_sum / count, "frac_reward_zero_std": zero / group_count,
+                  "completions/mean_length": length / count, "completions/clipped_ratio": clipped / count}
+        for i, name in enumerate(names):
+            value_sum, value_count = summed[7 + 2 * i], summed[8 + 2 * i]
+            logged[f"rewards/{name}/mean"] = value_sum / value_count if value_count else math.nan
+        return advantages, logged
+
+    def _micro_batches(self, prompt_ids: list[list[int]], groups: list[list[Completion]],
+                       advantages: torch.Tensor) -> list[data.MicroBatch]:
+        """The completions (prompt + completion, only the completion's tokens labelled) in
+        micro-batches of per_device_train_batch_size, in order: one optimizer step's."""
+        rows = []
+        for prompt, group in zip(prompt_ids, groups):
+            for completion in group:
+                ids = np.array(prompt + list(completion.token_ids), dtype=np.int32)
+                labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+                labels[len(prompt):] = ids[len(prompt):]
+                rows.append(data.Row(ids, labels))
+        size = self.config.per_device_train_batch_size
+        out = []
+        for start in range(0, len(rows), size):
+            micro = data.collate(rows[start:start + size], self.pad_id)
+            micro.extras["advantages"] = advantages[start:start + size].clone()
+            out.append(micro)
+        return out
+
+    def _token_logps(self, micro: data.MicroBatch, forward) -> torch.Tensor:
+        """[b, s - 1] the completion tokens' log-probs under `forward` (the reference, or the
+        policy before this rollout's updates), on the host like the rest of the micro-batch."""
+        with torch.no_grad():
+            on_device = micro.to(self.device)
+            logits = forward(**on_device.model_inputs(self.dtype, self.attention)).logits
+            return token_logps(logits / self.args.temperature, on_device.labels)[0].cpu()
+
+    def _log_completions(self, step, prompt_ids, groups, total, per_func, advantages) -> None:
+        """--log_completions: every rank's completions of this rollout, rank 0 appending them to
+        completions.jsonl (a resumed run first drops the lines past its checkpoint)."""
+        n = self.args.num_generations
+        mine = []
+        for i, (prompt, group) in enumerate(zip(prompt_ids, groups)):
+            for j, completion in enumerate(group):
+                k = i * n + j
+                mine.append({"step": step + 1, "prompt": self.tokenizer.decode(prompt),
+                             "completion": self.tokenizer.decode(list(completion.token_ids), skip_special_tokens=True),
+                             "reward": _number(total[k]),
+                             **{name: _number(values[k]) for name, values in per_func.items()},
+                             "advantage": _number(advantages[k])})
+        everyone = distributed.gather(mine, self.world)
+        if self.completions_file is None:
+            return
+        if not self.completions_checked:
+            self.completions_checked = True
+            if self.completions_file.exists():
+                kept = [line for line in self.completions_file.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= step]
+                self.completions_file.write_text("".join(line + "\n" for line in kept))
+        with self.completions_file.open("a") as f:
+            for rank_rows in everyone:
+                for entry in rank_rows:
+                    f.write(json.dumps(entry) + "\n")
+
+
+def stop_tokens(tokenizer, model) -> tuple[int, ...]:
+    """The ids that end a completion: the tokenizer's EOS and the model's generation EOS (a chat
+    template's end-of-turn)."""
+    found = []
+    config = getattr(model, "generation_config", None)
+    for value in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and token not in found:
+                found.append(int(token))
+    return tuple(found)
+
+
+def _number(value: Any) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+METHOD = Grpo
