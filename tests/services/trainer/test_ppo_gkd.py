@@ -187,19 +187,27 @@ def test_ppo_raises_the_reward_models_score(datasets, dataprep_address, reward_m
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("train_type", ["lora", "full"])
 def test_ppo_publishes_its_value_model_and_a_resume_repeats_the_uninterrupted_run(datasets, dataprep_address,
-                                                                                  reward_model, tmp_path):
-    whole = run(ppo_job(datasets, dataprep_address, reward_model, tmp_path / "whole"))
-    resumed = run(ppo_job(datasets, dataprep_address, reward_model, tmp_path / "resumed"), stop_after=2)
+                                                                                  reward_model, train_type, tmp_path):
+    job = {"train_type": train_type, **({"learning_rate": 1e-4} if train_type == "full" else {})}
+    whole = run(ppo_job(datasets, dataprep_address, reward_model, tmp_path / "whole", job=job))
+    resumed = run(ppo_job(datasets, dataprep_address, reward_model, tmp_path / "resumed", job=job), stop_after=2)
     names = ("step", "loss", "grad_norm", "loss/policy_avg", "loss/value_avg", "objective/scores", "objective/kl")
     assert [e["step"] for e in whole] == list(range(1, 9))
     assert [[e[n] for n in names] for e in resumed] == [[e[n] for n in names] for e in whole]
-    # published beside the policy's adapter: the value model's adapter on the reward model, which it names
     final = checkpoint.checkpoints(tmp_path / "whole")[-1]
-    assert (final / "adapter_config.json").is_file() and (final / "value_model" / "optimizer.pt").is_file()
-    config = json.loads((final / "value_model" / "adapter_config.json").read_text())
-    assert config["task_type"] == "SEQ_CLS"
-    assert config["base_model_name_or_path"] == str(pathlib.Path(reward_model).resolve())
+    assert (final / "value_model" / "optimizer.pt").is_file()
+    if train_type == "lora":  # beside the policy's adapter: the value model's adapter on the reward model it names
+        assert (final / "adapter_config.json").is_file()
+        config = json.loads((final / "value_model" / "adapter_config.json").read_text())
+        assert config["task_type"] == "SEQ_CLS"
+        assert config["base_model_name_or_path"] == str(pathlib.Path(reward_model).resolve())
+    else:  # beside the policy's whole model: a whole sequence-classification model
+        from transformers import AutoModelForSequenceClassification
+
+        assert json.loads((final / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+        assert AutoModelForSequenceClassification.from_pretrained(final / "value_model").config.num_labels == 1
 
 
 @pytest.mark.slow
