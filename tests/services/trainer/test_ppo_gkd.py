@@ -225,6 +225,11 @@ def test_gkd_lowers_the_students_divergence_to_the_teacher(datasets, dataprep_ad
     print(f"gkd: jsd on the dataset's answers {dataset_steps[0]:.4f} -> {dataset_steps[-1]:.4f} "
           f"({len(dataset_steps)} of {len(logged)} steps; the others on-policy)")
     assert dataset_steps[-1] < 0.5 * dataset_steps[0]
+    # stopped after step 5 and resumed: the same steps on-policy, the same generations, the same losses
+    job.output_dir, job.max_steps = str(tmp_path / "resumed"), 8
+    resumed = run(job, stop_after=5)
+    names = ("step", "loss", "jsd", "on_policy", "grad_norm")
+    assert [[e[n] for n in names] for e in resumed] == [[e[n] for n in names] for e in logged[:8]]
 
 
 @pytest.mark.slow
