@@ -86,7 +86,7 @@ class PtCommandConfig(SftCommandConfig):
 
 # What dataprep prepares raw rows as for each --rlhf_type.
 RLHF_TASKS = {"dpo": "preference", "orpo": "preference", "cpo": "preference", "simpo": "preference", "rm": "reward",
-              "kto": "kto", "grpo": "prompt"}
+              "kto": "kto", "grpo": "prompt", "ppo": "prompt", "gkd": "sft"}
 # Flags of `tuneforge rlhf` that are a method's own arguments (services.trainer.config's method dataclasses).
 METHOD_FLAGS = ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alpha", "discopop_tau", "cpo_alpha",
                 "simpo_gamma", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
@@ -96,7 +96,12 @@ METHOD_FLAGS = ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alp
                 "scale_rewards", "dynamic_sample", "max_resample_times", "log_completions",
                 "cosine_min_len_value_wrong", "cosine_max_len_value_wrong", "cosine_min_len_value_correct",
                 "cosine_max_len_value_correct", "cosine_max_len", "repetition_n_grams", "repetition_max_penalty",
-                "soft_max_length", "soft_cache_length")
+                "soft_max_length", "soft_cache_length",
+                # ppo's (reward_model, max_completion_length, temperature: above)
+                "num_ppo_epochs", "num_mini_batches", "kl_coef", "cliprange", "cliprange_value", "vf_coef", "gamma",
+                "lam", "whiten_rewards", "missing_eos_penalty",
+                # gkd's (beta, max_completion_length, temperature: above)
+                "teacher_model", "teacher_adapters", "lmbda", "seq_kd", "sft_alpha")
 
 
 @dataclass
@@ -114,7 +119,8 @@ class RlhfCommandConfig(SftCommandConfig):
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "dpo/kto: compute the reference log-probs in one pass before training, then free the reference"})
     beta: float | None = field(default=None, metadata={
-        "help": "dpo/kto/cpo: reward temperature (0.1); simpo: reward scale (2.0); orpo: lambda (0.1)"})
+        "help": "dpo/kto/cpo: reward temperature (0.1); simpo: reward scale (2.0); orpo: lambda (0.1); "
+                "gkd: JSD interpolation, 0 forward KL, 1 reverse KL (0.5)"})
     loss_type: list[str] | None = field(default=None, metadata={
         "help": "dpo: one or more of sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, "
                 "aot_unpaired (aot_pair), apo_zero, apo_down, discopop, sft, sigmoid_norm; kto: kto or apo_zero_unpaired; "
@@ -132,8 +138,8 @@ class RlhfCommandConfig(SftCommandConfig):
     # grpo (services.trainer.config.GrpoConfig has each one's meaning and default)
     num_generations: int | None = field(default=None, metadata={"help": "grpo: completions per prompt (8)"})
     max_completion_length: int | None = field(default=None, metadata={
-        "help": "grpo: most tokens a completion has (512)"})
-    temperature: float | None = field(default=None, metadata={"help": "grpo: sampling temperature (0.9)"})
+        "help": "grpo/ppo/gkd: most tokens a completion has (512)"})
+    temperature: float | None = field(default=None, metadata={"help": "grpo/ppo/gkd: sampling temperature (0.9)"})
     top_p: float | None = field(default=None, metadata={"help": "grpo: nucleus sampling mass (0.9)"})
     top_k: int | None = field(default=None, metadata={
         "help": "grpo: sample among the k likeliest tokens (50; -1: all)"})
@@ -142,7 +148,7 @@ class RlhfCommandConfig(SftCommandConfig):
     reward_weights: list[float] | None = field(default=None, metadata={
         "help": "grpo: a weight per reward function, then per reward model (1 each)"})
     reward_model: list[str] | None = field(default=None, metadata={
-        "help": "grpo: reward model checkpoints (of --rlhf_type rm) scoring prompt + completion"})
+        "help": "grpo: reward model checkpoints (of --rlhf_type rm) scoring prompt + completion; ppo: one, required (it initialises the value model too)"})
     external_plugins: list[str] | None = field(default=None, metadata={
         "help": "grpo: Python files defining reward functions name(completions, **kwargs) -> list[float]"})
     epsilon: float | None = field(default=None, metadata={"help": "grpo: clip range of the ratio (0.2)"})
@@ -169,6 +175,28 @@ class RlhfCommandConfig(SftCommandConfig):
         "help": "colocate (a vLLM engine in the training process) or server (the serving service)"})
     vllm_server_host: str | None = field(default=None, metadata={"help": "vllm_mode server: the serving host"})
     vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode server: the serving gRPC port"})
+    num_ppo_epochs: int | None = field(default=None, metadata={"help": "ppo: passes over each rollout (4)"})
+    num_mini_batches: int | None = field(default=None, metadata={
+        "help": "ppo: optimizer steps per pass over a rollout (1)"})
+    kl_coef: float | None = field(default=None, metadata={"help": "ppo: weight of the per-token KL penalty (0.05)"})
+    cliprange: float | None = field(default=None, metadata={"help": "ppo: clip range of the policy ratio (0.2)"})
+    cliprange_value: float | None = field(default=None, metadata={"help": "ppo: clip range of the value (0.2)"})
+    vf_coef: float | None = field(default=None, metadata={"help": "ppo: weight of the value loss (0.1)"})
+    gamma: float | None = field(default=None, metadata={"help": "ppo: GAE discount (1.0)"})
+    lam: float | None = field(default=None, metadata={"help": "ppo: GAE lambda (0.95)"})
+    whiten_rewards: bool | None = field(default=None, metadata={"help": "ppo: whiten the per-token rewards (false)"})
+    missing_eos_penalty: float | None = field(default=None, metadata={
+        "help": "ppo: subtracted from the score of a completion without a stop token (unset: none)"})
+    teacher_model: str | None = field(default=None, metadata={
+        "help": "gkd: the teacher model directory (required; the student's vocabulary)"})
+    teacher_adapters: list[str] | None = field(default=None, metadata={
+        "help": "gkd: LoRA adapter directories applied to the teacher"})
+    lmbda: float | None = field(default=None, metadata={
+        "help": "gkd: share of steps trained on the student's own generations (0.5)"})
+    seq_kd: bool | None = field(default=None, metadata={
+        "help": "gkd: off-policy steps train on the teacher's generations (false)"})
+    sft_alpha: float | None = field(default=None, metadata={
+        "help": "gkd: weight of the answers' NLL on steps the student did not generate (0)"})
 
     REQUIRED = ("dataset", "output_dir", "rlhf_type")
 

@@ -157,13 +157,14 @@ class RunDir:
 
     def publish(self, step: int, model, state: dict[str, Any], tokenizer=None,
                 training_state: dict[str, Any] | None = None,
-                staged: pathlib.Path | None = None) -> tuple[pathlib.Path, float]:
+                staged: pathlib.Path | None = None, files=None) -> tuple[pathlib.Path, float]:
         """Publishes checkpoint-<step> from a PEFT model (adapter files) or a full model (a
         Hugging Face model directory, loadable on its own when `tokenizer` is given too);
         returns (its path, seconds taken). `state` (step, data cursor, ...) goes to
         trainer_state.json; `training_state` (optimizer, scheduler, RNG: tensors and plain
         values only) to training_state.pt, for an exact resume. `staged` is the directory of
-        `stage_shards`, already holding the shards and the model files (`model` is None)."""
+        `stage_shards`, already holding the shards and the model files (`model` is None).
+        `files(directory)` writes what a method publishes beside the model (ppo's value_model/)."""
         started = time.perf_counter()
         if faults.ARMED:
             faults.reach("trainer.publish")
@@ -175,6 +176,8 @@ class RunDir:
                 model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            if files is not None:
+                files(tmp)
             (tmp / "args.json").write_text(json.dumps(self.args, indent=2, sort_keys=True, default=str) + "\n")
             (tmp / "logging.jsonl").write_text(logged)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")

@@ -22,11 +22,11 @@ TRAIN_TYPES = ("lora", "qlora", "full")
 ADAPTER_TRAIN_TYPES = ("lora", "qlora")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-RLHF_TYPES = ("dpo", "kto", "orpo", "simpo", "cpo", "rm", "grpo")
+RLHF_TYPES = ("dpo", "kto", "orpo", "simpo", "cpo", "rm", "grpo", "ppo", "gkd")
 # Methods that compare the policy with a reference model (the others have none).
-REFERENCE_METHODS = ("dpo", "kto", "grpo")
+REFERENCE_METHODS = ("dpo", "kto", "grpo", "ppo")
 # Methods that generate what they train on from prompt rows (services.trainer.methods: `online`).
-ONLINE_METHODS = ("grpo",)
+ONLINE_METHODS = ("grpo", "ppo", "gkd")
 VLLM_MODES = ("colocate", "server")
 # Every loss type of TRL 1.16's DPOTrainer, and aot_pair: ms-swift's (TRL < 1.0's) name of aot_unpaired.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -278,6 +278,96 @@ class GrpoConfig:
         return found
 
 
+@dataclass
+class PpoConfig:
+    """--rlhf_type ppo: proximal policy optimisation with a reward model, a value model initialised
+    from it and a frozen reference (TRL 0.x's PPOTrainer semantics, as ms-swift)."""
+
+    reward_model: list[str] = field(default_factory=list, metadata={
+        "help": "a reward model (a checkpoint of `tuneforge rlhf --rlhf_type rm`): scores the completions and "
+                "initialises the value model; required, one"})
+    max_completion_length: int = field(default=512, metadata={"help": "most tokens a completion may have"})
+    temperature: float = field(default=0.9, metadata={
+        "help": "sampling temperature (no top-p/top-k, as TRL 0.x's PPO); the log-probs use it too"})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
+    num_mini_batches: int = field(default=1, metadata={
+        "help": "optimizer steps per pass over a rollout (each rollout holds this many steps' completions)"})
+    kl_coef: float = field(default=0.05, metadata={"help": "weight of the per-token KL penalty to the reference"})
+    cliprange: float = field(default=0.2, metadata={"help": "clip range of the policy ratio"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "clip range of the value around the rollout's"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    gamma: float = field(default=1.0, metadata={"help": "discount of GAE"})
+    lam: float = field(default=0.95, metadata={"help": "lambda of GAE"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "whiten the per-token rewards (mean kept)"})
+    missing_eos_penalty: float | None = field(default=None, metadata={
+        "help": "subtracted from the score of a completion that did not end on a stop token (unset: none)"})
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.reward_model:
+            found.append("reward_model: required (a checkpoint of `tuneforge rlhf --rlhf_type rm`)")
+        elif len(self.reward_model) > 1:
+            found.append(f"reward_model: ppo takes one reward model (it initialises the value model); got "
+                         f"{len(self.reward_model)}")
+        if self.max_completion_length < 1:
+            found.append(f"max_completion_length: must be positive; got {self.max_completion_length}")
+        if self.temperature <= 0:
+            found.append(f"temperature: must be positive; got {self.temperature}")
+        for name in ("num_ppo_epochs", "num_mini_batches"):
+            if getattr(self, name) < 1:
+                found.append(f"{name}: must be at least 1; got {getattr(self, name)}")
+        for name in ("kl_coef", "vf_coef"):
+            if getattr(self, name) < 0:
+                found.append(f"{name}: must not be negative; got {getattr(self, name)}")
+        for name in ("cliprange", "cliprange_value"):
+            if getattr(self, name) <= 0:
+                found.append(f"{name}: must be positive; got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                found.append(f"{name}: must be in [0, 1]; got {getattr(self, name)}")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            found.append(f"missing_eos_penalty: must not be negative; got {self.missing_eos_penalty}")
+        return found
+
+
+@dataclass
+class GkdConfig:
+    """--rlhf_type gkd: generalized knowledge distillation from a teacher (Agarwal et al., 2024)."""
+
+    teacher_model: str | None = field(default=None, metadata={
+        "help": "the teacher: a model directory with the student's vocabulary; required"})
+    teacher_adapters: list[str] = field(default_factory=list, metadata={
+        "help": "LoRA adapter directories applied to the teacher (e.g. an SFT adapter)"})
+    lmbda: float = field(default=0.5, metadata={
+        "help": "the share of steps trained on the student's own generations (on-policy); the others on the "
+                "dataset's answers (or the teacher's, with seq_kd)"})
+    beta: float = field(default=0.5, metadata={
+        "help": "interpolation of the generalized JSD: 0 forward KL(teacher || student), 1 reverse KL"})
+    max_completion_length: int = field(default=512, metadata={"help": "most tokens a generated answer may have"})
+    temperature: float = field(default=0.9, metadata={
+        "help": "sampling temperature of the generations (the divergence is taken at 1, as TRL and ms-swift)"})
+    seq_kd: bool = field(default=False, metadata={
+        "help": "off-policy steps train on the teacher's generations instead of the dataset's answers"})
+    sft_alpha: float = field(default=0.0, metadata={
+        "help": "adds sft_alpha x the NLL of the answers on steps not generated by the student"})
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.teacher_model:
+            found.append("teacher_model: required (a model directory with the student's vocabulary)")
+        if not 0.0 <= self.lmbda <= 1.0:
+            found.append(f"lmbda: must be in [0, 1]; got {self.lmbda}")
+        if not 0.0 <= self.beta <= 1.0:
+            found.append(f"beta: must be in [0, 1]; got {self.beta}")
+        if self.temperature <= 0:
+            found.append(f"temperature: must be positive; got {self.temperature}")
+        if self.max_completion_length < 1:
+            found.append(f"max_completion_length: must be positive; got {self.max_completion_length}")
+        if self.sft_alpha < 0:
+            found.append(f"sft_alpha: must not be negative; got {self.sft_alpha}")
+        return found
+
+
 # The dataset kinds (a prepared dataset's task) each method trains on, and what they hold.
 METHOD_KINDS = {
     None: (("sft", "pt"), "conversations or texts with trained tokens (prepared with task sft or pt)"),
@@ -288,12 +378,14 @@ METHOD_KINDS = {
     "rm": (("preference", "reward"), "chosen/rejected pairs, optionally with a margin (task reward)"),
     "kto": (("kto",), "answers labelled desirable or undesirable (task kto: a boolean `label` column)"),
     "grpo": (("prompt",), "prompts ending on a user turn, extra columns for the reward functions (task prompt)"),
+    "ppo": (("prompt",), "prompts to generate from (task prompt)"),
+    "gkd": (("sft", "prompt"), "conversations with answers (task sft; task prompt with --lmbda 1 or --seq_kd)"),
 }
 
 # --rlhf_type -> the TrainConfig field holding that method's arguments, and their dataclass
 METHOD_CONFIGS = {"dpo": ("dpo", DpoConfig), "kto": ("kto", KtoConfig), "orpo": ("orpo", OrpoConfig),
                   "cpo": ("cpo", CpoConfig), "simpo": ("simpo", SimpoConfig), "rm": ("rm", RewardConfig),
-                  "grpo": ("grpo", GrpoConfig)}
+                  "grpo": ("grpo", GrpoConfig), "ppo": ("ppo", PpoConfig), "gkd": ("gkd", GkdConfig)}
 
 
 @dataclass
@@ -401,6 +493,8 @@ class TrainConfig:
         "help": "vllm_mode server: host of TuneForge's serving service (its gRPC port)"})
     vllm_server_port: int = field(default=8000, metadata={"cli": False,
         "help": "vllm_mode server: the serving service's gRPC port"})
+    ppo: PpoConfig | None = None
+    gkd: GkdConfig | None = None
 
     def __post_init__(self) -> None:
         # the method named by rlhf_type always has its arguments (its defaults when none are given)
@@ -514,6 +608,14 @@ class TrainConfig:
         if self.grpo is not None and self.rlhf_type == "grpo":
             found.extend(self.grpo.job_problems(self))
         found.extend(self._online_problems())
+        if self.rlhf_type in ("ppo", "gkd"):
+            found.extend(self._ppo_gkd_model_problems(unusable))
+        if self.rlhf_type == "ppo" and self.precompute_ref_log_probs:
+            found.append("precompute_ref_log_probs: not for rlhf_type ppo: it scores its own generations, which "
+                         "exist only once a rollout has made them")
+        if self.rlhf_type == "ppo" and self.nproc_per_node * self.nnodes > 1:
+            found.append("nproc_per_node: rlhf_type ppo trains on one process (its value model's optimizer is that "
+                         "process's own)")
         has_reference = self.rlhf_type in REFERENCE_METHODS
         for name in ("ref_model", "ref_adapters", "precompute_ref_log_probs"):
             if getattr(self, name) and not has_reference:
@@ -534,6 +636,36 @@ class TrainConfig:
             if not ref_problems and "model" not in unusable and not (self.model and _model_problems(self.model)):
                 found.extend(_tokenizer_problems(self.model, self.ref_model))
         return found
+
+    def _ppo_gkd_model_problems(self, unusable: set[str]) -> list[str]:
+        """PPO's reward model and GKD's teacher: directories that load, with the model's
+        vocabulary (their distributions and scores are read on the student's token ids)."""
+        if self.rlhf_type == "ppo":
+            if len(self.ppo.reward_model) != 1:
+                return []  # the method's own problems say how many it takes
+            name, path, adapters = "reward_model", self.ppo.reward_model[0], []
+        else:
+            name, path, adapters = "teacher_model", self.gkd.teacher_model, self.gkd.teacher_adapters
+        if not path:
+            return []  # the method's own problems say it is required
+        found = paths.problems({name: path, "teacher_adapters": adapters})
+        if found:
+            return found
+        if self.rlhf_type == "ppo":
+            from services.trainer.rewards import model as reward_model
+
+            problems = reward_model.problems([path])  # each names reward_model
+        else:
+            problems = [f"teacher_model: {p.removeprefix('model: ')}" for p in _model_problems(path)]
+            problems.extend(f"teacher_adapters: {a} is not a PEFT adapter (no adapter_config.json)"
+                            for a in adapters if not (pathlib.Path(a) / "adapter_config.json").is_file())
+        if problems or "model" in unusable or (self.model and _model_problems(self.model)):
+            return problems
+        if self.rlhf_type == "ppo":
+            return _tokenizer_problems(self.model, _reward_base(path), name,
+                                       "the reward model must score the policy's token ids")
+        return _tokenizer_problems(self.model, path, name, "vocabulary mismatch: the teacher's and the student's "
+                                   "next-token distributions must be over the same token ids")
 
     def _online_problems(self) -> list[str]:
         """The generation fields: only for online methods, and what online methods cannot do."""
@@ -642,8 +774,23 @@ def _model_problems(model: str) -> list[str]:
     return []
 
 
-def _tokenizer_problems(model: str | None, ref_model: str) -> list[str]:
-    """A reference scores the policy's token ids: its tokenizer must be the model's."""
+def _reward_base(path: str) -> str:
+    """The directory holding a reward model's tokenizer: a full model's own, an adapter's base."""
+    from services.trainer.rewards import model as reward_model
+
+    found, is_adapter = reward_model.describe(path)
+    if not is_adapter:
+        return str(found)
+    from libs.common import adapter_dir
+
+    base = adapter_dir.inspect(found, field="reward_model").base_model
+    return str(adapter_dir.normalize(base)) if base else str(found)
+
+
+def _tokenizer_problems(model: str | None, ref_model: str, name: str = "ref_model",
+                        why: str = "the reference must score the same token ids") -> list[str]:
+    """A reference (a teacher, a reward model) reads the policy's token ids: its tokenizer must
+    be the model's."""
     from transformers import AutoTokenizer
 
     from libs.default_model.resolve import resolve_model
@@ -651,10 +798,10 @@ def _tokenizer_problems(model: str | None, ref_model: str) -> list[str]:
     try:
         ours, theirs = AutoTokenizer.from_pretrained(resolve_model(model)), AutoTokenizer.from_pretrained(ref_model)
     except (OSError, ValueError) as exc:
-        return [f"ref_model: cannot load its tokenizer: {exc}"]
+        return [f"{name}: cannot load its tokenizer: {exc}"]
     if ours.get_vocab() != theirs.get_vocab():
-        return [f"ref_model: its tokenizer differs from the model's ({len(theirs)} tokens, the model's {len(ours)}): "
-                f"the reference must score the same token ids"]
+        return [f"{name}: its tokenizer differs from the model's ({len(theirs)} tokens, the model's {len(ours)}): "
+                f"{why}"]
     return []
 
 

@@ -25,6 +25,14 @@ def problems(config: TrainConfig) -> list[str]:
             raise type(exc)(exc.message.removeprefix("dataset_dir: "), field=name) from None
         if info.task not in kinds:
             found.append(f"{name}: {path} holds {info.task} rows; {method} trains on {needs}")
+        elif config.rlhf_type == "gkd" and info.packed:
+            found.append(f"{name}: {path} was prepared with packing; rlhf_type gkd takes each row's prompt and "
+                         f"answer apart: prepare it without --packing")
+        elif (name == "dataset" and config.rlhf_type == "gkd" and info.task == "prompt" and config.gkd.lmbda < 1
+              and not config.gkd.seq_kd):
+            found.append(f"{name}: {path} holds prompt rows without answers; rlhf_type gkd trains on the dataset's "
+                         f"answers on a share 1 - lmbda of its steps (lmbda {config.gkd.lmbda}): give conversations "
+                         f"with answers (task sft), or --lmbda 1 or --seq_kd true")
         elif name == "dataset" and config.rlhf_type == "kto" and config.kto.loss_type == ["kto"] and info.complete:
             found.extend(_kto_label_problems(config, path))
     return found

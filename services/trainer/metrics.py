@@ -41,7 +41,11 @@ METHOD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "r
                   "logps/rejected", "kl", "log_odds_ratio", "log_odds_chosen", "nll_loss", "accuracy",
                   # grpo's (TRL's GRPOTrainer names)
                   "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
-                  "completions/clipped_ratio", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean")
+                  "completions/clipped_ratio", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                  # ppo's (TRL 0.x's PPOTrainer names) and gkd's
+                  "objective/scores", "objective/kl", "objective/non_score_reward", "objective/rlhf_reward",
+                  "loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg",
+                  "policy/approxkl_avg", "jsd", "on_policy")
 _METHOD_GAUGES = {
     name: Gauge(f"tuneforge_trainer_{name.replace('/', '_')}",
                 f"Training metric {name} of the last logged step (eval_ prefixed: of the last evaluation), "

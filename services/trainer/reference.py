@@ -39,14 +39,15 @@ class Reference:
                 return self.model(**devices.to_device(inputs, self.device))
 
 
-def load(config, model_dir):
-    """A frozen reference from `model_dir` (with --ref_adapters applied), in eval mode, whole."""
+def load(config, model_dir, adapters: list[str] | None = None):
+    """A frozen reference from `model_dir` (with `adapters` applied: --ref_adapters unless given;
+    gkd's teacher passes its own), in eval mode, whole."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     extra = {"attn_implementation": config.attn_impl} if config.attn_impl else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=devices.compute_dtype(config), **extra)
-    for adapter in config.ref_adapters:
+    for adapter in config.ref_adapters if adapters is None else adapters:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
     model.requires_grad_(False)

@@ -273,6 +273,8 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     optimizer = build_optimizer(model, config)
     engine = distributed.wrap(model, optimizer, config, world, device)
     method = method_class(config, engine.forward, model, tokenizer)
+    if resume_dir and hasattr(method, "resume"):  # what a method trains beside the policy (ppo's value model)
+        method.resume(resume_dir, optimizer=not config.resume_only_model)
 
     # each rank reads its own share: row j of an epoch's order (held-out rows left out) goes to
     # rank j % world_size, so every rank's count follows from the manifest's
@@ -355,6 +357,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         last_saved = step
         if world.is_main:
             path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
+                                        files=getattr(method, "checkpoint_files", None),
                                         training_state=training, staged=staged)
         # every rank's peak RSS while training and while saving (rank 0's includes the publication)
         peaks = distributed.gather([train_peak, save_start, memory.peak_rss_bytes()], world)

@@ -124,7 +124,7 @@ def test_grpo_refusals_name_their_flags(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.splitlines() == [
         "tuneforge rlhf: error: num_generations: not an argument of rlhf_type dpo",
-        "tuneforge rlhf: error: use_vllm: only for the online methods (grpo), which generate; rlhf_type is dpo"], err
+        "tuneforge rlhf: error: use_vllm: only for the online methods (grpo, ppo, gkd), which generate; rlhf_type is dpo"], err
     assert not (tmp_path / "run").exists()  # refused before anything was prepared
 
 

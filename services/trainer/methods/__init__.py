@@ -31,7 +31,7 @@ from services.trainer.data import MicroBatch, PromptRow
 
 # --rlhf_type -> its module here; unset trains supervised (sft, and pt: the same loss on other data)
 MODULES = {None: "sft", "dpo": "dpo", "kto": "kto", "orpo": "orpo", "cpo": "cpo", "simpo": "simpo", "rm": "rm",
-           "grpo": "grpo"}
+           "grpo": "grpo", "ppo": "ppo", "gkd": "gkd"}
 
 
 class Method(Protocol):
