@@ -22,7 +22,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
-from libs.common.errors import InvalidArgument
+from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.dataset import client as dataset_client
 from services.trainer import checkpointing, data, dataset_check, devices, distributed, evaluation, memory, methods
 from services.trainer.config import TrainConfig, as_dict
@@ -287,6 +287,10 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     if online:  # every rank the same rollouts an epoch: as many as the smallest share holds
         per_epoch = data.rollouts_per_epoch(rows.rows(described.rows, rank=world.world_size - 1),
                                             method.prompts_per_rollout())
+        if per_epoch < 1:  # before the resume arithmetic below divides by it
+            raise FailedPrecondition(f"the dataset has fewer prompt rows for this reader than one rollout takes "
+                                     f"({method.prompts_per_rollout()}: per_device_train_batch_size x "
+                                     "gradient_accumulation_steps / num_generations)", field="dataset")
         total = online_total(config.max_steps, config.num_train_epochs, per_epoch, method.updates_per_rollout())
     else:
         total = data.total_steps(config.max_steps, config.num_train_epochs, most_rows,

@@ -90,6 +90,23 @@ def test_a_dataset_smaller_than_a_rollout_is_refused_with_the_flags(dataprep_add
         next(data.prompt_batches(data.DataprepRows(dataprep_address, prompt_dataset), 8, 0))
 
 
+def test_a_job_whose_rollout_takes_more_prompts_than_the_dataset_has_fails_naming_the_flags(
+        dataprep_address, prompt_dataset, default_model, tmp_path):
+    """Seen with PPO: 16 prompts a rollout on 7 rows divided by zero rollouts an epoch (a
+    ZeroDivisionError traceback) before the clear refusal could be raised."""
+    from libs.common.errors import FailedPrecondition
+
+    plugin = tmp_path / "length.py"
+    plugin.write_text("def length(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    config = TrainConfig(model=str(default_model), dataset=prompt_dataset, dataprep_address=dataprep_address,
+                         output_dir=str(tmp_path / "run"), rlhf_type="grpo", per_device_train_batch_size=16,
+                         grpo=GrpoConfig(num_generations=2, max_completion_length=4, reward_funcs=["length"],
+                                         external_plugins=[str(plugin)], beta=0.0))
+    with pytest.raises(FailedPrecondition, match="fewer prompt rows for this reader than one rollout takes \\(8: "):
+        training.train(config, lambda event, **fields: None)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_the_step_count_is_rollouts_times_updates():
     assert training.online_total(-1, 2.0, per_epoch=3, updates=2) == 12
     assert training.online_total(-1, 0.5, per_epoch=3, updates=1) == 2  # rounded up to whole rollouts
