@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from libs.common import adapter_dir, checkpoint, logs, paths
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, TuneForgeError, Unavailable
+from libs.common.vllm_platform import lora_slot_rank
 from services.serving import metrics
-from services.serving.config import LORA_RANKS, NAME
+from services.serving.config import NAME
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -155,7 +156,7 @@ class AdapterRegistry:
         if info.rank > self.max_lora_rank:
             raise FailedPrecondition(
                 f"{info.path} has LoRA rank {info.rank}, above this server's --max_lora_rank "
-                f"{self.max_lora_rank}; restart with --max_lora_rank {_rank_at_least(info.rank)}", field="path")
+                f"{self.max_lora_rank}; restart with --max_lora_rank {lora_slot_rank(info.rank)}", field="path")
         if info.modules_to_save:
             raise FailedPrecondition(
                 f"{info.path} sets modules_to_save ({', '.join(info.modules_to_save)}): vLLM serves LoRA "
@@ -326,5 +327,3 @@ def _realpath(path: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(os.path.realpath(pathlib.Path(path).expanduser()))
 
 
-def _rank_at_least(rank: int) -> int:
-    return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])
