@@ -8,6 +8,8 @@ import os
 
 # vLLM sizes its LoRA kernels for these ranks only (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM seeds each request's torch.Generator with its seed (completion i of n: seed + i); 64 bits.
+MAX_SEED = 2**64 - 1
 
 
 def on_cpu() -> bool:

@@ -1,0 +1,205 @@
+"""Rollouts on the session's serving process (--vllm_mode server): RolloutService.Generate by
+token ids (seeded per prompt: reproducible and independent of the batch; n completions; greedy
+equal to Hugging Face's), a LoRA policy pushed by bytes under a job-scoped name, replaced by a
+new version and used, through the trainer's ServerGenerator; bad requests refused with their
+status codes and fields."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import pytest
+import torch
+
+from libs.common.errors import FailedPrecondition
+from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
+from services.trainer.rollout.base import Sampling
+from services.trainer.rollout.vllm_server import ServerGenerator, adapter_files
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 6, 7, 8, 9], [9, 10, 11], [300, 301, 302, 303, 304, 305, 306]]
+EOS = (2, 0)  # the default model's generation_config eos_token_id
+GREEDY = Sampling(n=1, max_tokens=8, temperature=0.0, stop_token_ids=EOS)
+SAMPLED = Sampling(n=3, max_tokens=12, temperature=1.0, top_p=0.95, stop_token_ids=EOS)
+
+
+@pytest.fixture(scope="module")
+def channel(serving):
+    with grpc.insecure_channel(serving.grpc) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def rollouts(channel):
+    return serving_pb2_grpc.RolloutServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def admin(channel):
+    return serving_pb2_grpc.AdapterServiceStub(channel)
+
+
+@pytest.fixture
+def generator(serving, request):
+    made = ServerGenerator(serving.grpc, job=f"job-{request.node.name[:40]}", base_model=serving.model_dir,
+                           lora_rank=8)
+    yield made
+    made.close()
+
+
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def hf_greedy(model, prompt: list[int]) -> tuple[int, ...]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=GREEDY.max_tokens, do_sample=False, eos_token_id=list(EOS), pad_token_id=0)
+    return tuple(out[0, len(prompt):].tolist())
+
+
+def perturb_lora(model, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def peft_policy(model_dir, seed: int, rank: int = 8):
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(hf_model(model_dir), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                                            task_type="CAUSAL_LM"))
+    perturb_lora(policy, seed)
+    return policy
+
+
+def listed(admin) -> dict[str, serving_pb2.Adapter]:
+    return {a.name: a for a in admin.ListAdapters(serving_pb2.ListAdaptersRequest(), timeout=10).adapters}
+
+
+def test_generate_by_token_ids_is_seeded_per_prompt_with_n_completions(generator, serving):
+    started = time.perf_counter()
+    first = generator.generate(PROMPTS, [11, 12, 13], SAMPLED)
+    print(f"server generate, 3 prompts x n 3 x <= 12 tokens, base: {time.perf_counter() - started:.3f} s")
+    assert [len(group) for group in first] == [3, 3, 3]
+    assert generator.generate(PROMPTS, [11, 12, 13], SAMPLED) == first
+    assert generator.generate([PROMPTS[1]], [12], SAMPLED) == [first[1]]
+    assert generator.generate([PROMPTS[2], PROMPTS[0]], [13, 11], SAMPLED) == [first[2], first[0]]
+    assert len({c.token_ids for c in first[0]}) == 3
+    assert generator.generate([PROMPTS[0]], [99], SAMPLED) != [first[0]]
+    for group in first:
+        for completion in group:
+            assert completion.finished == (completion.token_ids[-1] in EOS)
+            assert completion.finished or len(completion.token_ids) == SAMPLED.max_tokens
+    # Greedy on the base model is Hugging Face's greedy, token for token.
+    base = hf_model(serving.model_dir)
+    assert [g[0].token_ids for g in generator.generate(PROMPTS, [0, 0, 0], GREEDY)] == [hf_greedy(base, p)
+                                                                                    for p in PROMPTS]
+
+
+def test_a_pushed_lora_is_replaced_by_its_next_version_and_used(generator, serving, admin):
+    base = [g[0].token_ids for g in generator.generate(PROMPTS, [0, 0, 0], GREEDY)]
+    policy = peft_policy(serving.model_dir, seed=1)
+    generator.sync(policy, step=1)
+    print(f"server LoRA r8 sync (save + push + load): {generator.sync_seconds:.3f} s")
+    first = [g[0].token_ids for g in generator.generate(PROMPTS, [0, 0, 0], GREEDY)]
+    assert first == [hf_greedy(policy, p) for p in PROMPTS]
+    assert first != base
+    served = listed(admin)[generator.job]
+    assert served.state == serving_pb2.ADAPTER_STATE_READY and served.rank == 8
+
+    perturb_lora(policy, seed=2)
+    generator.sync(policy, step=2)
+    second = [g[0].token_ids for g in generator.generate(PROMPTS, [0, 0, 0], GREEDY)]
+    assert second == [hf_greedy(policy, p) for p in PROMPTS]
+    assert second != first
+    replaced = listed(admin)[generator.job]
+    assert replaced.path != served.path  # the engine's own copy of the new version's files
+
+    generator.close()
+    assert generator.job not in listed(admin)
+
+
+def test_a_full_policy_is_refused_in_server_mode_naming_the_flag(serving):
+    with pytest.raises(FailedPrecondition) as refused:
+        ServerGenerator(serving.grpc, job="full", base_model=serving.model_dir, lora_rank=None)
+    assert refused.value.field == "vllm_mode" and "--vllm_mode colocate" in refused.value.message
+    made = ServerGenerator(serving.grpc, job="lora-then-full", base_model=serving.model_dir, lora_rank=8)
+    try:
+        with pytest.raises(FailedPrecondition) as full:
+            made.sync(hf_model(serving.model_dir), step=1)
+        assert "--vllm_mode server syncs a LoRA policy only" in full.value.message
+    finally:
+        made.close()
+
+
+def request(model: str = "", prompts=((5, 6, 7),), **sampling) -> serving_pb2.GenerateRequest:
+    sampling = {"n": 1, "max_tokens": 4, "temperature": 0.0, **sampling}
+    return serving_pb2.GenerateRequest(model=model, prompts=[serving_pb2.RolloutPrompt(token_ids=list(p))
+                                                             for p in prompts],
+                                       sampling=serving_pb2.RolloutSampling(**sampling))
+
+
+@pytest.mark.parametrize("bad, code, details", [
+    (request(prompts=()), grpc.StatusCode.INVALID_ARGUMENT, "prompts: give at least one prompt"),
+    (request(prompts=((5, 6), ())), grpc.StatusCode.INVALID_ARGUMENT, "prompts[1].token_ids: must not be empty"),
+    (request(prompts=((5, 3072),)), grpc.StatusCode.INVALID_ARGUMENT,
+     "prompts[0].token_ids: token id 3072 is outside the vocabulary [0, 3072)"),
+    (request(prompts=((5,) * 2046,), max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_tokens: This model's maximum context length is 2048 tokens. However, you requested 2050 tokens"),
+    (request(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens: must be at least 1; got 0"),
+    (request(n=-2), grpc.StatusCode.INVALID_ARGUMENT, "sampling.n: must be at least 1; got -2"),
+    (request(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature: must be at least 0"),
+    (request(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must be in (0, 1]; got 0.0"),
+    (request(top_k=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k: must be -1 (off) or at least 1; got 0"),
+    (request(stop_token_ids=[9999]), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.stop_token_ids: token id 9999 is outside the vocabulary"),
+    (request(model="no-such-adapter"), grpc.StatusCode.NOT_FOUND, "model: The model `no-such-adapter` does not exist."),
+])
+def test_bad_generate_requests_get_their_status_and_field(rollouts, bad, code, details):
+    with pytest.raises(grpc.RpcError) as refused:
+        rollouts.Generate(bad, timeout=30)
+    assert refused.value.code() == code
+    assert refused.value.details().startswith(details), refused.value.details()
+
+
+def test_a_seed_whose_completions_overflow_64_bits_is_refused(rollouts):
+    bad = request(n=2, temperature=1.0)
+    bad.prompts[0].seed = 2**64 - 1
+    with pytest.raises(grpc.RpcError) as refused:
+        rollouts.Generate(bad, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == f"prompts.seed: seed {2**64 - 1} + n - 1 is above {2**64 - 1}"
+
+
+def test_bad_pushes_get_their_status_and_field(admin, serving, tmp_path):
+    good = adapter_files(peft_policy(serving.model_dir, seed=3), str(serving.model_dir))
+
+    def push(name: str, files: dict[str, bytes]):
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.PushAdapter(serving_pb2.PushAdapterRequest(
+                name=name, files=[serving_pb2.AdapterFile(name=k, content=v) for k, v in files.items()]), timeout=60)
+        return refused.value.code(), refused.value.details()
+
+    assert push("job-x", {**good, "../evil.json": b"{}"}) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "files: '../evil.json' is not a file of a PEFT adapter; expected some of "
+        "adapter_config.json, adapter_model.safetensors, adapter_model.bin, args.json, README.md")
+    assert push("job-x", {"adapter_model.safetensors": good["adapter_model.safetensors"]}) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "files: no adapter_config.json among the files")
+    assert push("bad name", good)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    other_base = {**good, "args.json": json.dumps({"model": str(tmp_path)}).encode()}
+    code, details = push("job-x", other_base)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"was trained on {tmp_path}, but this server serves {serving.model_dir.resolve()}" in details
+    wide = adapter_files(peft_policy(serving.model_dir, seed=3, rank=32), str(serving.model_dir))
+    code, details = push("job-x", wide)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has LoRA rank 32, above this server's --max_lora_rank 16" in details
+    assert "job-x" not in listed(admin)
