@@ -217,6 +217,10 @@ class AdapterRegistry:
         directory = await asyncio.to_thread(_write_pushed, files)
         try:
             return await self.load(name, directory, pushed=True)
+        except TuneForgeError as exc:
+            if exc.field == "path":  # the engine's refusal of the files, not of a path the caller gave
+                exc.field = "files"
+            raise
         finally:
             await asyncio.to_thread(shutil.rmtree, directory, True)
 

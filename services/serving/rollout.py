@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import time
 import uuid
 
-from libs.common.errors import Cancelled, InvalidArgument, TuneForgeError, Unavailable, grpc_errors
+from libs.common.errors import (Cancelled, InvalidArgument, ResourceExhausted, TuneForgeError, Unavailable,
+                                grpc_errors)
 from libs.common.vllm_platform import MAX_SEED
 from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
 from services.serving import metrics
 from services.serving.api.state import ServingState
 
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["RolloutService"].full_name
+# Sequences (prompts x n) one call may ask for: the engine takes them all at once, and one call
+# must not queue unbounded work (a rollout of 512 prompts x 8 generations is 4096).
+MAX_SEQUENCES = 4096
 
 _FINISH = {"stop": serving_pb2.FINISH_REASON_STOP, "length": serving_pb2.FINISH_REASON_LENGTH}
 
@@ -34,8 +39,9 @@ def sampling_params(sampling: serving_pb2.RolloutSampling, seed: int | None):
         raise InvalidArgument(f"must be at least 1; got {sampling.n}", field="sampling.n")
     if sampling.max_tokens < 1:
         raise InvalidArgument(f"must be at least 1; got {sampling.max_tokens}", field="sampling.max_tokens")
-    if sampling.temperature < 0:
-        raise InvalidArgument(f"must be at least 0; got {sampling.temperature}", field="sampling.temperature")
+    if not (math.isfinite(sampling.temperature) and sampling.temperature >= 0):
+        raise InvalidArgument(f"must be a number of at least 0; got {sampling.temperature}",
+                              field="sampling.temperature")
     top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
     if not 0 < top_p <= 1:
         raise InvalidArgument(f"must be in (0, 1]; got {top_p}", field="sampling.top_p")
@@ -77,6 +83,10 @@ class RolloutService(serving_pb2_grpc.RolloutServiceServicer):
             raise Unavailable("the server is draining")
         if not request.prompts:
             raise InvalidArgument("give at least one prompt", field="prompts")
+        sequences = len(request.prompts) * max(1, request.sampling.n)
+        if sequences > MAX_SEQUENCES:
+            raise ResourceExhausted(f"{len(request.prompts)} prompts x n {max(1, request.sampling.n)} = {sequences} "
+                                    f"sequences, above {MAX_SEQUENCES} per call: split the rollout", field="prompts")
         for stop in request.sampling.stop_token_ids:
             state.engine.check_token_ids([stop], "sampling.stop_token_ids")
         params, prompt_tokens = [], 0

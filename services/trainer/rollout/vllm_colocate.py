@@ -24,7 +24,7 @@ import torch
 
 from libs.common import logs
 from libs.common.errors import FailedPrecondition, InvalidArgument
-from libs.common.vllm_platform import lora_slot_rank, platform_defaults
+from libs.common.vllm_platform import MAX_SEED, lora_slot_rank, platform_defaults
 from services.trainer.rollout.base import Completion, Sampling
 
 LOG = logging.getLogger("tuneforge.trainer.rollout.vllm_colocate")
@@ -118,6 +118,9 @@ class ColocateGenerator:
 
         if len(prompts) != len(seeds):
             raise InvalidArgument(f"{len(prompts)} prompts but {len(seeds)} seeds", field="seeds")
+        bad = next((s for s in seeds if not 0 <= s <= MAX_SEED - (sampling.n - 1)), None)
+        if bad is not None:  # completion i of n draws with seed + i, in a 64-bit torch generator seed
+            raise InvalidArgument(f"seed {bad} is outside [0, 2**64 - n]", field="seeds")
         longest = max((len(p) for p in prompts), default=0)
         if longest + sampling.max_tokens > self.max_model_len:
             raise InvalidArgument(

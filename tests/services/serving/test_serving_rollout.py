@@ -156,7 +156,11 @@ def request(model: str = "", prompts=((5, 6, 7),), **sampling) -> serving_pb2.Ge
      "max_tokens: This model's maximum context length is 2048 tokens. However, you requested 2050 tokens"),
     (request(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens: must be at least 1; got 0"),
     (request(n=-2), grpc.StatusCode.INVALID_ARGUMENT, "sampling.n: must be at least 1; got -2"),
-    (request(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature: must be at least 0"),
+    (request(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature: must be a number of at least 0; got -0.5"),
+    (request(temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.temperature: must be a number of at least 0; got nan"),
+    (request(n=2000, prompts=((5, 6),) * 3), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "prompts: 3 prompts x n 2000 = 6000 sequences, above 4096 per call: split the rollout"),
     (request(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must be in (0, 1]; got 0.0"),
     (request(top_k=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k: must be -1 (off) or at least 1; got 0"),
     (request(stop_token_ids=[9999]), grpc.StatusCode.INVALID_ARGUMENT,
@@ -203,3 +207,80 @@ def test_bad_pushes_get_their_status_and_field(admin, serving, tmp_path):
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "has LoRA rank 32, above this server's --max_lora_rank 16" in details
     assert "job-x" not in listed(admin)
+
+
+# -- fuzzed over real gRPC (tests/grpc_fuzz.py): proper codes naming the field, the engine unharmed ----
+
+
+def test_generate_fuzz(rollouts, serving):
+    from hypothesis import given, settings, strategies as st
+
+    from tests.grpc_fuzz import assert_serving, check, messages, reached, unary
+
+    valid_ids = st.lists(st.integers(0, 3071), min_size=1, max_size=8)
+    token_ids = st.one_of(valid_ids, valid_ids, valid_ids, st.lists(st.sampled_from([-1, 3072, 2**31 - 1, -2**31]),
+                                                                    max_size=2))
+    prompts = st.lists(messages(serving_pb2.RolloutPrompt, only={"RolloutPrompt.token_ids": token_ids}), max_size=4)
+    # Bounded work per example: small n and max_tokens, besides the values that must be refused;
+    # valid values more often than not, so that requests get past validation to the engine.
+    sampling = messages(serving_pb2.RolloutSampling, only={
+        "RolloutSampling.n": st.sampled_from([1, 2, 3, 0, -1, 2**31 - 1]),
+        "RolloutSampling.max_tokens": st.sampled_from([1, 4, 8, 0, -5, 3000, 2**31 - 1]),
+        "RolloutSampling.temperature": st.sampled_from([0.0, 0.7, 1.0, 1e-4, 5e-324, 1e308, -1.0, float("nan"),
+                                                        float("inf")]),
+        "RolloutSampling.top_p": st.sampled_from([0.9, 1.0, 5e-324, 0.0, 1.5, float("nan")]),
+        "RolloutSampling.top_k": st.sampled_from([-1, 5, 1, 2**31 - 1, 0, -2, -2**31]),
+        "RolloutSampling.stop_token_ids": st.lists(st.sampled_from([0, 2, 16, -1, 3072]), max_size=2)})
+    requests = messages(serving_pb2.GenerateRequest, only={
+        "GenerateRequest.model": st.sampled_from(["", serving.base_name, "no-such-adapter", "\x00"]),
+        "GenerateRequest.prompts": prompts, "GenerateRequest.sampling": sampling})
+    # Half the examples valid in every field, so that the engine sees many (seeds of every size).
+    valid = messages(serving_pb2.GenerateRequest, only={
+        "GenerateRequest.model": st.sampled_from(["", serving.base_name]),
+        "GenerateRequest.prompts": st.lists(messages(serving_pb2.RolloutPrompt, only={
+            "RolloutPrompt.token_ids": valid_ids, "RolloutPrompt.seed": st.integers(0, 2**64 - 4)}),
+            min_size=1, max_size=4),
+        "GenerateRequest.sampling": messages(serving_pb2.RolloutSampling, only={
+            "RolloutSampling.n": st.sampled_from([1, 2, 3]), "RolloutSampling.max_tokens": st.sampled_from([1, 4, 8]),
+            "RolloutSampling.temperature": st.sampled_from([0.0, 0.7, 1.0, 1e-4, 5e-324, 1e308]),
+            "RolloutSampling.top_p": st.sampled_from([0.9, 1.0, 5e-324]),
+            "RolloutSampling.top_k": st.sampled_from([-1, 5, 1, 2**31 - 1]),
+            "RolloutSampling.stop_token_ids": st.lists(st.sampled_from([0, 2, 16]), max_size=2)})})
+
+    @settings(max_examples=settings().max_examples // 2)
+    @given(request=st.one_of(valid, requests))
+    def fuzz(request):
+        check(unary(rollouts.Generate, request, timeout=60), request)
+
+    fuzz()
+    assert {"OK", "INVALID_ARGUMENT"} <= set(reached(serving_pb2.GenerateRequest))
+    assert_serving(serving.grpc, ["tuneforge.serving.v1.RolloutService"])
+    assert len(rollouts.Generate(request(max_tokens=4), timeout=30).results[0].completions[0].token_ids) >= 1
+
+
+def test_push_adapter_fuzz(admin, serving):
+    from hypothesis import given, settings, strategies as st
+
+    from tests.grpc_fuzz import assert_serving, check, messages, reached, unary
+
+    good = adapter_files(peft_policy(serving.model_dir, seed=4), str(serving.model_dir))
+    names = st.sampled_from([*good, "manifest.json", "../adapter_config.json", "", "a/b", "\x00"])
+    contents = st.sampled_from([*good.values(), b"", b"{", b"[]", b"\x00" * 16])
+    files = st.one_of(st.just([serving_pb2.AdapterFile(name=k, content=v) for k, v in good.items()]),
+                      st.lists(messages(serving_pb2.AdapterFile, only={"AdapterFile.name": names,
+                                                                        "AdapterFile.content": contents}), max_size=5))
+    pushes = messages(serving_pb2.PushAdapterRequest, only={
+        "PushAdapterRequest.name": st.sampled_from(["fuzz-push", "fuzz-push-2", "", "has space", serving.base_name]),
+        "PushAdapterRequest.files": files})
+
+    @settings(max_examples=settings().max_examples // 4)
+    @given(push=pushes)
+    def fuzz(push):
+        check(unary(admin.PushAdapter, push, timeout=120), push)
+
+    fuzz()
+    assert {"OK", "INVALID_ARGUMENT"} <= set(reached(serving_pb2.PushAdapterRequest))
+    assert_serving(serving.grpc, ["tuneforge.serving.v1.AdapterService"])
+    for name in ("fuzz-push", "fuzz-push-2"):
+        if name in listed(admin):
+            admin.UnloadAdapter(serving_pb2.UnloadAdapterRequest(name=name), timeout=30)
