@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from libs.common.errors import TuneForgeError, from_rpc_error
+from libs.common.errors import TuneForgeError, Unavailable, from_rpc_error
 from protos.tuneforge.serving.v1 import serving_pb2 as pb
 from protos.tuneforge.serving.v1 import serving_pb2_grpc as pb_grpc
 
@@ -32,6 +32,13 @@ class ServingClient:
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._adapters = pb_grpc.AdapterServiceStub(self._channel)
         self._rollouts = pb_grpc.RolloutServiceStub(self._channel)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Unavailable naming the address unless a server answers there within `timeout` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(f"no serving service answers at {self.address} (waited {timeout:g} s)") from None
 
     def _typed(self, error: grpc.RpcError) -> TuneForgeError:
         return from_rpc_error(error, "serving", self.address)

@@ -35,6 +35,7 @@ def _trainer_state_kept():
     """Runs the engine's start with the trainer's RNG streams, torch thread count and
     torch.set_num_threads restored afterwards (vLLM's CPU worker resets all three)."""
     python, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     try:
         yield
@@ -44,6 +45,8 @@ def _trainer_state_kept():
         random.setstate(python)
         np.random.set_state(numpy_state)
         torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 @contextlib.contextmanager

@@ -16,12 +16,14 @@ import time
 import torch
 
 from libs.common import logs
-from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from libs.serving.client import ServingClient
 from services.trainer.rollout.base import Completion, Sampling
 
 LOG = logging.getLogger("tuneforge.trainer.rollout.vllm_server")
 
+# How long the first connection to the serving service may take (it may still be starting).
+CONNECT_SECONDS = 30.0
 FULL_REFUSED = ("--vllm_mode server syncs a LoRA policy only (its adapter is pushed to the serving service); "
                 "a full policy's weights cannot reach a separate engine on CPU: use --vllm_mode colocate or "
                 "--train_type lora")
@@ -45,6 +47,12 @@ class ServerGenerator:
         self.sync_seconds: float | None = None  # the last sync's wall time
         self._model = ""  # the base model until the first sync
         self.client = ServingClient(address)
+        try:  # a wrong host or port fails the job now, not after the policy is loaded and a rollout begins
+            self.client.wait_ready(CONNECT_SECONDS)
+        except Unavailable as exc:
+            self.client.close()
+            raise Unavailable(f"{exc.message}: check --vllm_server_host and --vllm_server_port, and that "
+                              "`tuneforge deploy` runs there", field="vllm_server_host") from None
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[list[Completion]]:
         if len(prompts) != len(seeds):

@@ -284,3 +284,26 @@ def test_push_adapter_fuzz(admin, serving):
     for name in ("fuzz-push", "fuzz-push-2"):
         if name in listed(admin):
             admin.UnloadAdapter(serving_pb2.UnloadAdapterRequest(name=name), timeout=30)
+
+
+def test_a_caller_that_leaves_has_its_requests_aborted(rollouts, serving):
+    import urllib.request
+
+    def in_flight() -> float:
+        page = urllib.request.urlopen(f"{serving.http}/metrics", timeout=10).read().decode()
+        return float(next(line.split()[-1] for line in page.splitlines()
+                          if line.startswith("tuneforge_serving_in_flight_requests ")))
+
+    # 2048 sequences of up to 1024 tokens (the model ends most within tens): minutes of work on
+    # this CPU, if it were not aborted.
+    big = request(prompts=((5, 6, 7),) * 256, n=8, max_tokens=1024, temperature=1.0)
+    with pytest.raises(grpc.RpcError) as gone:
+        rollouts.Generate(big, timeout=1.0)
+    assert gone.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 20
+    while in_flight() != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert in_flight() == 0
+    started = time.perf_counter()
+    assert len(rollouts.Generate(request(max_tokens=4), timeout=30).results) == 1
+    assert time.perf_counter() - started < 5  # the engine is not still busy with the abandoned call
