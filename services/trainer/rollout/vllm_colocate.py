@@ -94,21 +94,31 @@ class ColocateGenerator:
         self._lora = None  # the LoRARequest generations run with (LoRA policy synced at least once)
         self._lora_ids = itertools.count(1)
         self._scratch = pathlib.Path(tempfile.mkdtemp(prefix="tuneforge-colocate-"))
+        # vLLM's start writes the process environment (LD_PRELOAD, LOCAL_WORLD_SIZE, VLLM_*), which
+        # the trainer's later child processes would inherit: `close` puts those variables back.
+        environ = dict(os.environ)
+        self._written: dict[str, str | None] = {}
+        # vLLM sets up a one-process group in process; tear it down at close unless it was there before.
+        self._owns_process_group = not torch.distributed.is_initialized()
         dtype = platform_defaults(None)
         started = time.perf_counter()
         try:
-            with _trainer_state_kept(), _in_process():
-                self.llm = LLM(
-                    model=str(self.model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                    enable_lora=lora_rank is not None, max_loras=1,
-                    max_lora_rank=lora_slot_rank(lora_rank) if lora_rank is not None else 16,
-                    disable_log_stats=True)
+            try:
+                with _trainer_state_kept(), _in_process():
+                    self.llm = LLM(
+                        model=str(self.model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                        enable_lora=lora_rank is not None, max_loras=1,
+                        max_lora_rank=lora_slot_rank(lora_rank) if lora_rank is not None else 16,
+                        disable_log_stats=True)
+            finally:
+                self._written = {key: environ.get(key) for key in set(environ) | set(os.environ)
+                                 if os.environ.get(key) != environ.get(key)}
         except (ValueError, TypeError) as exc:  # vLLM's config checks (model, lengths)
-            shutil.rmtree(self._scratch, ignore_errors=True)
+            self.close()
             raise FailedPrecondition(f"vLLM refused the colocated engine's configuration: {exc}",
                                      field="vllm_mode") from exc
         except BaseException:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+            self.close()
             raise
         self.started_seconds = time.perf_counter() - started
         logs.log(LOG, logging.INFO, "colocated vLLM engine started", model=str(self.model_dir), dtype=dtype,
@@ -206,13 +216,20 @@ class ColocateGenerator:
 
     def close(self) -> None:
         """Stops the engine and leaves the process as before it started (no process group,
-        no scratch files). Idempotent."""
+        the environment as it was, no scratch files). Idempotent."""
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
             llm.llm_engine.engine_core.shutdown()
             del llm
+        if self._owns_process_group:  # also after a failed start, which may have set it up
             destroy_model_parallel()
             destroy_distributed_environment()
+        for key, value in self._written.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._written = {}
         shutil.rmtree(self._scratch, ignore_errors=True)

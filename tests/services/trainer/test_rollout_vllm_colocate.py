@@ -6,6 +6,7 @@ torch thread control survive the engine's start; bad inputs are refused by name.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -33,13 +34,18 @@ def engine(default_model):
     np.random.seed(1234)
     state = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     set_num_threads = torch.set_num_threads
+    environ = dict(os.environ)
     generator = ColocateGenerator(default_model, lora_rank=8, max_model_len=64, seed=0)
     generator.kept = (state, set_num_threads)
     print(f"colocated engine start: {generator.started_seconds:.2f} s")
     yield generator
     generator.close()
-    # Nothing of the engine outlives it: the process group vLLM set up in process is gone.
+    # Nothing of the engine outlives it: the process group vLLM set up in process is gone, and
+    # the environment it wrote (LD_PRELOAD, LOCAL_WORLD_SIZE, ...) is as before.
     assert not torch.distributed.is_initialized()
+    written = ("LD_PRELOAD", "LOCAL_WORLD_SIZE", "VLLM_DIST_IDENT", "VLLM_WORKER_MULTIPROC_METHOD",
+               "VLLM_ENABLE_V1_MULTIPROCESSING")
+    assert {key: os.environ.get(key) for key in written} == {key: environ.get(key) for key in written}
 
 
 def hf_model(model_dir):
@@ -71,6 +77,20 @@ def perturb(model: torch.nn.Module, seed: int, only: str = "", scale: float = 0.
         for name, param in model.named_parameters():
             if only in name:
                 param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def test_a_configuration_vllm_refuses_is_a_failed_precondition_leaving_nothing(default_model):
+    # Before the module's engine starts (this file's order): a refused start tears down what it set up.
+    from services.trainer.rollout.vllm_colocate import ColocateGenerator
+
+    environ = dict(os.environ)
+    with pytest.raises(FailedPrecondition) as refused:
+        ColocateGenerator(default_model, lora_rank=8, max_model_len=100_000, seed=0)
+    assert refused.value.field == "vllm_mode"
+    assert refused.value.message.startswith("vLLM refused the colocated engine's configuration: ")
+    assert "max_model_len" in refused.value.message
+    assert not torch.distributed.is_initialized()
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
 def test_the_trainers_rng_and_thread_control_survive_the_engine_start(engine):
