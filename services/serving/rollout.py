@@ -105,9 +105,7 @@ class RolloutService(serving_pb2_grpc.RolloutServiceServicer):
                 if (child := metrics.MODELS.child(metrics.REQUESTS, model)) is not None:
                     child.inc()
                 started = time.perf_counter()
-                outputs = await asyncio.gather(*(
-                    self._one(list(prompt.token_ids), p, lease.lora)
-                    for prompt, p in zip(request.prompts, params)))
+                outputs = await self._all(request.prompts, params, lease.lora)
             finally:
                 ticket.release()
         response = serving_pb2.GenerateResponse()
@@ -125,6 +123,16 @@ class RolloutService(serving_pb2_grpc.RolloutServiceServicer):
         if (child := metrics.MODELS.child(metrics.REQUEST_LATENCY, model)) is not None:
             child.observe(time.perf_counter() - started)
         return response
+
+    async def _all(self, prompts, params, lora) -> list:
+        """Every prompt's final output; the first failure aborts the others in the engine."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._one(list(prompt.token_ids), p, lora))
+                         for prompt, p in zip(prompts, params)]
+        except BaseExceptionGroup as failed:
+            raise next((e for e in failed.exceptions if isinstance(e, TuneForgeError)), failed.exceptions[0]) from None
+        return [task.result() for task in tasks]
 
     async def _one(self, token_ids: list[int], params, lora):
         final = None
