@@ -46,8 +46,8 @@ def sampling_params(sampling: serving_pb2.RolloutSampling, seed: int | None):
     if not 0 < top_p <= 1:
         raise InvalidArgument(f"must be in (0, 1]; got {top_p}", field="sampling.top_p")
     top_k = sampling.top_k if sampling.HasField("top_k") else -1
-    if top_k == 0 or top_k < -1:
-        raise InvalidArgument(f"must be -1 (off) or at least 1; got {top_k}", field="sampling.top_k")
+    if top_k < -1:
+        raise InvalidArgument(f"must be -1 or 0 (off), or at least 1; got {top_k}", field="sampling.top_k")
     if seed is not None and seed + n - 1 > MAX_SEED:
         # Completion i draws with seed + i, and a torch generator's seed has 64 bits.
         raise InvalidArgument(f"seed {seed} + n - 1 is above {MAX_SEED}", field="prompts.seed")

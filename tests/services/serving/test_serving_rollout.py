@@ -100,8 +100,12 @@ def test_generate_by_token_ids_is_seeded_per_prompt_with_n_completions(generator
             assert completion.finished or len(completion.token_ids) == SAMPLED.max_tokens
     # Greedy on the base model is Hugging Face's greedy, token for token.
     base = hf_model(serving.model_dir)
-    assert [g[0].token_ids for g in generator.generate(PROMPTS, [0, 0, 0], GREEDY)] == [hf_greedy(base, p)
-                                                                                    for p in PROMPTS]
+    greedy = [g[0].token_ids for g in generator.generate(PROMPTS, [0, 0, 0], GREEDY)]
+    assert greedy == [hf_greedy(base, p) for p in PROMPTS]
+    # top_k reaches the sampler: k 1 at temperature 1 is greedy; 0 (transformers' "off") is accepted.
+    top1 = Sampling(n=2, max_tokens=GREEDY.max_tokens, temperature=1.0, top_k=1, stop_token_ids=EOS)
+    assert [[c.token_ids for c in g] for g in generator.generate(PROMPTS, [5, 6, 7], top1)] == [[t, t] for t in greedy]
+    assert len(generator.generate(PROMPTS, [5, 6, 7], Sampling(n=2, max_tokens=4, temperature=1.0, top_k=0))) == 3
 
 
 def test_a_pushed_lora_is_replaced_by_its_next_version_and_used(generator, serving, admin):
@@ -162,7 +166,8 @@ def request(model: str = "", prompts=((5, 6, 7),), **sampling) -> serving_pb2.Ge
     (request(n=2000, prompts=((5, 6),) * 3), grpc.StatusCode.RESOURCE_EXHAUSTED,
      "prompts: 3 prompts x n 2000 = 6000 sequences, above 4096 per call: split the rollout"),
     (request(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p: must be in (0, 1]; got 0.0"),
-    (request(top_k=0), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_k: must be -1 (off) or at least 1; got 0"),
+    (request(top_k=-2), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.top_k: must be -1 or 0 (off), or at least 1; got -2"),
     (request(stop_token_ids=[9999]), grpc.StatusCode.INVALID_ARGUMENT,
      "sampling.stop_token_ids: token id 9999 is outside the vocabulary"),
     (request(model="no-such-adapter"), grpc.StatusCode.NOT_FOUND, "model: The model `no-such-adapter` does not exist."),
@@ -229,7 +234,7 @@ def test_generate_fuzz(rollouts, serving):
         "RolloutSampling.temperature": st.sampled_from([0.0, 0.7, 1.0, 1e-4, 5e-324, 1e308, -1.0, float("nan"),
                                                         float("inf")]),
         "RolloutSampling.top_p": st.sampled_from([0.9, 1.0, 5e-324, 0.0, 1.5, float("nan")]),
-        "RolloutSampling.top_k": st.sampled_from([-1, 5, 1, 2**31 - 1, 0, -2, -2**31]),
+        "RolloutSampling.top_k": st.sampled_from([-1, 0, 5, 1, 2**31 - 1, -2, -2**31]),
         "RolloutSampling.stop_token_ids": st.lists(st.sampled_from([0, 2, 16, -1, 3072]), max_size=2)})
     requests = messages(serving_pb2.GenerateRequest, only={
         "GenerateRequest.model": st.sampled_from(["", serving.base_name, "no-such-adapter", "\x00"]),
@@ -244,7 +249,7 @@ def test_generate_fuzz(rollouts, serving):
             "RolloutSampling.n": st.sampled_from([1, 2, 3]), "RolloutSampling.max_tokens": st.sampled_from([1, 4, 8]),
             "RolloutSampling.temperature": st.sampled_from([0.0, 0.7, 1.0, 1e-4, 5e-324, 1e308]),
             "RolloutSampling.top_p": st.sampled_from([0.9, 1.0, 5e-324]),
-            "RolloutSampling.top_k": st.sampled_from([-1, 5, 1, 2**31 - 1]),
+            "RolloutSampling.top_k": st.sampled_from([-1, 0, 5, 1, 2**31 - 1]),
             "RolloutSampling.stop_token_ids": st.lists(st.sampled_from([0, 2, 16]), max_size=2)})})
 
     @settings(max_examples=settings().max_examples // 2)

@@ -126,6 +126,9 @@ def test_seeded_generations_reproduce_and_do_not_depend_on_the_batch(engine):
 def test_lora_sync_generates_as_each_adapter_version(engine, default_model):
     base = [engine.generate([p], [0], GREEDY)[0][0].token_ids for p in PROMPTS]
     assert base == [hf_greedy(hf_model(default_model), p) for p in PROMPTS]
+    # top_k reaches the sampler: k 1 at temperature 1 is greedy.
+    top1 = Sampling(n=2, max_tokens=GREEDY.max_tokens, temperature=1.0, top_k=1, stop_token_ids=EOS)
+    assert [[c.token_ids for c in g] for g in engine.generate(PROMPTS, [5, 6, 7], top1)] == [[t, t] for t in base]
 
     policy = peft_policy(default_model, seed=1)
     started = time.perf_counter()
