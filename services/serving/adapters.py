@@ -211,12 +211,16 @@ class AdapterRegistry:
         """Loads an adapter from its files' bytes, as `load` does from a path: validated the
         same way, replacing a served version of `name` atomically. The files are written to
         a directory of this process, held by the engine (its own links) and then removed; the
-        view's path is the engine's copy."""
+        view's path is the engine's copy. Pushing the files `name` serves already changes
+        nothing (each rank of a job may push the same policy)."""
         check_name(name, self.base_name)
         check_pushed_files(files)
+        digest = hashlib.sha256()
+        for file in sorted(files):
+            digest.update(hashlib.sha256(file.encode()).digest() + hashlib.sha256(files[file]).digest())
         directory = await asyncio.to_thread(_write_pushed, files)
         try:
-            return await self.load(name, directory, pushed=True)
+            return await self.load(name, directory, pushed=f"pushed:{digest.hexdigest()}")
         except TuneForgeError as exc:
             if exc.field == "path":  # the engine's refusal of the files, not of a path the caller gave
                 exc.field = "files"
@@ -225,18 +229,18 @@ class AdapterRegistry:
             await asyncio.to_thread(shutil.rmtree, directory, True)
 
     async def load(self, name: str, path: str | pathlib.Path, if_changed: bool = False,
-                   pushed: bool = False) -> AdapterView:
+                   pushed: str | None = None) -> AdapterView:
         """Validates, loads and makes `name` serve `path`. An existing name keeps serving
         its older checkpoint until the new one is ready, then new requests switch to it.
         With `if_changed`, a name already serving the same checkpoint is left alone.
-        `pushed`: `path` holds files pushed by `push` (see there)."""
+        `pushed`: `path` holds files pushed by `push`, whose digest this is (see there)."""
         self._loop = asyncio.get_running_loop()
         if self.engine is None:
             raise Unavailable("the inference engine is still starting")
         started = time.perf_counter()
         try:
             info = await asyncio.to_thread(self.validate_pushed if pushed else self.validate, name, path)
-            fingerprint = await asyncio.to_thread(_fingerprint, info)
+            fingerprint = pushed or await asyncio.to_thread(_fingerprint, info)
         except TuneForgeError:
             metrics.ADAPTER_LOADS.labels(result="refused").inc()
             raise
@@ -245,10 +249,12 @@ class AdapterRegistry:
             entry = self._entries[name] = _Entry(AdapterView(name=name, path=str(info.path), state=State.LOADING))
         async with entry.lock:
             if self._entries.get(name) is not entry:  # unloaded while we waited: start over as new
-                return await self.load(name, path, if_changed)
+                return await self.load(name, path, if_changed, pushed)
             served = entry.version
             if (if_changed and served is not None and served.path == info.path
                     and fingerprint is not None and served.fingerprint == fingerprint):
+                return entry.view
+            if pushed and served is not None and served.fingerprint == pushed:
                 return entry.view
             entry.view = replace(entry.view, path=str(info.path), state=State.LOADING, error="")
             try:

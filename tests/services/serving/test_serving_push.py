@@ -1,8 +1,9 @@
 """Adapters pushed as bytes (AdapterService.PushAdapter) through the registry, without an
 inference engine: the engine loads exactly the files pushed, from a directory named like
 serving's scratch (so a killed server's is removed at the next start) that is gone once the
-push returns; a new version replaces the previous one; bad files are refused before the
-engine, naming `files`. The real-vLLM path is in test_serving_rollout.py."""
+push returns; a new version replaces the previous one, and the same files pushed again change
+nothing; bad files are refused before the engine, naming `files`. The real-vLLM path is in
+test_serving_rollout.py."""
 
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def test_a_push_loads_exactly_its_files_and_a_new_version_replaces_it(base):
     async def run():
         first = await registry.push("job-7", files(base, weights=b"v1"))
         second = await registry.push("job-7", files(base, weights=b"v2"))
+        # The same files again (another rank of the job pushing the same policy): nothing changes.
+        assert await registry.push("job-7", files(base, weights=b"v2")) == second
         return first, second
 
     first, second = asyncio.run(run())
