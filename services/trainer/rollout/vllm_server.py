@@ -51,8 +51,9 @@ class ServerGenerator:
             self.client.wait_ready(CONNECT_SECONDS)
         except Unavailable as exc:
             self.client.close()
-            raise Unavailable(f"{exc.message}: check --vllm_server_host and --vllm_server_port, and that "
-                              "`tuneforge deploy` runs there", field="vllm_server_host") from None
+            raise Unavailable(f"{exc.message}: check --vllm_server_host and --vllm_server_port (the serving "
+                              "process's admin gRPC port, `tuneforge deploy --grpc_port`, not its HTTP port), and "
+                              "that `tuneforge deploy` runs there", field="vllm_server_host") from None
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[list[Completion]]:
         if len(prompts) != len(seeds):

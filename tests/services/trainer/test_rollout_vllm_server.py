@@ -35,4 +35,5 @@ def test_no_server_at_the_address_names_the_flags(monkeypatch):
     assert refused.value.field == "vllm_server_host"
     assert refused.value.message == (
         f"no serving service answers at 127.0.0.1:{port} (waited 1 s): check --vllm_server_host and "
-        "--vllm_server_port, and that `tuneforge deploy` runs there")
+        "--vllm_server_port (the serving process's admin gRPC port, `tuneforge deploy --grpc_port`, not its HTTP "
+        "port), and that `tuneforge deploy` runs there")
