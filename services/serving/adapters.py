@@ -224,6 +224,10 @@ class AdapterRegistry:
         except TuneForgeError as exc:
             if exc.field == "path":  # the engine's refusal of the files, not of a path the caller gave
                 exc.field = "files"
+            # The caller never saw this process's directory: name what it sent instead.
+            for shown in {str(directory.resolve()), str(directory)}:
+                exc.message = exc.message.replace(shown, "the pushed adapter")
+            exc.args = (exc.message,)
             raise
         finally:
             await asyncio.to_thread(shutil.rmtree, directory, True)

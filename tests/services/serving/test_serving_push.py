@@ -81,8 +81,8 @@ def test_a_push_loads_exactly_its_files_and_a_new_version_replaces_it(base):
     ({"adapter_config.json": b"{}"}, InvalidArgument, "no weights (adapter_model.safetensors or adapter_model.bin)"),
     ({"../adapter_config.json": b"{}"}, InvalidArgument, "'../adapter_config.json' is not a file of a PEFT adapter"),
     ({"adapter_config.json": b"{", "adapter_model.safetensors": b"w"}, FailedPrecondition, "is not readable JSON"),
-    ("rank 32", FailedPrecondition, "has LoRA rank 32, above this server's --max_lora_rank 16"),
-    ("other base", FailedPrecondition, "was trained on /elsewhere, but this server serves"),
+    ("rank 32", FailedPrecondition, "the pushed adapter has LoRA rank 32, above this server's --max_lora_rank 16"),
+    ("other base", FailedPrecondition, "the pushed adapter was trained on /elsewhere, but this server serves"),
 ])
 def test_bad_pushes_are_refused_before_the_engine_naming_files(base, pushed, error, message):
     if isinstance(pushed, str):
@@ -93,4 +93,5 @@ def test_bad_pushes_are_refused_before_the_engine_naming_files(base, pushed, err
         asyncio.run(registry.push("job-7", pushed))
     assert refused.value.field == "files"
     assert message in refused.value.message
+    assert PREFIX not in refused.value.message  # the server's own directory means nothing to the caller
     assert engine.loads == [] and registry.list() == []
