@@ -310,8 +310,9 @@ def check(reply: Reply, request, may_stay_open: bool = False) -> None:
     assert not _LEAK.search(reply.details), where
     assert not _TRANSPORT.search(reply.details), f"{where}: the transport failed, the reply was lost"
     if reply.code in NAMES_A_FIELD:
-        named = reply.details.split(":", 1)[0]
-        assert ":" in reply.details and named in field_names(request.DESCRIPTOR), \
+        # A field, or a path to one inside the request: "sampling.n", "prompts[1].token_ids".
+        named = set(re.sub(r"\[\d+\]", "", reply.details.split(":", 1)[0]).split("."))
+        assert ":" in reply.details and named <= field_names(request.DESCRIPTOR), \
             f"{where}: the details do not start with a field of the request"
 
 

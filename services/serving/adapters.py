@@ -14,15 +14,18 @@ import hashlib
 import logging
 import os
 import pathlib
+import shutil
 import time
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
-from libs.common import adapter_dir, checkpoint, logs, paths
+from libs.common import adapter_dir, checkpoint, disk, logs, paths, tempdirs
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, TuneForgeError, Unavailable
+from libs.common.vllm_platform import lora_slot_rank
 from services.serving import metrics
-from services.serving.config import LORA_RANKS, NAME
+from services.serving.config import NAME
+from services.serving.scratch import PREFIX
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -142,6 +145,16 @@ class AdapterRegistry:
         path = self._within_root(paths.expand_user(paths.argument(str(path), "path"), "path"))
         info = adapter_dir.inspect(path, field="path")
         self._check_contained(info.path)
+        return self._check_adapter(info)
+
+    def validate_pushed(self, name: str, path: pathlib.Path) -> adapter_dir.AdapterDir:
+        """The checks of `validate` on a pushed adapter's files (written by this server, so
+        the adapter root does not apply)."""
+        check_name(name, self.base_name)
+        return self._check_adapter(adapter_dir.inspect(path, field="files"))
+
+    def _check_adapter(self, info: adapter_dir.AdapterDir) -> adapter_dir.AdapterDir:
+        """What the adapter itself must be: intact, on this base model, within the rank, LoRA only."""
         if info.has_manifest:
             checkpoint.verify(info.path)  # FailedPrecondition naming the file whose sha256 differs
         if info.base_model is None:
@@ -155,7 +168,7 @@ class AdapterRegistry:
         if info.rank > self.max_lora_rank:
             raise FailedPrecondition(
                 f"{info.path} has LoRA rank {info.rank}, above this server's --max_lora_rank "
-                f"{self.max_lora_rank}; restart with --max_lora_rank {_rank_at_least(info.rank)}", field="path")
+                f"{self.max_lora_rank}; restart with --max_lora_rank {lora_slot_rank(info.rank)}", field="path")
         if info.modules_to_save:
             raise FailedPrecondition(
                 f"{info.path} sets modules_to_save ({', '.join(info.modules_to_save)}): vLLM serves LoRA "
@@ -194,17 +207,44 @@ class AdapterRegistry:
 
     # -- loop-side operations ---------------------------------------------------------------
 
-    async def load(self, name: str, path: str | pathlib.Path, if_changed: bool = False) -> AdapterView:
+    async def push(self, name: str, files: dict[str, bytes]) -> AdapterView:
+        """Loads an adapter from its files' bytes, as `load` does from a path: validated the
+        same way, replacing a served version of `name` atomically. The files are written to
+        a directory of this process, held by the engine (its own links) and then removed; the
+        view's path is the engine's copy. Pushing the files `name` serves already changes
+        nothing (each rank of a job may push the same policy)."""
+        check_name(name, self.base_name)
+        check_pushed_files(files)
+        digest = hashlib.sha256()
+        for file in sorted(files):
+            digest.update(hashlib.sha256(file.encode()).digest() + hashlib.sha256(files[file]).digest())
+        directory = await asyncio.to_thread(_write_pushed, files)
+        try:
+            return await self.load(name, directory, pushed=f"pushed:{digest.hexdigest()}")
+        except TuneForgeError as exc:
+            if exc.field == "path":  # the engine's refusal of the files, not of a path the caller gave
+                exc.field = "files"
+            # The caller never saw this process's directory: name what it sent instead.
+            for shown in {str(directory.resolve()), str(directory)}:
+                exc.message = exc.message.replace(shown, "the pushed adapter")
+            exc.args = (exc.message,)
+            raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+
+    async def load(self, name: str, path: str | pathlib.Path, if_changed: bool = False,
+                   pushed: str | None = None) -> AdapterView:
         """Validates, loads and makes `name` serve `path`. An existing name keeps serving
         its older checkpoint until the new one is ready, then new requests switch to it.
-        With `if_changed`, a name already serving the same checkpoint is left alone."""
+        With `if_changed`, a name already serving the same checkpoint is left alone.
+        `pushed`: `path` holds files pushed by `push`, whose digest this is (see there)."""
         self._loop = asyncio.get_running_loop()
         if self.engine is None:
             raise Unavailable("the inference engine is still starting")
         started = time.perf_counter()
         try:
-            info = await asyncio.to_thread(self.validate, name, path)
-            fingerprint = await asyncio.to_thread(_fingerprint, info)
+            info = await asyncio.to_thread(self.validate_pushed if pushed else self.validate, name, path)
+            fingerprint = pushed or await asyncio.to_thread(_fingerprint, info)
         except TuneForgeError:
             metrics.ADAPTER_LOADS.labels(result="refused").inc()
             raise
@@ -213,10 +253,12 @@ class AdapterRegistry:
             entry = self._entries[name] = _Entry(AdapterView(name=name, path=str(info.path), state=State.LOADING))
         async with entry.lock:
             if self._entries.get(name) is not entry:  # unloaded while we waited: start over as new
-                return await self.load(name, path, if_changed)
+                return await self.load(name, path, if_changed, pushed)
             served = entry.version
             if (if_changed and served is not None and served.path == info.path
                     and fingerprint is not None and served.fingerprint == fingerprint):
+                return entry.view
+            if pushed and served is not None and served.fingerprint == pushed:
                 return entry.view
             entry.view = replace(entry.view, path=str(info.path), state=State.LOADING, error="")
             try:
@@ -232,9 +274,11 @@ class AdapterRegistry:
                          error=exc.message)
                 raise
             seconds = time.perf_counter() - started
-            entry.version = Version(lora, info.path, fingerprint)
+            # A pushed adapter's files are gone after this call; the engine's copy is what serves.
+            served_path = pathlib.Path(lora.lora_path) if pushed else info.path
+            entry.version = Version(lora, served_path, fingerprint)
             entry.view = AdapterView(
-                name=name, path=str(info.path), state=State.READY, base_model=str(self.base_model),
+                name=name, path=str(served_path), state=State.READY, base_model=str(self.base_model),
                 rank=info.rank, load_seconds=seconds, loaded_at=time.time())
             if served is not None:
                 self._retire(served)
@@ -242,7 +286,7 @@ class AdapterRegistry:
         metrics.ADAPTER_LOAD_DURATION.observe(seconds)
         metrics.MODELS.add(name)
         self._count_ready()
-        logs.log(LOG, logging.INFO, "adapter ready", adapter=name, path=str(info.path), rank=info.rank,
+        logs.log(LOG, logging.INFO, "adapter ready", adapter=name, path=str(served_path), rank=info.rank,
                  seconds=round(seconds, 4), replaced=str(served.path) if served else None)
         return entry.view
 
@@ -322,9 +366,37 @@ class AdapterRegistry:
         metrics.ADAPTERS_READY.set(sum(1 for entry in self._entries.values() if entry.version is not None))
 
 
+# What PEFT's save_pretrained (and ms-swift's args.json) put in an adapter directory.
+PUSHED_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "args.json", "README.md")
+
+
+def check_pushed_files(files: dict[str, bytes]) -> None:
+    """A pushed adapter is a flat set of PEFT's files, with its config and weights."""
+    unknown = sorted(set(files) - set(PUSHED_FILES))
+    if unknown:
+        raise InvalidArgument(f"{unknown[0]!r} is not a file of a PEFT adapter; expected some of "
+                              f"{', '.join(PUSHED_FILES)}", field="files")
+    if adapter_dir.ADAPTER_CONFIG not in files:
+        raise InvalidArgument(f"no {adapter_dir.ADAPTER_CONFIG} among the files", field="files")
+    if not {"adapter_model.safetensors", "adapter_model.bin"} & set(files):
+        raise InvalidArgument("no weights (adapter_model.safetensors or adapter_model.bin) among the files",
+                              field="files")
+
+
+def _write_pushed(files: dict[str, bytes]) -> pathlib.Path:
+    # Named like the engine's scratch, so a server killed midway has it removed at its next start.
+    directory = pathlib.Path(tempdirs.make(PREFIX))
+    try:
+        with disk.writing(directory, context="writing a pushed adapter's files"):
+            for name, content in files.items():
+                (directory / name).write_bytes(content)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return directory
+
+
 def _realpath(path: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(os.path.realpath(pathlib.Path(path).expanduser()))
 
 
-def _rank_at_least(rank: int) -> int:
-    return next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1])

@@ -1,4 +1,5 @@
-"""The admin gRPC service (AdapterService): load, unload and list adapters.
+"""The admin gRPC service (AdapterService): load (from a path or pushed bytes), unload and
+list adapters.
 
 It runs on the shared sync gRPC server (its own threads) and calls into the
 engine's asyncio loop, where the adapter registry lives."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 
-from libs.common.errors import grpc_errors
+from libs.common.errors import InvalidArgument, grpc_errors
 from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
 from services.serving.adapters import AdapterRegistry, AdapterView, State
 
@@ -39,6 +40,16 @@ class AdapterService(serving_pb2_grpc.AdapterServiceServicer):
     def LoadAdapter(self, request, context):
         view = self._run(self.registry.load(request.name, request.path))
         return serving_pb2.LoadAdapterResponse(adapter=to_proto(view))
+
+    @grpc_errors
+    def PushAdapter(self, request, context):
+        files: dict[str, bytes] = {}
+        for index, file in enumerate(request.files):
+            if file.name in files:
+                raise InvalidArgument(f"{file.name!r} is given twice", field=f"files[{index}].name")
+            files[file.name] = file.content
+        view = self._run(self.registry.push(request.name, files))
+        return serving_pb2.PushAdapterResponse(adapter=to_proto(view))
 
     @grpc_errors
     def UnloadAdapter(self, request, context):

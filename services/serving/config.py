@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 
 from libs.common.errors import NotFound, Problems, TuneForgeError
 from libs.common import adapter_dir
+from libs.common.vllm_platform import LORA_RANKS
 
-# vLLM sizes its LoRA kernels for these ranks only (vllm.config.lora.MaxLoRARanks).
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The name clients pass as `model`: what OpenAI model ids look like, no spaces or control characters.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import pathlib
 import time
 import uuid
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from libs.common import logs
 from libs.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from libs.common.vllm_platform import on_cpu, platform_defaults
 from services.serving.scratch import Scratch
 
 if TYPE_CHECKING:  # vLLM is imported when the engine starts, so that config and tests stay light
@@ -25,25 +25,6 @@ if TYPE_CHECKING:  # vLLM is imported when the engine starts, so that config and
     from vllm.sampling_params import SamplingParams
 
 LOG = logging.getLogger("tuneforge.serving.engine")
-
-
-def on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-def platform_defaults(torch_dtype: str | None) -> str:
-    """Environment defaults and the dtype for this machine. Set before the engine
-    starts: its core process reads the environment when it spawns."""
-    # Our JSON log handler on the root logger gets vLLM's records too, unless the user asks otherwise.
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    if on_cpu():
-        # vLLM's CPU default reserves a large KV cache; 1 GiB serves small models and leaves room.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # CPU kernels have no half-precision LoRA path worth using; float32 is exact and fast enough.
-        return torch_dtype or "float32"
-    return torch_dtype or "auto"
 
 
 class Engine:

@@ -1,5 +1,5 @@
 """The serving process: the vLLM engine, the OpenAI HTTP API, the admin gRPC
-service and the optional checkpoint follower, in one asyncio loop; a ready file
+services (adapters, rollouts) and the optional checkpoint follower, in one asyncio loop; a ready file
 once all of them serve; graceful drain on SIGTERM/SIGINT.
 
 `tuneforge serve serving [flags]` lands in `main`; `tuneforge deploy` in
@@ -30,6 +30,8 @@ from services.serving.api.state import ServingState
 from services.serving.config import DeployConfig, parse_adapters, resolve_base_model, served_name
 from services.serving.engine import Engine
 from services.serving.follow import CheckpointFollower
+from services.serving.rollout import RolloutService
+from services.serving.rollout import registrar as rollout_registrar
 
 LOG = logging.getLogger("tuneforge.serving")
 
@@ -109,8 +111,9 @@ async def _serve(config: DeployConfig) -> int:
             if http_task.done():
                 raise Unavailable(f"the HTTP server on {config.host}:{http_port} did not start")
             await asyncio.sleep(0.05)
+        admin, rollout = registrar(AdapterService(registry, loop)), rollout_registrar(RolloutService(state, loop))
         grpc_server, grpc_port, health = create_server(
-            f"{_url_host(config.host)}:{config.grpc_port}", registrar(AdapterService(registry, loop)), "serving",
+            f"{_url_host(config.host)}:{config.grpc_port}", lambda server: [*admin(server), *rollout(server)], "serving",
             config.grpc_max_streams, config.grpc_unary_threads, streams_flag="--grpc_max_streams")
         if config.trainer_address:
             follower = CheckpointFollower(config.trainer_address, registry)

@@ -48,3 +48,4 @@ def test_process_serves_health_reflection_metrics_and_drains_on_sigterm(name, tm
 @pytest.mark.slow
 def test_serving_process_health_and_reflection(stack):
     _check(stack.serving_grpc, SERVICES["serving"])
+    _check(stack.serving_grpc, "tuneforge.serving.v1.RolloutService")
