@@ -7,6 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client import REGISTRY
 
 from libs.common import auth, channels, tls
 from libs.common import server as bootstrap
@@ -131,11 +132,18 @@ def _list(address: str, api_key: str | None = None, metadata=None):
             serving_pb2.ListAdaptersRequest(), timeout=5, metadata=metadata)
 
 
+def _refusals() -> float:
+    return REGISTRY.get_sample_value("tuneforge_tlstest_grpc_requests_total",
+                                     {"method": "ListAdapters", "code": "UNAUTHENTICATED"}) or 0.0
+
+
 def test_bearer_key_required_on_protected_services_health_and_reflection_open(start, client_env):
     address = start(keys=auth.BearerKeyInterceptor(["s3cret"], protected=[ADAPTERS], flag="--admin_api_key"))
+    before = _refusals()
     with pytest.raises(grpc.RpcError) as info:
         _list(address)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _refusals() == before + 1  # counted by status like any other reply
     assert info.value.details() == ("authorization: missing; this server requires `authorization: Bearer KEY` "
                                     "metadata with the key given to its --admin_api_key")
     for metadata in ([("authorization", "Bearer wrong")], [("authorization", "s3cret")],
