@@ -3,7 +3,8 @@ on their own, then against the real trainer service in this process training a j
 eval (its checkpoint events carry the eval loss at their step): `final` serves the job's
 last checkpoint only, `best` each one whose eval loss beats the job's earlier ones, and an
 adapter no --follow_jobs pattern matches is not followed. The registry's engine records
-loads (conftest's recording_engine); the stack's real vLLM path is tests/integration's."""
+loads (conftest's recording_engine); the stack's real vLLM path is tests/integration's. Last, the
+follower reaches a trainer that requires mutual TLS through the shared channel factory."""
 
 from __future__ import annotations
 
@@ -131,3 +132,53 @@ async def follow_nothing(address, recording_engine, default_model, caplog) -> li
         return engine.paths()
     finally:
         await follower.stop()
+
+
+def test_the_follower_reaches_a_trainer_over_mutual_tls(tls_files, monkeypatch, publish_adapter, recording_engine,
+                                                        tmp_path):
+    """The follower's channel comes from the shared factory: --tls_ca and the client
+    certificate (here through their environment) reach a trainer that requires mutual TLS."""
+    import time
+
+    from libs.common import channels, tls
+    from libs.common.server import create_server
+    from protos.tuneforge.trainer.v1 import trainer_pb2_grpc
+
+    (tmp_path / "base").mkdir()
+    path = publish_adapter(tmp_path / "run" / "checkpoint-3", tmp_path / "base")
+
+    class Trainer(trainer_pb2_grpc.TrainerServiceServicer):
+        def WatchCheckpoints(self, request, context):
+            yield pb.WatchCheckpointsResponse(checkpoint=pb.CheckpointEvent(
+                job_id="j", step=3, path=str(path), adapter_name="tls-ada", final=True))
+            while context.is_active():
+                time.sleep(0.05)
+
+    def register(server):
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(Trainer(), server)
+        return [pb.DESCRIPTOR.services_by_name["TrainerService"].full_name]
+
+    server, port, _ = create_server("127.0.0.1:0", register, "tlsfollow",
+                                    tls_config=tls.ServerTLS(tls_files.server_cert, tls_files.server_key, tls_files.ca))
+    monkeypatch.setenv(channels.ENV_CA, tls_files.ca)
+    monkeypatch.setenv(channels.ENV_CERT, tls_files.client_cert)
+    monkeypatch.setenv(channels.ENV_KEY, tls_files.client_key)
+
+    async def scenario():
+        engine = recording_engine()
+        registry = AdapterRegistry(engine, tmp_path / "base", "base", max_lora_rank=16)
+        follower = CheckpointFollower(f"127.0.0.1:{port}", registry)
+        follower.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            while not engine.paths():
+                assert asyncio.get_running_loop().time() < deadline, "nothing loaded over TLS"
+                await asyncio.sleep(0.05)
+            return engine.paths()
+        finally:
+            await follower.stop()
+
+    try:
+        assert asyncio.run(scenario()) == [str(path)]
+    finally:
+        server.stop(0)
