@@ -1,7 +1,8 @@
 """The server bootstrap every service uses: gRPC with health checking and
-reflection, optional TLS (mutual with a client CA) and bearer keys, per-RPC metrics, a thread pool sized from the config (stream slots
-plus threads kept for unary RPCs), the /metrics endpoint, structured logs, a
-ready file for whoever started us, and graceful shutdown on SIGTERM/SIGINT."""
+reflection, optional TLS (mutual with a client CA) and bearer keys, per-RPC
+metrics, a thread pool sized from the config (stream slots plus threads kept for
+unary RPCs), the /metrics endpoint, structured logs, a ready file for whoever
+started us, and graceful shutdown on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 

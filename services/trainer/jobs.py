@@ -125,6 +125,7 @@ class JobManager:
 
     def get(self, job_id: str) -> pb.Job:
         with self._cond:
+            self._forget_finished()
             return self._job(job_id).proto()
 
     def list_jobs(self) -> list[pb.Job]:
