@@ -5,8 +5,8 @@ and a bearer key for servers that require one (serving's admin service).
 The client TLS settings are per process and travel in the environment
 (TUNEFORGE_TLS_CA, TUNEFORGE_TLS_CLIENT_CERT, TUNEFORGE_TLS_CLIENT_KEY): `configure`
 sets them from a service's flags, so the processes it starts (training workers, torchrun
-ranks) reach the same peers the same way; a CLI user exports them once. The bearer key
-comes from the caller or TUNEFORGE_API_KEY."""
+ranks) reach the same peers the same way; a CLI user exports them once. A client of
+serving's admin services sends its key (its flag, else TUNEFORGE_API_KEY: admin_api_key)."""
 
 from __future__ import annotations
 
@@ -62,14 +62,19 @@ def credentials() -> grpc.ChannelCredentials | None:
         certificate_chain=tls.read_pem(cert, _FLAGS[ENV_CERT]) if cert else None)
 
 
+def admin_api_key(api_key: str | None = None) -> str | None:
+    """The key a client of serving's admin services sends: its own flag, else TUNEFORGE_API_KEY."""
+    return api_key or os.environ.get(ENV_API_KEY) or None
+
+
 def open_channel(address: str, options: list | None = None, api_key: str | None = None) -> grpc.Channel:
-    """A sync channel to `address`, TLS when configured, sending `api_key` (or
-    TUNEFORGE_API_KEY) as `authorization: Bearer KEY` on every call when there is one."""
+    """A sync channel to `address`, TLS when configured, sending `api_key` as
+    `authorization: Bearer KEY` on every call when given. Only clients of a keyed service
+    pass one (`admin_api_key()`): the key is not sent to services that do not ask for it."""
     creds = credentials()
     channel = (grpc.secure_channel(address, creds, options=options) if creds is not None
                else grpc.insecure_channel(address, options=options))
-    key = api_key or os.environ.get(ENV_API_KEY)
-    return grpc.intercept_channel(channel, auth.BearerKeyClient(key)) if key else channel
+    return grpc.intercept_channel(channel, auth.BearerKeyClient(api_key)) if api_key else channel
 
 
 def open_aio_channel(address: str, options: list | None = None) -> grpc.aio.Channel:

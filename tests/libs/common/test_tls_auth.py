@@ -171,7 +171,12 @@ def test_bearer_key_on_every_service_refuses_streams_too_and_reads_the_env_key(s
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert _health(address) == health_pb2.HealthCheckResponse.SERVING
     monkeypatch.setenv(channels.ENV_API_KEY, "k1")
-    with channels.open_channel(address) as channel:
+    with channels.open_channel(address) as channel:  # the key goes only where the client asks for it
+        with pytest.raises(grpc.RpcError) as info:
+            list(trainer_pb2_grpc.TrainerServiceStub(channel).WatchCheckpoints(trainer_pb2.WatchCheckpointsRequest()))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert channels.admin_api_key() == "k1" and channels.admin_api_key("flag") == "flag"
+    with channels.open_channel(address, api_key=channels.admin_api_key()) as channel:
         (reply,) = trainer_pb2_grpc.TrainerServiceStub(channel).WatchCheckpoints(trainer_pb2.WatchCheckpointsRequest())
     assert reply.checkpoint.step == 3
 

@@ -87,9 +87,9 @@ def test_admin_port_over_tls_with_a_key(admin_port, tls_files, monkeypatch):
     address = admin_port(["--admin_api_key", "k", "--tls_cert", tls_files.server_cert, "--tls_key", tls_files.server_key])
     assert _code(address, "ListAdapters") == grpc.StatusCode.UNAUTHENTICATED
     monkeypatch.setenv(channels.ENV_API_KEY, "k")
-    assert _code(address, "ListAdapters") == grpc.StatusCode.OK
+    assert _code(address, "ListAdapters", api_key=channels.admin_api_key()) == grpc.StatusCode.OK
     monkeypatch.delenv(channels.ENV_CA)
-    assert _code(address, "ListAdapters") == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
+    assert _code(address, "ListAdapters", api_key="k") == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
 
 
 def test_security_and_follow_flags_are_checked_at_once():
