@@ -14,12 +14,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs.common import channels, tls
 from libs.common import config as cfg
-from libs.common.errors import Problems
+from libs.common.errors import InvalidArgument, Problems, Unauthenticated
+from libs.serving.client import ServingClient
 from libs.common.server import create_server
 from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
 from services.serving.adapters import AdapterRegistry
 from services.serving.admin import AdapterService, registrar
 from services.serving.config import DeployConfig
+from services.serving.rollout import RolloutService
+from services.serving.rollout import registrar as rollout_registrar
 from services.serving.server import admin_keys
 
 
@@ -33,8 +36,10 @@ def admin_port(default_model):
     def start(argv: list[str]) -> str:
         config = cfg.parse(DeployConfig, argv)
         registry = AdapterRegistry(None, default_model, "base", config.max_lora_rank)
+        # as serving's process builds its admin port: adapters and rollouts, neither reached here without the key
+        admin, rollout = registrar(AdapterService(registry, loop)), rollout_registrar(RolloutService(None, loop))
         server, port, _ = create_server(
-            "127.0.0.1:0", registrar(AdapterService(registry, loop)), "serving",
+            "127.0.0.1:0", lambda server: [*admin(server), *rollout(server)], "serving",
             tls_config=tls.server_tls(config.tls_cert, config.tls_key, config.tls_client_ca), keys=admin_keys(config))
         servers.append(server)
         return f"127.0.0.1:{port}"
@@ -106,3 +111,34 @@ def test_security_and_follow_flags_are_checked_at_once():
         cfg.parse(DeployConfig, ["--follow_policy", "newest"])
     config = cfg.parse(DeployConfig, [])
     assert (config.follow_policy, config.follow_jobs, config.admin_keys()) == ("final", [], [])
+
+
+def test_push_and_rollouts_need_the_key_and_the_serving_client_sends_it(admin_port, monkeypatch):
+    """PushAdapter and RolloutService.Generate (the trainer's --vllm_mode server) are refused
+    without the key; libs.serving.client sends its own key, else TUNEFORGE_API_KEY."""
+    monkeypatch.delenv(channels.ENV_API_KEY, raising=False)
+    monkeypatch.delenv(channels.ENV_CA, raising=False)
+    address = admin_port(["--api_key", "k"])
+    assert _code(address, "PushAdapter", name="a") == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            serving_pb2_grpc.RolloutServiceStub(channel).Generate(serving_pb2.GenerateRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    client = ServingClient(address)
+    try:
+        client.wait_ready(10)
+        with pytest.raises(Unauthenticated, match="authorization: missing"):
+            client.push_adapter("a", {})
+        with pytest.raises(Unauthenticated):
+            client.generate("", [[1, 2]], [0], n=1, max_tokens=1, temperature=1.0)
+    finally:
+        client.close()
+    with_flag = ServingClient(address, api_key="k")
+    monkeypatch.setenv(channels.ENV_API_KEY, "k")
+    from_env = ServingClient(address)
+    for client in (with_flag, from_env):
+        try:  # past the key: the push's own validation answers (no files)
+            with pytest.raises(InvalidArgument):
+                client.push_adapter("a", {})
+        finally:
+            client.close()
