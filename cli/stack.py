@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from libs.common import channels
 from libs.common.errors import Unavailable
 
 
@@ -43,7 +44,7 @@ class Process:
 def wait_serving(address: str, timeout: float = 30.0, service: str = "") -> None:
     """Blocks until the gRPC health service at `address` says SERVING."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with channels.open_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

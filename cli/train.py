@@ -20,7 +20,9 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from libs.common import channels
 from libs.common import config as cfg
+from libs.common.errors import FailedPrecondition
 from libs.common.server import create_server
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from services.trainer import client
@@ -55,6 +57,13 @@ class SftCommandConfig(TrainConfig):
         "help": "prepare with bounded memory (packing works on windows of rows)"})
     system: str | None = field(default=None, metadata={
         "help": "system prompt inserted when preparing raw datasets, in rows without one"})
+    tls_ca: str | None = field(default=None, metadata={
+        "help": "PEM CA certificates to trust: call --dataprep_address and --trainer_address over TLS "
+                "(env TUNEFORGE_TLS_CA)"})
+    tls_client_cert: str | None = field(default=None, metadata={
+        "help": "PEM certificate to present to services that require mutual TLS (env TUNEFORGE_TLS_CLIENT_CERT)"})
+    tls_client_key: str | None = field(default=None, metadata={
+        "help": "PEM private key of tls_client_cert (env TUNEFORGE_TLS_CLIENT_KEY)"})
 
     # what dataprep prepares raw rows as (`tuneforge pt` narrows it)
     TASK = "sft"
@@ -63,6 +72,7 @@ class SftCommandConfig(TrainConfig):
         found = super().problems()
         for name in ("dataset", "val_dataset"):
             found.extend(_dataset_problems(name, getattr(self, name)))
+        found.extend(channels.client_problems(self.tls_ca, self.tls_client_cert, self.tls_client_key))
         if self.max_length < 0:
             found.append(f"max_length: expected 0 (no limit) or a positive number; got {self.max_length}")
         if self.packing and self.max_length == 0:
@@ -404,6 +414,13 @@ def summary(job: pb.Job) -> str:
 
 
 def run_command(command: SftCommandConfig, desc: str) -> int:
+    channels.configure(command.tls_ca, command.tls_client_cert, command.tls_client_key)
+    if channels.credentials() is not None and not (command.dataprep_address and command.trainer_address):
+        # the in-process services have no certificate; a TLS client would find plaintext there
+        raise FailedPrecondition("the dataprep and trainer this command starts in-process (without "
+                                 "--dataprep_address / --trainer_address) serve plaintext on 127.0.0.1; give both "
+                                 "addresses of services that serve TLS, or leave tls_ca and TUNEFORGE_TLS_CA unset",
+                                 field="tls_ca")
     with contextlib.ExitStack() as services:
         dataprep_address = command.dataprep_address or services.enter_context(local_dataprep())
         dataset_dir = prepare(command, dataprep_address)

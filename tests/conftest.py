@@ -164,3 +164,11 @@ def trainer():
 def stub(trainer):
     with grpc.insecure_channel(trainer.address) as channel:
         yield trainer_pb2_grpc.TrainerServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed (tests/tls_certs.py)."""
+    from tests import tls_certs
+
+    return tls_certs.make(tmp_path_factory.mktemp("tls"))

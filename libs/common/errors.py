@@ -64,6 +64,12 @@ class Cancelled(TuneForgeError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unauthenticated(TuneForgeError):
+    """A call without the key the server requires (libs.common.auth), or with a wrong one."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class Problems(InvalidArgument):
     """Several invalid arguments, reported at once."""
 
@@ -161,6 +167,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[TuneForgeError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 

@@ -1,7 +1,8 @@
 """The server bootstrap every service uses: gRPC with health checking and
-reflection, per-RPC metrics, a thread pool sized from the config (stream slots
-plus threads kept for unary RPCs), the /metrics endpoint, structured logs, a
-ready file for whoever started us, and graceful shutdown on SIGTERM/SIGINT."""
+reflection, optional TLS (mutual with a client CA) and bearer keys, per-RPC
+metrics, a thread pool sized from the config (stream slots plus threads kept for
+unary RPCs), the /metrics endpoint, structured logs, a ready file for whoever
+started us, and graceful shutdown on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from libs.common import logs, metrics, streams
+from libs.common import auth, channels, logs, metrics, streams, tls
 
 LOG = logging.getLogger("tuneforge.server")
 
@@ -43,10 +44,34 @@ class ServerOptions:
     unary_threads: int = field(default=16, metadata={
         "help": "server threads that streams never take, kept for unary RPCs and health checks (the pool is "
                 "max_streams + unary_threads): a unary call waits at most for another unary call, never for a stream"})
+    tls_cert: str | None = field(default=None, metadata={
+        "help": "PEM certificate chain: serve gRPC over TLS (with tls_key); health and reflection too"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of tls_cert"})
+    tls_client_ca: str | None = field(default=None, metadata={
+        "help": "PEM CA certificates: require clients to present a certificate one of them signed (mutual TLS)"})
+    tls_ca: str | None = field(default=None, metadata={
+        "help": "PEM CA certificates this service trusts when it calls other services over TLS "
+                "(env TUNEFORGE_TLS_CA); unset: plaintext calls"})
+    tls_client_cert: str | None = field(default=None, metadata={
+        "help": "PEM certificate this service presents to services that require mutual TLS (env TUNEFORGE_TLS_CLIENT_CERT)"})
+    tls_client_key: str | None = field(default=None, metadata={
+        "help": "PEM private key of tls_client_cert (env TUNEFORGE_TLS_CLIENT_KEY)"})
 
     def problems(self) -> list[str]:
         return [f"{name}: expected a positive number; got {getattr(self, name)}"
-                for name in ("max_streams", "unary_threads") if getattr(self, name) < 1]
+                for name in ("max_streams", "unary_threads") if getattr(self, name) < 1
+                ] + tls_problems(self)
+
+
+def tls_problems(config) -> list[str]:
+    """The TLS flags' problems of a config with the server and client TLS fields."""
+    return (tls.server_problems(config.tls_cert, config.tls_key, config.tls_client_ca)
+            + channels.client_problems(config.tls_ca, config.tls_client_cert, config.tls_client_key))
+
+
+def configure_clients(config) -> None:
+    """Outgoing channels of this process (and its children) use the config's client TLS flags."""
+    channels.configure(config.tls_ca, config.tls_client_cert, config.tls_client_key)
 
 
 # register(server) adds the service's servicers and returns their full names
@@ -64,11 +89,14 @@ def _standard_services(server, names: list[str], health_servicer) -> None:
 
 def create_server(address: str, register: Register, service: str, max_streams: int | None = None,
                   unary_threads: int | None = None, streams_flag: str = "--max_streams",
+                  tls_config: tls.ServerTLS | None = None, keys: auth.BearerKeyInterceptor | None = None,
                   ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Builds and starts a sync gRPC server. Returns (server, bound port, health servicer).
 
     `max_streams` and `unary_threads` (unset: ServerOptions' defaults) size its pool;
-    `streams_flag` is the flag a refused stream's message tells the operator to raise."""
+    `streams_flag` is the flag a refused stream's message tells the operator to raise.
+    `tls_config` serves TLS on the port instead of plaintext; `keys` refuses calls without
+    a bearer key (UNAUTHENTICATED) to the services it protects."""
     defaults = ServerOptions()
     max_streams = defaults.max_streams if max_streams is None else max_streams
     unary_threads = defaults.unary_threads if unary_threads is None else unary_threads
@@ -82,14 +110,18 @@ def create_server(address: str, register: Register, service: str, max_streams: i
         # keep threads for unary calls, and it refuses a burst of short calls that would have
         # waited milliseconds (64 ranks starting at once). With streams held to max_streams
         # threads, a call waits at most for a unary call to end, never for a stream.
-        interceptors=[metrics.MetricsInterceptor(rpc_metrics), streams.StreamLimitInterceptor(slots)],
+        # A refused key is counted like any other status, and costs no stream slot.
+        interceptors=[metrics.MetricsInterceptor(rpc_metrics), *([keys] if keys else []),
+                      streams.StreamLimitInterceptor(slots)],
         options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
     )
     names = list(register(server))
     slots.declare(streams.streaming_methods(names))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     _standard_services(server, names, health_servicer)
-    port = server.add_insecure_port(address)
+    # Credentials are read before binding: a bad file fails naming its flag, with no port held.
+    creds = tls_config.credentials() if tls_config is not None else None
+    port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     server.start()
@@ -128,12 +160,15 @@ def run(service: str, options: ServerOptions, register: Register,
     """Runs one service until SIGTERM/SIGINT, then drains: health flips to
     NOT_SERVING, new RPCs are refused, in-flight RPCs get `grace_period` seconds."""
     logs.setup(service, options.log_level)
+    configure_clients(options)
     stop = ShutdownSignal()
-    server, port, health_servicer = create_server(f"{options.host}:{options.port}", register, service,
-                                                  options.max_streams, options.unary_threads)
+    server, port, health_servicer = create_server(
+        f"{options.host}:{options.port}", register, service, options.max_streams, options.unary_threads,
+        tls_config=tls.server_tls(options.tls_cert, options.tls_key, options.tls_client_ca))
     _httpd, metrics_port = metrics.serve_metrics(options.host, options.metrics_port)
     write_ready_file(options.ready_file, grpc_port=port, metrics_port=metrics_port, **(extra_ports or {}))
-    logs.log(LOG, logging.INFO, "serving", grpc=f"{options.host}:{port}", metrics=f"{options.host}:{metrics_port}")
+    logs.log(LOG, logging.INFO, "serving", grpc=f"{options.host}:{port}", metrics=f"{options.host}:{metrics_port}",
+             tls="mutual" if options.tls_client_ca else bool(options.tls_cert))
     stop.wait()
     health_servicer.enter_graceful_shutdown()
     if on_shutdown:

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pyarrow as pa
 
+from libs.common import channels
 from libs.common.config import to_proto
 from libs.common.errors import TuneForgeError, Unavailable, from_rpc_error, from_status
 from libs.dataset.ipc import from_ipc_stream
@@ -49,7 +50,7 @@ class Cursor:
 
 
 def _channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    return channels.open_channel(address, options=_CHANNEL_OPTIONS)
 
 
 def read_batches(address: str, dataset_dir: str, rank: int = 0, world_size: int = 1,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from libs.common import channels
 from libs.common.errors import TuneForgeError, Unavailable, from_rpc_error
 from protos.tuneforge.serving.v1 import serving_pb2 as pb
 from protos.tuneforge.serving.v1 import serving_pb2_grpc as pb_grpc
@@ -25,11 +26,14 @@ _REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 class ServingClient:
-    """One channel to a serving process's admin gRPC address (host:port). Close it."""
+    """One channel to a serving process's admin gRPC address (host:port), TLS when the
+    process's client TLS is configured, sending `api_key` (else TUNEFORGE_API_KEY) where
+    serving's --admin_api_key / --api_key requires one. Close it."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, api_key: str | None = None):
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = channels.open_channel(address, options=_CHANNEL_OPTIONS,
+                                              api_key=channels.admin_api_key(api_key))
         self._adapters = pb_grpc.AdapterServiceStub(self._channel)
         self._rollouts = pb_grpc.RolloutServiceStub(self._channel)
 

@@ -8,10 +8,11 @@ import re
 from dataclasses import dataclass, field
 
 from libs.common.errors import NotFound, Problems, TuneForgeError
-from libs.common import adapter_dir
+from libs.common import adapter_dir, channels, tls
 from libs.common.vllm_platform import LORA_RANKS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+FOLLOW_POLICIES = ("final", "best", "all")
 # The name clients pass as `model`: what OpenAI model ids look like, no spaces or control characters.
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 
@@ -51,11 +52,34 @@ class DeployConfig:
         "help": "weights dtype; unset: float32 on CPU, auto on GPU", "choices": list(DTYPES)})
     max_concurrent_requests: int = field(default=256, metadata={
         "help": "completion requests in flight (running or queued in the engine); more get HTTP 429"})
-    api_key: str | None = field(default=None, metadata={"help": "require `Authorization: Bearer API_KEY` on /v1"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "require `Authorization: Bearer API_KEY` on /v1, and on the admin gRPC services unless "
+                "admin_api_key is given"})
+    admin_api_key: str | None = field(default=None, metadata={
+        "help": "require `authorization: Bearer ADMIN_API_KEY` gRPC metadata on the admin services (load, unload, "
+                "push adapters; rollouts) instead of api_key; health and reflection stay open"})
+    tls_cert: str | None = field(default=None, metadata={
+        "help": "PEM certificate chain: serve the admin gRPC over TLS (with tls_key); health and reflection too"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of tls_cert"})
+    tls_client_ca: str | None = field(default=None, metadata={
+        "help": "PEM CA certificates: admin gRPC clients must present a certificate one of them signed (mutual TLS)"})
+    tls_ca: str | None = field(default=None, metadata={
+        "help": "PEM CA certificates trusted when following a trainer over TLS (env TUNEFORGE_TLS_CA); unset: plaintext"})
+    tls_client_cert: str | None = field(default=None, metadata={
+        "help": "PEM certificate presented to a trainer that requires mutual TLS (env TUNEFORGE_TLS_CLIENT_CERT)"})
+    tls_client_key: str | None = field(default=None, metadata={
+        "help": "PEM private key of tls_client_cert (env TUNEFORGE_TLS_CLIENT_KEY)"})
     adapter_root: str | None = field(default=None, metadata={
         "help": "load adapters only from inside this directory (after resolving `..` and symlinks); unset: anywhere"})
     trainer_address: str | None = field(default=None, metadata={
-        "help": "host:port of a trainer: hot-load every checkpoint it publishes"})
+        "help": "host:port of a trainer: hot-load the checkpoints it publishes that follow_policy promotes"})
+    follow_policy: str = field(default="final", metadata={
+        "help": "which published checkpoints of a job go live: final (its last checkpoint only), best (each one "
+                "whose eval loss is lower than every earlier one of the job), all (every one)",
+        "choices": list(FOLLOW_POLICIES)})
+    follow_jobs: list[str] = field(default_factory=list, metadata={
+        "help": "adapters to follow, as PATTERN or PATTERN=POLICY (shell-style pattern over the adapter name a job "
+                "publishes, first match decides, POLICY overrides follow_policy); unset: every adapter"})
     ready_file: str | None = field(default=None, metadata={"help": "write pid and bound ports here (JSON) once serving"})
     grace_period: float = field(default=10.0, metadata={"help": "seconds in-flight requests get to finish on shutdown"})
     log_level: str = field(default="INFO", metadata={"help": "log level", "choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
@@ -88,9 +112,38 @@ class DeployConfig:
                          "(letters, digits and ._:/@+- , at most 128)")
         if self.grace_period < 0:
             found.append(f"grace_period: must not be negative; got {self.grace_period}")
-        if self.api_key is not None and not self.api_key.strip():
-            found.append("api_key: must not be empty")
+        for name in ("api_key", "admin_api_key"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                found.append(f"{name}: must not be empty")
+        try:
+            parse_follow_jobs(self.follow_jobs)
+        except Problems as exc:
+            found.extend(exc.problems)
+        found += tls.server_problems(self.tls_cert, self.tls_key, self.tls_client_ca)
+        found += channels.client_problems(self.tls_ca, self.tls_client_cert, self.tls_client_key)
         return found
+
+    def admin_keys(self) -> list[str]:
+        """The keys the admin gRPC services accept: admin_api_key, else api_key; none: open."""
+        key = self.admin_api_key or self.api_key
+        return [key] if key else []
+
+
+def parse_follow_jobs(specs: list[str]) -> list[tuple[str, str | None]]:
+    """`["sft-*=best", "demo"]` -> `[("sft-*", "best"), ("demo", None)]`; every bad entry at once."""
+    found: list[str] = []
+    rules: list[tuple[str, str | None]] = []
+    for spec in specs:
+        pattern, sep, policy = spec.partition("=")
+        if not pattern:
+            found.append(f"follow_jobs: expected PATTERN or PATTERN=POLICY; got {spec!r}")
+        elif sep and policy not in FOLLOW_POLICIES:
+            found.append(f"follow_jobs: {spec!r}: policy must be one of {', '.join(FOLLOW_POLICIES)}; got {policy!r}")
+        else:
+            rules.append((pattern, policy if sep else None))
+    if found:
+        raise Problems(found)
+    return rules
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

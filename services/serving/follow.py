@@ -1,20 +1,25 @@
 """Follows a trainer's checkpoint publications (TrainerService.WatchCheckpoints)
-and hot-loads each one under its adapter name, replacing the older checkpoint of
-that name; reconnects with backoff while the trainer is away. No restart needed.
+and hot-loads the ones its promotion policy lets into live traffic under their adapter
+name, replacing the older checkpoint of that name; reconnects with backoff while the
+trainer is away. No restart needed.
 
-A burst of publications (the replay on connect, or a fast trainer) collapses to
-the newest checkpoint per adapter name: older ones would be replaced at once.
+The policy (--follow_policy, per adapter pattern with --follow_jobs): `final` promotes
+a job's last checkpoint only, `best` each checkpoint whose eval loss beats every earlier
+one of its job, `all` every one. A burst of promoted publications (the replay on
+connect, or a fast trainer) collapses to the newest per adapter name: older ones would
+be replaced at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import time
 
 import grpc
 
-from libs.common import logs
+from libs.common import channels, logs
 from libs.common.errors import TuneForgeError
 from protos.tuneforge.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.serving.adapters import AdapterRegistry
@@ -22,11 +27,48 @@ from services.serving.adapters import AdapterRegistry
 LOG = logging.getLogger("tuneforge.serving.follow")
 
 
+class FollowPolicy:
+    """Decides which published checkpoints go live. `rules` are (pattern, policy or None)
+    over adapter names, the first match deciding (None: `default`); with rules, an adapter
+    no pattern matches is not followed. Remembers each job's best eval loss for `best`."""
+
+    def __init__(self, default: str = "final", rules: list[tuple[str, str | None]] | None = None):
+        self.default = default
+        self.rules = list(rules or [])
+        self._best: dict[str, float] = {}  # job id -> lowest eval loss promoted
+
+    def policy_of(self, adapter_name: str) -> str | None:
+        if not self.rules:
+            return self.default
+        for pattern, policy in self.rules:
+            if fnmatch.fnmatchcase(adapter_name, pattern):
+                return policy or self.default
+        return None
+
+    def promotes(self, event: trainer_pb2.CheckpointEvent) -> tuple[bool, str]:
+        """(whether the checkpoint goes live, why)."""
+        policy = self.policy_of(event.adapter_name)
+        if policy is None:
+            return False, "no --follow_jobs pattern matches its adapter name"
+        if policy == "all":
+            return True, "follow_policy all"
+        if policy == "final":
+            return (True, "the job's final checkpoint") if event.final else (False, "not the job's final checkpoint")
+        if not event.HasField("eval_loss"):
+            return False, "no eval loss at its step (follow_policy best)"
+        best = self._best.get(event.job_id)
+        if best is not None and not event.eval_loss < best:
+            return False, f"eval loss {event.eval_loss:.6g} does not beat the job's best {best:.6g}"
+        self._best[event.job_id] = event.eval_loss
+        return True, f"the job's best eval loss so far ({event.eval_loss:.6g})"
+
+
 class CheckpointFollower:
-    def __init__(self, address: str, registry: AdapterRegistry,
+    def __init__(self, address: str, registry: AdapterRegistry, policy: FollowPolicy | None = None,
                  initial_backoff: float = 0.5, max_backoff: float = 10.0, connect_timeout: float = 5.0):
         self.address = address
         self.registry = registry
+        self.policy = policy or FollowPolicy()
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
@@ -48,7 +90,7 @@ class CheckpointFollower:
         backoff = self.initial_backoff
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.address) as channel:
+                async with channels.open_aio_channel(self.address) as channel:
                     # A stream's first bytes come with its first checkpoint, which may be long
                     # after connecting; the channel tells when the trainer is reachable.
                     await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
@@ -76,6 +118,11 @@ class CheckpointFollower:
             # the trainer names only what vLLM can serve as a LoRA: not a whole model, not a reward model
             logs.log(LOG, logging.INFO, "checkpoint without an adapter name (a full model or a reward model); "
                      "not loaded", path=event.path, job=event.job_id, step=event.step)
+            return
+        promoted, why = self.policy.promotes(event)
+        if not promoted:
+            logs.log(LOG, logging.INFO, "published checkpoint not promoted", adapter=event.adapter_name,
+                     path=event.path, job=event.job_id, step=event.step, reason=why)
             return
         self._pending.pop(event.adapter_name, None)  # re-insert: dict order is arrival order
         self._pending[event.adapter_name] = (event, time.monotonic())

@@ -19,7 +19,7 @@ import time
 import uvicorn
 
 from libs.common import config as cfg
-from libs.common import logs
+from libs.common import auth, channels, logs, tls
 from libs.common.errors import FailedPrecondition, Problems, TuneForgeError, Unavailable
 from libs.common.server import create_server, write_ready_file
 from services.serving.adapters import AdapterRegistry
@@ -27,9 +27,10 @@ from services.serving.admission import Admission
 from services.serving.admin import AdapterService, registrar
 from services.serving.api.app import build_app
 from services.serving.api.state import ServingState
-from services.serving.config import DeployConfig, parse_adapters, resolve_base_model, served_name
+from services.serving.config import (DeployConfig, parse_adapters, parse_follow_jobs, resolve_base_model,
+                                     served_name)
 from services.serving.engine import Engine
-from services.serving.follow import CheckpointFollower
+from services.serving.follow import CheckpointFollower, FollowPolicy
 from services.serving.rollout import RolloutService
 from services.serving.rollout import registrar as rollout_registrar
 
@@ -69,6 +70,14 @@ def check_adapters(registry: AdapterRegistry, adapters: dict[str, str]) -> None:
         raise Problems(found)
 
 
+def admin_keys(config: DeployConfig) -> auth.BearerKeyInterceptor | None:
+    """The admin gRPC services' key check (every service on the port but health and reflection)."""
+    keys = config.admin_keys()
+    if not keys:
+        return None
+    return auth.BearerKeyInterceptor(keys, flag="--admin_api_key" if config.admin_api_key else "--api_key")
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -80,6 +89,10 @@ async def _serve(config: DeployConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     started = time.perf_counter()
+    channels.configure(config.tls_ca, config.tls_client_cert, config.tls_client_key)
+    server_tls = tls.server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
+    if server_tls is not None:
+        server_tls.credentials()  # a bad certificate fails now, before the engine's minute
     model_dir = resolve_base_model(config)
     adapters = parse_adapters(config.adapters)
     base_name = served_name(config, model_dir)
@@ -114,9 +127,11 @@ async def _serve(config: DeployConfig) -> int:
         admin, rollout = registrar(AdapterService(registry, loop)), rollout_registrar(RolloutService(state, loop))
         grpc_server, grpc_port, health = create_server(
             f"{_url_host(config.host)}:{config.grpc_port}", lambda server: [*admin(server), *rollout(server)], "serving",
-            config.grpc_max_streams, config.grpc_unary_threads, streams_flag="--grpc_max_streams")
+            config.grpc_max_streams, config.grpc_unary_threads, streams_flag="--grpc_max_streams",
+            tls_config=server_tls, keys=admin_keys(config))
         if config.trainer_address:
-            follower = CheckpointFollower(config.trainer_address, registry)
+            policy = FollowPolicy(config.follow_policy, parse_follow_jobs(config.follow_jobs))
+            follower = CheckpointFollower(config.trainer_address, registry, policy)
             follower.start()
         ports = {"http_port": http_port, "grpc_port": grpc_port}
         if config.metrics:

@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 
 import grpc
 
+from libs.common import channels
 from libs.common.errors import FailedPrecondition, code_from_number, from_rpc_error
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
 from protos.tuneforge.trainer.v1 import trainer_pb2_grpc
@@ -27,7 +28,7 @@ class JobFailed(FailedPrecondition):
 
 @contextlib.contextmanager
 def _stub(address: str) -> Iterator[trainer_pb2_grpc.TrainerServiceStub]:
-    with grpc.insecure_channel(address) as channel:
+    with channels.open_channel(address) as channel:
         try:
             yield trainer_pb2_grpc.TrainerServiceStub(channel)
         except grpc.RpcError as exc:

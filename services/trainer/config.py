@@ -856,9 +856,18 @@ class TrainerServerConfig(ServerOptions):
     cancel_timeout: float = field(default=60.0, metadata={"help": "seconds a cancelled job gets to publish its checkpoint before it is killed"})
     torch_threads: int = field(default=0, metadata={
         "help": "intra-op CPU threads per training process; 0 shares the cores among max_concurrent_jobs"})
+    keep_finished_jobs: int = field(default=256, metadata={
+        "help": "finished jobs remembered for GetJob, ListJobs, WatchJob and the checkpoint feed; the oldest are "
+                "forgotten first (their run directories stay)"})
+    finished_job_retention: float = field(default=7 * 24 * 3600.0, metadata={
+        "help": "seconds a finished job is remembered (default a week); then forgotten, its run directory kept"})
 
     def problems(self) -> list[str]:
         found = super().problems()
+        if self.keep_finished_jobs < 1:
+            found.append(f"keep_finished_jobs: must be at least 1; got {self.keep_finished_jobs}")
+        if not self.finished_job_retention > 0:
+            found.append(f"finished_job_retention: must be positive; got {self.finished_job_retention}")
         if self.max_concurrent_jobs < 1:
             found.append(f"max_concurrent_jobs: must be at least 1; got {self.max_concurrent_jobs}")
         if self.torch_threads < 0:

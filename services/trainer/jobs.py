@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -64,6 +65,8 @@ class Job:
     cancel_requested: bool = False
     process: subprocess.Popen | None = None
     output: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    eval_losses: dict[int, float] = field(default_factory=dict)  # step -> eval loss, for its checkpoint's event
+    finished_at: float | None = None  # time.monotonic() when it reached a terminal state
     done: dict | None = None  # the child's "done" event
     failure: dict | None = None  # the child's "error" event
 
@@ -77,8 +80,14 @@ class JobManager:
     """Owns every job of one trainer server. Thread-safe; watchers block on one condition."""
 
     def __init__(self, max_concurrent_jobs: int = 1, cancel_timeout: float = 60.0, torch_threads: int = 0,
-                 python: str = sys.executable):
+                 python: str = sys.executable, keep_finished_jobs: int = 256,
+                 finished_job_retention: float = 7 * 24 * 3600.0, clock: Callable[[], float] = time.monotonic):
         self.max_concurrent_jobs = max_concurrent_jobs
+        # Finished jobs (their events, output tail and checkpoint publications) are forgotten
+        # beyond this many or after this many seconds; their run directories stay on disk.
+        self.keep_finished_jobs = keep_finished_jobs
+        self.finished_job_retention = finished_job_retention
+        self._clock = clock
         self.cancel_timeout = cancel_timeout
         # Concurrent jobs split the cores instead of each taking all: oversubscribed cores make
         # torch's OpenMP threads crawl.
@@ -87,6 +96,7 @@ class JobManager:
         self._cond = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._checkpoints: list[pb.CheckpointEvent] = []
+        self._checkpoints_dropped = 0  # publications of forgotten jobs cut from the front of the feed
         self._runners: list[threading.Thread] = []
         self._closing = False  # no new jobs
         self._closed = False  # streams end
@@ -106,6 +116,7 @@ class JobManager:
             for other in self._jobs.values():
                 if other.state not in TERMINAL and pathlib.Path(other.config.output_dir).resolve() == output_dir:
                     raise FailedPrecondition(f"job {other.id} is already writing to {output_dir}", field="output_dir")
+            self._forget_finished()
             job = Job(id=uuid.uuid4().hex[:16], config=config, arguments=as_dict(config))
             self._jobs[job.id] = job
             self._record_state(job)
@@ -114,10 +125,12 @@ class JobManager:
 
     def get(self, job_id: str) -> pb.Job:
         with self._cond:
+            self._forget_finished()
             return self._job(job_id).proto()
 
     def list_jobs(self) -> list[pb.Job]:
         with self._cond:
+            self._forget_finished()
             return [job.proto() for job in self._jobs.values()]
 
     def process_id(self, job_id: str) -> int | None:
@@ -165,13 +178,14 @@ class JobManager:
                           is_active: Callable[[], bool] = lambda: True) -> Iterator[pb.CheckpointEvent]:
         """Every checkpoint publication (past ones first unless `only_new`), until the
         watcher leaves or the server shuts down."""
-        with self._cond:
-            sent = len(self._checkpoints) if only_new else 0
+        with self._cond:  # `sent` counts publications since the server started, forgotten ones included
+            sent = self._checkpoints_dropped + len(self._checkpoints) if only_new else self._checkpoints_dropped
         while True:
             with self._cond:
-                while sent == len(self._checkpoints) and not self._closed and is_active():
+                while sent == self._checkpoints_dropped + len(self._checkpoints) and not self._closed and is_active():
                     self._cond.wait(0.5)
-                new, sent = self._checkpoints[sent:], len(self._checkpoints)
+                new = self._checkpoints[max(0, sent - self._checkpoints_dropped):]
+                sent = self._checkpoints_dropped + len(self._checkpoints)
                 over = self._closed or not is_active()
             yield from new
             if over:
@@ -198,7 +212,8 @@ class JobManager:
     def _job(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
-            raise NotFound(f"no job {job_id!r}", field="id")
+            raise NotFound(f"no job {job_id!r} (finished jobs are forgotten beyond --keep_finished_jobs or after "
+                           "--finished_job_retention seconds; their run directories stay)", field="id")
         return job
 
     def _schedule(self) -> None:
@@ -336,13 +351,15 @@ class JobManager:
                 self._append(job, pb.WatchJobResponse(step=step))
             elif kind == "eval":
                 metrics.EVAL_LOSS.set(event["eval_loss"])
+                job.eval_losses[int(event["step"])] = float(event["eval_loss"])
                 evaluated = pb.EvalEvent(**_message_fields(pb.EvalEvent, event))
                 metrics.set_method_metrics(event.get("method", "sft"), evaluated.metrics)
                 self._append(job, pb.WatchJobResponse(eval=evaluated))
             elif kind == "checkpoint":
                 published = pb.CheckpointEvent(job_id=job.id, step=event["step"], path=event["path"],
                                                base_model=event["base_model"], adapter_name=event["adapter_name"],
-                                               final=event["final"])
+                                               final=event["final"],
+                                               eval_loss=job.eval_losses.get(int(event["step"])))
                 job.last_checkpoint = published.path
                 metrics.CHECKPOINTS.inc()
                 metrics.PUBLICATION_DURATION.observe(event["publish_seconds"])
@@ -360,6 +377,8 @@ class JobManager:
 
     def _record_state(self, job: Job) -> None:
         """Announces a state change to watchers and metrics (lock held)."""
+        if job.state in TERMINAL and job.finished_at is None:
+            job.finished_at = self._clock()
         self._append(job, pb.WatchJobResponse(job=job.proto()))
         self._update_job_metrics()
         logs.log(LOG, logging.INFO, "job state", job=job.id, state=state_name(job.state), error=job.error or None)
@@ -374,3 +393,26 @@ class JobManager:
             job.state, job.error = state, error
             self._record_state(job)
             self._schedule()
+            self._forget_finished()
+
+    def _forget_finished(self) -> list[str]:
+        """Forgets finished jobs beyond `keep_finished_jobs` (oldest first) and those finished
+        more than `finished_job_retention` seconds ago, with their publications at the front
+        of the checkpoint feed; their run directories stay. Returns their ids (lock held)."""
+        now = self._clock()
+        finished = sorted((job for job in self._jobs.values() if job.state in TERMINAL and job.finished_at is not None),
+                          key=lambda job: job.finished_at)
+        excess = max(0, len(finished) - self.keep_finished_jobs)
+        gone = [job.id for i, job in enumerate(finished)
+                if i < excess or now - job.finished_at > self.finished_job_retention]
+        for job_id in gone:
+            del self._jobs[job_id]
+        if gone:
+            cut = 0
+            while cut < len(self._checkpoints) and self._checkpoints[cut].job_id not in self._jobs:
+                cut += 1
+            del self._checkpoints[:cut]
+            self._checkpoints_dropped += cut
+            self._update_job_metrics()
+            logs.log(LOG, logging.INFO, "finished jobs forgotten", jobs=gone, kept=len(self._jobs))
+        return gone

@@ -54,3 +54,16 @@ def test_unknown_command_and_service():
 def test_help_exits_zero(command):
     run = tuneforge(command, "--help")
     assert run.returncode == 0 and "usage" in run.stdout.lower(), run.stdout + run.stderr
+
+
+def test_client_tls_flags_are_checked_and_need_remote_services(tmp_path, tls_files):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    run = tuneforge("sft", "--dataset", str(data), "--output_dir", str(tmp_path / "out"),
+                    "--tls_client_cert", tls_files.client_cert)
+    assert_user_error(run, "tls_client_cert and tls_client_key: give both or neither",
+                      "tls_client_cert: needs tls_ca")
+    run = tuneforge("sft", "--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--tls_ca", tls_files.ca)
+    assert_user_error(run, "tls_ca: the dataprep and trainer this command starts in-process")
+    assert not (tmp_path / "out").exists()

@@ -49,3 +49,37 @@ def test_process_serves_health_reflection_metrics_and_drains_on_sigterm(name, tm
 def test_serving_process_health_and_reflection(stack):
     _check(stack.serving_grpc, SERVICES["serving"])
     _check(stack.serving_grpc, "tuneforge.serving.v1.RolloutService")
+
+
+@pytest.mark.parametrize("name", ["dataprep", "trainer"])
+def test_process_serves_mutual_tls_from_its_flags(name, tmp_path, tls_files, monkeypatch):
+    """--tls_cert/--tls_key/--tls_client_ca on the process; the client side through the
+    TUNEFORGE_TLS_* environment (what --tls_ca and friends set): health and reflection over
+    mutual TLS; a plaintext client and one without a certificate are refused."""
+    from libs.common import channels
+
+    monkeypatch.setenv(channels.ENV_CA, tls_files.ca)
+    monkeypatch.setenv(channels.ENV_CERT, tls_files.client_cert)
+    monkeypatch.setenv(channels.ENV_KEY, tls_files.client_key)
+    with Stack(tmp_path) as stack:  # waits for SERVING through the TLS channel factory
+        process = stack.start(name, ["--tls_cert", tls_files.server_cert, "--tls_key", tls_files.server_key,
+                                     "--tls_client_ca", tls_files.ca])
+        with channels.open_channel(process.grpc_address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(service=SERVICES[name]), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert SERVICES[name] in set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        monkeypatch.delenv(channels.ENV_CERT)
+        monkeypatch.delenv(channels.ENV_KEY)
+        for open_channel in (channels.open_channel, grpc.insecure_channel):
+            with open_channel(process.grpc_address) as channel, pytest.raises(grpc.RpcError) as info:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert '"tls": "mutual"' in process.log_path.read_text()
+
+
+def test_process_names_an_unusable_certificate_flag(tmp_path, tls_files):
+    with Stack(tmp_path) as stack, pytest.raises(Exception) as info:
+        stack.start("trainer", ["--tls_cert", str(tmp_path / "missing.pem"), "--tls_key", tls_files.server_key])
+    assert f"tls_cert: cannot read {tmp_path / 'missing.pem'}: No such file or directory" in str(info.value)
+    assert "Traceback" not in str(info.value)

@@ -225,3 +225,40 @@ def test_an_armed_point_acts_on_its_hit_and_reports_the_process(tmp_path):
     assert done.stdout.split("\n")[:2] == ["reached 1", "reached 2"]
     (line,) = report.read_text().splitlines()
     assert json.loads(line)["point"] == "test.point" and json.loads(line)["action"] == "kill"
+
+
+def test_production_call_sites_reach_faults_only_when_armed():
+    """Every faults.reach outside libs/common/faults.py sits under `if faults.ARMED:`, so an
+    unarmed process (no TUNEFORGE_FAULT at import) pays one attribute check per point."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(faults.__file__).resolve().parents[2]
+    sites, unguarded = [], []
+    for path in sorted([*root.glob("libs/**/*.py"), *root.glob("services/**/*.py"), *root.glob("cli/**/*.py")]):
+        if path.name == "faults.py" or "_pb2" in path.name:
+            continue
+        tree = ast.parse(path.read_text())
+        guarded = {id(node) for test in ast.walk(tree) if isinstance(test, ast.If)
+                   and ast.unparse(test.test) == "faults.ARMED" for node in ast.walk(ast.Module(test.body, []))}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "faults.reach":
+                sites.append(f"{path.relative_to(root)}:{node.lineno}")
+                if id(node) not in guarded:
+                    unguarded.append(sites[-1])
+    assert len(sites) >= 4 and unguarded == [], (sites, unguarded)
+
+
+def test_an_unarmed_process_never_calls_reach_while_publishing(tmp_path, monkeypatch):
+    """Publication (the checkpoint.built point) with reach made to fail: it is never called."""
+    assert faults.ARMED == {}
+
+    def reach(point):
+        raise AssertionError(f"faults.reach({point!r}) called in an unarmed process")
+
+    monkeypatch.setattr(faults, "reach", reach)
+    published = checkpoint.publish(tmp_path / "run" / "checkpoint-1", lambda tmp: (tmp / "w.bin").write_text("w"))
+    assert (published / "w.bin").read_text() == "w"
+    monkeypatch.setattr(faults, "ARMED", {"checkpoint.built": (1, "kill")})
+    with pytest.raises(AssertionError, match="checkpoint.built"):  # armed, the same path does call it
+        checkpoint.publish(tmp_path / "run" / "checkpoint-2", lambda tmp: (tmp / "w.bin").write_text("w"))

@@ -1,5 +1,6 @@
 """The checkpoint follower against a real gRPC TrainerService on 127.0.0.1 that
-publishes checkpoints: each one is loaded under its adapter name (replacing the
+publishes checkpoints, with --follow_policy all (the promotion policies are
+test_serving_follow_policy.py's): each one is loaded under its adapter name (replacing the
 older one), a checkpoint that vanished is skipped without stopping the follower,
 and the follower reconnects when the trainer comes (back) up. The registry's engine records loads (conftest's recording_engine)."""
 
@@ -15,7 +16,7 @@ import pytest
 from libs.common.errors import FailedPrecondition
 from protos.tuneforge.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.serving.adapters import AdapterRegistry
-from services.serving.follow import CheckpointFollower
+from services.serving.follow import CheckpointFollower, FollowPolicy
 
 
 class Trainer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -86,7 +87,7 @@ def test_follows_publications_and_replaces_older_checkpoints(base, tmp_path, pub
         await trainer.publish(job_id="j1", step=10, path=str(checkpoints[0]), adapter_name="ada")
         await trainer.publish(job_id="j1", step=20, path=str(checkpoints[1]), adapter_name="ada")
         server, port = await serve(trainer)
-        follower = CheckpointFollower(f"127.0.0.1:{port}", registry)
+        follower = CheckpointFollower(f"127.0.0.1:{port}", registry, FollowPolicy("all"))
         follower.start()
         try:
             await until(lambda: served(registry).get("ada") == str(checkpoints[1]))
@@ -120,7 +121,7 @@ def test_checkpoints_without_an_adapter_name_are_left_alone(base, tmp_path, publ
         await trainer.publish(job_id="rm", step=2, path=str(reward_model), adapter_name="", final=True)
         await trainer.publish(job_id="ada", step=1, path=str(ada), adapter_name="ada")
         server, port = await serve(trainer)
-        follower = CheckpointFollower(f"127.0.0.1:{port}", registry)
+        follower = CheckpointFollower(f"127.0.0.1:{port}", registry, FollowPolicy("all"))
         follower.start()
         try:
             await until(lambda: served(registry).get("ada") == str(ada))
@@ -146,7 +147,8 @@ def test_reconnects_when_the_trainer_comes_up_and_after_it_restarts(base, tmp_pa
     async def scenario():
         engine = recording_engine()
         registry = AdapterRegistry(engine, base, "base", max_lora_rank=16)
-        follower = CheckpointFollower(f"127.0.0.1:{port}", registry, initial_backoff=0.05, max_backoff=0.2,
+        follower = CheckpointFollower(f"127.0.0.1:{port}", registry, FollowPolicy("all"), initial_backoff=0.05,
+                                      max_backoff=0.2,
                                       connect_timeout=0.2)
         follower.start()
         try:

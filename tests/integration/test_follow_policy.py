@@ -1,0 +1,55 @@
+"""The session stack's serving follows its trainer with the default --follow_policy final:
+a job publishing checkpoints at steps 2 and 4 puts only its final one (step 4) into live
+traffic; the intermediate one is logged as not promoted and never loaded."""
+
+import json
+import time
+
+import grpc
+import pytest
+
+from cli import demo
+from libs.dataset import client as dataprep_client
+from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
+from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
+from services.dataprep.config import PrepareConfig
+from services.trainer import client as trainer_client
+from services.trainer.config import TrainConfig
+
+ADAPTER = "follow-final-test"
+
+
+@pytest.mark.slow
+def test_only_the_final_checkpoint_goes_live(stack, tmp_path):
+    import openai
+
+    model = str(stack.model_dir)
+    demo.write_identity_dataset(tmp_path / "raw.jsonl", "Ferdinanda", "Policy Labs")
+    dataprep_client.prepare(stack.dataprep, PrepareConfig(model=model, dataset=[str(tmp_path / "raw.jsonl")],
+                                                          output_dir=str(tmp_path / "data")))
+    run_dir = tmp_path / "run"
+    job = trainer_client.wait(stack.trainer, trainer_client.submit(stack.trainer, TrainConfig(
+        model=model, dataset=str(tmp_path / "data"), dataprep_address=stack.dataprep, output_dir=str(run_dir),
+        adapter_name=ADAPTER, max_steps=4, save_steps=2, per_device_train_batch_size=4, lora_rank=8)))
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    final = str(run_dir / "checkpoint-4")
+
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(stack.serving_grpc) as channel:
+        stub = serving_pb2_grpc.AdapterServiceStub(channel)
+        while True:
+            listed = {a.name: a for a in stub.ListAdapters(serving_pb2.ListAdaptersRequest(), timeout=10).adapters}
+            if ADAPTER in listed and listed[ADAPTER].state == serving_pb2.ADAPTER_STATE_READY:
+                break
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.2)
+    assert listed[ADAPTER].path == final
+    client = openai.OpenAI(base_url=f"{stack.serving_http}/v1", api_key="test")
+    assert ADAPTER in [m.id for m in client.models.list().data]
+
+    entries = [json.loads(line) for line in (stack.log_dir / "serving.log").read_text().splitlines()
+               if line.startswith("{")]
+    ours = [e for e in entries if e.get("adapter") == ADAPTER]
+    assert [(e["step"], e["reason"]) for e in ours if e["msg"] == "published checkpoint not promoted"] == [
+        (2, "not the job's final checkpoint")]
+    assert [e["path"] for e in ours if e["msg"] == "published checkpoint serving"] == [final]
