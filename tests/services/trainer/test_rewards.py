@@ -94,7 +94,9 @@ def test_extract_answer():
     assert builtin.extract_answer("  a \n b ") == "a b"
 
 
-def test_cosine_is_the_half_cosine_between_the_written_ends():
+def test_cosine_is_the_half_cosine_between_the_written_ends(monkeypatch):
+    # correctness by exact match (with math_verify installed, a bare "4" is no LaTeX answer: 0)
+    monkeypatch.setattr(builtin, "math_verify_available", lambda: False)
     # Lmax 10: correct answers from 1.0 (length 0) to 0.5 (length 10), wrong ones from -0.5 to 0.0
     params = RewardParams(cosine_max_len=10)
     completions = ["<answer>4</answer>"] * 4 + ["<answer>5</answer>"] * 3
