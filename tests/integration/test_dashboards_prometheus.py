@@ -5,7 +5,8 @@ LoRA job with evaluation that serving hot-loads, completions on the adapter and 
 refused request). Then every panel's query of every dashboard (deploy/grafana/dashboards.py) runs
 through Prometheus's HTTP API over the workload's time range and must return at least one series:
 a metric renamed in code, or a rule renamed, fails here. Every rule must evaluate without error,
-and every metric name the rules and dashboards use must be one a service exposes."""
+every metric name the rules and dashboards use must be one a service exposes, and each service's
+live page carries its build and process metrics and passes `promtool check metrics`."""
 
 from __future__ import annotations
 
@@ -127,6 +128,20 @@ def test_every_panel_query_returns_series_from_the_live_stack(stack, prometheus,
                 if not result:
                     empty.append(f"{name} / {panel.title}: {target.expr}")
     assert empty == []
+
+    # every service: its build and process metrics, and a page promtool accepts
+    builds = api(prometheus, "query", query="tuneforge_build_info")["result"]
+    assert sorted(b["metric"]["job"] for b in builds) == ["dataprep", "serving", "trainer"]
+    assert all(set(b["metric"]) >= {"version", "revision", "python", "torch"} for b in builds)
+    cpu = api(prometheus, "query", query="process_cpu_seconds_total")["result"]
+    assert sorted(c["metric"]["job"] for c in cpu) == ["dataprep", "serving", "trainer"]
+    promtool = shutil.which("promtool")
+    for target in api(prometheus, "targets")["activeTargets"]:
+        assert target["health"] == "up", target
+        if promtool is not None:
+            page = urllib.request.urlopen(target["scrapeUrl"], timeout=10).read()
+            lint = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True, timeout=30)
+            assert lint.returncode == 0, (target["labels"]["job"], lint.stdout + lint.stderr)
 
     rules = [rule for group in api(prometheus, "rules")["groups"] for rule in group["rules"]]
     assert (sum(r["type"] == "recording" for r in rules), sum(r["type"] == "alerting" for r in rules)) == (19, 10)
