@@ -1,215 +1,243 @@
-"""TuneForge's Grafana dashboards as code: one overview across the three services and one per
-service, each panel a PromQL query over the metrics the services export and the recording
+"""TuneForge's Grafana dashboards as code, built with grafana-foundation-sdk (Grafana's own
+dashboards-as-code SDK, the Grafana 10.1 schema): one overview across the three services and one
+per service, each panel a PromQL query over the metrics the services export and the recording
 rules in deploy/prometheus. `python -m deploy.grafana.dashboards` writes them to
-deploy/grafana/dashboards/*.json (provisioned by deploy/grafana/provisioning); `--check`
-exits 1 when the files differ from this module.
-
-Neither grafana-foundation-sdk nor grafanalib is installed in this project's environment, so
-this module holds the small part of a dashboard builder it needs (panels, targets, grid layout,
-the Prometheus data-source variable), writing Grafana's dashboard JSON (schemaVersion 39).
-Swapping it for grafana-foundation-sdk's builders keeps DASHBOARDS' queries as they are."""
+deploy/grafana/dashboards/*.json (provisioned by deploy/grafana/provisioning); `--check` exits 1
+when the files differ from this module."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
-from dataclasses import dataclass, field
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as dashboard_builders
+from grafana_foundation_sdk.builders import prometheus, stat, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as models
 
 OUT = pathlib.Path(__file__).resolve().parent / "dashboards"
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 SERVICES = 'job=~"dataprep|trainer|serving"'
+WIDTH, HEIGHT = 8, 8  # three panels to a line of Grafana's 24-column grid
 
 
-@dataclass(frozen=True)
-class Target:
-    expr: str
-    legend: str = ""
+def query(expr: str, legend: str = "") -> prometheus.Dataquery:
+    return prometheus.Dataquery().expr(expr).legend_format(legend or "__auto").range().datasource(DATASOURCE)
 
 
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    targets: tuple[Target, ...]
-    unit: str = "short"
-    description: str = ""
-    kind: str = "timeseries"  # or "stat"
+def panel(title: str, *targets: prometheus.Dataquery | str, unit: str = "short", description: str = "",
+          kind: str = "timeseries") -> timeseries.Panel | stat.Panel:
+    """A time series (or stat) panel of one or more queries, refIds A, B, ... in order."""
+    if kind == "stat":
+        builder = (stat.Panel().text_mode(common.BigValueTextMode.VALUE_AND_NAME)
+                   .color_mode(common.BigValueColorMode.BACKGROUND)
+                   .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False)))
+    else:
+        builder = (timeseries.Panel()
+                   .legend(common_builders.VizLegendOptions().display_mode(common.LegendDisplayMode.LIST)
+                           .placement(common.LegendPlacement.BOTTOM).show_legend(True))
+                   .tooltip(common_builders.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI)
+                            .sort(common.SortOrder.DESCENDING)))
+    builder.title(title).description(description).unit(unit).datasource(DATASOURCE).span(WIDTH).height(HEIGHT)
+    for i, target in enumerate(targets):
+        builder.with_target((query(target) if isinstance(target, str) else target).ref_id(chr(ord("A") + i)))
+    return builder
 
 
-@dataclass(frozen=True)
-class Row:
-    title: str
-    panels: tuple[Panel, ...]
+def row(title: str, panels: tuple) -> tuple[str, tuple]:
+    return title, panels
 
 
-@dataclass(frozen=True)
-class Dashboard:
-    uid: str
-    title: str
-    description: str
-    rows: tuple[Row, ...] = field(default_factory=tuple)
+def dashboard(uid: str, title: str, description: str, rows: tuple[tuple[str, tuple], ...]) -> models.Dashboard:
+    """A dashboard of rows (never collapsed), each row's panels three to a line; the SDK lays out
+    the grid, panel ids count up from 1 in order."""
+    builder = (dashboard_builders.Dashboard(title).uid(uid).description(description).tags(["tuneforge"])
+               .timezone("utc").editable().tooltip(models.DashboardCursorSync.CROSSHAIR).refresh("30s")
+               .time("now-6h", "now").version(1)
+               .link(dashboard_builders.DashboardLink("TuneForge").type(models.DashboardLinkType.DASHBOARDS)
+                     .tags(["tuneforge"]).as_dropdown(True))
+               .with_variable(dashboard_builders.DatasourceVariable("datasource").label("Prometheus")
+                              .type("prometheus")))
+    panel_id = 1
+    for row_title, row_panels in rows:
+        builder.with_row(dashboard_builders.Row(row_title).collapsed(False).id(panel_id))
+        panel_id += 1
+        for p in row_panels:
+            builder.with_panel(p.id(panel_id))
+            panel_id += 1
+    return builder.build()
 
-    def panels(self):
-        return [panel for row in self.rows for panel in row.panels]
+
+def panels(board: models.Dashboard) -> list[models.Panel]:
+    """The dashboard's query panels (not its row headers)."""
+    return [p for p in board.panels if not isinstance(p, models.RowPanel)]
 
 
-def panel(title: str, *targets: Target | str, unit: str = "short", description: str = "",
-          kind: str = "timeseries") -> Panel:
-    return Panel(title, tuple(t if isinstance(t, Target) else Target(t) for t in targets), unit, description, kind)
+def exprs(board: models.Dashboard) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query of the dashboard."""
+    return [(p.title, t.expr) for p in panels(board) for t in p.targets]
 
 
 # -- the dashboards ----------------------------------------------------------------------------
 
-def quantiles(metric: str, by: str = "", selector: str = "") -> tuple[Target, ...]:
+def quantiles(metric: str, by: str = "", selector: str = "") -> tuple[prometheus.Dataquery, ...]:
     """p50 and p95 of a histogram over 5 minutes, per `by` label (none: all series together)."""
-    return tuple(Target(f"histogram_quantile({q}, sum by ({by + ', ' if by else ''}le) "
-                        f"(rate({metric}_bucket{selector}[5m])))",
-                        f"p{int(q * 100)}" + (f" {{{{{by}}}}}" if by else ""))
+    return tuple(query(f"histogram_quantile({q}, sum by ({by + ', ' if by else ''}le) "
+                       f"(rate({metric}_bucket{selector}[5m])))",
+                       f"p{int(q * 100)}" + (f" {{{{{by}}}}}" if by else ""))
                  for q in (0.5, 0.95))
 
 
-OVERVIEW = Dashboard("tuneforge-overview", "TuneForge / Overview",
+OVERVIEW = dashboard("tuneforge-overview", "TuneForge / Overview",
                      "Health and RED (rate, errors, duration) of dataprep, trainer and serving.", (
-    Row("Health", (
-        panel("Targets up", Target(f"up{{{SERVICES}}}", "{{job}} {{instance}}"), kind="stat",
+    row("Health", (
+        panel("Targets up", query(f"up{{{SERVICES}}}", "{{job}} {{instance}}"), kind="stat",
               description="1: Prometheus scraped the service's /metrics; 0: down (alert TuneForgeServiceDown)."),
-        panel("Build", Target("tuneforge_build_info", "{{job}} {{version}} {{revision}} torch {{torch}}"), kind="stat",
+        panel("Build", query("tuneforge_build_info", "{{job}} {{version}} {{revision}} torch {{torch}}"), kind="stat",
               description="The running build of each service (tuneforge_build_info)."),
     )),
-    Row("gRPC APIs (dataprep, trainer, serving admin)", (
-        panel("Requests per second", Target("job:tuneforge_grpc_requests:rate5m", "{{job}}"), unit="reqps"),
-        panel("Server-error ratio", Target("job:tuneforge_grpc_errors:ratio_rate5m", "{{job}}"), unit="percentunit",
+    row("gRPC APIs (dataprep, trainer, serving admin)", (
+        panel("Requests per second", query("job:tuneforge_grpc_requests:rate5m", "{{job}}"), unit="reqps"),
+        panel("Server-error ratio", query("job:tuneforge_grpc_errors:ratio_rate5m", "{{job}}"), unit="percentunit",
               description="UNKNOWN, INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED, DATA_LOSS, UNIMPLEMENTED and "
                           "RESOURCE_EXHAUSTED over all calls; a caller's bad argument does not count."),
-        panel("Latency p95", Target("job:tuneforge_grpc_request_duration_seconds:p95_5m", "{{job}}"), unit="s",
+        panel("Latency p95", query("job:tuneforge_grpc_request_duration_seconds:p95_5m", "{{job}}"), unit="s",
               description="Streams (ReadShards, WatchJob) count until their last message."),
     )),
-    Row("Serving HTTP (OpenAI API)", (
-        panel("Requests per second", Target("job:tuneforge_serving_http_requests:rate5m", "{{job}}"), unit="reqps"),
-        panel("5xx ratio", Target("job:tuneforge_serving_http_5xx:ratio_rate5m", "{{job}}"), unit="percentunit"),
+    row("Serving HTTP (OpenAI API)", (
+        panel("Requests per second", query("job:tuneforge_serving_http_requests:rate5m", "{{job}}"), unit="reqps"),
+        panel("5xx ratio", query("job:tuneforge_serving_http_5xx:ratio_rate5m", "{{job}}"), unit="percentunit"),
         panel("Time to first token p95 by model",
-              Target("adapter:tuneforge_serving_time_to_first_token_seconds:p95_5m", "{{adapter}}"), unit="s"),
+              query("adapter:tuneforge_serving_time_to_first_token_seconds:p95_5m", "{{adapter}}"), unit="s"),
     )),
-    Row("Processes", (
-        panel("Resident memory", Target(f"process_resident_memory_bytes{{{SERVICES}}}", "{{job}}"), unit="bytes"),
-        panel("CPU", Target(f"rate(process_cpu_seconds_total{{{SERVICES}}}[5m])", "{{job}}"), unit="percentunit",
+    row("Processes", (
+        panel("Resident memory", query(f"process_resident_memory_bytes{{{SERVICES}}}", "{{job}}"), unit="bytes"),
+        panel("CPU", query(f"rate(process_cpu_seconds_total{{{SERVICES}}}[5m])", "{{job}}"), unit="percentunit",
               description="CPU seconds per second (1 = one core busy); training and engine child processes "
                           "are not included."),
     )),
 ))
 
-DATAPREP = Dashboard("tuneforge-dataprep", "TuneForge / Dataprep",
+DATAPREP = dashboard("tuneforge-dataprep", "TuneForge / Dataprep",
                      "Preparations (rows, rejects, packing) and shards served to trainers.", (
-    Row("Preparation", (
-        panel("Rows per second", Target("instance:tuneforge_dataprep_rows_processed:rate5m", "{{instance}}"),
+    row("Preparation", (
+        panel("Rows per second", query("instance:tuneforge_dataprep_rows_processed:rate5m", "{{instance}}"),
               description="Rows read by preparations, kept or rejected."),
         panel("Rejected rows per second by reason",
-              Target("sum by (reason) (rate(tuneforge_dataprep_rows_rejected_total[5m]))", "{{reason}}"),
+              query("sum by (reason) (rate(tuneforge_dataprep_rows_rejected_total[5m]))", "{{reason}}"),
               description="Each rejected row is a line of the preparation's rejects.jsonl."),
-        panel("Rejected share (15 min)", Target("instance:tuneforge_dataprep_rows_rejected:ratio_increase15m",
-                                                "{{instance}}"), unit="percentunit"),
-        panel("Packing efficiency", Target("tuneforge_dataprep_packing_efficiency_ratio", "{{instance}}"),
+        panel("Rejected share (15 min)", query("instance:tuneforge_dataprep_rows_rejected:ratio_increase15m",
+                                               "{{instance}}"), unit="percentunit"),
+        panel("Packing efficiency", query("tuneforge_dataprep_packing_efficiency_ratio", "{{instance}}"),
               unit="percentunit", description="Real tokens over packed slots of the last packed preparation."),
-        panel("Preparations by state", Target("tuneforge_dataprep_preparations_active", "{{state}}")),
-        panel("Tokens written per second", Target("rate(tuneforge_dataprep_tokens_total[5m])", "all"),
-              Target("rate(tuneforge_dataprep_trained_tokens_total[5m])", "trained")),
+        panel("Preparations by state", query("tuneforge_dataprep_preparations_active", "{{state}}")),
+        panel("Tokens written per second", query("rate(tuneforge_dataprep_tokens_total[5m])", "all"),
+              query("rate(tuneforge_dataprep_trained_tokens_total[5m])", "trained")),
     )),
-    Row("Serving shards (ReadShards)", (
-        panel("Bytes served per second", Target("rate(tuneforge_dataprep_served_bytes_total[5m])", "{{instance}}"),
+    row("Serving shards (ReadShards)", (
+        panel("Bytes served per second", query("rate(tuneforge_dataprep_served_bytes_total[5m])", "{{instance}}"),
               unit="Bps"),
-        panel("Rows served per second", Target("rate(tuneforge_dataprep_rows_served_total[5m])", "{{instance}}")),
+        panel("Rows served per second", query("rate(tuneforge_dataprep_rows_served_total[5m])", "{{instance}}")),
         panel("ReadShards latency",
               *quantiles("tuneforge_dataprep_grpc_request_duration_seconds", selector='{method="ReadShards"}'),
               unit="s", description="Whole stream, first request to last shard."),
-        panel("Streams open and limit", Target("sum by (instance) (tuneforge_dataprep_grpc_streams_open)", "open"),
-              Target("tuneforge_dataprep_grpc_streams_limit", "limit (--max_streams)")),
-        panel("Verified shards in memory", Target("tuneforge_dataprep_shards_in_memory_bytes", "{{instance}}"),
+        panel("Streams open and limit", query("sum by (instance) (tuneforge_dataprep_grpc_streams_open)", "open"),
+              query("tuneforge_dataprep_grpc_streams_limit", "limit (--max_streams)")),
+        panel("Verified shards in memory", query("tuneforge_dataprep_shards_in_memory_bytes", "{{instance}}"),
               unit="bytes"),
     )),
 ))
 
-TRAINER = Dashboard("tuneforge-trainer", "TuneForge / Trainer",
+TRAINER = dashboard("tuneforge-trainer", "TuneForge / Trainer",
                     "Jobs, their loss and throughput (per job_id, while they run), step time, data wait, "
                     "checkpoints.", (
-    Row("Jobs", (
-        panel("Jobs by state", Target("tuneforge_trainer_jobs", "{{state}}")),
+    row("Jobs", (
+        panel("Jobs by state", query("tuneforge_trainer_jobs", "{{state}}")),
         panel("Jobs finished (1 h) by state",
-              Target("sum by (state) (increase(tuneforge_trainer_jobs_finished_total[1h]))", "{{state}}")),
-        panel("Progress", Target("tuneforge_trainer_job_step / tuneforge_trainer_job_total_steps", "{{job_id}}"),
+              query("sum by (state) (increase(tuneforge_trainer_jobs_finished_total[1h]))", "{{state}}")),
+        panel("Progress", query("tuneforge_trainer_job_step / tuneforge_trainer_job_total_steps", "{{job_id}}"),
               unit="percentunit"),
-        panel("Loss", Target("tuneforge_trainer_loss", "{{job_id}}"),
-              Target("tuneforge_trainer_eval_loss", "{{job_id}} eval")),
-        panel("Learning rate", Target("tuneforge_trainer_learning_rate", "{{job_id}}")),
-        panel("Tokens per second", Target("job_id:tuneforge_trainer_tokens_per_second:avg1m", "{{job_id}}"),
-              Target("instance:tuneforge_trainer_tokens:rate5m", "all jobs")),
+        panel("Loss", query("tuneforge_trainer_loss", "{{job_id}}"),
+              query("tuneforge_trainer_eval_loss", "{{job_id}} eval")),
+        panel("Learning rate", query("tuneforge_trainer_learning_rate", "{{job_id}}")),
+        panel("Tokens per second", query("job_id:tuneforge_trainer_tokens_per_second:avg1m", "{{job_id}}"),
+              query("instance:tuneforge_trainer_tokens:rate5m", "all jobs")),
     )),
-    Row("Steps", (
+    row("Steps", (
         panel("Step time", *quantiles("tuneforge_trainer_step_duration_seconds"), unit="s"),
-        panel("Data wait share of step time", Target("instance:tuneforge_trainer_data_wait:ratio_rate5m",
-                                                     "{{instance}}"), unit="percentunit",
+        panel("Data wait share of step time", query("instance:tuneforge_trainer_data_wait:ratio_rate5m",
+                                                    "{{instance}}"), unit="percentunit",
               description="Over 10% for 10 minutes: alert TuneForgeTrainingDataWaitHigh."),
         panel("Data wait per step", *quantiles("tuneforge_trainer_data_wait_seconds"), unit="s"),
         panel("Seconds since the last step",
-              Target("time() - tuneforge_trainer_job_last_progress_timestamp_seconds", "{{job_id}}"), unit="s",
+              query("time() - tuneforge_trainer_job_last_progress_timestamp_seconds", "{{job_id}}"), unit="s",
               description="Over 600 s: alert TuneForgeTrainingJobStalled."),
+        panel("Online step time split",
+              query("sum by (job_id, phase) (rate(tuneforge_trainer_job_phase_seconds_total[5m])) "
+                    "/ on (job_id) group_left () deriv(tuneforge_trainer_job_step[5m])", "{{job_id}} {{phase}}"),
+              unit="s", description="Seconds per optimizer step an online job (grpo, ppo, gkd, ...) spends "
+                                    "generating, scoring rewards, in the reference model, syncing weights to its "
+                                    "generator and training: the largest is where to look first."),
     )),
-    Row("Checkpoints", (
-        panel("Checkpoints published per job", Target("tuneforge_trainer_job_checkpoints_published_total",
-                                                      "{{job_id}}")),
+    row("Checkpoints", (
+        panel("Checkpoints published per job", query("tuneforge_trainer_job_checkpoints_published_total",
+                                                     "{{job_id}}")),
         panel("Publication time", *quantiles("tuneforge_trainer_checkpoint_publication_duration_seconds"),
               unit="s"),
         panel("Publication failures (1 h)",
-              Target("increase(tuneforge_trainer_checkpoint_publication_failures_total[1h])", "{{instance}}")),
+              query("increase(tuneforge_trainer_checkpoint_publication_failures_total[1h])", "{{instance}}")),
     )),
 ))
 
-SERVING = Dashboard("tuneforge-serving", "TuneForge / Serving",
+SERVING = dashboard("tuneforge-serving", "TuneForge / Serving",
                     "Requests, errors and latency per model (base or adapter), adapters, and the vLLM engine.", (
-    Row("Requests per model", (
-        panel("Requests per second", Target("adapter:tuneforge_serving_requests:rate5m", "{{adapter}}"),
+    row("Requests per model", (
+        panel("Requests per second", query("adapter:tuneforge_serving_requests:rate5m", "{{adapter}}"),
               unit="reqps"),
         panel("Errors per second by model and code",
-              Target("sum by (adapter, code) (rate(tuneforge_serving_request_errors_total[5m]))",
-                     "{{adapter}} {{code}}"), unit="reqps"),
+              query("sum by (adapter, code) (rate(tuneforge_serving_request_errors_total[5m]))",
+                    "{{adapter}} {{code}}"), unit="reqps"),
         panel("Time to first token",
-              Target("adapter:tuneforge_serving_time_to_first_token_seconds:p50_5m", "p50 {{adapter}}"),
-              Target("adapter:tuneforge_serving_time_to_first_token_seconds:p95_5m", "p95 {{adapter}}"),
-              Target("adapter:tuneforge_serving_time_to_first_token_seconds:p99_5m", "p99 {{adapter}}"), unit="s",
+              query("adapter:tuneforge_serving_time_to_first_token_seconds:p50_5m", "p50 {{adapter}}"),
+              query("adapter:tuneforge_serving_time_to_first_token_seconds:p95_5m", "p95 {{adapter}}"),
+              query("adapter:tuneforge_serving_time_to_first_token_seconds:p99_5m", "p99 {{adapter}}"), unit="s",
               description="p95 over 2 s for 10 minutes: alert TuneForgeServingTTFTHigh."),
         panel("Inter-token latency p95",
-              Target("adapter:tuneforge_serving_inter_token_latency_seconds:p95_5m", "{{adapter}}"), unit="s"),
-        panel("Request latency p95", Target("adapter:tuneforge_serving_request_latency_seconds:p95_5m",
-                                            "{{adapter}}"), unit="s"),
-        panel("Tokens per second", Target("sum by (adapter) (rate(tuneforge_serving_prompt_tokens_total[5m]))",
-                                          "prompt {{adapter}}"),
-              Target("sum by (adapter) (rate(tuneforge_serving_generated_tokens_total[5m]))",
-                     "generated {{adapter}}")),
+              query("adapter:tuneforge_serving_inter_token_latency_seconds:p95_5m", "{{adapter}}"), unit="s"),
+        panel("Request latency p95", query("adapter:tuneforge_serving_request_latency_seconds:p95_5m",
+                                           "{{adapter}}"), unit="s"),
+        panel("Tokens per second", query("sum by (adapter) (rate(tuneforge_serving_prompt_tokens_total[5m]))",
+                                         "prompt {{adapter}}"),
+              query("sum by (adapter) (rate(tuneforge_serving_generated_tokens_total[5m]))",
+                    "generated {{adapter}}")),
     )),
-    Row("Admission", (
-        panel("In flight, queued and limit", Target("tuneforge_serving_in_flight_requests", "in flight"),
-              Target("tuneforge_serving_queue_depth_requests", "waiting for first token"),
-              Target("tuneforge_serving_max_in_flight_requests", "limit (--max_concurrent_requests)")),
+    row("Admission", (
+        panel("In flight, queued and limit", query("tuneforge_serving_in_flight_requests", "in flight"),
+              query("tuneforge_serving_queue_depth_requests", "waiting for first token"),
+              query("tuneforge_serving_max_in_flight_requests", "limit (--max_concurrent_requests)")),
         panel("HTTP responses per second by code",
-              Target("sum by (code) (rate(tuneforge_serving_http_requests_total[5m]))", "{{code}}"), unit="reqps"),
+              query("sum by (code) (rate(tuneforge_serving_http_requests_total[5m]))", "{{code}}"), unit="reqps"),
     )),
-    Row("Adapters", (
-        panel("Adapters ready", Target("tuneforge_serving_adapters_ready", "{{instance}}")),
+    row("Adapters", (
+        panel("Adapters ready", query("tuneforge_serving_adapters_ready", "{{instance}}")),
         panel("Adapter loads (1 h) by result",
-              Target("sum by (result) (increase(tuneforge_serving_adapter_loads_total[1h]))", "{{result}}")),
+              query("sum by (result) (increase(tuneforge_serving_adapter_loads_total[1h]))", "{{result}}")),
         panel("Adapter load time", *quantiles("tuneforge_serving_adapter_load_duration_seconds"), unit="s"),
     )),
-    Row("vLLM engine", (
-        panel("Scheduler", Target("tuneforge_serving_engine_running_requests", "running"),
-              Target("tuneforge_serving_engine_waiting_requests", "waiting")),
-        panel("KV-cache usage", Target("tuneforge_serving_engine_kv_cache_usage_ratio", "{{instance}}"),
+    row("vLLM engine", (
+        panel("Scheduler", query("tuneforge_serving_engine_running_requests", "running"),
+              query("tuneforge_serving_engine_waiting_requests", "waiting")),
+        panel("KV-cache usage", query("tuneforge_serving_engine_kv_cache_usage_ratio", "{{instance}}"),
               unit="percentunit"),
-        panel("Preemptions per second", Target("rate(tuneforge_serving_engine_preemptions_total[5m])",
-                                               "{{instance}}"),
+        panel("Preemptions per second", query("rate(tuneforge_serving_engine_preemptions_total[5m])",
+                                              "{{instance}}"),
               description="Requests whose KV blocks were freed for others (recomputed later): a cache too small."),
-        panel("Engine tokens per second", Target("rate(tuneforge_serving_engine_prompt_tokens_total[5m])", "prompt"),
-              Target("rate(tuneforge_serving_engine_generation_tokens_total[5m])", "generation")),
-        panel("Prefix-cache hit ratio", Target(
+        panel("Engine tokens per second", query("rate(tuneforge_serving_engine_prompt_tokens_total[5m])", "prompt"),
+              query("rate(tuneforge_serving_engine_generation_tokens_total[5m])", "generation")),
+        panel("Prefix-cache hit ratio", query(
             "rate(tuneforge_serving_engine_prefix_cache_hits_total[5m]) "
             "/ rate(tuneforge_serving_engine_prefix_cache_queries_total[5m])", "{{instance}}"), unit="percentunit"),
     )),
@@ -218,49 +246,9 @@ SERVING = Dashboard("tuneforge-serving", "TuneForge / Serving",
 DASHBOARDS = {"overview": OVERVIEW, "dataprep": DATAPREP, "trainer": TRAINER, "serving": SERVING}
 
 
-# -- Grafana's JSON ------------------------------------------------------------------------------
-
-def _panel_json(p: Panel, panel_id: int, x: int, y: int) -> dict:
-    options = ({"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                "textMode": "value_and_name", "colorMode": "background"} if p.kind == "stat" else
-               {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                "tooltip": {"mode": "multi", "sort": "desc"}})
-    return {
-        "id": panel_id, "type": p.kind, "title": p.title, "description": p.description, "datasource": DATASOURCE,
-        "gridPos": {"h": 8, "w": 8, "x": x, "y": y},
-        "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
-        "options": options,
-        "targets": [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": t.expr,
-                     "legendFormat": t.legend or "__auto", "range": True}
-                    for i, t in enumerate(p.targets)],
-    }
-
-
-def render(dashboard: Dashboard) -> dict:
-    """Grafana dashboard JSON: a collapsed-free row header per Row, its panels three to a line."""
-    panels, y, next_id = [], 0, 1
-    for row in dashboard.rows:
-        panels.append({"id": next_id, "type": "row", "title": row.title, "collapsed": False, "panels": [],
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}})
-        next_id, y = next_id + 1, y + 1
-        for i, p in enumerate(row.panels):
-            panels.append(_panel_json(p, next_id, (i % 3) * 8, y + (i // 3) * 8))
-            next_id += 1
-        y += ((len(row.panels) + 2) // 3) * 8
-    return {
-        "uid": dashboard.uid, "title": dashboard.title, "description": dashboard.description,
-        "tags": ["tuneforge"], "timezone": "utc", "schemaVersion": 39, "version": 1, "editable": True,
-        "graphTooltip": 1, "refresh": "30s", "time": {"from": "now-6h", "to": "now"},
-        "annotations": {"list": []},
-        "links": [{"title": "TuneForge", "type": "dashboards", "tags": ["tuneforge"], "asDropdown": True}],
-        "templating": {"list": [{"name": "datasource", "label": "Prometheus", "type": "datasource",
-                                 "query": "prometheus", "current": {}, "hide": 0}]},
-        "panels": panels,
-    }
-
-
 def files() -> dict[str, str]:
-    return {f"{name}.json": json.dumps(render(d), indent=2, sort_keys=True) + "\n" for name, d in DASHBOARDS.items()}
+    encoder = JSONEncoder(sort_keys=True, indent=2)
+    return {f"{name}.json": encoder.encode(board) + "\n" for name, board in DASHBOARDS.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

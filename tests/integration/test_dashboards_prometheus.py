@@ -122,11 +122,10 @@ def test_every_panel_query_returns_series_from_the_live_stack(stack, prometheus,
 
     empty = []
     for name, dashboard in dashboards.DASHBOARDS.items():
-        for panel in dashboard.panels():
-            for target in panel.targets:
-                result = api(prometheus, "query_range", query=target.expr, start=started, end=end, step=1)["result"]
-                if not result:
-                    empty.append(f"{name} / {panel.title}: {target.expr}")
+        for title, expr in dashboards.exprs(dashboard):
+            result = api(prometheus, "query_range", query=expr, start=started, end=end, step=1)["result"]
+            if not result:
+                empty.append(f"{name} / {title}: {expr}")
     assert empty == []
 
     # every service: its build and process metrics, and a page promtool accepts
@@ -153,8 +152,8 @@ def test_every_panel_query_returns_series_from_the_live_stack(stack, prometheus,
     # (not a recording rule's middle part, level:tuneforge_...:operation)
     used = set(re.findall(r"(?<![:\w])tuneforge_[a-z_]+(?![:\w])", (RULES / "recording.rules.yml").read_text()
                           + (RULES / "alerts.rules.yml").read_text()
-                          + json.dumps([t.expr for d in dashboards.DASHBOARDS.values()
-                                        for p in d.panels() for t in p.targets])))
+                          + json.dumps([expr for d in dashboards.DASHBOARDS.values()
+                                        for _title, expr in dashboards.exprs(d)])))
     used -= {"tuneforge_"}  # the gRPC rules' name regex
 
     def declared(metric: str) -> bool:
