@@ -176,11 +176,12 @@ TRAINER = dashboard("tuneforge-trainer", "TuneForge / Trainer",
               query("time() - tuneforge_trainer_job_last_progress_timestamp_seconds", "{{job_id}}"), unit="s",
               description="Over 600 s: alert TuneForgeTrainingJobStalled."),
         panel("Online step time split",
-              query("sum by (job_id, phase) (rate(tuneforge_trainer_job_phase_seconds_total[5m])) "
-                    "/ on (job_id) group_left () deriv(tuneforge_trainer_job_step[5m])", "{{job_id}} {{phase}}"),
+              query("sum by (job_id, phase) (increase(tuneforge_trainer_job_phase_seconds_total[5m])) "
+                    "/ on (job_id) group_left () delta(tuneforge_trainer_job_step[5m])", "{{job_id}} {{phase}}"),
               unit="s", description="Seconds per optimizer step an online job (grpo, ppo, gkd, ...) spends "
                                     "generating, scoring rewards, in the reference model, syncing weights to its "
-                                    "generator and training: the largest is where to look first."),
+                                    "generator and training over the last 5 minutes (none while it takes no step): the "
+                                    "largest is where to look first."),
     )),
     row("Checkpoints", (
         panel("Checkpoints published per job", query("tuneforge_trainer_job_checkpoints_published_total",
