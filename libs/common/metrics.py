@@ -1,19 +1,60 @@
 """Prometheus metrics shared by every service: the /metrics HTTP endpoint,
-per-RPC request counters and latencies, and the stream slots in use and refused
-(`tuneforge_<service>_grpc_...`)."""
+`tuneforge_build_info`, per-RPC request counters and latencies, and the stream slots in use
+and refused (`tuneforge_<service>_grpc_...`). Process metrics (`process_*`, `python_*`) come
+from prometheus_client's default collectors on the default registry."""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import os
+import pathlib
+import platform
+import subprocess
 import time
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, REGISTRY, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, REGISTRY, start_http_server
+
+# Images set it (they carry no .git); a checkout asks git.
+REVISION_ENV = "TUNEFORGE_REVISION"
 
 
 def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> tuple[object, int]:
     """Starts the /metrics endpoint in a daemon thread. Returns (http server, bound port)."""
     httpd, _thread = start_http_server(port, addr=host, registry=registry)
     return httpd, httpd.server_port
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def revision() -> str:
+    """The source revision this code runs from: $TUNEFORGE_REVISION, else the checkout's git HEAD, else
+    "unknown"."""
+    if os.environ.get(REVISION_ENV):
+        return os.environ[REVISION_ENV]
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+@functools.cache
+def build_info(registry: CollectorRegistry = REGISTRY) -> Info:
+    """Registers `tuneforge_build_info{version,revision,python,torch}` (value 1) once per registry.
+    torch's version is read from its distribution metadata: dataprep does not import torch."""
+    info = Info("tuneforge_build", "The running TuneForge build: version, source revision, Python and torch versions.",
+                registry=registry)
+    info.info({"version": _version("tuneforge"), "revision": revision(), "python": platform.python_version(),
+               "torch": _version("torch")})
+    return info
 
 
 class RpcMetrics:
@@ -32,6 +73,7 @@ class RpcMetrics:
         return cls._instances[key]
 
     def _init(self, service: str, registry: CollectorRegistry) -> None:
+        build_info(registry)
         self.requests = Counter(
             f"tuneforge_{service}_grpc_requests",
             "gRPC requests handled, by method and status code.",

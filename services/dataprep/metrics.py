@@ -1,4 +1,6 @@
-"""Prometheus metrics of the dataprep service (`tuneforge_dataprep_...`).
+"""Prometheus metrics of the dataprep service (`tuneforge_dataprep_...`): totals, and the
+running preparations' own gauges (label `preparation`, the preparation's id), removed when the
+preparation ends so cardinality stays bounded by the preparations running.
 Counter names carry no `_total`: prometheus_client appends it in the exposition."""
 
 from __future__ import annotations
@@ -22,6 +24,26 @@ SHARDS_IN_MEMORY = Gauge("tuneforge_dataprep_shards_in_memory_bytes",
                          "Bytes of verified shards held for the ReadShards streams serving them (one copy a shard).")
 PACKING_EFFICIENCY = Gauge("tuneforge_dataprep_packing_efficiency_ratio",
                            "Real tokens over packed slots (rows x max_length) of the last packed preparation.")
+
+PREPARATION_ROWS_READ = Gauge("tuneforge_dataprep_preparation_rows_read",
+                              "Rows the running preparation has read so far (kept or rejected).", ["preparation"])
+PREPARATION_ROWS_REJECTED = Gauge("tuneforge_dataprep_preparation_rows_rejected",
+                                  "Rows the running preparation has rejected so far.", ["preparation"])
+_PER_PREPARATION = (PREPARATION_ROWS_READ, PREPARATION_ROWS_REJECTED)
+
+
+def preparation_progress(preparation: str, rows_read: int, rows_rejected: int) -> None:
+    PREPARATION_ROWS_READ.labels(preparation=preparation).set(rows_read)
+    PREPARATION_ROWS_REJECTED.labels(preparation=preparation).set(rows_rejected)
+
+
+def preparation_ended(preparation: str) -> None:
+    """Removes the preparation's series (a no-op for one that never reported progress)."""
+    for gauge in _PER_PREPARATION:
+        try:
+            gauge.remove(preparation)
+        except KeyError:
+            pass
 
 # Every label value exists from the start (at 0), so rates and alerts see a series before the first event.
 for _reason in REASONS:

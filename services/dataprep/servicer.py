@@ -168,6 +168,7 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
             def progress(p: pipeline.Progress) -> None:
                 self._update(operation, rows_in=p.rows_in, rows_out=p.rows_out, rows_rejected=p.rows_rejected,
                              tokens=p.tokens, shards_written=p.shards_written, reused=p.reused)
+                metrics.preparation_progress(operation.proto.id, p.rows_in, p.rows_rejected)
 
             manifest = pipeline.prepare(operation.config, progress=progress, cancelled=operation.cancelled)
             self._update(operation, state=S.PREPARATION_STATE_SUCCEEDED,
@@ -186,6 +187,7 @@ class DataprepServicer(pb_grpc.DataprepServiceServicer):
             self._update(operation, state=S.PREPARATION_STATE_FAILED, error=f"internal error: {exc!r}",
                          error_code=grpc.StatusCode.INTERNAL.value[0])
         finally:
+            metrics.preparation_ended(operation.proto.id)
             self._slots.release()
 
     def shutdown(self, timeout: float = 10.0) -> None:

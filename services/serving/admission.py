@@ -37,6 +37,7 @@ class Admission:
     def __init__(self, limit: int):
         self.limit = limit
         self.in_flight = 0
+        metrics.MAX_IN_FLIGHT.set(limit)
 
     def admit(self) -> Ticket:
         if self.in_flight >= self.limit:

@@ -49,6 +49,8 @@ class Engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from services.serving.engine_stats import EngineStatLogger
+
         if on_cpu():  # one more slot, for the base model's zero adapter (see `mix_safely`)
             max_cpu_loras = (max_cpu_loras or max_loras) + 1
             max_loras += 1
@@ -63,13 +65,13 @@ class Engine:
             max_cpu_loras=max_cpu_loras,
             max_lora_rank=max_lora_rank,
             max_model_len=max_model_len,
-            # vLLM's own stat loggers register `vllm:` metrics (colon names fail promlint);
-            # serving counts what it needs under tuneforge_serving_*.
+            # vLLM's own stat loggers register `vllm:` metrics (colon names fail promlint); ours
+            # (passed below) writes the engine's statistics under tuneforge_serving_engine_*.
             disable_log_stats=True,
         )
         started = time.perf_counter()
         try:
-            llm = AsyncLLM.from_engine_args(args)
+            llm = AsyncLLM.from_engine_args(args, stat_loggers=[EngineStatLogger])
         except (ValueError, TypeError) as exc:  # vLLM's config checks (model, dtype, lengths)
             raise FailedPrecondition(f"vLLM refused the engine configuration: {exc}", field="model") from exc
         seconds = time.perf_counter() - started

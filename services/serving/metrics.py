@@ -1,5 +1,6 @@
 """Serving's Prometheus metrics (`tuneforge_serving_*`): HTTP requests, per-adapter
-traffic (label `adapter`, bounded by the models loaded), queue depth, adapter loads."""
+traffic (label `adapter`, bounded by the models loaded), queue depth, adapter loads, and the
+vLLM engine's own statistics (`tuneforge_serving_engine_*`, fed by services.serving.engine_stats)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ QUEUE_DEPTH = Gauge(
 IN_FLIGHT = Gauge(
     "tuneforge_serving_in_flight_requests",
     "Completion requests admitted and not yet finished (the bound --max_concurrent_requests applies to this).")
+MAX_IN_FLIGHT = Gauge(
+    "tuneforge_serving_max_in_flight_requests",
+    "Completion requests admitted at most at once (--max_concurrent_requests); more get HTTP 429.")
 
 ADAPTER_LOADS = Counter(
     "tuneforge_serving_adapter_loads",
@@ -66,6 +70,23 @@ ADAPTER_LOAD_DURATION = Histogram(
     buckets=_LOAD_BUCKETS,
 )
 ADAPTERS_READY = Gauge("tuneforge_serving_adapters_ready", "Adapters that requests can use.")
+
+# -- the vLLM engine's statistics (its scheduler's and each output batch's) ----------------------
+
+ENGINE_RUNNING = Gauge("tuneforge_serving_engine_running_requests", "Requests the engine's scheduler is running.")
+ENGINE_WAITING = Gauge("tuneforge_serving_engine_waiting_requests",
+                       "Requests waiting in the engine's scheduler (deferred ones included).")
+ENGINE_KV_CACHE_USAGE = Gauge("tuneforge_serving_engine_kv_cache_usage_ratio",
+                              "Fraction of the engine's KV-cache blocks in use (1 = full).")
+ENGINE_PREEMPTIONS = Counter("tuneforge_serving_engine_preemptions",
+                             "Requests the engine preempted (KV cache full: their blocks freed, recomputed later).")
+ENGINE_PROMPT_TOKENS = Counter("tuneforge_serving_engine_prompt_tokens",
+                               "Prompt tokens the engine prefilled (prefix-cache hits included).")
+ENGINE_GENERATION_TOKENS = Counter("tuneforge_serving_engine_generation_tokens", "Tokens the engine generated.")
+ENGINE_PREFIX_CACHE_QUERIES = Counter("tuneforge_serving_engine_prefix_cache_queries",
+                                      "Prompt tokens looked up in the engine's prefix cache.")
+ENGINE_PREFIX_CACHE_HITS = Counter("tuneforge_serving_engine_prefix_cache_hits",
+                                   "Prompt tokens found in the engine's prefix cache.")
 
 
 class ModelLabels:

@@ -69,6 +69,10 @@ class Job:
     finished_at: float | None = None  # time.monotonic() when it reached a terminal state
     done: dict | None = None  # the child's "done" event
     failure: dict | None = None  # the child's "error" event
+    series: metrics.JobSeries = field(init=False)  # its per-job metrics, removed when it ends
+
+    def __post_init__(self) -> None:
+        self.series = metrics.JobSeries(self.id)
 
     def proto(self) -> pb.Job:
         return pb.Job(id=self.id, state=self.state, arguments_json=json.dumps(self.arguments, sort_keys=True, default=str),
@@ -332,6 +336,7 @@ class JobManager:
                 job.total_steps = int(event["total_steps"])
                 job.step = int(event.get("resumed_step", 0))  # a resumed run starts where its checkpoint stood
                 job.arguments = event["arguments"]
+                job.series.started(job.total_steps, job.step)
                 self._append(job, pb.WatchJobResponse(job=job.proto()))
             elif kind == "progress":
                 job.step = int(event["step"])
@@ -342,16 +347,16 @@ class JobManager:
                 metrics.DATA_WAIT.observe(event["data_wait_seconds"])
                 if "phase_seconds" in event:  # an online method's step
                     metrics.observe_phases(event["phase_seconds"])
+                job.series.progress(job.step, event["tokens"], event["seconds"], event.get("phase_seconds"))
             elif kind == "step":
                 step = pb.StepEvent(**_message_fields(pb.StepEvent, event))
                 job.step = max(job.step, step.step)
-                metrics.LOSS.set(step.loss)
-                metrics.LEARNING_RATE.set(step.learning_rate)
+                job.series.logged(step.loss, step.learning_rate)
                 metrics.set_method_metrics(event.get("method", "sft"), step.metrics)
                 self._append(job, pb.WatchJobResponse(step=step))
             elif kind == "eval":
-                metrics.EVAL_LOSS.set(event["eval_loss"])
                 job.eval_losses[int(event["step"])] = float(event["eval_loss"])
+                job.series.evaluated(event["eval_loss"])
                 evaluated = pb.EvalEvent(**_message_fields(pb.EvalEvent, event))
                 metrics.set_method_metrics(event.get("method", "sft"), evaluated.metrics)
                 self._append(job, pb.WatchJobResponse(eval=evaluated))
@@ -362,10 +367,13 @@ class JobManager:
                                                eval_loss=job.eval_losses.get(int(event["step"])))
                 job.last_checkpoint = published.path
                 metrics.CHECKPOINTS.inc()
+                job.series.published()
                 metrics.PUBLICATION_DURATION.observe(event["publish_seconds"])
                 self._checkpoints.append(published)
                 self._append(job, pb.WatchJobResponse(checkpoint=published))
                 logs.log(LOG, logging.INFO, "checkpoint published", job=job.id, step=published.step, path=published.path)
+            elif kind == "checkpoint_failed":
+                metrics.PUBLICATION_FAILURES.inc()
             elif kind == "done":
                 job.done = event
             elif kind == "error":
@@ -381,6 +389,9 @@ class JobManager:
             job.finished_at = self._clock()
         self._append(job, pb.WatchJobResponse(job=job.proto()))
         self._update_job_metrics()
+        if job.state in TERMINAL:
+            metrics.JOBS_FINISHED.labels(state=state_name(job.state)).inc()
+            job.series.remove()
         logs.log(LOG, logging.INFO, "job state", job=job.id, state=state_name(job.state), error=job.error or None)
 
     def _update_job_metrics(self) -> None:

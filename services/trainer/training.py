@@ -360,9 +360,13 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
                 staging_seconds = time.perf_counter() - started
         last_saved = step
         if world.is_main:
-            path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
-                                        files=getattr(method, "checkpoint_files", None),
-                                        training_state=training, staged=staged)
+            try:
+                path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
+                                            files=getattr(method, "checkpoint_files", None),
+                                            training_state=training, staged=staged)
+            except Exception:  # counted by the service (an alert), then the job fails as it would
+                report("checkpoint_failed", step=step)
+                raise
         # every rank's peak RSS while training and while saving (rank 0's includes the publication)
         peaks = distributed.gather([train_peak, save_start, memory.peak_rss_bytes()], world)
         memory.reset_peak()

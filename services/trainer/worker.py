@@ -10,7 +10,8 @@ process makes this process the launcher of torchrun, whose ranks run this module
 boundary; the recipe then publishes a checkpoint and the process exits 0.
 
 Events (one JSON object a line, key "event"): started, progress (every step), step
-(every logged step), checkpoint, done, and error (a user-facing problem; exit code 2).
+(every logged step), checkpoint, checkpoint_failed (a publication raised; error follows), done,
+and error (a user-facing problem; exit code 2).
 """
 
 from __future__ import annotations

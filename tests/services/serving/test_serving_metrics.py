@@ -1,9 +1,12 @@
 """Per-adapter Prometheus metrics of the running serving process (label `adapter`:
 the base model and the adapters loaded now, gone on unload), queue gauges, and
-the page passing `promtool check metrics`."""
+vLLM's engine statistics under `tuneforge_serving_engine_*`, build info, and the page passing
+`promtool check metrics`."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import shutil
 import subprocess
 import time
@@ -14,6 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from libs.common.metrics import revision
 from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -105,3 +109,26 @@ def test_metrics_page_with_adapter_series_passes_promtool(serving, client):
     assert "tuneforge_serving_inter_token_latency_seconds_bucket" in text
     lint = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
     assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
+
+
+def test_engine_statistics_are_exported_under_tuneforge_names(serving, client):
+    before = settled(serving)
+    answer = client.completions.create(model=serving.base_name, prompt="Hello there", max_tokens=5)
+    after = settled(serving)
+    generated = value(after, "tuneforge_serving_engine_generation_tokens_total") - value(
+        before, "tuneforge_serving_engine_generation_tokens_total")
+    assert generated == answer.usage.completion_tokens
+    prompt = value(after, "tuneforge_serving_engine_prompt_tokens_total") - value(
+        before, "tuneforge_serving_engine_prompt_tokens_total")
+    assert prompt == answer.usage.prompt_tokens
+    assert value(after, "tuneforge_serving_engine_prefix_cache_queries_total") >= prompt
+    # the last batch finished the request: nothing runs or waits, the cache holds at most a prefix
+    assert value(after, "tuneforge_serving_engine_running_requests") == 0
+    assert value(after, "tuneforge_serving_engine_waiting_requests") == 0
+    assert 0 <= value(after, "tuneforge_serving_engine_kv_cache_usage_ratio") < 1
+    assert ("tuneforge_serving_engine_preemptions_total", ()) in after
+    assert value(after, "tuneforge_serving_max_in_flight_requests") >= 1
+    assert value(after, "tuneforge_build_info", python=platform.python_version(), revision=revision(),
+                 torch=importlib.metadata.version("torch"), version=importlib.metadata.version("tuneforge")) == 1
+    assert ("process_resident_memory_bytes", ()) in after
+    assert "vllm:" not in page(serving)  # vLLM's own logger, with promlint-failing names, never ran

@@ -23,6 +23,7 @@ import time
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from cli.main import report as cli_report
 from cli.stack import Stack
@@ -125,6 +126,8 @@ def test_a_full_disk_fails_the_publication_and_the_previous_checkpoint_resumes(
     run, report = tmp_path / "run", tmp_path / "faults.jsonl"
     monkeypatch.setenv(faults.ENV, "trainer.publish#2=stop")  # read by the training process the job starts
     monkeypatch.setenv(faults.REPORT_ENV, str(report))
+    counted = (REGISTRY.get_sample_value("tuneforge_trainer_checkpoint_publication_failures_total"),
+               REGISTRY.get_sample_value("tuneforge_trainer_jobs_finished_total", {"state": "failed"}))
     job_id = client.submit(trainer.address, config(prepared_dataset, dataprep_address, run))
     worker = stopped(report, "trainer.publish")
     monkeypatch.delenv(faults.ENV)
@@ -143,6 +146,9 @@ def test_a_full_disk_fails_the_publication_and_the_previous_checkpoint_resumes(
     assert job.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert status_code(failed.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert job.last_checkpoint == str(run / "checkpoint-2") and job.step == 4
+    # what the CheckpointPublicationFailing and TrainingJobFailed alerts count
+    assert (REGISTRY.get_sample_value("tuneforge_trainer_checkpoint_publication_failures_total") - counted[0],
+            REGISTRY.get_sample_value("tuneforge_trainer_jobs_finished_total", {"state": "failed"}) - counted[1]) == (1, 1)
     capsys.readouterr()  # what the in-process services logged so far (JSON lines, once a test set up logging)
     cli_report("sft", failed.value)  # what `tuneforge sft` prints for it
     assert capsys.readouterr().err == f"tuneforge sft: error: job: training job {job_id} failed: {job.error}\n"

@@ -23,9 +23,12 @@ def test_sigterm_cancels_running_jobs_with_a_checkpoint(prepared_dataset, datapr
             if event.WhichOneof("event") == "step" and event.step.step >= 2:
                 break
         page = urllib.request.urlopen(f"http://127.0.0.1:{trainer.ready['metrics_port']}/metrics", timeout=5).read().decode()
-        for name in ("tuneforge_trainer_steps_total", "tuneforge_trainer_tokens_total", "tuneforge_trainer_loss",
-                     "tuneforge_trainer_learning_rate", "tuneforge_trainer_step_duration_seconds_bucket",
-                     "tuneforge_trainer_data_wait_seconds_count", 'tuneforge_trainer_jobs{state="running"} 1.0'):
+        for name in ("tuneforge_trainer_steps_total", "tuneforge_trainer_tokens_total",
+                     "tuneforge_trainer_step_duration_seconds_bucket", "tuneforge_trainer_data_wait_seconds_count",
+                     'tuneforge_trainer_jobs{state="running"} 1.0', "tuneforge_build_info{", "process_cpu_seconds_total",
+                     f'tuneforge_trainer_loss{{job_id="{job_id}"}}', f'tuneforge_trainer_learning_rate{{job_id="{job_id}"}}',
+                     f'tuneforge_trainer_tokens_per_second{{job_id="{job_id}"}}',
+                     f'tuneforge_trainer_job_last_progress_timestamp_seconds{{job_id="{job_id}"}}'):
             assert name in page, name
         codes = stack.stop(grace=60)
     assert codes == {"trainer": 0}
