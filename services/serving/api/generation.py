@@ -66,6 +66,11 @@ class Tally:
             self.ticket.started()
             if (child := metrics.MODELS.child(metrics.TIME_TO_FIRST_TOKEN, self.model)) is not None:
                 child.observe(now - self.arrived)
+            # the first delta's other tokens (n > 1, a busy engine) came with the first: gaps of 0, so
+            # that every token after a request's first is one inter-token observation, whatever the load
+            child = metrics.MODELS.child(metrics.INTER_TOKEN_LATENCY, self.model)
+            for _ in token_ids[1:] if child is not None else ():
+                child.observe(0.0)
         elif (child := metrics.MODELS.child(metrics.INTER_TOKEN_LATENCY, self.model)) is not None:
             # A delta can carry several tokens (n > 1, or a slow reader): spread the gap over them.
             gap = (now - self._last) / len(token_ids)
