@@ -385,12 +385,14 @@ class JobManager:
 
     def _record_state(self, job: Job) -> None:
         """Announces a state change to watchers and metrics (lock held)."""
-        if job.state in TERMINAL and job.finished_at is None:
+        ended = job.state in TERMINAL and job.finished_at is None  # counted once, however often recorded after
+        if ended:
             job.finished_at = self._clock()
         self._append(job, pb.WatchJobResponse(job=job.proto()))
         self._update_job_metrics()
-        if job.state in TERMINAL:
+        if ended:
             metrics.JOBS_FINISHED.labels(state=state_name(job.state)).inc()
+        if job.state in TERMINAL:
             job.series.remove()
         logs.log(LOG, logging.INFO, "job state", job=job.id, state=state_name(job.state), error=job.error or None)
 
