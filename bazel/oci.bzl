@@ -46,6 +46,57 @@ debian_base_repository = repository_rule(
     doc = "The cached debootstrap base layer (deploy/images/base.sh) as @debian_base//:debian-12-python.tar.gz.",
 )
 
+def _host_files_impl(ctx):
+    exports, missing = [], []
+    for name, path in sorted(ctx.attr.files.items()):
+        if ctx.path(path).exists:
+            ctx.symlink(path, name)
+            exports.append(name)
+        else:
+            missing.append("%s (%s)" % (path, name))
+    build = ['package(default_visibility = ["//visibility:public"])', "exports_files(%r)" % exports]
+    for name in missing:
+        target = name.split(" (")[1][:-1]
+        build.append('genrule(name = "missing_%s", outs = ["%s"], cmd = "echo \'@%s: %s is missing: %s\' >&2; exit 1")' % (
+            target, target, ctx.name, name.split(" ")[0], ctx.attr.hint))
+    ctx.file("BUILD.bazel", "\n".join(build) + "\n")
+    ctx.file("WORKSPACE", 'workspace(name = "%s")\n' % ctx.name)
+
+host_files_repository = repository_rule(
+    implementation = _host_files_impl,
+    attrs = {"files": attr.string_dict(doc = "name in the repository -> absolute path on the host"), "hint": attr.string()},
+    configure = True,
+    local = True,
+    doc = "Host files (Debian's Prometheus and Alertmanager binaries) as a repository, for the ops images.",
+)
+
+def _file_layer_impl(ctx):
+    pairs = ["%s=%s" % (dest.strip("/"), target.files.to_list()[0].path) for target, dest in ctx.attr.files.items()]
+    inputs = [target.files.to_list()[0] for target in ctx.attr.files]
+    layer = ctx.actions.declare_file(ctx.label.name + ".tar.gz")
+    meta = ctx.actions.declare_file(ctx.label.name + ".json")
+    args = ctx.actions.args()
+    args.add_all(["layer", "--out", layer, "--meta", meta, "--name", ctx.attr.description or ctx.label.name])
+    args.add_all("--files", sorted(pairs))
+    ctx.actions.run(
+        executable = ctx.executable._tool,
+        arguments = [args],
+        inputs = inputs,
+        outputs = [layer, meta],
+        mnemonic = "OciFileLayer",
+        progress_message = "Writing the layer %s" % ctx.label.name,
+    )
+    return [DefaultInfo(files = depset([layer, meta])), OciLayerInfo(layer = layer, meta = meta)]
+
+file_layer = rule(
+    implementation = _file_layer_impl,
+    attrs = {
+        "files": attr.label_keyed_string_dict(allow_files = True, doc = "file -> its path in the image"),
+        "description": attr.string(),
+        "_tool": attr.label(default = _TOOL, executable = True, cfg = "exec"),
+    },
+)
+
 def _base_layer_impl(ctx):
     meta = ctx.actions.declare_file(ctx.label.name + ".json")
     ctx.actions.run(
@@ -180,25 +231,27 @@ def _oci_image_impl(ctx):
         "org.opencontainers.image.version": version,
         "org.opencontainers.image.licenses": "Apache-2.0",
     }
+    # `tuneforge serve <service>` on 0.0.0.0, ports from the environment, more flags after the image name.
+    entrypoint = ctx.attr.entrypoint or ["/bin/sh", "-c", 'exec tuneforge serve %s %s "$@"' % (ctx.attr.service, " ".join(ctx.attr.flags)), "tuneforge-" + ctx.attr.service]
     config = {
         "User": "10001:10001",
         "WorkingDir": "/data",
         "Env": ["%s=%s" % (k, env[k]) for k in sorted(env)],
-        # `tuneforge serve <service>` on 0.0.0.0, ports from the environment, more flags after the image name.
-        "Entrypoint": ["/bin/sh", "-c", 'exec tuneforge serve %s %s "$@"' % (ctx.attr.service, " ".join(ctx.attr.flags)), "tuneforge-" + ctx.attr.service],
+        "Entrypoint": entrypoint,
         "Cmd": [],
         "ExposedPorts": {"%d/tcp" % p: {} for p in ctx.attr.ports},
         "Labels": labels,
-        # Docker's field (podman reads it from docker-archive loads too); the compose file repeats it.
-        "Healthcheck": {
+        "StopSignal": "SIGTERM",
+    }
+    if ctx.attr.healthcheck:
+        # Docker's field (docker reads it; podman ignores it in OCI images, so compose.yaml repeats it).
+        config["Healthcheck"] = {
             "Test": ["CMD-SHELL", ctx.attr.healthcheck],
             "Interval": 10 * 1000000000,
             "Timeout": 5 * 1000000000,
             "StartPeriod": ctx.attr.health_start_period_s * 1000000000,
             "Retries": 3,
-        },
-        "StopSignal": "SIGTERM",
-    }
+        }
     config_file = ctx.actions.declare_file(ctx.label.name + ".config.json")
     ctx.actions.write(config_file, json.encode({"config": config, "annotations": labels}))
     layers = [ctx.attr.base] + ctx.attr.layers
@@ -233,7 +286,8 @@ oci_image = rule(
         "flags": attr.string_list(doc = "flags after `tuneforge serve <service>` (shell words: ${VAR:-default} expands)"),
         "env": attr.string_dict(),
         "ports": attr.int_list(),
-        "healthcheck": attr.string(mandatory = True),
+        "healthcheck": attr.string(doc = "a shell command, exit 0 when healthy"),
+        "entrypoint": attr.string_list(doc = "instead of `tuneforge serve <service>` (the Prometheus and Alertmanager images)"),
         "health_start_period_s": attr.int(default = 30),
         "_tool": attr.label(default = _TOOL, executable = True, cfg = "exec"),
     },

@@ -79,7 +79,7 @@ def podman():
 
 
 def _name(service: str) -> str:
-    return _name(service)
+    return f"tuneforge-test-{service}-{os.getpid()}"
 
 
 def _logs(service: str) -> str:
