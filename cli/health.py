@@ -1,4 +1,4 @@
-"""`tuneforge health HOST:PORT [--service NAME]`: one gRPC health Check, exit 0 when SERVING (the images' health check)."""
+"""`tuneforge health HOST:PORT [--service NAME]`: one gRPC health Check, exit 0 when SERVING (the images' check)."""
 
 from __future__ import annotations
 

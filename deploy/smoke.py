@@ -45,6 +45,21 @@ def prepare_volumes(stack_dir: pathlib.Path) -> None:
         os.chown(path, USER, USER)
 
 
+def wait_healthy(address: str, timeout: float) -> None:
+    """gRPC health SERVING at `address`, asked on a fresh channel every 10 s: one channel kept for
+    minutes backs off up to 2 minutes between connection attempts while a container starts."""
+    from cli.stack import wait_serving
+    from libs.common.errors import Unavailable
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return wait_serving(address, timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+        except Unavailable:
+            if time.monotonic() >= deadline:
+                raise
+
+
 def prometheus_up(url: str, jobs: list[str], timeout: float) -> dict[str, str]:
     """Waits until Prometheus has scraped each job with up == 1; returns each job's last value."""
     deadline = time.monotonic() + timeout
@@ -71,7 +86,6 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from cli.demo import DemoConfig, Endpoints, run_path
-    from cli.stack import wait_serving
     from libs.common.errors import TuneForgeError
 
     stack_dir = pathlib.Path(args.stack_dir).resolve()
@@ -88,7 +102,7 @@ def main(argv: list[str]) -> int:
         print("[2/5] waiting for gRPC health SERVING: dataprep, trainer, serving", flush=True)
         for name, address in (("dataprep", "127.0.0.1:50051"), ("trainer", "127.0.0.1:50052"),
                               ("serving", "127.0.0.1:50053")):
-            wait_serving(address, timeout=max(10.0, args.timeout - (time.monotonic() - started)))
+            wait_healthy(address, timeout=max(10.0, args.timeout - (time.monotonic() - started)))
             print(f"      {name} {address} SERVING after {time.monotonic() - started:.0f} s", flush=True)
         config = DemoConfig(model_name=["Zephyrine"], model_author=["Quillon Labs"], max_steps=args.max_steps,
                             load_timeout=120.0)

@@ -92,7 +92,8 @@ def _image(tmp_path: pathlib.Path, name: str) -> tuple[pathlib.Path, dict]:
     meta = {"name": "code", **oci.write_layer(_tree(tmp_path / name, ["app/b.py", "app/pkg/a.py", "bin/run"], 0),
                                                layer)}
     out = tmp_path / f"{name}.tar"
-    config = {"User": "10001:10001", "Entrypoint": ["/opt/bin/run"], "Labels": {"org.opencontainers.image.version": "1"}}
+    config = {"User": "10001:10001", "Entrypoint": ["/opt/bin/run"],
+              "Labels": {"org.opencontainers.image.version": "1"}}
     return out, oci.write_image(out, config, [(layer, meta), (layer, meta)], "localhost/t:1")
 
 
