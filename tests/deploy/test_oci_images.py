@@ -118,7 +118,9 @@ def test_an_image_archive_is_the_same_bytes_when_rebuilt_and_holds_a_shared_blob
 @pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed (apt-get install skopeo)")
 def test_skopeo_reads_the_archive(tmp_path):
     out, summary = _image(tmp_path, "one")
-    found = subprocess.run(["skopeo", "inspect", f"oci-archive:{out}"], capture_output=True, text=True, timeout=60)
+    # skopeo unpacks the archive into a temporary folder (default /var/tmp, read-only in Bazel's sandbox).
+    found = subprocess.run(["skopeo", "--tmpdir", str(tmp_path), "inspect", f"oci-archive:{out}"],
+                           capture_output=True, text=True, timeout=60)
     assert found.returncode == 0, found.stderr
     inspected = json.loads(found.stdout)
     assert inspected["Digest"] == summary["manifest"]
