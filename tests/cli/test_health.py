@@ -11,7 +11,9 @@ from libs.common.server import create_server
 
 
 def test_health_exits_0_on_serving_and_1_on_not_serving_with_the_status_printed(capsys):
-    server, port, health = create_server("127.0.0.1:0", lambda s: [], "healthcli")
+    # Named as a real service: a new name would register tuneforge_<name>_grpc_* in the process's
+    # registry, which tests/deploy/test_metrics_catalogue.py (same pytest process) checks against the docs.
+    server, port, health = create_server("127.0.0.1:0", lambda s: [], "dataprep")
     try:
         assert main(["health", f"127.0.0.1:{port}"]) == 0
         assert capsys.readouterr().out == f"127.0.0.1:{port}: SERVING\n"
