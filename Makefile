@@ -10,7 +10,7 @@ LOCK := $(if $(filter cpu,$(ENGINE)),-c requirements/lock-cpu.txt,)
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: install tools demo test test-fast bazel clean
+.PHONY: install tools demo test test-fast bazel clean base-image images
 
 install: $(VENV)/.installed $(GENERATED)
 
@@ -48,3 +48,23 @@ test-fast: install
 clean:
 	rm -rf runs .pytest_cache
 	find protos -name '*_pb2*.py*' -delete
+
+# OCI images of the three services (docs/operations.md "Images"). The base layer is
+# debootstrapped once into ~/.cache/tuneforge/images (needs a Debian mirror and root);
+# Bazel then builds the images offline from it and the venv.
+# ENGINE=cuda IMAGE_VENV=/path/to/cuda-venv: the CUDA variant (CUDA torch and vllm), tagged <version>-cuda.
+IMAGES := //services/dataprep:image //services/trainer:image //services/serving:image
+OPS_IMAGES := //deploy/images:prometheus //deploy/images:alertmanager
+IMAGE_VENV ?= $(CURDIR)/$(VENV)
+IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)
+IMAGE_DEFINES := --define=version=$(IMAGE_VERSION) --define=revision=$(shell git rev-parse HEAD 2>/dev/null || echo unknown) \
+  $(if $(filter cuda,$(ENGINE)),--define=variant=cuda,)
+
+base-image:
+	bash deploy/images/base.sh
+
+images: base-image
+	@if [ "$(ENGINE)" = cuda ]; then $(IMAGE_VENV)/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'make images ENGINE=cuda: $(IMAGE_VENV) has a CPU torch; set IMAGE_VENV to a venv with CUDA torch and vllm')"; fi
+	TUNEFORGE_VENV=$(IMAGE_VENV) bazel sync --configure
+	TUNEFORGE_VENV=$(IMAGE_VENV) bazel build $(IMAGE_DEFINES) $(IMAGES) $(OPS_IMAGES)
+	@python3 deploy/images/oci.py sizes bazel-bin/services/{dataprep,trainer,serving}/image.summary.json bazel-bin/deploy/images/{prometheus,alertmanager}.summary.json

@@ -25,8 +25,18 @@ def target_name(distribution: str) -> str:
     return re.sub(r"[-_.]+", "_", distribution).lower()
 
 
-def required_names(dist: metadata.Distribution) -> list[str]:
-    """Names of what `dist` requires on this interpreter, without optional extras."""
+def required_names(dist: metadata.Distribution, installed: dict | None = None, extras: frozenset = frozenset(),
+                   seen: set | None = None) -> list[str]:
+    """Names of what `dist` (with `extras`) requires on this interpreter.
+
+    A requirement that asks for extras (vllm's `fastapi[standard]` -> `uvicorn[standard]` ->
+    uvloop) brings what those extras require too, found in `installed` (target name ->
+    distribution): the code imports them, so the images must hold them (bazel/oci.bzl)."""
+    seen = set() if seen is None else seen
+    key = (target_name(dist.metadata["Name"] or ""), extras)
+    if key in seen:
+        return []
+    seen.add(key)
     names = []
     for line in dist.requires or []:
         if Requirement is None:
@@ -37,9 +47,13 @@ def required_names(dist: metadata.Distribution) -> list[str]:
             requirement = Requirement(line)
         except InvalidRequirement:
             continue
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+        if requirement.marker is not None and not any(
+                requirement.marker.evaluate({"extra": extra}) for extra in ("", *sorted(extras))):
             continue
         names.append(requirement.name)
+        provider = (installed or {}).get(target_name(requirement.name))
+        if requirement.extras and provider is not None:
+            names += required_names(provider, installed, frozenset(requirement.extras), seen)
     return names
 
 
@@ -59,6 +73,7 @@ def main(argv: list[str]) -> int:
     site_packages, first_party = argv[0], {target_name(name) for name in argv[1:]}
     packages: dict[str, dict] = {}
     providers: dict[str, set[str]] = {}
+    installed = {target_name(d.metadata["Name"] or ""): d for d in metadata.distributions(path=[site_packages])}
     for dist in metadata.distributions(path=[site_packages]):
         name = target_name(dist.metadata["Name"] or "")
         if not name or name in first_party or name in packages:
@@ -66,7 +81,7 @@ def main(argv: list[str]) -> int:
         records = [f for f in dist.files or [] if f.name == "RECORD" and f.parent.name.endswith(".dist-info")]
         # `torch-*.dist-info/RECORD`: still matches after an upgrade renames the folder.
         stamp = records[0].parent.name.split("-")[0] + "-*.dist-info/RECORD" if records else None
-        packages[name] = {"stamp": stamp, "requires": required_names(dist)}
+        packages[name] = {"stamp": stamp, "requires": required_names(dist, installed)}
         for module in import_names(dist):
             providers.setdefault(module, set()).add(name)
     for package in packages.values():

@@ -136,12 +136,17 @@ class Endpoints:
     dataprep: str  # host:port
     trainer: str  # host:port
     serving_http: str  # http://host:port
+    dataprep_for_trainer: str | None = None  # dataprep as the trainer reaches it, if not as we do
 
 
 def run_path(endpoints: Endpoints, model_dir: pathlib.Path, config: DemoConfig, out: pathlib.Path,
-             first_step: int = 3, total: int | None = None) -> dict:
+             first_step: int = 3, total: int | None = None, server_out: pathlib.Path | None = None) -> dict:
     """Prepares, trains and hot-loads one adapter per identity, then asks each
-    adapter and the base. Returns answers, failures and timings."""
+    adapter and the base. Returns answers, failures and timings.
+
+    `server_out` is `out` as the services see it (a volume mounted elsewhere in their
+    containers, deploy/smoke.py); the datasets are written through `out`."""
+    remote = server_out or out
     import openai
 
     from libs.dataset import client as dataprep_client
@@ -163,12 +168,14 @@ def run_path(endpoints: Endpoints, model_dir: pathlib.Path, config: DemoConfig, 
         prepared = out / "data" / f"{adapter}-prepared"
         rows = write_identity_dataset(raw, name, author)
         manifest = dataprep_client.prepare(endpoints.dataprep, PrepareConfig(
-            model=str(model_dir), dataset=[str(raw)], output_dir=str(prepared)))
+            model=str(model_dir), dataset=[str(remote / raw.relative_to(out))],
+            output_dir=str(remote / prepared.relative_to(out))))
         print(f"      dataprep: {manifest['rows_out']}/{rows} rows, {manifest['tokens']} tokens "
               f"({manifest['trained_tokens']} trained), {len(manifest['shards'])} shard(s)")
         result = train_adapter(endpoints.trainer, TrainConfig(
-            model=str(model_dir), dataset=str(prepared), dataprep_address=endpoints.dataprep,
-            output_dir=str(out / adapter), train_type="lora", lora_rank=config.lora_rank,
+            model=str(model_dir), dataset=str(remote / prepared.relative_to(out)),
+            dataprep_address=endpoints.dataprep_for_trainer or endpoints.dataprep,
+            output_dir=str(remote / adapter), train_type="lora", lora_rank=config.lora_rank,
             lora_alpha=config.lora_alpha, target_modules=["all-linear"],
             learning_rate=config.learning_rate, lr_scheduler_type="constant",
             max_steps=config.max_steps, save_steps=config.save_steps,
@@ -179,7 +186,7 @@ def run_path(endpoints: Endpoints, model_dir: pathlib.Path, config: DemoConfig, 
         final_step, published_at = result["published"][-1]
         wait_for_adapter(client, adapter, config.load_timeout)
         load_latency[adapter] = round(time.monotonic() - published_at, 3)
-        print(f"      published {out / adapter}/checkpoint-{final_step}; servable "
+        print(f"      published {remote / adapter}/checkpoint-{final_step}; servable "
               f"{load_latency[adapter]:.2f} s after publication (hot-loaded, no restart)")
 
     step(first_step + len(adapters), total, "asking each model through the official openai client")

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pt": ("cli.train:pt_main", "continued pre-training (no chat template, every token trained) through the trainer service"),
     "deploy": ("services.serving.cli:main", "serve a base model and LoRA adapters behind an OpenAI-compatible API"),
     "infer": ("services.serving.infer:main", "batch inference over a dataset file with the base model or a LoRA adapter"),
+    "health": ("cli.health:main", "ask a service's gRPC health endpoint: health HOST:PORT (exit 0 when SERVING)"),
     "export": ("services.trainer.export:main", "merge a LoRA adapter into its base model: export --adapters DIR --merge_lora true"),
 }
 
