@@ -42,7 +42,12 @@ completions from the same seed.
 
     .venv/bin/python bench/grpo_vs_trl.py [--steps 12] [--warmup 2] [--rounds 3] [--threads 1]
         [--num_generations 8] [--batch 16] [--max_completion_length 128] [--model DIR | --fixture_model]
-        [--kinds trl ours-colocate ours-server ours-transformers]
+        [--kinds trl ours-colocate ours-server ours-colocate-async ours-server-async ours-transformers]
+
+The -async kinds train with --async_generate true: the next rollout is generated in the
+background (colocate: the in-process engine on a thread; server: the Generate RPC on a thread)
+while this one trains; their "generation" row is the time a step waited for it, the
+"generation in background" row its own duration, overlapped with the step's other phases.
 
 Target: ours (vLLM colocate and vLLM server) >= 2x TRL's steps/s. Not part of the test run.
 """
@@ -83,11 +88,14 @@ KINDS = {  # worker kind -> (column heading, generation)
     "trl": ("TRL, HF generate", None),
     "ours-colocate": ("vLLM colocate", "colocate"),
     "ours-server": ("vLLM server", "server"),
+    "ours-colocate-async": ("colocate, async", "colocate"),  # --async_generate true
+    "ours-server-async": ("server, async", "server"),
     "ours-transformers": ("HF generate", "transformers"),
 }
 MODEL_SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
                    num_key_value_heads=8, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True)
-PHASES = {"generation": "generation", "reward": "reward", "logps": "reference + old log-probs", "sync": "weight sync",
+ASYNC = ("ours-colocate-async", "ours-server-async")
+PHASES = {"generation": "generation (waited for)", "ahead": "generation in background (async)", "reward": "reward", "logps": "reference + old log-probs", "sync": "weight sync",
           "train": "train (forward, backward, optimizer)", "other": "other"}
 
 
@@ -190,7 +198,8 @@ def worker_ours(spec: dict) -> dict:
                          rlhf_type="grpo",
                          grpo=GrpoConfig(num_generations=spec["num_generations"],
                                          max_completion_length=spec["max_completion_length"], top_k=-1,
-                                         reward_funcs=[REWARD], external_plugins=[spec["plugin"]], **GRPO),
+                                         reward_funcs=[REWARD], external_plugins=[spec["plugin"]],
+                                         async_generate=spec["async"], **GRPO),
                          use_vllm=mode != "transformers", vllm_mode="server" if mode == "server" else "colocate",
                          vllm_server_host=spec.get("serving_host"), vllm_server_port=spec.get("serving_port", 8000),
                          # file order, as TRL's with shuffle_dataset off: the same prompts a step
@@ -206,10 +215,14 @@ def worker_ours(spec: dict) -> dict:
             cpu.append(now - last_cpu[0])
             times.append(float(fields["seconds"]))
             given = dict(fields.get("phase_seconds") or {})
-            split = {"generation": given.get("generation", 0.0), "reward": given.get("reward", 0.0),
+            # --async_generate: the step waits generation_wait of the generation that ran beside the last step's training
+            waited = given.get("generation_wait", given.get("generation", 0.0)) if spec["async"] else None
+            split = {"generation": given.get("generation", 0.0) if waited is None else waited,
+                     "reward": given.get("reward", 0.0),
                      "logps": given.get("reference", 0.0) + given.get("old_logps", 0.0),
                      "sync": given.get("sync", 0.0), "train": given.get("train", 0.0)}
             split["other"] = float(fields["seconds"]) - sum(split.values())  # prompt reading, advantages, batching
+            split["ahead"] = given.get("generation", 0.0) if "generation_wait" in given else 0.0
             phases.append(split)
         last_cpu[0] = now  # "started", then each step and its log: the span a step's wall time covers
 
@@ -394,9 +407,10 @@ def main() -> int:
                             "trl_rows": str(root / "trl_rows.jsonl"), "plugin": str(root / "reward_plugin.py"),
                             "output_dir": str(root / f"{kind}-{round_}"), "steps": args.steps, "warmup": args.warmup,
                             "threads": args.threads, "batch": args.batch, "num_generations": args.num_generations,
-                            "max_completion_length": args.max_completion_length, "generation": KINDS[kind][1]}
+                            "max_completion_length": args.max_completion_length, "generation": KINDS[kind][1],
+                            "async": kind in ASYNC}
                     serving = None
-                    if kind == "ours-server":  # up only while its trainer runs: idle, it would still hold memory
+                    if KINDS[kind][1] == "server":  # up only while its trainer runs: idle, it would still hold memory
                         serving = stack.start_serving(model=str(model_dir))
                         spec["serving_host"], spec["serving_port"] = "127.0.0.1", int(serving.ready["grpc_port"])
                         spec["serving_pid"] = serving.popen.pid
@@ -443,10 +457,10 @@ def main() -> int:
     for name, label in PHASES.items():
         cells = []
         for k in kinds:
-            absent = k == "trl" and name == "sync"  # TRL's transformers path generates with the policy itself
+            absent = k == "trl" and name in ("sync", "ahead")  # TRL's transformers path generates with the policy itself
             cells.append(f"{'-':>{width}}" if absent else f"{phase(k, name):>{width}.3f}")
         print(f"{'  ' + label:<34}" + "".join(cells))
-    for kind in ("ours-colocate", "ours-server"):
+    for kind in ("ours-colocate", "ours-server", *ASYNC):
         if kind in kinds:
             for key, what in (("median_steps_per_second", "wall, median step"), ("steps_per_cpu_second", "CPU time")):
                 ratio = median(kind, key) / median("trl", key)

@@ -104,6 +104,7 @@ METHOD_FLAGS = ("beta", "loss_type", "loss_weights", "label_smoothing", "rpo_alp
                 "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "reward_funcs",
                 "reward_weights", "reward_model", "external_plugins", "epsilon", "epsilon_high", "num_iterations",
                 "scale_rewards", "dynamic_sample", "max_resample_times", "log_completions",
+                "async_generate",
                 "cosine_min_len_value_wrong", "cosine_max_len_value_wrong", "cosine_min_len_value_correct",
                 "cosine_max_len_value_correct", "cosine_max_len", "repetition_n_grams", "repetition_max_penalty",
                 "soft_max_length", "soft_cache_length",
@@ -170,6 +171,8 @@ class RlhfCommandConfig(SftCommandConfig):
     max_resample_times: int | None = field(default=None, metadata={"help": "grpo --dynamic_sample: most tries (3)"})
     log_completions: bool | None = field(default=None, metadata={
         "help": "grpo: write completions.jsonl (step, prompt, completion, rewards) in the run directory (false)"})
+    async_generate: bool | None = field(default=None, metadata={
+        "help": "grpo --use_vllm: generate the next rollout while this one trains, one rollout off-policy (false)"})
     cosine_min_len_value_wrong: float | None = field(default=None, metadata={"help": "reward cosine (-0.5)"})
     cosine_max_len_value_wrong: float | None = field(default=None, metadata={"help": "reward cosine (0.0)"})
     cosine_min_len_value_correct: float | None = field(default=None, metadata={"help": "reward cosine (1.0)"})

@@ -207,6 +207,9 @@ class GrpoConfig:
     max_resample_times: int = field(default=3, metadata={"help": "dynamic_sample: most regenerations per rollout"})
     log_completions: bool = field(default=False, metadata={
         "help": "write every completion with its rewards to completions.jsonl in the run directory"})
+    async_generate: bool = field(default=False, metadata={
+        "help": "generate the next rollout (with the policy of this rollout's start) while this one trains: one "
+                "rollout off-policy, the first on-policy; vLLM only (use_vllm), one process"})
     # the built-in rewards' parameters (ms-swift's)
     cosine_min_len_value_wrong: float = field(default=-0.5, metadata={
         "help": "cosine: reward of an empty wrong answer"})
@@ -257,6 +260,9 @@ class GrpoConfig:
             found.append(f"num_iterations: must be at least 1; got {self.num_iterations}")
         if self.scale_rewards not in SCALE_REWARDS:
             found.append(f"scale_rewards: expected one of {', '.join(SCALE_REWARDS)}; got {self.scale_rewards!r}")
+        if self.async_generate and self.dynamic_sample:
+            found.append("async_generate: not with dynamic_sample (regenerating a group would share the engine with "
+                         "the rollout generated ahead)")
         if self.max_resample_times < 0:
             found.append(f"max_resample_times: must not be negative; got {self.max_resample_times}")
         found.extend(rewards.problems(self.reward_funcs, self.reward_weights, self.external_plugins,
@@ -275,6 +281,12 @@ class GrpoConfig:
         if job.max_steps > 0 and job.max_steps % self.num_iterations:
             found.append(f"max_steps: must be a multiple of num_iterations ({self.num_iterations}): each rollout "
                          f"trains that many steps; got {job.max_steps}")
+        if self.async_generate and not job.use_vllm:
+            found.append("async_generate: needs use_vllm (colocate or server): transformers generation samples from "
+                         "the policy itself, which trains meanwhile")
+        if self.async_generate and job.nproc_per_node * job.nnodes > 1:
+            found.append(f"async_generate: one process only for now (the in-flight rollout a checkpoint keeps is one "
+                         f"rank's); got nproc_per_node x nnodes = {job.nproc_per_node * job.nnodes}")
         return found
 
 

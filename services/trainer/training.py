@@ -218,17 +218,27 @@ def online_total(max_steps: int, num_train_epochs: float, per_epoch: int, update
     return max(1, math.ceil(num_train_epochs * per_epoch)) * updates
 
 
-def online_steps(method, prompts: Iterator[data.PromptBatch], step: int) -> Iterator[Step]:
+def online_steps(method, prompts: Iterator[data.PromptBatch], step: int, total: int | None = None) -> Iterator[Step]:
     """The optimizer steps of an online method's rollouts, rollout after rollout, from `step`
     (a rollout boundary): each rollout's prompts are read, then generated, scored and batched
-    by the method (its time split goes with its first step)."""
-    for batch in prompts:
-        rollout = method.rollout(batch.rows, step)
+    by the method (its time split goes with its first step). A method that generates ahead
+    (grpo --async_generate) also gets the next rollout's prompts and step, up to `total`."""
+    ahead = getattr(getattr(method, "args", None), "async_generate", False)
+    prompts = iter(prompts)
+    batch = next(prompts, None)
+    while batch is not None:
+        after = step + method.updates_per_rollout()
+        following = next(prompts, None) if ahead and after < (total or 0) else None
+        if following is not None:
+            rollout = method.rollout(batch.rows, step, following=(following.rows, after))
+        else:
+            rollout = method.rollout(batch.rows, step)
         for i, micro_batches in enumerate(rollout.updates):
             last = i == len(rollout.updates) - 1
             yield Step(data.StepBatch(micro_batches, batch.cursor, batch.data_wait_seconds if i == 0 else 0.0),
                        last=last, seconds=rollout.seconds if i == 0 else {}, logged=rollout.logged)
             step += 1
+        batch = following if following is not None else next(prompts, None)
 
 
 def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = None) -> int:
@@ -319,7 +329,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     if online:  # resumed at a rollout boundary: step // updates rollouts done, per_epoch in each epoch
         prompts = data.prompt_batches(rows, method.prompts_per_rollout(), per_epoch, start=cursor,
                                       done=(step // method.updates_per_rollout()) % per_epoch)
-        steps = online_steps(method, prompts, step)
+        steps = online_steps(method, prompts, step, total)
     else:
         steps = offline_steps(data.step_batches(rows, config.per_device_train_batch_size,
                                                 config.gradient_accumulation_steps,

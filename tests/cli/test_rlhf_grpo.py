@@ -173,3 +173,30 @@ def test_a_reward_function_that_raises_fails_the_job_with_one_line_naming_it_and
     assert len(failed) == 1 and failed[0].endswith(
         f"failed: reward_funcs: reward function 'bad' ({plugin}) raised ZeroDivisionError: float division by zero "
         f"(at {plugin}:2), scoring the completions of row 0 of {tmp_path / 'run' / 'dataset'}"), err
+
+
+def test_async_generate_reaches_the_job_and_is_refused_where_it_cannot_hold(tmp_path, capsys):
+    raw, plugin = write_prompts(tmp_path / "prompts.jsonl"), write_plugin(tmp_path / "short.py")
+    base = ["--rlhf_type", "grpo", "--dataset", str(raw), "--output_dir", str(tmp_path / "run"),
+            "--num_generations", "2", "--per_device_train_batch_size", "4", "--reward_funcs", "short",
+            "--external_plugins", str(plugin), "--async_generate", "true"]
+    command = cfg.parse(cli.RlhfCommandConfig, [*base, "--use_vllm", "true", "--vllm_mode", "server",
+                                                "--vllm_server_host", "127.0.0.1"])
+    job = from_arguments(to_arguments(cli.job_config(command, str(tmp_path / "prepared"), "127.0.0.1:1")))
+    assert job.grpo.async_generate is True and GrpoConfig().async_generate is False
+
+    code = tuneforge(["rlhf", *base, "--dynamic_sample", "true"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.splitlines() == [
+        "tuneforge rlhf: error: async_generate: not with dynamic_sample (regenerating a group would share the engine "
+        "with the rollout generated ahead)",
+        "tuneforge rlhf: error: async_generate: needs use_vllm (colocate or server): transformers generation samples "
+        "from the policy itself, which trains meanwhile"]
+    code = tuneforge(["rlhf", *base, "--use_vllm", "true", "--vllm_mode", "server", "--vllm_server_host", "127.0.0.1",
+                      "--nproc_per_node", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [
+        "tuneforge rlhf: error: async_generate: one process only for now (the in-flight rollout a checkpoint keeps "
+        "is one rank's); got nproc_per_node x nnodes = 2"], err
+    assert not (tmp_path / "run").exists()

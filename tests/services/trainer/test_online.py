@@ -5,6 +5,7 @@ every rank, resumed exactly from a rollout boundary); transformers generation se
 GRPO's --dynamic_sample; a reward model beside a reward function, weighted; the step count; the
 time split's Prometheus metrics."""
 
+import itertools
 import json
 
 import numpy as np
@@ -252,3 +253,68 @@ def test_a_reward_model_scores_the_rollout_beside_a_function_with_its_weight(pol
     assert rollout.logged["rewards/reward_model/mean"] == pytest.approx(sum(c["reward_model"] for c in logged) / 4)
     assert rollout.logged["reward"] == pytest.approx(sum(c["reward"] for c in logged) / 4, abs=1e-5)
     assert len(rollout.updates) == 1 and len(rollout.updates[0]) == 2  # 2 micro-batches of 2 completions
+
+
+class Recorder:
+    """An online method reduced to what the engine's driving of it shows: which prompts each
+    rollout gets, at which step, and which it is told to generate ahead."""
+
+    def __init__(self, async_generate: bool, updates: int):
+        self.args = GrpoConfig(async_generate=async_generate)
+        self.updates, self.calls = updates, []
+
+    def updates_per_rollout(self) -> int:
+        return self.updates
+
+    def rollout(self, prompts, step, following=None):
+        self.calls.append((prompts, step, following))
+        return grpo.Rollout([[]] * self.updates)
+
+
+def prompt_batches(count):
+    for i in range(count):
+        yield data.PromptBatch([f"row{i}"], DataCursor(), 0.0)
+
+
+@pytest.mark.parametrize("async_generate", [False, True])
+def test_the_engine_hands_a_generating_ahead_method_the_next_rollout_up_to_the_total(async_generate):
+    method = Recorder(async_generate, updates=2)
+    read = prompt_batches(10)
+    steps = list(itertools.islice(training.online_steps(method, read, 2, total=8), 6))
+    assert [len(steps), [s.last for s in steps]] == [6, [False, True] * 3]
+    if async_generate:  # rollout k gets rollout k + 1's rows and step; none past the total
+        assert method.calls == [(["row0"], 2, (["row1"], 4)), (["row1"], 4, (["row2"], 6)), (["row2"], 6, None)]
+    else:
+        assert method.calls == [(["row0"], 2, None), (["row1"], 4, None), (["row2"], 6, None)]
+    assert next(read).rows == ["row3"]  # neither read past the last rollout trained
+
+
+def test_a_rollout_generated_ahead_is_the_one_generated_now_and_survives_a_checkpoint(policy, default_model,
+                                                                                       tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    generator = TransformersGenerator(policy, pad_id=tokenizer.pad_token_id)
+    sampling = Sampling(n=2, max_tokens=5, temperature=0.9, top_p=0.9, top_k=50,
+                        stop_token_ids=grpo.stop_tokens(tokenizer, policy))
+    prompts, seeds = [[5, 6, 7, 8], [9, 10, 11]], [3, 4]
+    expected = generator.generate(prompts, seeds, sampling)
+    ahead = grpo.Ahead(generator)
+    try:
+        assert ahead.take(4, prompts, {}) is None  # nothing generated ahead: the caller generates
+        ahead.start(4, prompts, seeds, sampling)
+        ahead.save(tmp_path)  # waits for it, keeps it
+        seconds = {}
+        assert ahead.take(4, prompts, seconds) == expected
+        assert seconds["generation"] > 0 and seconds["generation_wait"] >= 0 and ahead.pending is None
+
+        resumed = grpo.Ahead(generator)
+        resumed.load(tmp_path)
+        assert resumed.take(4, prompts, {}) == expected  # a resumed run trains on what was generated ahead
+        resumed.load(tmp_path)
+        assert resumed.take(6, prompts, {}) is None  # for another rollout: not used
+        resumed.load(tmp_path / "nowhere")
+        assert resumed.pending is None
+        resumed.close()
+    finally:
+        ahead.close()
