@@ -21,7 +21,9 @@ REVISION_ENV = "TUNEFORGE_REVISION"
 
 
 def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> tuple[object, int]:
-    """Starts the /metrics endpoint in a daemon thread. Returns (http server, bound port)."""
+    """Starts the /metrics endpoint in a daemon thread. Returns (http server, bound port). Every
+    page says which build serves it (tuneforge_build_info), whatever else the process registers."""
+    build_info(registry)
     httpd, _thread = start_http_server(port, addr=host, registry=registry)
     return httpd, httpd.server_port
 
