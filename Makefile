@@ -10,7 +10,7 @@ LOCK := $(if $(filter cpu,$(ENGINE)),-c requirements/lock-cpu.txt,)
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: install tools demo test test-fast bazel clean base-image images
+.PHONY: install tools demo test test-pytest test-fast bazel clean base-image images
 
 install: $(VENV)/.installed $(GENERATED)
 
@@ -38,9 +38,15 @@ tools:
 demo: install
 	$(VENV)/bin/tuneforge demo
 
+# Each test runs once: pytest runs what `bazel test //...` does not (slow, gpu, tests/integration,
+# tests/gpu: see tests/conftest.py), then bazel/ci.sh builds everything and runs every other test.
 test: install tools
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 -m "slow or gpu or outside_bazel" tests
 	bash bazel/ci.sh
+
+# The whole suite under pytest alone, one session (no Bazel).
+test-pytest: install
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests

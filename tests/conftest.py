@@ -39,6 +39,20 @@ settings.register_profile("long", parent=settings.get_profile("ci"), max_example
 settings.load_profile("ci")
 
 
+# `bazel test //...` runs every test file minus the tests marked slow or gpu and minus
+# tests/integration and tests/gpu (bazel/defs.bzl _DESELECT, tests/BUILD.bazel); `make test` runs
+# exactly the rest with pytest (`-m "slow or gpu or outside_bazel"`), so each test runs once.
+_OUTSIDE_BAZEL = ("integration", "gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = pathlib.Path(__file__).parent
+    for item in items:
+        path = pathlib.Path(str(item.fspath))
+        if path.is_relative_to(tests) and path.relative_to(tests).parts[0] in _OUTSIDE_BAZEL:
+            item.add_marker(pytest.mark.outside_bazel)
+
+
 @pytest.fixture(scope="session")
 def default_model() -> pathlib.Path:
     from libs.default_model.resolve import resolve_model
