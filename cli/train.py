@@ -291,6 +291,7 @@ def job_config(command: SftCommandConfig, dataset_dir: str, dataprep_address: st
                   val_dataset=str(pathlib.Path(val_dataset_dir).resolve()) if val_dataset_dir else None,
                   output_dir=str(pathlib.Path(command.output_dir).resolve()),
                   model=str(pathlib.Path(command.model).resolve()) if command.model else None,
+                  tokenizer=str(pathlib.Path(command.tokenizer).resolve()) if command.tokenizer else None,
                   resume_from_checkpoint=(str(pathlib.Path(command.resume_from_checkpoint).resolve())
                                           if command.resume_from_checkpoint else None))
     if command.deepspeed and command.deepspeed.endswith(".json"):  # a file, not a preset name
@@ -336,7 +337,8 @@ def prepare_config(command: SftCommandConfig, datasets: list[str], output_dir: p
     + eos, every token trained)."""
     from services.dataprep.config import PrepareConfig
 
-    return PrepareConfig(model=command.model, dataset=list(datasets), output_dir=str(output_dir),
+    return PrepareConfig(model=command.model, tokenizer=command.tokenizer, dataset=list(datasets),
+                         output_dir=str(output_dir),
                          max_length=command.max_length, system=command.system, task=command.TASK,
                          use_chat_template=command.TASK != "pt", packing=command.packing,
                          streaming=command.streaming)

@@ -44,7 +44,7 @@ def fingerprint(args: dict, input_files: list[str], model_dir: pathlib.Path, ver
     order), the tokenizer files, dataprep's code and the library versions."""
     content = {
         "code": code_files(),
-        "args": {k: v for k, v in sorted(args.items()) if k not in NOT_CONTENT and k != "model"},
+        "args": {k: v for k, v in sorted(args.items()) if k not in NOT_CONTENT and k not in ("model", "tokenizer")},
         "inputs": [file_sha256(path) for path in input_files],
         "tokenizer": tokenizer_files(model_dir),
         "versions": versions,

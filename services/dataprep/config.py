@@ -27,6 +27,9 @@ class PrepareConfig:
 
     model: str | None = field(default=None, metadata={
         "help": "model directory whose tokenizer and chat template are used; unset means the embedded default model"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer directory used instead of the model's (an extended vocabulary; run_clm's "
+                "--tokenizer_name_or_path); its chat template renders the rows"})
     dataset: list[str] = field(default_factory=list, metadata={
         "help": "dataset files (.jsonl, .json array, .csv, .parquet), directories or globs of them; "
                 "PATH#N samples N rows (seeded by --data_seed); row formats: docs/dataset-format.md"})
@@ -96,7 +99,8 @@ class PrepareConfig:
             found.append("packing: needs max_length > 0 (the length of a packed row)")
         if self.num_proc < 1:
             found.append(f"num_proc: expected a positive number; got {self.num_proc}")
-        found.extend(paths.problems({"model": self.model, "dataset": self.dataset, "output_dir": self.output_dir}))
+        found.extend(paths.problems({"model": self.model, "tokenizer": self.tokenizer, "dataset": self.dataset,
+                                     "output_dir": self.output_dir}))
         return found
 
 

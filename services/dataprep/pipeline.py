@@ -178,7 +178,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     model_dir = resolve_model(config.model)
     output_dir = pathlib.Path(config.output_dir).resolve()
     args = {**to_dict(config), "model": str(model_dir), "output_dir": str(output_dir)}
-    fingerprint = cache.fingerprint(args, [source.path for source in sources], model_dir, versions())
+    tokenizer_dir = pathlib.Path(config.tokenizer).resolve() if config.tokenizer else model_dir
+    fingerprint = cache.fingerprint(args, [source.path for source in sources], tokenizer_dir, versions())
     cached = cache.reusable(output_dir, fingerprint)
     if cached is not None:
         if progress:
@@ -188,7 +189,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                               reused=True))
         return cached
     parallel.start_early(config.num_proc)
-    tokenizer = template.load_tokenizer(model_dir, config.template, config.use_chat_template)
+    tokenizer = template.load_tokenizer(tokenizer_dir, config.template, config.use_chat_template,
+                                        field="tokenizer" if config.tokenizer else "model")
     # the first valid row fixes the dataset's kind (--task auto) and so the shards' columns
     rows = inputs.read(datasets, config.data_seed, decode=False)  # JSON lines are decoded where tokenized
     admission, peeked, records = tasks.start(tokenizer, rows, columns, config)

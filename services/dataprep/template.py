@@ -56,20 +56,21 @@ class Encoded:
 
 
 def load_tokenizer(model_dir: str | pathlib.Path, template_name: str | None = None,
-                   use_chat_template: bool = True):
+                   use_chat_template: bool = True, field: str = "model"):
     """The model's fast tokenizer (offsets need a fast one) with the chat template rows
     are rendered with: built-in `template_name` when given, else the model's own,
-    which it must then have (unless use_chat_template is false)."""
+    which it must then have (unless use_chat_template is false). `field` names the flag
+    that gave `model_dir` (model, or tokenizer) in errors."""
     from transformers import AutoTokenizer
 
     builtin = templates.load(template_name) if template_name else None  # unknown name: fail before loading
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, TypeError, KeyError) as exc:  # what transformers raises for files it cannot use
-        raise FailedPrecondition(f"{model_dir}: cannot load its tokenizer: {exc}", field="model") from None
+        raise FailedPrecondition(f"{model_dir}: cannot load its tokenizer: {exc}", field=field) from None
     if not getattr(tokenizer, "is_fast", False):
         raise FailedPrecondition(f"{model_dir}: tokenizer is not a fast (tokenizers) tokenizer; "
-                                 "offsets are needed to mask labels", field="model")
+                                 "offsets are needed to mask labels", field=field)
     if builtin is not None:
         tokenizer.chat_template = builtin
         try:  # a built-in that needs what this tokenizer lacks (llama3's bos_token) fails here, not on every row
@@ -80,10 +81,10 @@ def load_tokenizer(model_dir: str | pathlib.Path, template_name: str | None = No
     elif use_chat_template and (not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template):
         raise FailedPrecondition(f"{model_dir}: the tokenizer has no chat template; name a built-in one with "
                                  f"--template ({', '.join(templates.NAMES)}) or pass --use_chat_template false",
-                                 field="model")
+                                 field=field)
     if not use_chat_template and tokenizer.eos_token_id is None:
         raise FailedPrecondition(f"{model_dir}: the tokenizer has no eos token to end texts with "
-                                 "(--use_chat_template false)", field="model")
+                                 "(--use_chat_template false)", field=field)
     return tokenizer
 
 

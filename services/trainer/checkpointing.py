@@ -26,7 +26,7 @@ import torch
 
 from libs.common import checkpoint, disk, faults, logs
 from libs.common.errors import FailedPrecondition
-from services.trainer import distributed, plots
+from services.trainer import distributed, plots, vocabulary
 from services.trainer.tensorboard_events import LOGGING_DIR, EventWriter
 
 LOG = logging.getLogger("tuneforge.trainer.checkpointing")
@@ -173,7 +173,7 @@ class RunDir:
 
         def build(tmp: pathlib.Path) -> None:
             if model is not None:
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, **vocabulary.save_kwargs(model))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if files is not None:

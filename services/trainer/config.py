@@ -421,6 +421,10 @@ class TrainConfig:
                                       metadata={"help": "module names to adapt, or all-linear (every linear layer but the output head)"})
     modules_to_save: list[str] = field(default_factory=list, metadata={
         "help": "lora/qlora: modules trained whole and saved beside the adapter (e.g. lm_head embed_tokens)"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "tokenizer directory used instead of the model's (run_clm's --tokenizer_name_or_path): a larger "
+                "vocabulary resizes the embeddings and output head before training (new rows: transformers' mean "
+                "resizing); the tokenizer is saved with every checkpoint"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in the backward pass: less memory, about a third more compute"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
@@ -523,8 +527,8 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every problem at once, each naming its field; empty when the job can start."""
         found: list[str] = paths.problems({
-            "model": self.model, "dataset": self.dataset, "output_dir": self.output_dir, "val_dataset": self.val_dataset,
-            "resume_from_checkpoint": self.resume_from_checkpoint, "deepspeed": self.deepspeed,
+            "model": self.model, "tokenizer": self.tokenizer, "dataset": self.dataset, "output_dir": self.output_dir,
+            "val_dataset": self.val_dataset, "resume_from_checkpoint": self.resume_from_checkpoint, "deepspeed": self.deepspeed,
             "ref_model": self.ref_model, "adapters": self.adapters, "ref_adapters": self.ref_adapters})
         unusable = {problem.split(":", 1)[0] for problem in found}  # no filesystem call may see these
         if self.train_type not in TRAIN_TYPES:
@@ -562,6 +566,8 @@ class TrainConfig:
         found.extend(model_problems)
         if not model_problems and "model" not in unusable and self.is_adapter:
             found.extend(_module_problems(self.model, self.target_modules, self.modules_to_save))
+        if self.tokenizer and not model_problems and not {"model", "tokenizer"} & unusable:
+            found.extend(_vocabulary_problems(self))
         if self.save_total_limit is not None and self.save_total_limit < 1:
             found.append(f"save_total_limit: must be at least 1 (unset keeps all); got {self.save_total_limit}")
         if self.eval_steps is not None and self.eval_steps < 1:
@@ -841,6 +847,30 @@ def _module_problems(model: str | None, target_modules: list[str], modules_to_sa
         if missing:
             found.append(f"{field_name}: the model has no module named {', '.join(missing)}")
     return found
+
+
+def _vocabulary_problems(config: TrainConfig) -> list[str]:
+    """A tokenizer with more tokens than the model has rows resizes the embeddings and the head:
+    with an adapter, those must be trained and saved whole, or the new rows stay random and are
+    lost with the checkpoint."""
+    from libs.default_model.resolve import resolve_model
+    from services.trainer import vocabulary
+
+    model_dir = resolve_model(config.model)
+    try:
+        size = len(vocabulary.load(config.tokenizer, model_dir))
+    except TuneForgeError as exc:
+        return [str(exc)]
+    rows = vocabulary.embedding_rows(model_dir)
+    if size <= rows or not config.is_adapter:
+        return []
+    wanted = {"embed_tokens", "lm_head"}
+    missing = sorted(wanted - set(config.modules_to_save))
+    if not missing:
+        return []
+    return [f"tokenizer: its {size} tokens resize the model's {rows}-row embeddings and output head; with "
+            f"train_type {config.train_type} the new rows are trained only as whole modules: add "
+            f"--modules_to_save {' '.join(sorted(wanted | set(config.modules_to_save)))}"]
 
 
 def from_arguments(message: Any) -> TrainConfig:

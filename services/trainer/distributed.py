@@ -27,6 +27,8 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
+from services.trainer import vocabulary
+
 DEEPSPEED_PRESETS = ("zero2", "zero3")
 # Sections of a DeepSpeed JSON that TuneForge owns itself: the optimizer is always the
 # recipe's AdamW and the schedule its --lr_scheduler_type, so runs compare across back ends.
@@ -308,7 +310,7 @@ class Engine:
     def write_model(self, directory: pathlib.Path | None) -> None:
         """Collective: rank 0 (given `directory`) writes the published model files there."""
         if directory is not None:
-            self.module.save_pretrained(directory)
+            self.module.save_pretrained(directory, **vocabulary.save_kwargs(self.module))
 
 
 class DDPEngine(Engine):

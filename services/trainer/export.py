@@ -19,6 +19,7 @@ from libs.common import checkpoint
 from libs.common import config as cfg
 from libs.common.errors import FailedPrecondition, InvalidArgument, TuneForgeError
 from libs.common import adapter_dir
+from services.trainer import vocabulary
 
 DTYPES = ("float32", "bfloat16", "float16")
 # config.json fields that decide the weights' shapes: two bases that differ in one of them
@@ -135,6 +136,8 @@ def load_adapted(plan: Plan):
         base = _classifier_base(plan, weights, mismatch)
     else:
         base = AutoModelForCausalLM.from_pretrained(plan.base, dtype=torch.float32)
+    if _tokenizer_source(plan) != plan.base:  # trained with --tokenizer: the base gets its rows first
+        vocabulary.fit(base, len(vocabulary.load(str(plan.adapter), plan.base)))
     try:
         model = get_peft_model(base, lora)
         loaded = set_peft_model_state_dict(model, weights)

@@ -1,7 +1,7 @@
 """The model a job trains: the base loaded onto the rank's device in its load dtype (float32
 for full training, whose weights are the float32 masters; `torch_dtype` for a frozen base
 under adapters; 4-bit nf4 through bitsandbytes for qlora, computing in torch_dtype) with
-`--attn_impl`'s attention, with the head its method needs (a causal LM's, or a reward model's classification
+`--attn_impl`'s attention, its vocabulary fitted to `--tokenizer` (services/trainer/vocabulary.py), with the head its method needs (a causal LM's, or a reward model's classification
 head), every weight trainable for `full`, else frozen under fresh PEFT LoRA adapters on
 `target_modules` (plus `modules_to_save` trained whole) or under the adapter given with
 `--adapters` (its weights and its own LoRA config), with gradient checkpointing on request."""
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from libs.common.errors import InvalidArgument
-from services.trainer import devices
+from services.trainer import devices, vocabulary
 from services.trainer.config import TrainConfig
 
 
@@ -45,6 +45,8 @@ def build_model(config: TrainConfig, model_dir, auto_class=None, task_type: str 
         extra["attn_implementation"] = config.attn_impl
     auto_class = auto_class or AutoModelForCausalLM
     base = auto_class.from_pretrained(model_dir, dtype=devices.load_dtype(config), **extra)
+    if config.tokenizer:  # an extended vocabulary: rows for the new tokens before any adapter goes on
+        vocabulary.fit(base, len(vocabulary.load(config.tokenizer, model_dir)))
     checkpointing = {"use_reentrant": False}  # works with frozen inputs (no enable_input_require_grads)
     if config.train_type == "full":
         base.requires_grad_(True)

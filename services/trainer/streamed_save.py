@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from services.trainer import vocabulary
+
 # safetensors' names for torch dtypes
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -123,7 +125,7 @@ def _write_adapter(directory: pathlib.Path | None, module, gather: Gather) -> No
             if whole is not None:
                 state[name] = whole
     if directory is not None:
-        module.save_pretrained(directory, state_dict=state)
+        module.save_pretrained(directory, state_dict=state, **vocabulary.save_kwargs(module))
 
 
 def _write_full(directory: pathlib.Path | None, module, gather: Gather, max_shard_size: int) -> None:

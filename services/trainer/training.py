@@ -24,7 +24,7 @@ import torch
 
 from libs.common.errors import FailedPrecondition, InvalidArgument
 from libs.dataset import client as dataset_client
-from services.trainer import checkpointing, data, dataset_check, devices, distributed, evaluation, memory, methods
+from services.trainer import checkpointing, data, dataset_check, devices, distributed, evaluation, memory, methods, vocabulary
 from services.trainer.config import TrainConfig, as_dict
 
 
@@ -266,7 +266,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
     # --- setup
     model_dir = resolve_model(config.model).resolve()
     torch.manual_seed(config.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = vocabulary.load(config.tokenizer, model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     full = not config.is_adapter
     resume_dir = pathlib.Path(config.resume_from_checkpoint).resolve() if config.resume_from_checkpoint else None
@@ -371,7 +371,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         last_saved = step
         if world.is_main:
             try:
-                path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
+                path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full or config.tokenizer else None,
                                             files=getattr(method, "checkpoint_files", None),
                                             training_state=training, staged=staged)
             except Exception:  # counted by the service (an alert), then the job fails as it would
