@@ -1,7 +1,8 @@
 """One preparation, in-process: dataset rows (any supported file and row format)
 -> chat-template tokens and label masks (pt text: grouped into blocks, or split
-to pack) -> Arrow shards + rejects.jsonl + manifest.json (written last). A full disk fails it with DiskFull naming the file
-that did not fit; its shards and temporary files are removed, no manifest."""
+to pack) -> Arrow shards + rejects.jsonl + manifest.json (written last). A full
+disk fails it with DiskFull naming the file that did not fit; its shards and
+temporary files are removed, no manifest."""
 
 from __future__ import annotations
 
