@@ -113,12 +113,13 @@ class PrepareConfig:
             found.append("packing: needs max_length > 0 (the length of a packed row)")
         if self.num_proc < 1:
             found.append(f"num_proc: expected a positive number; got {self.num_proc}")
-        found.extend(self._pt_problems())
+        found.extend(self.corpus_problems())
         found.extend(paths.problems({"model": self.model, "dataset": self.dataset, "output_dir": self.output_dir}))
         return found
 
 
-    def _pt_problems(self) -> list[str]:
+    def corpus_problems(self) -> list[str]:
+        """The problems of the pt and .txt flags (also checked by `tuneforge pt` as it parses)."""
         found = []
         if self.txt_mode not in TXT_MODES:
             found.append(f"txt_mode: expected one of {', '.join(TXT_MODES)}; got {self.txt_mode!r}")
