@@ -117,7 +117,6 @@ class PrepareConfig:
         found.extend(paths.problems({"model": self.model, "dataset": self.dataset, "output_dir": self.output_dir}))
         return found
 
-
     def corpus_problems(self) -> list[str]:
         """The problems of the pt and .txt flags (also checked by `tuneforge pt` as it parses)."""
         found = []

@@ -66,7 +66,6 @@ class Record:
     data: bytes | None = None
     reason: str | None = None  # why `error` (a reject reason); None: the text is not JSON
 
-
     def decoded(self) -> Record:
         if self.data is None:
             return self
