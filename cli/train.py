@@ -93,6 +93,12 @@ class PtCommandConfig(SftCommandConfig):
 
     TASK = "pt"
 
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if self.predict_with_generate:
+            found.append("predict_with_generate: pt trains every token of a row: there is no prompt to answer")
+        return found
+
 
 # What dataprep prepares raw rows as for each --rlhf_type.
 RLHF_TASKS = {"dpo": "preference", "orpo": "preference", "cpo": "preference", "simpo": "preference", "rm": "reward",

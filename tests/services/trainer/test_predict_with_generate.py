@@ -58,6 +58,19 @@ def test_refused_where_it_cannot_run(tmp_path, values, problem):
     assert problem in config.problems()
 
 
+def test_pt_has_no_prompt_to_answer(tmp_path):
+    from cli.train import PtCommandConfig
+    from libs.common import config as cfg
+    from libs.common.errors import Problems
+
+    (tmp_path / "d.txt.jsonl").write_text("{}\n")
+    with pytest.raises(Problems) as caught:
+        cfg.parse(PtCommandConfig, ["--dataset", str(tmp_path / "d.txt.jsonl"), "--output_dir", str(tmp_path / "o"),
+                                    "--split_dataset_ratio", "0.5", "--predict_with_generate", "true"])
+    assert caught.value.problems == [
+        "predict_with_generate: pt trains every token of a row: there is no prompt to answer"]
+
+
 @pytest.fixture(scope="module")
 def val_dataset(dataprep_address, default_model, tmp_path_factory) -> str:
     where = tmp_path_factory.mktemp("pwg")
