@@ -127,3 +127,12 @@ def test_rouge_equals_the_rouge_package():
         got = nlg.row_scores(pred, label, cut)
         for key in ("rouge-1", "rouge-2", "rouge-l"):
             assert got[key] == pytest.approx(expected[key]["f"], rel=1e-12), (name, key, label, pred)
+
+
+def test_rule_cut_equals_jieba_on_text_without_chinese():
+    name, cut = nlg.segmenter()
+    if name != "jieba":
+        pytest.skip("jieba is not installed (requirements: jieba==0.42.1)")
+    for text in ["Hello, world.", "pi is 3.14% a+b...", "I am Ada, an assistant developed by Bo.",
+                 "x = f(y) -> z_1 & w#2\n\tend", PAIRS[1][0]]:
+        assert rule(text) == cut(text), text
