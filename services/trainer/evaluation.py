@@ -145,18 +145,19 @@ def answers(row: data.Row) -> Iterator[tuple[list[int], list[int]]]:
         yield ids[:begin].tolist(), ids[begin:end + 1].tolist()
 
 
-def generate_nlg(policy, source: data.RowSource, tokenizer, config, world=None, device=None) -> tuple[dict[str, float], int]:
+def generate_nlg(policy, source: data.RowSource, tokenizer, config, world=None,
+                 device=None) -> tuple[dict[str, float], int]:
     """--predict_with_generate: ms-swift's nlg scores (libs.common.nlg, keys eval_rouge-1 ...)
     of greedy answers to every rank's eval rows, and how many rows were scored. Each rank
     generates its own rows with its whole model (`policy`, unwrapped: DDP or ZeRO-2, where no
     forward is a collective), then the (answer, reference) texts of all ranks are gathered and
     scored alike on every rank. Greedy and alone per prompt (no padding): a row's answer does
     not depend on which rows share its rank."""
+    from transformers import GenerationConfig
+
     from libs.common import nlg
     from services.trainer import distributed
-    from services.trainer.methods.grpo import stop_tokens
-
-    from transformers import GenerationConfig
+    from services.trainer.methods.grpo import stop_tokens  # the EOS set online methods generate to
 
     stop = list(stop_tokens(tokenizer, policy))
     greedy = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens, eos_token_id=stop,
