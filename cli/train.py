@@ -114,7 +114,10 @@ class PtCommandConfig(SftCommandConfig):
 
         corpus = PrepareConfig(task="pt", max_length=self.max_length, packing=self.packing,
                                block_size=self.block_size, txt_mode=self.txt_mode)
-        return super().problems() + corpus.corpus_problems()
+        found = super().problems() + corpus.corpus_problems()
+        if self.predict_with_generate:
+            found.append("predict_with_generate: pt trains every token of a row: there is no prompt to answer")
+        return found
 
 
 # What dataprep prepares raw rows as for each --rlhf_type.
@@ -272,13 +275,19 @@ class RlhfCommandConfig(SftCommandConfig):
                                                for problem in super().problems()]
 
 
-def _dataset_problems(name: str, paths: list[str]) -> list[str]:
-    missing = [p for p in paths if not pathlib.Path(p).exists()]
+def _dataset_problems(name: str, specs: list[str]) -> list[str]:
+    from services.dataprep.inputs import split_sample
+
+    # raw files may carry ms-swift's FILE#N (N rows drawn by dataprep); a prepared directory may not
+    sampled = {spec: split_sample(spec)[0] for spec in specs}
+    missing = [spec for spec, path in sampled.items() if not pathlib.Path(path).exists()]
     if missing:
         return [f"{name}: not found: {', '.join(missing)}"]
-    found = []
+    found = [f"{name}: {spec}: a prepared dataset directory cannot be sampled (#N); sample its raw files"
+             for spec, path in sampled.items() if spec != path and is_prepared(path)]
+    paths = [spec for spec, path in sampled.items() if spec == path]
     prepared = [p for p in paths if is_prepared(p)]
-    if prepared and len(paths) > 1:
+    if prepared and len(specs) > 1:
         found.append(f"{name}: a prepared dataset directory must be given alone, "
                      f"not with other datasets: {', '.join(prepared)}")
     directories = [p for p in paths if pathlib.Path(p).is_dir() and p not in prepared and not _holds_dataset_files(p)]

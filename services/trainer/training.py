@@ -403,9 +403,13 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         with evaluation.eval_mode(model):
             result = evaluation.evaluate(method, eval_rows, config.per_device_train_batch_size, pad_id, world,
                                          device=engine.device)
+            if config.predict_with_generate:  # every rank generates its own eval rows
+                generated, scored = evaluation.generate_nlg(model, eval_rows, tokenizer, config, world, engine.device)
         entry = {"step": step, "eval_loss": result.loss, "eval_trained_tokens": result.trained_tokens,
                  "eval_rows": result.rows}
         logged = {f"eval_{name}": value for name, value in result.metrics.items()}
+        if config.predict_with_generate:
+            logged.update(generated, eval_nlg_rows=scored)
         if run is not None:
             run.log({**entry, **logged})
         report("eval", **entry, method=method.name, metrics=logged)
