@@ -12,6 +12,8 @@ publish_time) to:
            demo's "servable" figure, but without waiting for the job's end)
   answered the first chat completion on it (1 token) has its answer
 and the first request's time against the second's (what a first request still pays).
+`listed_after_event` is `listed` from the moment this script saw the event (the trainer's
+relay, as serving sees it too): the only figure a trainer without publish_time allows.
 The parts come from serving's own histogram (tuneforge_serving_adapter_load_part_seconds,
 where the server has it): each part's mean per round.
 
@@ -70,7 +72,7 @@ def main(argv: list[str]) -> int:
         dataprep_client.prepare(dataprep.grpc_address, PrepareConfig(
             model=str(model_dir), dataset=[str(out / "raw.jsonl")], output_dir=str(out / "prepared")))
         print(f"model {model_dir}; {options.rounds} rounds of a {options.steps}-step LoRA job; logs in {out / 'logs'}")
-        print("round  listed_s  answered_s  first_req_s  second_req_s  " + "  ".join(
+        print("round  listed_s  answered_s  listed_after_event_s  first_req_s  second_req_s  " + "  ".join(
             f"{p}_s" for p in ("delivery", "verification", "registration", "first_request")))
         for round_ in range(1, options.rounds + 1):
             adapter = f"hot{round_}"
@@ -113,9 +115,10 @@ def main(argv: list[str]) -> int:
             parts = {p: (after[p][0] - before.get(p, (0, 0))[0]) / max(1.0, after[p][1] - before.get(p, (0, 0))[1])
                      for p in after}
             row = {"listed": listed - seen["published"], "answered": answered - seen["published"],
-                   "first": times[0], "second": times[1], **parts}
+                   "listed_after_event": listed - seen["received"], "first": times[0], "second": times[1], **parts}
             rows.append(row)
-            print(f"{round_:>5}  {row['listed']:8.3f}  {row['answered']:10.3f}  {row['first']:11.3f}  "
+            print(f"{round_:>5}  {row['listed']:8.3f}  {row['answered']:10.3f}  {row['listed_after_event']:20.3f}  "
+                  f"{row['first']:11.3f}  "
                   f"{row['second']:12.3f}  " + "  ".join(
                       f"{row[p]:.4f}" if p in row else "-" for p in
                       ("delivery", "verification", "registration", "first_request")), flush=True)

@@ -158,7 +158,10 @@ class AdapterRegistry:
     def _check_adapter(self, info: adapter_dir.AdapterDir) -> adapter_dir.AdapterDir:
         """What the adapter itself must be: intact, on this base model, within the rank, LoRA only."""
         if info.has_manifest:
-            checkpoint.verify(info.path)  # FailedPrecondition naming the file whose sha256 differs
+            # FailedPrecondition naming the file whose sha256 differs. Only a resume reads the
+            # optimizer state, twice the adapter's size: hashing it too made this 3.7x slower
+            # (13.3 against 3.6 ms on the demo's checkpoint).
+            checkpoint.verify(info.path, skip=checkpoint.RESUME_STATE)
         if info.base_model is None:
             raise FailedPrecondition(
                 f"{info.path} records no base model (no `model` in args.json, no base_model_name_or_path "

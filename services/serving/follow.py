@@ -7,7 +7,8 @@ The policy (--follow_policy, per adapter pattern with --follow_jobs): `final` pr
 a job's last checkpoint only, `best` each checkpoint whose eval loss beats every earlier
 one of its job, `all` every one. A burst of promoted publications (the replay on
 connect, or a fast trainer) collapses to the newest per adapter name: older ones would
-be replaced at once.
+be replaced at once. A live publication's delivery (its publish_time to the load's start) is
+observed with the load's other parts (services.serving.metrics.ADAPTER_LOAD_PARTS).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import pathlib
 import time
 
@@ -69,6 +70,29 @@ def test_a_tampered_file_fails_the_manifest_check(registry, base, tmp_path, publ
     with pytest.raises(FailedPrecondition) as info:
         registry.validate("a", adapter)
     assert "adapter_model.safetensors: sha256 does not match manifest.json" in info.value.message
+
+
+def test_the_optimizer_state_is_not_what_serving_verifies(registry, base, tmp_path):
+    """Only a resume reads trainer_state.json and training_state.pt: serving does not hash them
+    (they are twice the adapter), a resume still does; every file serving reads is checked."""
+    from libs.common import checkpoint
+
+    def fill(tmp):
+        (tmp / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+        (tmp / "adapter_model.safetensors").write_bytes(b"w1")
+        (tmp / "args.json").write_text(json.dumps({"model": str(base)}))
+        (tmp / "trainer_state.json").write_text("{}")
+        (tmp / "training_state.pt").write_bytes(b"optimizer")
+
+    adapter = checkpoint.publish(tmp_path / "run" / "checkpoint-2", fill)
+    (adapter / "training_state.pt").write_bytes(b"torn")
+    registry.validate("a", adapter)
+    with pytest.raises(FailedPrecondition, match="training_state.pt: sha256 does not match"):
+        checkpoint.verify(adapter)
+    (adapter / "args.json").write_text('{"model": "elsewhere"}')
+    with pytest.raises(FailedPrecondition, match="args.json: sha256 does not match"):
+        registry.validate("a", adapter)
 
 
 def test_base_paths_compare_after_resolving_symlinks(registry, base, tmp_path, publish_adapter):
