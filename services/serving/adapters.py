@@ -159,8 +159,8 @@ class AdapterRegistry:
         """What the adapter itself must be: intact, on this base model, within the rank, LoRA only."""
         if info.has_manifest:
             # FailedPrecondition naming the file whose sha256 differs. Only a resume reads the
-            # optimizer state, twice the adapter's size: hashing it too made this 3.7x slower
-            # (13.3 against 3.6 ms on the demo's checkpoint).
+            # optimizer state, twice the adapter's size: hashing it too made this about 4x slower
+            # (13-16 against 3-4 ms on the demo's checkpoint, best of 5-7 runs on a loaded machine).
             checkpoint.verify(info.path, skip=checkpoint.RESUME_STATE)
         if info.base_model is None:
             raise FailedPrecondition(
