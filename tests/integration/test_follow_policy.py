@@ -59,8 +59,8 @@ def test_only_the_final_checkpoint_goes_live(stack, tmp_path):
     assert [e["path"] for e in ours if e["msg"] == "published checkpoint serving"] == [final]
 
     # one load, each part observed once: delivery (a live publication), verification, registration,
-    # the first request; and what they add up to is under the 1 s of issue 17 (measured 20-60 ms;
-    # bench/serving_hotload.py times it)
+    # the first request. A loose bound only: the 1 s of issue 17 is bench/serving_hotload.py's to
+    # show (about 22 ms in all there, median of 5 rounds)
     after = load_parts(stack)
     counts = {part: after[part][1] - before[part][1] for part in PARTS}
     seconds = {part: after[part][0] - before[part][0] for part in PARTS}
