@@ -773,7 +773,7 @@ class TrainConfig:
 
 
 # What a checkpoint must hold to resume from it (written by services.trainer.checkpointing).
-RESUME_FILES = ("trainer_state.json", "training_state.pt")
+RESUME_FILES = checkpoint.RESUME_STATE
 
 
 def _resume_problems(path: str, train_type: str, processes: int | None) -> list[str]:

@@ -374,6 +374,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
                 path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full else None,
                                             files=getattr(method, "checkpoint_files", None),
                                             training_state=training, staged=staged)
+                published_at = time.time()  # serving measures the event's delivery from here
             except Exception:  # counted by the service (an alert), then the job fails as it would
                 report("checkpoint_failed", step=step)
                 raise
@@ -388,6 +389,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         served = not full and config.rlhf_type != "rm"
         report("checkpoint", step=step, path=str(path), final=final, base_model=str(model_dir),
                adapter_name=config.resolved_adapter_name() if served else "", publish_seconds=staging_seconds + seconds,
+               published_at=published_at,
                rss_bytes=dict(zip(("train_peak", "save_start", "save_peak"), map(list, zip(*peaks)))))
 
     def log(learning_rate: float, grad_norm: float) -> None:
