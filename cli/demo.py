@@ -12,6 +12,7 @@ import json
 import pathlib
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -73,8 +74,10 @@ def write_identity_dataset(path: pathlib.Path, name: str, author: str) -> int:
     return rows
 
 
-def train_adapter(trainer_address: str, config) -> dict:
-    """Submits one job and follows it with a progress bar; returns the final job."""
+def train_adapter(trainer_address: str, config, on_final=None) -> dict:
+    """Submits one job and follows it with a progress bar; returns the final job and its
+    publications as (step, unix time published). `on_final(step, published)` is called as
+    the final checkpoint's event arrives, while the job is still ending."""
     from services.trainer import client as trainer_client
 
     job_id = trainer_client.submit(trainer_address, config)
@@ -88,14 +91,52 @@ def train_adapter(trainer_address: str, config) -> dict:
             bar.update(event.step.step - bar.n)
             bar.set_postfix(loss=f"{event.step.loss:.3f}", tok_s=f"{event.step.tokens_per_second:.0f}")
         elif kind == "checkpoint":
-            published.append((event.checkpoint.step, time.monotonic()))
+            published.append((event.checkpoint.step, publish_time(event.checkpoint)))
+            if event.checkpoint.final and on_final is not None:
+                on_final(*published[-1])
 
     job = trainer_client.wait(trainer_address, job_id, on_event=on_event)
     bar.close()
     return {"job": job, "published": published}
 
 
-def wait_for_adapter(client, name: str, timeout: float) -> float:
+def publish_time(event) -> float:
+    """When the trainer published the checkpoint (unix time; its arrival here if the trainer does not say)."""
+    return event.publish_time.ToNanoseconds() / 1e9 if event.HasField("publish_time") else time.time()
+
+
+def train_and_time_hot_load(trainer_address: str, config, client, load_timeout: float) -> tuple[dict, float]:
+    """Trains like `train_adapter` and, from the final checkpoint's event on (not from the
+    job's end: the training process takes seconds to exit after publishing), polls serving
+    until it lists the adapter. Returns the train result and the seconds from the final
+    checkpoint's publication until serving listed it."""
+    final: list[float] = []
+    arrived = threading.Event()
+    result: dict = {}
+
+    def train() -> None:
+        try:
+            result.update(train_adapter(trainer_address, config, on_final=lambda step, at: (
+                final.append(at), arrived.set())))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            result["error"] = exc
+        finally:
+            arrived.set()
+
+    thread = threading.Thread(target=train, name=f"train-{config.adapter_name}", daemon=True)
+    thread.start()
+    arrived.wait()
+    latency = None
+    if final:
+        wait_for_adapter(client, config.adapter_name, load_timeout, poll=0.01)
+        latency = time.time() - final[0]
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result, latency
+
+
+def wait_for_adapter(client, name: str, timeout: float, poll: float = 0.1) -> float:
     """Polls /v1/models until `name` is listed; returns the seconds waited."""
     started = time.monotonic()
     while True:
@@ -103,7 +144,7 @@ def wait_for_adapter(client, name: str, timeout: float) -> float:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
             raise Unavailable(f"serving did not load adapter {name!r} within {timeout:.0f} s")
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
 def ask(client, model: str, max_tokens: int) -> str:
@@ -172,7 +213,7 @@ def run_path(endpoints: Endpoints, model_dir: pathlib.Path, config: DemoConfig, 
             output_dir=str(remote / prepared.relative_to(out))))
         print(f"      dataprep: {manifest['rows_out']}/{rows} rows, {manifest['tokens']} tokens "
               f"({manifest['trained_tokens']} trained), {len(manifest['shards'])} shard(s)")
-        result = train_adapter(endpoints.trainer, TrainConfig(
+        result, latency = train_and_time_hot_load(endpoints.trainer, TrainConfig(
             model=str(model_dir), dataset=str(remote / prepared.relative_to(out)),
             dataprep_address=endpoints.dataprep_for_trainer or endpoints.dataprep,
             output_dir=str(remote / adapter), train_type="lora", lora_rank=config.lora_rank,
@@ -180,12 +221,11 @@ def run_path(endpoints: Endpoints, model_dir: pathlib.Path, config: DemoConfig, 
             learning_rate=config.learning_rate, lr_scheduler_type="constant",
             max_steps=config.max_steps, save_steps=config.save_steps,
             per_device_train_batch_size=config.per_device_train_batch_size,
-            model_name=name, model_author=author, adapter_name=adapter))
-        if not result["published"]:
-            raise FailedPrecondition(f"the trainer finished {adapter} without publishing a checkpoint")
-        final_step, published_at = result["published"][-1]
-        wait_for_adapter(client, adapter, config.load_timeout)
-        load_latency[adapter] = round(time.monotonic() - published_at, 3)
+            model_name=name, model_author=author, adapter_name=adapter), client, config.load_timeout)
+        if latency is None:
+            raise FailedPrecondition(f"the trainer finished {adapter} without publishing a final checkpoint")
+        final_step = result["published"][-1][0]
+        load_latency[adapter] = round(latency, 3)
         print(f"      published {remote / adapter}/checkpoint-{final_step}; servable "
               f"{load_latency[adapter]:.2f} s after publication (hot-loaded, no restart)")
 

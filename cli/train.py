@@ -90,8 +90,34 @@ class PtCommandConfig(SftCommandConfig):
 
     train_type: str = field(default="full", metadata={
         "help": "full (every weight; checkpoints are Hugging Face model directories), lora or qlora (PEFT adapters)"})
+    dataset: list[str] = field(default_factory=list, metadata={
+        "help": "corpus files (.txt, .jsonl, .json, .csv, .parquet; .txt and .jsonl also .gz or .zst), directories "
+                "or globs of them (prepared through dataprep into OUTPUT_DIR/dataset), or one prepared dataset "
+                "directory"})
+    max_length: int = field(default=2048, metadata={
+        "help": "the block size unless --block_size is given; with --packing, documents are split at max_length "
+                "and the pieces packed into rows of max_length; no text is dropped for its length"})
+    block_size: int | None = field(default=None, metadata={
+        "help": "the corpus' tokens, each document ending in eos, joined and cut into rows of this many tokens "
+                "(run_clm's group_texts); unset means max_length"})
+    drop_last_block: bool = field(default=True, metadata={
+        "help": "drop the last block when shorter than block_size (as run_clm; counted in the dataset manifest) "
+                "or keep it as a shorter row (false)"})
+    txt_mode: str = field(default="file", metadata={
+        "help": "a .txt file is one document (file) or one document per non-blank line (line)",
+        "choices": ["file", "line"]})
 
     TASK = "pt"
+
+    def problems(self) -> list[str]:
+        from services.dataprep.config import PrepareConfig
+
+        corpus = PrepareConfig(task="pt", max_length=self.max_length, packing=self.packing,
+                               block_size=self.block_size, txt_mode=self.txt_mode)
+        found = super().problems() + corpus.corpus_problems()
+        if self.predict_with_generate:
+            found.append("predict_with_generate: pt trains every token of a row: there is no prompt to answer")
+        return found
 
 
 # What dataprep prepares raw rows as for each --rlhf_type.
@@ -249,19 +275,33 @@ class RlhfCommandConfig(SftCommandConfig):
                                                for problem in super().problems()]
 
 
-def _dataset_problems(name: str, paths: list[str]) -> list[str]:
-    missing = [p for p in paths if not pathlib.Path(p).exists()]
+def _dataset_problems(name: str, specs: list[str]) -> list[str]:
+    from services.dataprep.inputs import split_sample
+
+    # raw files may carry ms-swift's FILE#N (N rows drawn by dataprep); a prepared directory may not
+    sampled = {spec: split_sample(spec)[0] for spec in specs}
+    missing = [spec for spec, path in sampled.items() if not pathlib.Path(path).exists()]
     if missing:
         return [f"{name}: not found: {', '.join(missing)}"]
-    found = []
+    found = [f"{name}: {spec}: a prepared dataset directory cannot be sampled (#N); sample its raw files"
+             for spec, path in sampled.items() if spec != path and is_prepared(path)]
+    paths = [spec for spec, path in sampled.items() if spec == path]
     prepared = [p for p in paths if is_prepared(p)]
-    if prepared and len(paths) > 1:
+    if prepared and len(specs) > 1:
         found.append(f"{name}: a prepared dataset directory must be given alone, "
                      f"not with other datasets: {', '.join(prepared)}")
-    directories = [p for p in paths if pathlib.Path(p).is_dir() and p not in prepared]
+    directories = [p for p in paths if pathlib.Path(p).is_dir() and p not in prepared and not _holds_dataset_files(p)]
     if directories:
-        found.append(f"{name}: not a prepared dataset (no {PREPARED_MARKER}): {', '.join(directories)}")
+        found.append(f"{name}: not a prepared dataset (no {PREPARED_MARKER}) and holds no dataset files: "
+                     f"{', '.join(directories)}")
     return found
+
+
+def _holds_dataset_files(directory: str) -> bool:
+    """A directory of raw dataset files (dataprep reads every one under it)."""
+    from services.dataprep.inputs import file_type
+
+    return any(p.is_file() and file_type(str(p)) for p in pathlib.Path(directory).rglob("*"))
 
 
 def is_prepared(path: str | pathlib.Path) -> bool:
@@ -334,14 +374,16 @@ def local_trainer() -> Iterator[str]:
 
 def prepare_config(command: SftCommandConfig, datasets: list[str], output_dir: pathlib.Path):
     """How dataprep prepares the command's raw datasets (sft: chat template; pt: plain text
-    + eos, every token trained)."""
+    + eos, every token trained, cut into blocks or packed)."""
     from services.dataprep.config import PrepareConfig
 
+    corpus = ({"block_size": command.block_size, "drop_last_block": command.drop_last_block,
+               "txt_mode": command.txt_mode} if isinstance(command, PtCommandConfig) else {})
     return PrepareConfig(model=command.model, tokenizer=command.tokenizer, dataset=list(datasets),
                          output_dir=str(output_dir),
                          max_length=command.max_length, system=command.system, task=command.TASK,
                          use_chat_template=command.TASK != "pt", packing=command.packing,
-                         streaming=command.streaming)
+                         streaming=command.streaming, **corpus)
 
 
 def prepare(command: SftCommandConfig, dataprep_address: str, datasets: list[str] | None = None,

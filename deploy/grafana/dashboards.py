@@ -227,6 +227,12 @@ SERVING = dashboard("tuneforge-serving", "TuneForge / Serving",
         panel("Adapter loads (1 h) by result",
               query("sum by (result) (increase(tuneforge_serving_adapter_loads_total[1h]))", "{{result}}")),
         panel("Adapter load time", *quantiles("tuneforge_serving_adapter_load_duration_seconds"), unit="s"),
+        panel("Hot-load time by part (mean, 1 h)",
+              query("sum by (part) (increase(tuneforge_serving_adapter_load_part_seconds_sum[1h])) "
+                    "/ sum by (part) (increase(tuneforge_serving_adapter_load_part_seconds_count[1h]))", "{{part}}"),
+              unit="s", description="A publication's way to traffic: delivery (trainer's publication -> load "
+              "starts), verification, registration (vLLM add_lora), first_request. Which part grew: "
+              "docs/serving.md, Hot-loading."),
     )),
     row("vLLM engine", (
         panel("Scheduler", query("tuneforge_serving_engine_running_requests", "running"),

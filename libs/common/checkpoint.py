@@ -25,6 +25,9 @@ from libs.common import disk, faults
 from libs.common.errors import FailedPrecondition, NotFound
 
 MANIFEST = "manifest.json"
+# What only a resume reads (the trainer's optimizer, scheduler and RNG state; written by
+# services.trainer.checkpointing): a reader of the weights alone need not hash it.
+RESUME_STATE = ("trainer_state.json", "training_state.pt")
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 # Hidden siblings of a publication: being built, the replaced version moved aside, being removed.
 _HIDDEN = re.compile(r"^\.(tmp|old|removed)-(checkpoint-\d+)-[0-9a-f]{8}$")
@@ -146,8 +149,9 @@ def remove_leftovers(run_dir: str | pathlib.Path) -> list[pathlib.Path]:
     return found
 
 
-def verify(directory: str | pathlib.Path) -> dict:
-    """Checks every file against the manifest; raises NotFound or FailedPrecondition naming the file."""
+def verify(directory: str | pathlib.Path, skip: tuple[str, ...] = ()) -> dict:
+    """Checks every file against the manifest, but those named in `skip` (files the caller
+    never reads); raises NotFound or FailedPrecondition naming the file."""
     directory = pathlib.Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
@@ -162,6 +166,8 @@ def verify(directory: str | pathlib.Path) -> dict:
         raise FailedPrecondition(f"{manifest_path} is not a checkpoint manifest (expected \"files\": "
                                  "{name: {\"sha256\": ...}})", field="path")
     for name, entry in files.items():
+        if name in skip:
+            continue
         path = directory / name
         if not path.is_file():
             raise FailedPrecondition(f"{path} is listed in {MANIFEST} but missing", field="path")

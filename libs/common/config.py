@@ -19,10 +19,12 @@ import difflib
 import json
 import pathlib
 import struct
+import sys
 import types
 import typing
 from typing import Any, TypeVar
 
+from libs.common import legacy_flags
 from libs.common.errors import Problems
 
 T = TypeVar("T")
@@ -174,12 +176,17 @@ def from_args(cls: type[T], namespace: argparse.Namespace) -> T:
 
 
 def parse(cls: type[T], argv: list[str], prog: str | None = None) -> T:
-    """Parses argv into `cls`; unknown flags get a did-you-mean hint, all problems at once."""
+    """Parses argv into `cls`; unknown flags get a did-you-mean hint, all problems at once.
+    ms-swift 1.x's flag names (libs.common.legacy_flags) are read as today's, each with a
+    one-line notice on stderr."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    argv, notices, problems = legacy_flags.translate(list(argv), set(known))
+    for notice in notices:
+        print(f"{prog or 'tuneforge'}: note: {notice}", file=sys.stderr)
     parser = _ErrorCollectingParser(prog=prog, add_help=True)
     add_arguments(parser, cls)
     namespace, unknown = parser.parse_known_args(argv)
-    known = [f.name for f in dataclasses.fields(cls)]
-    problems, stray, after_flag = [], [], False
+    stray, after_flag = [], False
     for token in unknown:
         if token.startswith("--"):
             problems.append(f"unknown flag {token}{_did_you_mean(token.lstrip('-').split('=')[0], known)}")

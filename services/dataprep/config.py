@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from libs.common import paths
 from libs.common.server import ServerOptions
 from services.dataprep.formats import FORMATS, TASKS, parse_columns
+from services.dataprep.inputs import TXT_MODES
 from services.dataprep.templates import NAMES as TEMPLATE_NAMES
 from services.dataprep.loss_scale import LOSS_SCALES
 
@@ -23,7 +24,7 @@ def _utf8(text: str) -> bool:
 class PrepareConfig:
     """One preparation: dataset rows in, tokenized Arrow shards out. Flag names are
     ms-swift's (`--model`, `--dataset`, `--max_length`, `--truncation_strategy`,
-    `--system`, `--loss_scale`, `--columns`, `--data_seed`)."""
+    `--system`, `--loss_scale`, `--columns`, `--data_seed`; run_clm's `--block_size`)."""
 
     model: str | None = field(default=None, metadata={
         "help": "model directory whose tokenizer and chat template are used; unset means the embedded default model"})
@@ -31,15 +32,17 @@ class PrepareConfig:
         "help": "tokenizer directory used instead of the model's (an extended vocabulary; run_clm's "
                 "--tokenizer_name_or_path); its chat template renders the rows"})
     dataset: list[str] = field(default_factory=list, metadata={
-        "help": "dataset files (.jsonl, .json array, .csv, .parquet), directories or globs of them; "
-                "PATH#N samples N rows (seeded by --data_seed); row formats: docs/dataset-format.md"})
+        "help": "dataset files (.jsonl, .json array, .csv, .parquet, .txt; .jsonl and .txt also as .gz or .zst), "
+                "directories or globs of them; PATH#N samples N rows (seeded by --data_seed); row formats: "
+                "docs/dataset-format.md"})
     output_dir: str = field(default="", metadata={
         "help": "directory receiving shard-NNNNN.arrow, rejects.jsonl and manifest.json (our files there are replaced)"})
     max_length: int = field(default=2048, metadata={
-        "help": "longest tokenized row, in tokens; longer rows follow --truncation_strategy; 0 means no limit"})
+        "help": "longest tokenized row, in tokens; longer rows follow --truncation_strategy; 0 means no limit "
+                "(task pt: the block size unless --block_size is given; with --packing, where documents are split)"})
     truncation_strategy: str = field(default="delete", metadata={
         "help": "rows longer than max_length: delete (rejected, reason too_long), left (drop their first tokens) "
-                "or right (drop their last tokens)", "choices": ["delete", "left", "right"]})
+                "or right (drop their last tokens); task pt never truncates", "choices": ["delete", "left", "right"]})
     system: str | None = field(default=None, metadata={
         "help": "system prompt inserted in rows that do not start with a system message"})
     loss_scale: str = field(default="default", metadata={
@@ -71,6 +74,20 @@ class PrepareConfig:
                 "whole dataset"})
     num_proc: int = field(default=1, metadata={
         "help": "processes tokenizing in parallel; the output is identical whatever the number"})
+    block_size: int | None = field(default=None, metadata={
+        "help": "task pt without packing: the documents' tokens, each document ending in eos, are joined and cut "
+                "into rows of this many tokens (run_clm's group_texts); unset means max_length"})
+    drop_last_block: bool = field(default=True, metadata={
+        "help": "task pt without packing: drop the last block when it is shorter than block_size (as run_clm; "
+                "counted in the manifest's pt.tokens_dropped), or keep it as a shorter row (false)"})
+    txt_mode: str = field(default="file", metadata={
+        "help": "a .txt file is one document (file) or holds one document per non-blank line (line)",
+        "choices": list(TXT_MODES)})
+
+    @property
+    def pt_block_size(self) -> int:
+        """The length of a pt block: --block_size, else max_length."""
+        return self.block_size if self.block_size is not None else self.max_length
 
     def problems(self) -> list[str]:
         found = []
@@ -99,8 +116,29 @@ class PrepareConfig:
             found.append("packing: needs max_length > 0 (the length of a packed row)")
         if self.num_proc < 1:
             found.append(f"num_proc: expected a positive number; got {self.num_proc}")
+        found.extend(self.corpus_problems())
         found.extend(paths.problems({"model": self.model, "tokenizer": self.tokenizer, "dataset": self.dataset,
                                      "output_dir": self.output_dir}))
+        return found
+
+    def corpus_problems(self) -> list[str]:
+        """The problems of the pt and .txt flags (also checked by `tuneforge pt` as it parses)."""
+        found = []
+        if self.txt_mode not in TXT_MODES:
+            found.append(f"txt_mode: expected one of {', '.join(TXT_MODES)}; got {self.txt_mode!r}")
+        if self.block_size is not None:
+            if self.block_size < 1:
+                found.append(f"block_size: expected a positive number; got {self.block_size}")
+            elif self.task != "pt":
+                found.append("block_size: only --task pt groups text into blocks")
+            elif self.packing:
+                found.append("block_size: with --packing true, pt text is split at max_length and packed; "
+                             "leave block_size unset")
+        elif self.task == "pt" and not self.packing and self.max_length == 0:
+            found.append("block_size: task pt cuts text into blocks; give --block_size (or --max_length > 0)")
+        if self.task == "pt" and self.truncation_strategy != "delete":
+            found.append("truncation_strategy: task pt never truncates (text is cut into blocks, or split to "
+                         "pack); leave it unset")
         return found
 
 

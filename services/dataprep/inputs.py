@@ -1,24 +1,39 @@
-"""Dataset arguments to raw rows: files (.jsonl, .json array, .csv, .parquet),
+"""Dataset arguments to raw rows: files (.jsonl, .json array, .csv, .parquet, .txt;
+.jsonl and .txt also compressed, .gz or .zst, decompressed as they are read),
 directories and globs of them, and ms-swift's `path#N` seeded sampling. Every
 row comes out with its file and line (1-based; for .json, .csv and .parquet the
-1-based row, or the CSV line the row starts on) and its raw text for rejects."""
+1-based row, or the CSV line the row starts on; for a whole .txt file, 1) and
+its raw text for rejects. A .txt document is the row {"text": ...}."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
+import gzip
 import hashlib
+import io
 import json
 import pathlib
 import random
 import sys
-from typing import Iterator
+import zlib
+from typing import BinaryIO, Iterator
 
 from libs.common.errors import InvalidArgument, NotFound
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+# Compressed files, decompressed as they stream: only line-oriented types, whose rows
+# need no seeking back. zstd through pyarrow's codec, which raises on a truncated stream;
+# python-zstandard's stream_reader ends one silently (a file cut 100 bytes short gave
+# 184,394 of its 200,000 lines and no error), which would train on part of a file unsaid.
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+COMPRESSED = (".jsonl", ".txt")
+_MAGIC = {".gz": b"\x1f\x8b", ".zst": b"\x28\xb5\x2f\xfd"}
+TXT_MODES = ("file", "line")  # --txt_mode: a .txt file is one document, or each non-blank line is one
 _GLOB_CHARS = ("*", "?", "[")
+ACCEPTED = f"{', '.join(SUFFIXES)}, or {'/'.join(COMPRESSED)} compressed ({', '.join(COMPRESSIONS)})"
 
 
 @dataclasses.dataclass
@@ -51,6 +66,7 @@ class Record:
     value: object = None
     error: str | None = None
     data: bytes | None = None
+    reason: str | None = None  # why `error` (a reject reason); None: the text is not JSON
 
     def decoded(self) -> Record:
         if self.data is None:
@@ -81,15 +97,24 @@ def split_sample(spec: str) -> tuple[str, int | None]:
     return spec, None
 
 
+def file_type(path: str) -> tuple[str, str | None] | None:
+    """(the type's suffix, the compression's suffix or None) of a dataset file's name;
+    None when it is not a dataset file type: `a.txt.gz` -> (".txt", ".gz")."""
+    name = pathlib.PurePath(path)
+    if name.suffix in COMPRESSIONS:
+        inner = pathlib.PurePath(name.stem).suffix
+        return (inner, name.suffix) if inner in COMPRESSED else None
+    return (name.suffix, None) if name.suffix in SUFFIXES else None
+
+
 def _files(pattern: str) -> list[str]:
     path = pathlib.Path(pattern)
     if path.is_file():
         return [pattern]
     if path.is_dir():
-        found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        found = sorted(str(p) for p in path.rglob("*") if p.is_file() and file_type(str(p)))
         if not found:
-            raise InvalidArgument(f"{pattern}: directory holds no dataset files ({', '.join(SUFFIXES)})",
-                                  field="dataset")
+            raise InvalidArgument(f"{pattern}: directory holds no dataset files ({ACCEPTED})", field="dataset")
         return found
     if any(c in pattern for c in _GLOB_CHARS):
         found = sorted(p for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
@@ -100,17 +125,27 @@ def _files(pattern: str) -> list[str]:
 
 
 def _check_type(path: str) -> None:
-    suffix = pathlib.Path(path).suffix
-    if suffix not in SUFFIXES:
-        raise InvalidArgument(f"{path}: not a dataset file type; expected one of {', '.join(SUFFIXES)}",
-                              field="dataset")
-    if suffix != ".parquet":
+    kind = file_type(path)
+    if kind is None:
+        raise InvalidArgument(f"{path}: not a dataset file type; expected one of {ACCEPTED}", field="dataset")
+    suffix, compression = kind
+    if compression is not None:
         with open(path, "rb") as f:
-            head = f.read(8192)
+            magic = f.read(4)
+        if not magic.startswith(_MAGIC[compression]):
+            raise InvalidArgument(f"{path}: not a {COMPRESSIONS[compression]} file (it does not start with "
+                                  f"the {COMPRESSIONS[compression]} magic bytes)", field="dataset")
+    if suffix != ".parquet":
+        with _open(path) as f:
+            try:
+                head = f.read(8192)
+            except _BROKEN as exc:
+                raise InvalidArgument(f"{path}:1: {_broken(exc, compression)}", field="dataset") from None
         if b"\0" in head:  # git's test for binary: text in UTF-8 has no NUL byte
-            kind = {".csv": "CSV", ".json": "JSON", ".jsonl": "JSON Lines"}[suffix]
-            raise InvalidArgument(f"{path}: not a {kind} file: binary data (a NUL byte at offset {head.index(0)}); "
-                                  f"expected UTF-8 text", field="dataset")
+            kind = {".csv": "CSV", ".json": "JSON", ".jsonl": "JSON Lines", ".txt": "text"}[suffix]
+            raise InvalidArgument(f"{path}: not a {kind} file: binary data (a NUL byte at offset {head.index(0)}"
+                                  f"{' once decompressed' if compression else ''}); expected UTF-8 text",
+                                  field="dataset")
     if suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -119,6 +154,47 @@ def _check_type(path: str) -> None:
             pq.ParquetFile(path).close()
         except (pa.ArrowInvalid, OSError) as exc:
             raise InvalidArgument(f"{path}: not a Parquet file: {exc}", field="dataset") from None
+
+
+# What a decompressor raises on a broken stream: gzip's EOFError (truncated), BadGzipFile
+# (an OSError) and zlib.error (corrupt data); pyarrow's zstd stream an OSError.
+_BROKEN = (OSError, EOFError, zlib.error)
+
+
+def _broken(exc: BaseException, compression: str | None) -> str:
+    what = f"a broken {COMPRESSIONS[compression]} stream" if compression else "unreadable"
+    return f"{what}: {exc}" if str(exc) else f"{what}: {type(exc).__name__}"
+
+
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[BinaryIO]:
+    """A dataset file's bytes, decompressed as they are read when the name says so."""
+    compression = (file_type(path) or ("", None))[1]
+    if compression == ".gz":
+        with gzip.open(path, "rb") as f:
+            yield f
+    elif compression == ".zst":
+        import pyarrow as pa
+
+        with pa.OSFile(path) as raw, io.BufferedReader(pa.CompressedInputStream(raw, "zstd")) as f:
+            yield f
+    else:
+        with open(path, "rb") as f:
+            yield f
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    """A file's lines (compressed: as decompressed), one at a time; a broken compressed
+    stream fails naming the file and the line it broke on (InvalidArgument)."""
+    compression = (file_type(path) or ("", None))[1]
+    number = 0
+    with _open(path) as f:
+        try:
+            for number, line in enumerate(f, start=1):
+                yield line
+        except _BROKEN as exc:
+            raise InvalidArgument(f"{path}:{number + 1}: {_broken(exc, compression)} (the {number} lines before "
+                                  f"it were read)", field="dataset") from None
 
 
 def resolve(specs: list[str]) -> list[Dataset]:
@@ -234,6 +310,35 @@ def _json(path: str) -> Iterator[Record]:
             raise InvalidArgument(f"{path}: not a JSON array: not UTF-8: {exc}", field="dataset") from None
 
 
+def _text_record(path: str, line: int, data: bytes) -> Record:
+    """One .txt document: the row {"text": ...}, or a reject (invalid_text) naming the line
+    of its first byte that is not UTF-8."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = line + data.count(b"\n", 0, exc.start)
+        shown = data.decode("utf-8", errors="replace")
+        return Record(path, line, shown, error=f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {at} "
+                                                f"({exc.reason})", reason="invalid_text")
+    return Record(path, line, text, {"text": text})
+
+
+def _txt(path: str, mode: str) -> Iterator[Record]:
+    """A .txt file: one document (mode file; a blank file is none), or one per
+    non-blank line, its line ending not part of it (mode line; streamed)."""
+    if mode == "line":
+        for number, raw in enumerate(_lines(path), start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM is not text
+                raw = raw[3:]
+            if raw.strip():
+                yield _text_record(path, number, raw.rstrip(b"\r\n"))
+        return
+    data = b"".join(_lines(path))  # the document is one row, so it is held whole
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    if data.strip():
+        yield _text_record(path, 1, data)
+
+
 def _csv(path: str) -> Iterator[Record]:
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.DictReader(f)
@@ -260,12 +365,12 @@ def _parquet(path: str) -> Iterator[Record]:
                 yield Record(path, number, json.dumps(value, ensure_ascii=False, default=str), value)
 
 
-def _read_file(source: Source) -> Iterator[Record]:
-    suffix = pathlib.Path(source.path).suffix
+def _read_file(source: Source, txt_mode: str = "file") -> Iterator[Record]:
+    suffix, _compression = file_type(source.path)
     if suffix == ".jsonl":
-        with open(source.path, "rb") as f:
-            records = _jsonl(source.path, f)
-            yield from _counted(source, records)
+        yield from _counted(source, _jsonl(source.path, _lines(source.path)))
+    elif suffix == ".txt":
+        yield from _counted(source, _txt(source.path, txt_mode))
     else:
         reader = {".json": _json, ".csv": _csv, ".parquet": _parquet}[suffix]
         yield from _counted(source, reader(source.path))
@@ -290,37 +395,38 @@ def sample_indices(total: int, count: int, seed: int) -> list[int]:
     return [i for _ in range(whole) for i in range(total)] + sorted(rng.sample(range(total), rest))
 
 
-def _passes(dataset: Dataset) -> Iterator[Record]:
+def _passes(dataset: Dataset, txt_mode: str) -> Iterator[Record]:
     """One pass over a dataset's rows; a source's `rows` counts this pass only."""
     for source in dataset.sources:
         source.rows = 0
-        yield from _read_file(source)
+        yield from _read_file(source, txt_mode)
 
 
-def read(datasets: list[Dataset], seed: int, decode: bool = True) -> Iterator[Record]:
+def read(datasets: list[Dataset], seed: int, decode: bool = True, txt_mode: str = "file") -> Iterator[Record]:
     """Every row of every dataset in argument order; blank lines are not rows.
     A sampled dataset is read more than once, never held: a first pass counts its
     rows (its size decides the sample), then every row N // size times, then a
     pass yields the sampled rest. decode=False leaves JSON Lines rows undecoded
-    (Record.decoded), for the process that tokenizes them to decode."""
-    records = _rows(datasets, seed)
+    (Record.decoded), for the process that tokenizes them to decode. `txt_mode`:
+    a .txt file is one document (file) or one per line (line)."""
+    records = _rows(datasets, seed, txt_mode)
     return map(Record.decoded, records) if decode else records
 
 
-def _rows(datasets: list[Dataset], seed: int) -> Iterator[Record]:
+def _rows(datasets: list[Dataset], seed: int, txt_mode: str) -> Iterator[Record]:
     for dataset in datasets:
         if dataset.sample is None:
             for source in dataset.sources:
-                yield from _read_file(source)
+                yield from _read_file(source, txt_mode)
             continue
-        total = sum(1 for _ in _passes(dataset))
+        total = sum(1 for _ in _passes(dataset, txt_mode))
         if not total:
             raise InvalidArgument(f"{dataset.spec}: no rows to sample from", field="dataset")
         whole, rest = divmod(dataset.sample, total)
         for _ in range(whole):
-            yield from _passes(dataset)
+            yield from _passes(dataset, txt_mode)
         if rest:
             chosen = set(sample_indices(total, rest, seed))  # the same draw as sample_indices(total, sample)
-            for index, record in enumerate(_passes(dataset)):
+            for index, record in enumerate(_passes(dataset, txt_mode)):
                 if index in chosen:
                     yield record

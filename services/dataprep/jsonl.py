@@ -29,9 +29,11 @@ INVALID_LABEL = "invalid_label"
 NO_REJECTED = "no_rejected"
 NOT_PROMPT = "not_prompt"
 INVALID_EXTRA = "invalid_extra"
+INVALID_TEXT = "invalid_text"  # a .txt document or line that is not UTF-8
 INTERNAL_ERROR = "internal_error"  # a bug of ours met on this row (logged with its traceback); never the row's fault
 REASONS = (INVALID_JSON, INVALID_MESSAGES, INVALID_ROLE, INVALID_CONTENT, NO_ASSISTANT, NO_TRAINABLE, UNKNOWN_FORMAT,
-           TOO_LONG, TEMPLATE, INVALID_TOOLS, INVALID_LABEL, NO_REJECTED, NOT_PROMPT, INVALID_EXTRA, INTERNAL_ERROR)
+           TOO_LONG, TEMPLATE, INVALID_TOOLS, INVALID_LABEL, NO_REJECTED, NOT_PROMPT, INVALID_EXTRA, INVALID_TEXT,
+           INTERNAL_ERROR)
 
 
 @dataclasses.dataclass(frozen=True)

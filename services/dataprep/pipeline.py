@@ -1,7 +1,8 @@
 """One preparation, in-process: dataset rows (any supported file and row format)
--> chat-template tokens and label masks -> Arrow shards + rejects.jsonl +
-manifest.json (written last). A full disk fails it with DiskFull naming the file
-that did not fit; its shards and temporary files are removed, no manifest."""
+-> chat-template tokens and label masks (pt text: grouped into blocks, or split
+to pack) -> Arrow shards + rejects.jsonl + manifest.json (written last). A full
+disk fails it with DiskFull naming the file that did not fit; its shards and
+temporary files are removed, no manifest."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from libs.common.errors import Cancelled, InvalidArgument
 from libs.dataset.client import Progress
 from libs.dataset.schema import IGNORE_INDEX, PACKED_PAIR_SCHEMA, PACKED_SCHEMA, describe
 from services.dataprep import (cache, formats, inputs, jsonl, manifest as manifest_file, metrics, packing, parallel,
-                               shards, tasks, template)
+                               pretraining, shards, tasks, template)
 from services.dataprep.config import PrepareConfig
 
 REJECTS = "rejects.jsonl"
@@ -154,6 +155,13 @@ class Packer:
         return completed
 
 
+def _piece(ids: np.ndarray, labels: np.ndarray) -> tasks.Example:
+    """A pt block (or a piece to pack) as a row; it has no one place in the input (a block
+    may span documents), and a kept row needs none."""
+    return tasks.Example("", 0, "", "pt", {"input_ids": ids, "labels": labels, "length": len(ids)},
+                         int(np.count_nonzero(labels != IGNORE_INDEX)))
+
+
 def remove_partial(output_dir: pathlib.Path, written: list[shards.ShardInfo]) -> None:
     """After a failure or cancel: the shards and the in-progress listing go, so
     nothing is left that a reader could take for a (part of a) dataset."""
@@ -192,7 +200,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     tokenizer = template.load_tokenizer(tokenizer_dir, config.template, config.use_chat_template,
                                         field="tokenizer" if config.tokenizer else "model")
     # the first valid row fixes the dataset's kind (--task auto) and so the shards' columns
-    rows = inputs.read(datasets, config.data_seed, decode=False)  # JSON lines are decoded where tokenized
+    # JSON lines are decoded where tokenized
+    rows = inputs.read(datasets, config.data_seed, decode=False, txt_mode=config.txt_mode)
     admission, peeked, records = tasks.start(tokenizer, rows, columns, config)
     if config.packing and admission.kind not in ("sft", "pt", "preference", "reward"):
         raise InvalidArgument(f"{admission.kind} rows are not packed; use --packing false",
@@ -207,6 +216,10 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     writer = shards.ShardWriter(output_dir, config.shard_rows, schema)
     packer = (Packer(writer, config.max_length, STREAMING_PACK_WINDOW if config.streaming else None, pairs)
               if config.packing else None)
+    corpus = None  # pt: documents -> blocks, or pieces to pack
+    if admission.kind == "pt":
+        corpus = (pretraining.Pieces(config.max_length) if config.packing
+                  else pretraining.Blocks(config.pt_block_size, config.drop_last_block))
 
     def report() -> None:
         if progress:
@@ -218,6 +231,14 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
             metrics.SHARDS_WRITTEN.inc()
         if written:
             report()
+
+    def keep(example: tasks.Example) -> None:
+        state.tokens += example.tokens
+        state.trained_tokens += example.trained_tokens
+        if packer is not None:
+            completed(packer.add(example))
+        else:
+            completed([info] if (info := writer.add(example.columns)) else [])
 
     if config.num_proc > 1:
         work, initargs = _encode_in_worker, (tokenizer, config)
@@ -237,7 +258,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                     state.rows_in += 1
                     if not isinstance(result, jsonl.Reject):
                         result = admission.admit(result)
-                    if packer is not None and not isinstance(result, jsonl.Reject) and not packer.fits(result):
+                    if packer is not None and corpus is None and not isinstance(result, jsonl.Reject) \
+                            and not packer.fits(result):
                         result = result.reject("rejected", jsonl.TOO_LONG, f"chosen + rejected = {result.tokens} "
                                                f"tokens; a packed pair must fit max_length {config.max_length}")
                     if isinstance(result, jsonl.Reject):
@@ -247,12 +269,11 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                         metrics.ROWS_REJECTED.labels(reason=result.reason).inc()
                         continue
                     state.rows_out += 1
-                    state.tokens += result.tokens
-                    state.trained_tokens += result.trained_tokens
-                    if packer is not None:
-                        completed(packer.add(result))
-                    else:
-                        completed([info] if (info := writer.add(result.columns)) else [])
+                    if corpus is None:
+                        keep(result)
+                        continue
+                    for ids, labels in corpus.add(result.input_ids, result.labels):
+                        keep(_piece(ids, labels))
                 metrics.ROWS.inc(len(results))  # the chunk's counts at once: the same totals, fewer locks
                 metrics.TOKENS.inc(state.tokens - tokens)
                 metrics.TRAINED_TOKENS.inc(state.trained_tokens - trained_tokens)
@@ -265,6 +286,16 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
             reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(by_reason.items()))
             raise InvalidArgument(f"{', '.join(config.dataset)}: every row was rejected ({state.rows_rejected}; "
                                   f"{reasons}); see {output_dir / REJECTS}", field="dataset")
+        if corpus is not None:
+            tokens, trained_tokens = state.tokens, state.trained_tokens
+            for ids, labels in corpus.finish():  # the shorter last block, when kept
+                keep(_piece(ids, labels))
+            metrics.TOKENS.inc(state.tokens - tokens)
+            metrics.TRAINED_TOKENS.inc(state.trained_tokens - trained_tokens)
+            if not corpus.tokens_out:
+                raise InvalidArgument(f"{', '.join(config.dataset)}: {corpus.tokens_in} tokens, fewer than one block "
+                                      f"of {config.pt_block_size}; lower --block_size, or keep the shorter last "
+                                      f"block (--drop_last_block false)", field="block_size")
         if packer is not None:
             completed(packer.flush())
         completed([info] if (info := writer.flush()) else [])
@@ -292,6 +323,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         "rejects": REJECTS,
         "versions": versions(),
     }
+    if corpus is not None:
+        manifest["pt"] = corpus.manifest()
     if packer is not None:
         efficiency = packing.efficiency(state.tokens, packer.bins, config.max_length)
         manifest["packing"] = {"max_length": config.max_length, "samples": packer.packed_samples,

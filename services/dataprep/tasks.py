@@ -94,7 +94,8 @@ class _Refused(Exception):
 def _sequence(tokenizer, messages: list[dict], losses: list, tools: list | None, config, kind: str,
               side: str = "") -> template.Encoded:
     """One trained sequence: chat template (or plain text + eos for pt and
-    --use_chat_template false), then --max_length; refuses one with nothing to train."""
+    --use_chat_template false), then --max_length (not for pt, whatever its length);
+    refuses one with nothing to train."""
     messages, losses = with_system(messages, losses, config.system)
     try:
         if kind == "pt":
@@ -109,6 +110,8 @@ def _sequence(tokenizer, messages: list[dict], losses: list, tools: list | None,
     if not encoded.trained_tokens:
         raise _Refused(where, jsonl.NO_TRAINABLE,
                        f"no token to train on under loss_scale {config.loss_scale} and the messages' loss")
+    if kind == "pt":  # never cut: the pipeline groups pt text into blocks, or splits it to pack (pretraining.py)
+        return encoded
     if config.max_length and len(encoded.input_ids) > config.max_length:
         length = len(encoded.input_ids)
         encoded = _truncate(encoded, config.max_length, config.truncation_strategy)
@@ -185,7 +188,8 @@ def encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], con
 def _encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], config) -> Example | jsonl.Reject:
     record = record.decoded()
     if record.error is not None:
-        return jsonl.Reject(record.file, record.line, None, jsonl.INVALID_JSON, record.error, record.raw)
+        return jsonl.Reject(record.file, record.line, None, record.reason or jsonl.INVALID_JSON, record.error,
+                            record.raw)
     conversation = formats.to_example(record.value, columns, config.task, config.format)
     if isinstance(conversation, formats.Problem):
         return jsonl.Reject(record.file, record.line, conversation.field, conversation.reason, conversation.message,

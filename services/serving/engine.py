@@ -174,6 +174,18 @@ class Engine:
             raise FailedPrecondition(f"the engine could not load {path}", field="path")
         return lora
 
+    async def first_request(self, lora: "LoRARequest") -> None:
+        """A one-token request on `lora`, answered and dropped: vLLM moves an adapter into
+        a LoRA slot of the model at its first request; the registry has that done before
+        traffic switches to a new version (see AdapterRegistry._first_request)."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        tokenizer = self.llm.get_tokenizer()
+        token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        params = SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
+        async for _ in self.generate([token], params, lora, request_id=f"first-request-{lora.lora_name}"):
+            pass
+
     async def mix_safely(self) -> None:
         """vLLM's PyTorch LoRA ops (the CPU backend's) pick each row's adapter weights by
         indexing the stacked slots with the row's slot number, and a row without a LoRA has

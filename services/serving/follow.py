@@ -7,7 +7,8 @@ The policy (--follow_policy, per adapter pattern with --follow_jobs): `final` pr
 a job's last checkpoint only, `best` each checkpoint whose eval loss beats every earlier
 one of its job, `all` every one. A burst of promoted publications (the replay on
 connect, or a fast trainer) collapses to the newest per adapter name: older ones would
-be replaced at once.
+be replaced at once. A live publication's delivery (its publish_time to the load's start) is
+observed with the load's other parts (services.serving.metrics.ADAPTER_LOAD_PARTS).
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class CheckpointFollower:
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
-        # adapter name -> (newest event not loaded yet, monotonic time it arrived)
-        self._pending: dict[str, tuple[trainer_pb2.CheckpointEvent, float]] = {}
+        # adapter name -> (newest event not loaded yet, monotonic time it arrived, whether it is live)
+        self._pending: dict[str, tuple[trainer_pb2.CheckpointEvent, float, bool]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -96,12 +97,13 @@ class CheckpointFollower:
                     await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
                     logs.log(LOG, logging.INFO, "following trainer checkpoints", trainer=self.address)
                     backoff = self.initial_backoff
+                    connected = time.time()
                     # Replay on every (re)connect: publications made while we were away are caught up;
                     # checkpoints already served are skipped by the registry (load if_changed).
                     call = trainer_pb2_grpc.TrainerServiceStub(channel).WatchCheckpoints(
                         trainer_pb2.WatchCheckpointsRequest(only_new=False))
                     async for response in call:
-                        self._offer(response.checkpoint)
+                        self._offer(response.checkpoint, connected)
                 logs.log(LOG, logging.WARNING, "trainer ended the checkpoint stream; reconnecting",
                          trainer=self.address)
             except asyncio.TimeoutError:
@@ -113,7 +115,7 @@ class CheckpointFollower:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
-    def _offer(self, event: trainer_pb2.CheckpointEvent) -> None:
+    def _offer(self, event: trainer_pb2.CheckpointEvent, connected: float) -> None:
         if not event.adapter_name:
             # the trainer names only what vLLM can serve as a LoRA: not a whole model, not a reward model
             logs.log(LOG, logging.INFO, "checkpoint without an adapter name (a full model or a reward model); "
@@ -125,7 +127,10 @@ class CheckpointFollower:
                      path=event.path, job=event.job_id, step=event.step, reason=why)
             return
         self._pending.pop(event.adapter_name, None)  # re-insert: dict order is arrival order
-        self._pending[event.adapter_name] = (event, time.monotonic())
+        # Live: published while we were connected. A replayed one was published while we were
+        # away; its wait says how long serving was away, not how fast events arrive.
+        live = event.HasField("publish_time") and event.publish_time.ToNanoseconds() / 1e9 >= connected
+        self._pending[event.adapter_name] = (event, time.monotonic(), live)
         self._wake.set()
 
     async def _load(self) -> None:
@@ -134,9 +139,11 @@ class CheckpointFollower:
             self._wake.clear()
             while self._pending:
                 name = next(iter(self._pending))
-                event, arrived = self._pending.pop(name)
+                event, arrived, live = self._pending.pop(name)
                 try:
-                    view = await self.registry.load(name, event.path, if_changed=True)
+                    view = await self.registry.load(
+                        name, event.path, if_changed=True,
+                        published_at=event.publish_time.ToNanoseconds() / 1e9 if live else None)
                 except TuneForgeError as exc:
                     logs.log(LOG, logging.WARNING, "published checkpoint not loaded", adapter=name,
                              path=event.path, step=event.step, error=str(exc))

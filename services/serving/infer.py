@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from libs.common import config as cfg
-from libs.common import logs
-from libs.common.errors import TuneForgeError
+from libs.common import logs, nlg
+from libs.common.errors import InvalidArgument, TuneForgeError
 from services.dataprep import formats, inputs
 from services.dataprep.jsonl import NO_ASSISTANT
 from services.serving.adapters import AdapterRegistry
@@ -59,6 +59,9 @@ class InferConfig:
     torch_dtype: str | None = field(default=None, metadata={
         "help": "weights dtype; unset: float32 on CPU, auto on GPU", "choices": list(DTYPES)})
     data_seed: int = field(default=42, metadata={"help": "seed of `file#N` row sampling"})
+    metric: str | None = field(default=None, metadata={
+        "help": "nlg: score the responses against the rows' labels with ms-swift's nlg metric (ROUGE-1/2/L, "
+                "BLEU-4; libs.common.nlg)", "choices": ["nlg"]})
     log_level: str = field(default="WARNING", metadata={
         "help": "log level", "choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
 
@@ -196,8 +199,12 @@ class _State:
     admission: Admission = field(default_factory=lambda: Admission(sys.maxsize))
 
 
-async def _infer(config: InferConfig, out: pathlib.Path) -> tuple[int, int]:
+async def _infer(config: InferConfig, out: pathlib.Path) -> tuple[int, int, list[tuple[str, str]]]:
+    """(rows, rows without a response, (response, labels) of the rows that have both)."""
     work = rows(config)  # dataset problems fail now, before a minute of engine start
+    if config.metric == "nlg" and not any(row.labels is not None for row in work):
+        raise InvalidArgument("nlg: no row of --val_dataset ends in an assistant turn to score against",
+                              field="metric")
     adapter = config.adapter_path()
     model_dir = resolve_base_model(DeployConfig(model=config.model, adapters=[f"{ADAPTER}={adapter}"] if adapter else []))
     base_name = model_dir.name if model_dir.name != ADAPTER else "base"
@@ -208,7 +215,7 @@ async def _infer(config: InferConfig, out: pathlib.Path) -> tuple[int, int]:
         except TuneForgeError as exc:
             raise type(exc)(f"adapters: {exc.message}", field="adapters") from exc
     engine = Engine.start(model_dir, 1, config.max_lora_rank, config.max_model_len, config.torch_dtype)
-    failed = 0
+    failed, answered = 0, []
     try:
         registry.engine = engine
         model = base_name
@@ -230,6 +237,8 @@ async def _infer(config: InferConfig, out: pathlib.Path) -> tuple[int, int]:
             for task in tasks:
                 record = await task
                 failed += record.get("error") is not None
+                if record.get("response") is not None and record["labels"] is not None:
+                    answered.append((record["response"], record["labels"]))
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 bar.update(1)
     finally:
@@ -238,19 +247,29 @@ async def _infer(config: InferConfig, out: pathlib.Path) -> tuple[int, int]:
         # would shut it down a second time, with module globals already gone.
         registry.engine = engine.llm = None
         gc.collect()
-    return len(work), failed
+    return len(work), failed, answered
 
 
 def infer(config: InferConfig) -> int:
     logs.setup("infer", config.log_level)
     out = pathlib.Path(config.result_path) if config.result_path else default_result_path(config)
     started = time.perf_counter()
-    total, failed = asyncio.run(_infer(config, out))
+    total, failed, answered = asyncio.run(_infer(config, out))
     print(f"tuneforge infer: {total} rows -> {out} ({failed} without a response) "
           f"in {time.perf_counter() - started:.1f} s", flush=True)
+    if config.metric == "nlg":
+        print(nlg_line(answered), flush=True)
     logs.log(LOG, logging.INFO, "infer done", rows=total, failed=failed, result_path=str(out))
     # The result file is complete either way; a non-zero exit tells scripts some rows have no response.
     return 0 if failed == 0 else 1
+
+
+def nlg_line(answered: list[tuple[str, str]]) -> str:
+    """ms-swift's nlg scores of (response, labels) pairs, as infer prints them."""
+    segmenter, cut = nlg.segmenter()
+    scores, scored = nlg.nlg_scores([r for r, _ in answered], [l for _, l in answered], cut)
+    shown = ", ".join(f"{key} {value:.4f}" for key, value in scores.items())
+    return f"tuneforge infer: nlg over {scored} of {len(answered)} answered rows: {shown} (words: {segmenter})"
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,8 @@ from prometheus_client import Counter, Gauge, Histogram
 _LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Per-token gaps: sub-millisecond on a GPU, tens of milliseconds on a busy CPU.
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# The parts of a hot-load: a millisecond each when all is well, seconds when one grew.
+_PART_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 HTTP_REQUESTS = Counter(
@@ -69,6 +71,18 @@ ADAPTER_LOAD_DURATION = Histogram(
     "Time to validate and load an adapter into the engine, until it serves requests.",
     buckets=_LOAD_BUCKETS,
 )
+# A trainer publication's way to traffic, part by part (docs/serving.md "Hot-loading"):
+# delivery (publication -> the load starts: the event's trip and any wait behind another
+# load; followed publications only), verification (the files against the manifest, the
+# base model, the rank), registration (the engine's hold on the files and vLLM's add_lora),
+# first_request (a one-token request on the new version before traffic switches to it).
+LOAD_PARTS = ("delivery", "verification", "registration", "first_request")
+ADAPTER_LOAD_PARTS = Histogram(
+    "tuneforge_serving_adapter_load_part_seconds",
+    "Time of each part of an adapter's (hot-)load: delivery, verification, registration, first_request.",
+    ["part"], buckets=_PART_BUCKETS)
+for _part in LOAD_PARTS:
+    ADAPTER_LOAD_PARTS.labels(part=_part)
 ADAPTERS_READY = Gauge("tuneforge_serving_adapters_ready", "Adapters that requests can use.")
 
 # -- the vLLM engine's statistics (its scheduler's and each output batch's) ----------------------

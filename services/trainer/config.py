@@ -448,6 +448,11 @@ class TrainConfig:
         "help": "read the training rows in a new order every epoch, seeded by --seed (dataprep's block shuffle: "
                 "shards, then rows within each); false keeps file order"})
     val_dataset: str | None = field(default=None, metadata={"help": "prepared eval dataset directory on the dataprep service"})
+    predict_with_generate: bool = field(default=False, metadata={
+        "help": "sft/pt eval also generates each eval row's last answer (greedy, max_new_tokens) and scores it "
+                "against the row's with ms-swift's nlg metric (rouge-1/2/l, bleu-4; docs/training.md)"})
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "predict_with_generate: most tokens generated per answer"})
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
     seed: int = field(default=42, metadata={"help": "random seed (LoRA init, dropout, the order of the rows)"})
     model_name: str | None = field(default=None, metadata={"help": "self-cognition name recorded in args.json"})
@@ -721,9 +726,33 @@ class TrainConfig:
                              f"DDP or --deepspeed zero2 (ZeRO-3 and FSDP2 are not supported for online methods yet)")
         return found
 
+    def _generation_problems(self) -> list[str]:
+        """--predict_with_generate: supervised eval with each rank's whole model."""
+        if not self.predict_with_generate:
+            return []
+        found = []
+        if self.rlhf_type is not None:
+            found.append(f"predict_with_generate: sft and pt only; rlhf_type {self.rlhf_type} has its own eval")
+        elif not (self.val_dataset or self.split_dataset_ratio > 0):
+            found.append("predict_with_generate: needs eval data (--val_dataset or --split_dataset_ratio)")
+        if self.max_new_tokens < 1:
+            found.append(f"max_new_tokens: must be at least 1; got {self.max_new_tokens}")
+        stage = 0
+        if self.deepspeed:
+            try:
+                stage = distributed.deepspeed_json(self.deepspeed).get("zero_optimization", {}).get("stage", 0)
+            except ValueError:  # said by distributed.problems
+                pass
+        if self.fsdp or stage == 3:
+            # each rank generates its own rows with its whole model; sharded parameters would make
+            # every forward a collective all ranks must join, token by token
+            found.append(f"predict_with_generate: not with {'--fsdp' if self.fsdp else 'ZeRO-3'} (sharded "
+                         f"parameters); use DDP or --deepspeed zero2")
+        return found
+
     def _combination_problems(self) -> list[str]:
         """Flags that do not go with the train type."""
-        found = []
+        found = self._generation_problems()
         if self.quant_bits is not None and self.quant_bits != 4:
             found.append(f"quant_bits: only 4 (nf4, bitsandbytes) is supported; got {self.quant_bits}")
         elif self.quant_bits == 4 and self.train_type == "full":
@@ -750,7 +779,7 @@ class TrainConfig:
 
 
 # What a checkpoint must hold to resume from it (written by services.trainer.checkpointing).
-RESUME_FILES = ("trainer_state.json", "training_state.pt")
+RESUME_FILES = checkpoint.RESUME_STATE
 
 
 def _resume_problems(path: str, train_type: str, processes: int | None) -> list[str]:

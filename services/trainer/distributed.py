@@ -157,10 +157,23 @@ def init(config) -> World:
     if config.deepspeed:
         import deepspeed
 
+        if device.type == "cpu":
+            _skip_shared_memory_op()
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend, timeout=timeout)
     return world
+
+
+def _skip_shared_memory_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a C++ shared-memory allreduce when its process group
+    starts: a minute of compiling per machine and per venv path, and a rank killed while it
+    compiles leaves torch's lock file behind, on which every later job waits forever. Only its
+    `inference_all_reduce` uses that op (training's collectives are gloo's), so it is not built."""
+    import importlib
+
+    # by module name: the attribute `deepspeed.comm.torch` is PyTorch itself (deepspeed.comm imports torch)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def close() -> None:

@@ -13,10 +13,12 @@ import contextlib
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+import numpy as np
 import torch
 
+from libs.dataset.schema import IGNORE_INDEX
 from libs.dataset.split import Holdout
-from services.trainer import data
+from services.trainer import data, devices
 
 
 @contextlib.contextmanager
@@ -121,3 +123,57 @@ def sources(config, rank: int = 0, world_size: int = 1) -> tuple[data.DataprepRo
                 data.DataprepRows(config.dataprep_address, config.dataset, rank, world_size,
                                   holdout=Holdout(ratio, held_out=True)))
     return train, None
+
+
+def answers(row: data.Row) -> Iterator[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of each sample of a row (a packed row holds several): the
+    answer is the sample's last trained span (labels are input ids where trained, unshifted),
+    the prompt everything before it, earlier turns' answers included. A sample with nothing
+    before its answer (pt: every token trained) has no prompt and is left out."""
+    start = 0
+    for length in row.samples:
+        ids, labels = row.input_ids[start:start + length], row.labels[start:start + length]
+        start += length
+        trained = np.flatnonzero(labels != IGNORE_INDEX)
+        if len(trained) == 0:
+            continue
+        end = begin = int(trained[-1])
+        while begin > 0 and labels[begin - 1] != IGNORE_INDEX:
+            begin -= 1
+        if begin == 0:
+            continue
+        yield ids[:begin].tolist(), ids[begin:end + 1].tolist()
+
+
+def generate_nlg(policy, source: data.RowSource, tokenizer, config, world=None,
+                 device=None) -> tuple[dict[str, float], int]:
+    """--predict_with_generate: ms-swift's nlg scores (libs.common.nlg, keys eval_rouge-1 ...)
+    of greedy answers to every rank's eval rows, and how many rows were scored. Each rank
+    generates its own rows with its whole model (`policy`, unwrapped: DDP or ZeRO-2, where no
+    forward is a collective), then the (answer, reference) texts of all ranks are gathered and
+    scored alike on every rank. Greedy and alone per prompt (no padding): a row's answer does
+    not depend on which rows share its rank."""
+    from transformers import GenerationConfig
+
+    from libs.common import nlg
+    from services.trainer import distributed
+    from services.trainer.methods.grpo import stop_tokens  # the EOS set online methods generate to
+
+    stop = list(stop_tokens(tokenizer, policy))
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens, eos_token_id=stop,
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0])
+    device = device if device is not None else next(policy.parameters()).device
+    pairs = []
+    with torch.no_grad(), devices.autocast(config, device):
+        for row, _ in source.epoch_rows(data.DataCursor()):
+            for prompt, answer in answers(row):
+                ids = torch.tensor([prompt], dtype=torch.long, device=device)
+                out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy)
+                # stripped: the trained span ends with the template's text after its end-of-turn
+                # token ("\n"), which BLEU over characters would count; ms-swift scores the bare answer
+                pairs.append((tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip(),
+                              tokenizer.decode(answer, skip_special_tokens=True).strip()))
+    if world is not None and world.distributed:
+        pairs = [pair for share in distributed.gather(pairs, world) for pair in share]
+    scores, scored = nlg.nlg_scores([p for p, _ in pairs], [r for _, r in pairs])
+    return {f"eval_{key}": value for key, value in scores.items()}, scored

@@ -365,6 +365,8 @@ class JobManager:
                                                base_model=event["base_model"], adapter_name=event["adapter_name"],
                                                final=event["final"],
                                                eval_loss=job.eval_losses.get(int(event["step"])))
+                if "published_at" in event:
+                    published.publish_time.FromNanoseconds(round(event["published_at"] * 1e9))
                 job.last_checkpoint = published.path
                 metrics.CHECKPOINTS.inc()
                 job.series.published()

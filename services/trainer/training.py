@@ -374,6 +374,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
                 path, seconds = run.publish(step, publishable, state, tokenizer=tokenizer if full or config.tokenizer else None,
                                             files=getattr(method, "checkpoint_files", None),
                                             training_state=training, staged=staged)
+                published_at = time.time()  # serving measures the event's delivery from here
             except Exception:  # counted by the service (an alert), then the job fails as it would
                 report("checkpoint_failed", step=step)
                 raise
@@ -388,6 +389,7 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         served = not full and config.rlhf_type != "rm"
         report("checkpoint", step=step, path=str(path), final=final, base_model=str(model_dir),
                adapter_name=config.resolved_adapter_name() if served else "", publish_seconds=staging_seconds + seconds,
+               published_at=published_at,
                rss_bytes=dict(zip(("train_peak", "save_start", "save_peak"), map(list, zip(*peaks)))))
 
     def log(learning_rate: float, grad_norm: float) -> None:
@@ -403,9 +405,13 @@ def train(config: TrainConfig, report: Reporter, stop: threading.Event | None = 
         with evaluation.eval_mode(model):
             result = evaluation.evaluate(method, eval_rows, config.per_device_train_batch_size, pad_id, world,
                                          device=engine.device)
+            if config.predict_with_generate:  # every rank generates its own eval rows
+                generated, scored = evaluation.generate_nlg(model, eval_rows, tokenizer, config, world, engine.device)
         entry = {"step": step, "eval_loss": result.loss, "eval_trained_tokens": result.trained_tokens,
                  "eval_rows": result.rows}
         logged = {f"eval_{name}": value for name, value in result.metrics.items()}
+        if config.predict_with_generate:
+            logged.update(generated, eval_nlg_rows=scored)
         if run is not None:
             run.log({**entry, **logged})
         report("eval", **entry, method=method.name, metrics=logged)

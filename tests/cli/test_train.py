@@ -124,6 +124,51 @@ def test_pt_prepares_plain_text_with_every_token_trained_and_sft_flags_reach_dat
                                          "--val_dataset", str(tmp_path / "missing.jsonl")])
 
 
+def test_pt_corpus_flags_reach_dataprep_and_are_checked_as_they_parse(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt.gz").write_bytes(b"")  # a raw directory: a dataset, as dataprep reads it
+    pt = cfg.parse(cli.PtCommandConfig, ["--dataset", str(tmp_path / "corpus"), "--output_dir", str(tmp_path / "run"),
+                                         "--block_size", "128", "--drop_last_block", "false", "--txt_mode", "line"])
+    prepare = cli.prepare_config(pt, pt.dataset, tmp_path / "out")
+    assert (prepare.task, prepare.block_size, prepare.drop_last_block, prepare.txt_mode) == ("pt", 128, False, "line")
+    sft = cfg.parse(cli.SftCommandConfig, ["--dataset", str(tmp_path / "corpus"), "--output_dir", str(tmp_path / "r")])
+    assert (cli.prepare_config(sft, sft.dataset, tmp_path / "o").block_size, sft.packing) == (None, False)
+    with pytest.raises(Problems) as error:
+        cfg.parse(cli.PtCommandConfig, ["--dataset", str(tmp_path), "--output_dir", str(tmp_path / "r"),
+                                        "--block_size", "64", "--packing", "true"])
+    assert "block_size: with --packing true, pt text is split at max_length and packed" in str(error.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Problems, match=r"not a prepared dataset \(no manifest.json\) and holds no dataset files"):
+        cfg.parse(cli.PtCommandConfig, ["--dataset", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "r")])
+
+
+@pytest.mark.slow
+def test_pt_trains_blocks_of_a_txt_corpus_whose_long_document_was_once_rejected(tmp_path, capsys):
+    """A document far longer than --max_length (`tuneforge pt` used to reject it: "every row was
+    rejected") is cut into block_size blocks with the others and trains; nothing is dropped."""
+    corpus = tmp_path / "corpus"
+    (corpus / "more").mkdir(parents=True)
+    (corpus / "long.txt").write_text(" ".join(["Ada is an assistant developed by Bo."] * 40))
+    (corpus / "more" / "short.txt").write_text("Bo built Ada to answer questions.\n")
+    run = tmp_path / "run"
+    code = tuneforge(["pt", "--dataset", str(corpus), "--output_dir", str(run), "--max_length", "32",
+                      "--block_size", "32", "--drop_last_block", "false", "--max_steps", "3", "--save_steps", "3",
+                      "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"])
+    _out, err = capsys.readouterr()
+    assert code == 0, err
+    manifest = json.loads((run / cli.PREPARED_SUBDIR / "manifest.json").read_text())
+    assert manifest["rows_rejected"] == 0 and manifest["pt"]["tokens_dropped"] == {}
+    assert manifest["pt"]["tokens_in"] == manifest["pt"]["tokens_out"] > 8 * 32
+    table = pa.concat_tables([ipc.open_file(p).read_all() for p in sorted((run / cli.PREPARED_SUBDIR).glob("*.arrow"))])
+    rows = table.to_pylist()
+    assert [r["length"] for r in rows[:-1]] == [32] * (len(rows) - 1) and 0 < rows[-1]["length"] <= 32
+    assert all(r["labels"] == r["input_ids"] for r in rows)  # every token trained, no padding inside a block
+    entries = [json.loads(line) for line in (run / "logging.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in entries if "loss" in e]
+    assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
+    assert (run / "checkpoint-3" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_pt_with_packing_trains_every_token_of_packed_plain_text(tmp_path, capsys):
     texts = ["Ada is an assistant developed by Bo.", "The quick brown fox jumps over the lazy dog.",

@@ -38,7 +38,8 @@ def test_each_dashboard_has_the_panels_on_call_reads():
     assert {"Jobs by state", "Loss", "Tokens per second", "Step time", "Data wait share of step time",
             "Checkpoints published per job", "Online step time split"} <= titles["trainer"]
     assert {"Requests per second", "Errors per second by model and code", "Time to first token",
-            "Inter-token latency p95", "Adapters ready", "Adapter load time", "KV-cache usage",
+            "Inter-token latency p95", "Adapters ready", "Adapter load time", "Hot-load time by part (mean, 1 h)",
+            "KV-cache usage",
             "Scheduler"} <= titles["serving"]
 
 

@@ -43,7 +43,7 @@ from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 from libs.common.errors import InvalidArgument
-from services.dataprep import formats, inputs, jsonl, layout, tasks, template
+from services.dataprep import formats, inputs, jsonl, layout, pretraining, tasks, template
 from services.dataprep.config import PrepareConfig
 from services.dataprep.pipeline import prepare
 from services.dataprep.template import IGNORE_INDEX
@@ -313,6 +313,12 @@ def configs(draw, family: str, suffix: str = ".jsonl") -> dict:
               "truncation_strategy": draw(st.sampled_from(["delete", "delete", "left", "right"])),
               "system": draw(st.one_of(st.none(), st.none(), GOOD_TEXT)),
               "packing": packing, "streaming": draw(st.booleans())}
+    if family == "pt":  # never truncated: cut into blocks (of max_length or --block_size), or split and packed
+        config["truncation_strategy"] = "delete"
+        if not packing:
+            config["max_length"] = draw(st.sampled_from([2048, 40]))
+            config["block_size"] = draw(st.sampled_from([None, None, 1, 7, 64]))
+            config["drop_last_block"] = draw(st.booleans())
     if draw(rarely(15)):
         config["format"] = draw(st.sampled_from(formats.FORMATS[1:]))
     if draw(rarely(7)):
@@ -381,6 +387,8 @@ RUN_ERRORS = {
     "another kind": r"dataset: .+:\d+: a [a-z]+ row in a [a-z]+ dataset \(the dataset's kind .+\); one dataset "
                     r"holds one kind of row",
     "not packed": r"packing: (kto|prompt) rows are not packed; use --packing false",
+    "short corpus": r"block_size: .+: \d+ tokens, fewer than one block of \d+; lower --block_size, or keep the "
+                    r"shorter last block \(--drop_last_block false\)",
 }
 FIELD_FREE = {jsonl.INVALID_JSON, jsonl.UNKNOWN_FORMAT}  # reasons that may name no field: the row as a whole
 PLACES = {"messages", "chosen", "rejected", "response", "query", "prompt", "label", "rejected_response",
@@ -433,7 +441,9 @@ def run_case(case: Case, model_dirs: dict, tokenizers: dict, directory: pathlib.
     expected = [expect(tokenizer, record, kind, case.config) for record in kept]
     for record, columns in zip(kept, expected):
         assert columns is not None, f"kept a row that must not be: {record}"
-    if case.config["packing"]:
+    if kind == "pt":
+        check_pt(shard_rows, expected, manifest, case.config)
+    elif case.config["packing"]:
         check_packed(shard_rows, expected, kind, case.config["max_length"])
     else:
         assert len(shard_rows) == len(kept)
@@ -452,7 +462,9 @@ def check_good_rows(case: Case, by_line: dict[int, Row], rejected: dict[int, str
     the first valid rows have. `kind`: the dataset's, None when every row was rejected."""
     if case.config["task"] not in ("auto", case.family) or "format" in case.config or kind not in (None, case.family):
         return
-    allowed = {jsonl.TOO_LONG, *{"prompt": [jsonl.INVALID_EXTRA], "pt": [jsonl.NO_TRAINABLE]}.get(case.family, [])}
+    allowed = {jsonl.TOO_LONG, *{"prompt": [jsonl.INVALID_EXTRA]}.get(case.family, [])}
+    if case.family == "pt":  # pt text is never dropped for its length
+        allowed = {jsonl.NO_TRAINABLE}
     if kind is None and case.config["task"] == "auto":
         allowed |= {"sft": {jsonl.NOT_PROMPT}, "prompt": {jsonl.NO_ASSISTANT}}.get(case.family, set())
     for line, row in by_line.items():
@@ -504,13 +516,9 @@ def expect(tokenizer, record: inputs.Record, kind: str, config: dict) -> dict | 
 
     def sequence(messages, losses):
         messages, losses = tasks.with_system(messages, losses, config["system"])
-        if kind == "pt":
+        if kind == "pt":  # never cut: the pipeline cuts the stream into blocks, or splits it to pack
             text = "".join(m["content"] for m in messages)
             ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids + [tokenizer.eos_token_id]
-            if cut[0] and len(ids) > cut[0]:
-                if cut[1] == "delete":
-                    return None
-                ids = ids[-cut[0]:] if cut[1] == "left" else ids[:cut[0]]
             return ids, None  # labels: check_labels' rules only
         messages, losses = template.with_tool_calls(tokenizer, messages, losses)
         return expected_sequence(tokenizer, messages, losses, config["loss_scale"], conversation.tools, *cut)
@@ -582,6 +590,37 @@ def check_packed(rows: list[dict], expected: list[dict], kind: str, max_length: 
         assert sorted(samples) == sorted(wanted)
 
 
+def check_pt(rows: list[dict], expected: list[dict], manifest: dict, config: dict) -> None:
+    """pt: the kept documents' tokens, joined in order, cut into blocks (group_texts; the
+    tail kept or dropped and counted), or each split at max_length and packed whole."""
+    documents = [columns["sequence"][0] for columns in expected]
+    stream = [token for ids in documents for token in ids]
+    accounting = manifest["pt"]
+    event(f"pt: {accounting['mode']}{', tail dropped' if accounting['tokens_dropped'] else ''}")
+    assert accounting["documents"] == len(documents) and accounting["tokens_in"] == len(stream)
+    assert accounting["tokens_in"] == accounting["tokens_out"] + sum(accounting["tokens_dropped"].values())
+    for row in rows:
+        assert row["length"] == len(row["input_ids"]) == len(row["labels"])
+        assert all(label in (IGNORE_INDEX, token) for token, label in zip(row["input_ids"], row["labels"]))
+    if config["packing"]:
+        pieces = [list(piece) for ids in documents for piece, _ in pretraining.split(ids, ids, config["max_length"])]
+        samples = []
+        for row in rows:
+            assert sum(row["seq_lens"]) == row["length"] <= config["max_length"]
+            start = 0
+            for length in row["seq_lens"]:
+                assert row["position_ids"][start:start + length] == list(range(length))
+                samples.append(row["input_ids"][start:start + length])
+                start += length
+        assert sorted(samples) == sorted(pieces) and accounting["tokens_dropped"] == {}
+        return
+    size = config.get("block_size") or config["max_length"]
+    blocks, tail = pretraining.group_texts(stream, size)
+    drop = config.get("drop_last_block", True)
+    assert [row["input_ids"] for row in rows] == blocks + ([] if drop or not tail else [tail])
+    assert accounting["tokens_dropped"] == ({pretraining.TAIL: len(tail)} if drop and tail else {})
+
+
 def token_lists(row: dict) -> list[list[int]]:
     return [row["chosen_input_ids"], row["rejected_input_ids"]] if "chosen_input_ids" in row else [row["input_ids"]]
 
@@ -634,7 +673,7 @@ def test_any_row_is_kept_with_its_labels_or_rejected_naming_its_field(targets, c
     if isinstance(result, jsonl.Reject):
         check_reject(json.loads(result.to_json()), "data.jsonl", row)
         if row.good and case.config["task"] in ("auto", case.family) and "format" not in case.config:
-            allowed = {jsonl.TOO_LONG} | ({jsonl.NO_TRAINABLE} if case.family == "pt" else set())
+            allowed = {jsonl.NO_TRAINABLE} if case.family == "pt" else {jsonl.TOO_LONG}  # pt: never for its length
             assert result.reason in allowed, f"a row built valid was rejected: {result}"
         return
     kind = "preference" if result.kind == "reward" else result.kind
@@ -663,7 +702,7 @@ def test_the_cli_prepares_any_file_or_prints_one_line(targets, case, capsys):
     def run(config: PrepareConfig) -> dict:
         argv = ["prepare", "--model", config.model, "--dataset", *config.dataset, "--output_dir", config.output_dir]
         for name in ("task", "loss_scale", "max_length", "truncation_strategy", "packing", "streaming", "format",
-                     "system", "columns"):
+                     "block_size", "drop_last_block", "system", "columns"):
             value = getattr(config, name)
             if value is not None:
                 argv.append(f"--{name}={str(value).lower() if isinstance(value, bool) else value}")

@@ -8,6 +8,7 @@ stays SERVING and keeps answering normal requests."""
 from __future__ import annotations
 
 import collections
+import gzip
 import hashlib
 import json
 import os
@@ -58,10 +59,13 @@ def files(tmp_path_factory, default_model):
     good.write_text("".join(json.dumps(row(i)) + "\n" for i in range(3)))
     (root / "folder").mkdir()
     shutil.copy(good, root / "folder" / "part.jsonl")
-    (root / "notes.txt").write_text("not a dataset\n")
+    (root / "notes.md").write_text("not a dataset\n")
     (root / "binary.jsonl").write_bytes(b"\x00\x01\x02" * 10)
     (root / "broken.json").write_text("{not json")
     (root / "empty.jsonl").write_text("")
+    (root / "corpus.txt.gz").write_bytes(gzip.compress(b"A first document.\nA second one.\n"))
+    # whole for its first 8 KiB (the type check), then cut: the preparation fails on the line it broke
+    (root / "cut.jsonl.gz").write_bytes(gzip.compress(good.read_bytes() * 400)[:-64])
     (root / "fake.parquet").write_text("not parquet")
     (root / "rows.csv").write_text("query,response\nhi,hello\n")
     (root / "no-model").mkdir()
@@ -165,8 +169,9 @@ def prepare_requests(files):
     plausible = {
         "PrepareArguments.dataset": mostly(
             [str(root / "good.jsonl"), str(root / "folder"), str(root / "good.jsonl") + "#2", str(root / "rows.csv"),
-             str(root / "g*.jsonl"), "../good.jsonl", str(root / "good.jsonl") + "#99"],
-            [str(root / "notes.txt"), str(root / "binary.jsonl"), str(root / "broken.json"), str(root / "empty.jsonl"),
+             str(root / "g*.jsonl"), "../good.jsonl", str(root / "good.jsonl") + "#99", str(root / "corpus.txt.gz"),
+             str(root / "cut.jsonl.gz")],  # passes the call's checks, then fails the preparation on its line 1079
+            [str(root / "notes.md"), str(root / "binary.jsonl"), str(root / "broken.json"), str(root / "empty.jsonl"),
              str(root / "fake.parquet"), str(root / "prepared"), str(root / "prepared" / "shard-00000.arrow"),
              str(root / "good.jsonl") + "#0", str(root / "nothing-*.jsonl"), str(root / "missing.jsonl"), "good.jsonl"]),
         "PrepareArguments.model": mostly(["", str(files["default_model"])],
@@ -184,12 +189,15 @@ def prepare_requests(files):
         "PrepareArguments.num_proc": mostly([1], [0, -1]),
         "PrepareArguments.data_seed": mostly([0, 42, -1], [2**31 - 1]),
         "PrepareArguments.system": mostly(["", "You are terse."], list(ODD_TEXT)),
+        "PrepareArguments.txt_mode": mostly(["file", "line"], ["para", ""]),
+        # valid with task pt (without packing) only: mostly unset (None), so the other tasks' requests stay valid
+        "PrepareArguments.block_size": st.sampled_from([None] * 6 + [8, 64, 0]),
     }
     # Where a valid request writes: inside the fixture root only, never a prepared dataset read below.
     safe_relative = st.text(st.characters(blacklist_characters="/\\~", blacklist_categories=("Cs",)), max_size=12)
     outputs = st.one_of(
         st.sampled_from([str(root / "out" / name) for name in ("a", "b", "é 日本")]
-                        + [str(root / "notes.txt"), str(root / "notes.txt" / "below"), str(root / "cwd"), "",
+                        + [str(root / "notes.md"), str(root / "notes.md" / "below"), str(root / "cwd"), "",
                            "\x00", "out\x00x", "x" * 300, "a/" * 2100, "relative-out", str(root / "victim")]),
         safe_relative.filter(lambda name: name != ".."))
     where = {"PrepareArguments.output_dir": outputs}
@@ -376,7 +384,7 @@ def test_an_error_echoing_a_huge_argument_still_reaches_the_caller(stub):
 
 def test_an_output_dir_that_is_a_file_is_refused_by_the_call(stub, files):
     # was OK, then the preparation FAILED with "internal error: FileExistsError(17, 'File exists')" (INTERNAL)
-    notes = files["root"] / "notes.txt"
+    notes = files["root"] / "notes.md"
     for output_dir, message in ((notes, f"output_dir: {notes} is a file, not a directory"),
                                 (notes / "below", f"output_dir: {notes / 'below'}: {notes} is a file, not a directory")):
         reply = unary(stub.PrepareDataset, pb.PrepareDatasetRequest(arguments=pb.PrepareArguments(

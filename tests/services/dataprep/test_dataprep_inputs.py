@@ -44,7 +44,7 @@ def test_every_file_type_reads_rows_with_their_line(tmp_path):
 
 def test_directories_and_globs_expand_sorted_and_missing_ones_are_all_named(tmp_path):
     (tmp_path / "d" / "sub").mkdir(parents=True)
-    for name in ("d/b.jsonl", "d/sub/a.jsonl", "d/notes.txt"):
+    for name in ("d/b.jsonl", "d/sub/a.jsonl", "d/notes.md"):
         (tmp_path / name).write_text('{"text": "x"}\n')
     (directory,) = inputs.resolve([str(tmp_path / "d")])
     assert [s.path for s in directory.sources] == [str(tmp_path / "d/b.jsonl"), str(tmp_path / "d/sub/a.jsonl")]
@@ -53,8 +53,8 @@ def test_directories_and_globs_expand_sorted_and_missing_ones_are_all_named(tmp_
     with pytest.raises(NotFound) as error:
         inputs.resolve([str(tmp_path / "d"), str(tmp_path / "none.jsonl"), str(tmp_path / "*.csv")])
     assert str(error.value) == f"dataset: no such file: {tmp_path / 'none.jsonl'}; no file matches {tmp_path / '*.csv'}"
-    with pytest.raises(InvalidArgument, match="notes.txt: not a dataset file type"):
-        inputs.resolve([str(tmp_path / "d" / "notes.txt")])
+    with pytest.raises(InvalidArgument, match="notes.md: not a dataset file type"):
+        inputs.resolve([str(tmp_path / "d" / "notes.md")])
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(InvalidArgument, match="bad.parquet: not a Parquet file"):
         inputs.resolve([str(tmp_path / "bad.parquet")])

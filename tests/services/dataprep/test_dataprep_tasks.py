@@ -167,7 +167,7 @@ def test_a_row_missing_its_kind_marker_is_rejected_not_a_mixed_dataset(tmp_path)
 
 
 def test_pt_task_is_text_and_eos_every_token_trained(tmp_path, tokenizer):
-    manifest, table, _ = run(tmp_path, [{"text": "Once upon a time."}], task="pt")
+    manifest, table, _ = run(tmp_path, [{"text": "Once upon a time."}], task="pt", drop_last_block=False)
     ids = tokenizer("Once upon a time.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert table.to_pylist() == [{"input_ids": ids, "labels": ids, "length": len(ids)}]
     assert manifest["trained_tokens"] == len(ids)

@@ -92,6 +92,8 @@ class RecordingEngine:
         self.loaded: dict[int, FakeLora] = {}
         self.next_id = 0
         self.fail_with: str | None = None
+        self.first_requests: list[str] = []  # the lora names run once before serving
+        self.fail_first_request_with: str | None = None
 
     async def add_lora(self, name, path):
         if self.fail_with:
@@ -100,6 +102,11 @@ class RecordingEngine:
         lora = FakeLora(f"{name}@{self.next_id}", self.next_id, str(path))
         self.loaded[lora.lora_int_id] = lora
         return lora
+
+    async def first_request(self, lora):
+        self.first_requests.append(lora.lora_name)
+        if self.fail_first_request_with:
+            raise FailedPrecondition(self.fail_first_request_with, field="path")
 
     async def remove_lora(self, lora):
         del self.loaded[lora.lora_int_id]

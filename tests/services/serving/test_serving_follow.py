@@ -12,6 +12,7 @@ import socket
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from libs.common.errors import FailedPrecondition
 from protos.tuneforge.trainer.v1 import trainer_pb2, trainer_pb2_grpc
@@ -169,5 +170,47 @@ def test_reconnects_when_the_trainer_comes_up_and_after_it_restarts(base, tmp_pa
             await server.stop(0)
         finally:
             await follower.stop()
+
+    asyncio.run(scenario())
+
+
+def test_delivery_is_observed_for_live_publications_only(base, tmp_path, publish_adapter, recording_engine):
+    """A publication made while serving follows has its delivery (publication -> load) in the
+    parts histogram; one replayed on connect (published while serving was away) has not: its
+    wait says how long serving was away. Loads of both run their first request."""
+    replayed = publish_adapter(tmp_path / "old" / "checkpoint-1", base)
+    live = publish_adapter(tmp_path / "new" / "checkpoint-1", base)
+
+    def deliveries() -> tuple[float, float]:
+        labels = {"part": "delivery"}
+        return (REGISTRY.get_sample_value("tuneforge_serving_adapter_load_part_seconds_count", labels),
+                REGISTRY.get_sample_value("tuneforge_serving_adapter_load_part_seconds_sum", labels))
+
+    def stamped(**fields) -> dict:
+        event = trainer_pb2.CheckpointEvent(**fields)
+        event.publish_time.GetCurrentTime()
+        return {name: getattr(event, name) for name in fields} | {"publish_time": event.publish_time}
+
+    async def scenario():
+        engine = recording_engine()
+        registry = AdapterRegistry(engine, base, "base", max_lora_rank=16)
+        trainer = Trainer()
+        await trainer.publish(**stamped(job_id="j1", step=1, path=str(replayed), adapter_name="old"))
+        server, port = await serve(trainer)
+        follower = CheckpointFollower(f"127.0.0.1:{port}", registry, FollowPolicy("all"))
+        before = deliveries()
+        follower.start()
+        try:
+            await until(lambda: "old" in served(registry))
+            assert deliveries() == before
+            await trainer.publish(**stamped(job_id="j2", step=1, path=str(live), adapter_name="new"))
+            await until(lambda: "new" in served(registry))
+            count, total = deliveries()
+            assert count == before[0] + 1
+            assert 0 <= total - before[1] < 10
+            assert engine.first_requests == ["old@1", "new@2"]
+        finally:
+            await follower.stop()
+            await server.stop(0)
 
     asyncio.run(scenario())

@@ -17,7 +17,8 @@ import pytest
 from libs.common import config as cfg
 from libs.common.errors import NotFound, Problems
 from protos.tuneforge.serving.v1 import serving_pb2, serving_pb2_grpc
-from services.serving.infer import InferConfig, rows
+from cli.main import main as tuneforge
+from services.serving.infer import InferConfig, nlg_line, rows
 
 ROWS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
@@ -69,13 +70,22 @@ def test_flags_are_checked_together_and_a_missing_dataset_names_its_flag(tmp_pat
 
 
 @pytest.mark.slow
+def test_metric_nlg_needs_labelled_rows_and_says_so_before_the_engine_starts(tmp_path, capsys):
+    data = write(tmp_path / "val.jsonl", [ROWS[1], ROWS[2]])  # prompts only
+    assert tuneforge(["infer", "--val_dataset", data, "--metric", "nlg"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tuneforge infer: error: metric: nlg: no row of --val_dataset ends in an assistant turn to score against"]
+    with pytest.raises(Problems, match="metric: expected one of nlg; got 'acc'"):
+        cfg.parse(InferConfig, ["--val_dataset", data, "--metric", "acc"])
+
+
 def test_infer_in_a_subprocess_answers_like_the_server_with_the_same_adapter(serving, make_lora, tmp_path):
     adapter = make_lora("infer-ada", rank=8, seed=21)
     data = write(tmp_path / "val.jsonl", [ROWS[0], ROWS[1], ROWS[5]])
     out = tmp_path / "result.jsonl"
     run = subprocess.run(
         [sys.executable, "-m", "cli.main", "infer", "--adapters", str(adapter), "--val_dataset", data,
-         "--result_path", str(out), "--max_new_tokens", "8", "--max_batch_size", "2"],
+         "--result_path", str(out), "--max_new_tokens", "8", "--max_batch_size", "2", "--metric", "nlg"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     # One row is not a conversation: the file is complete, and the exit code says a row has no response.
     assert run.returncode == 1, run.stdout + run.stderr
@@ -86,6 +96,9 @@ def test_infer_in_a_subprocess_answers_like_the_server_with_the_same_adapter(ser
     assert [r["index"] for r in results] == [0, 1, 2]
     assert results[0]["labels"] == "hello"
     assert results[2]["response"] is None and "no known row format" in results[2]["error"]
+    # --metric nlg: ms-swift's scores over the one row with labels and a response (the metric's
+    # values are tested in tests/libs/common/test_nlg.py)
+    assert nlg_line([(results[0]["response"], "hello")]) in run.stdout.splitlines()
 
     client = openai.OpenAI(base_url=f"{serving.http}/v1", api_key="unused", max_retries=0)
     with grpc.insecure_channel(serving.grpc) as channel:

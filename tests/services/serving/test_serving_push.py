@@ -38,6 +38,9 @@ class ReadingEngine:
         self.loads.append((path, {p.name: p.read_bytes() for p in sorted(path.iterdir())}))
         return FakeLora(f"{name}@{len(self.loads)}", len(self.loads), f"/held/{len(self.loads)}")
 
+    async def first_request(self, lora):
+        pass
+
     async def remove_lora(self, lora):
         self.removed.append(lora.lora_int_id)
 

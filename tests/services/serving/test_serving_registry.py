@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import pathlib
+import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.serving.adapters import AdapterRegistry, State
@@ -67,6 +70,29 @@ def test_a_tampered_file_fails_the_manifest_check(registry, base, tmp_path, publ
     with pytest.raises(FailedPrecondition) as info:
         registry.validate("a", adapter)
     assert "adapter_model.safetensors: sha256 does not match manifest.json" in info.value.message
+
+
+def test_the_optimizer_state_is_not_what_serving_verifies(registry, base, tmp_path):
+    """Only a resume reads trainer_state.json and training_state.pt: serving does not hash them
+    (they are twice the adapter), a resume still does; every file serving reads is checked."""
+    from libs.common import checkpoint
+
+    def fill(tmp):
+        (tmp / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+        (tmp / "adapter_model.safetensors").write_bytes(b"w1")
+        (tmp / "args.json").write_text(json.dumps({"model": str(base)}))
+        (tmp / "trainer_state.json").write_text("{}")
+        (tmp / "training_state.pt").write_bytes(b"optimizer")
+
+    adapter = checkpoint.publish(tmp_path / "run" / "checkpoint-2", fill)
+    (adapter / "training_state.pt").write_bytes(b"torn")
+    registry.validate("a", adapter)
+    with pytest.raises(FailedPrecondition, match="training_state.pt: sha256 does not match"):
+        checkpoint.verify(adapter)
+    (adapter / "args.json").write_text('{"model": "elsewhere"}')
+    with pytest.raises(FailedPrecondition, match="args.json: sha256 does not match"):
+        registry.validate("a", adapter)
 
 
 def test_base_paths_compare_after_resolving_symlinks(registry, base, tmp_path, publish_adapter):
@@ -184,6 +210,61 @@ def test_failed_loads(registry, engine, base, tmp_path, publish_adapter):
         # Still serving the older checkpoint, with the failure on record.
         assert (ada.state, ada.path) == (State.READY, str(good))
         assert "disk error" in ada.error
+        with registry.lease("ada") as lease:
+            assert lease.lora.lora_path == str(good)
+
+    asyncio.run(scenario())
+
+
+def part_counts() -> dict[str, float]:
+    value = REGISTRY.get_sample_value
+    counts = {part: value("tuneforge_serving_adapter_load_part_seconds_count", {"part": part})
+              for part in ("delivery", "verification", "registration", "first_request")}
+    return {**counts, "delivery_sum": value("tuneforge_serving_adapter_load_part_seconds_sum", {"part": "delivery"})}
+
+
+def test_a_load_observes_its_parts_and_runs_a_first_request_before_it_serves(
+        registry, engine, base, tmp_path, publish_adapter):
+    """verification, registration and first_request once per load that happened; delivery only
+    for a trainer's live publication (published_at); a load skipped as unchanged, none."""
+    old = publish_adapter(tmp_path / "run" / "checkpoint-1", base, weights=b"one")
+    new = publish_adapter(tmp_path / "run" / "checkpoint-2", base, weights=b"two")
+
+    async def scenario():
+        before = part_counts()
+        await registry.load("ada", old)
+        assert engine.first_requests == ["ada@1"]
+        after_admin = part_counts()
+        await registry.load("ada", new, if_changed=True, published_at=time.time() - 0.25)
+        await registry.load("ada", new, if_changed=True, published_at=time.time())  # unchanged: skipped
+        after_followed = part_counts()
+        return before, after_admin, after_followed
+
+    before, after_admin, after_followed = asyncio.run(scenario())
+    parts = ("delivery", "verification", "registration", "first_request")
+    assert {p: after_admin[p] - before[p] for p in parts} == {
+        "delivery": 0, "verification": 1, "registration": 1, "first_request": 1}
+    assert {p: after_followed[p] - after_admin[p] for p in parts} == {
+        "delivery": 1, "verification": 1, "registration": 1, "first_request": 1}
+    assert engine.first_requests == ["ada@1", "ada@2"]
+    # the delivery observed is the time from the publication to the load: at least the quarter second
+    assert 0.25 <= after_followed["delivery_sum"] - after_admin["delivery_sum"] < 30
+
+
+def test_an_adapter_whose_first_request_fails_is_refused_and_leaves_the_engine(
+        registry, engine, base, tmp_path, publish_adapter):
+    good = publish_adapter(tmp_path / "good", base, weights=b"one")
+    broken = publish_adapter(tmp_path / "broken", base, weights=b"two")
+
+    async def scenario():
+        await registry.load("ada", good)
+        engine.fail_first_request_with = "the engine loaded it but could not run it: shape mismatch"
+        with pytest.raises(FailedPrecondition, match="shape mismatch"):
+            await registry.load("ada", broken)
+        ada = {v.name: v for v in registry.list()}["ada"]
+        assert (ada.state, ada.path) == (State.READY, str(good))  # still serving the one that ran
+        assert f"loading {broken} failed" in ada.error
+        assert engine.paths() == [str(good)]  # the refused version left the engine
         with registry.lease("ada") as lease:
             assert lease.lora.lora_path == str(good)
 

@@ -114,9 +114,11 @@ def test_two_processes_match_one(backend, train_type, reference, prepared_datase
     out = tmp_path / "run"
     config = job(prepared_dataset, dataprep_address, out, nproc_per_node=2, train_type=train_type, **backend)
     started = time.monotonic()
-    code, events, err = finish(run_worker(config, tmp_path))
+    extensions = tmp_path / "torch_extensions"  # where torch would JIT-compile DeepSpeed's C++ ops
+    code, events, err = finish(run_worker(config, tmp_path, env={"TORCH_EXTENSIONS_DIR": str(extensions)}))
     assert code == 0, err[-3000:]
     print(f"{out.name} {backend or 'ddp'}: {time.monotonic() - started:.1f} s")
+    assert not extensions.exists()  # nothing compiled (DeepSpeed's CPU shared-memory op: distributed.py)
     kinds = [e["event"] for e in events]
     assert kinds.count("started") == 1 and kinds[-1] == "done" and kinds.count("checkpoint") == 1
     assert "rank" not in events[0]  # the launcher relays the events as one process's
