@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # vLLM is imported when the engine starts, so that config and
     from vllm.sampling_params import SamplingParams
 
 LOG = logging.getLogger("tuneforge.serving.engine")
+MASKED_ROWS_EXTENSION = "services.serving.lora_mask.WorkerExtension"
 
 
 class Engine:
@@ -36,8 +37,6 @@ class Engine:
         self.model_dir = model_dir
         self.started_seconds = started_seconds
         self._lora_ids = itertools.count(1)
-        # What base-model requests run with: None, or a zero adapter (see `mix_safely`).
-        self.base_lora: "LoRARequest | None" = None
         # The engine's own hold on each adapter's files (see `add_lora`), removed at shutdown.
         self._scratch = Scratch()
 
@@ -50,10 +49,6 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from services.serving.engine_stats import EngineStatLogger
-
-        if on_cpu():  # one more slot, for the base model's zero adapter (see `mix_safely`)
-            max_cpu_loras = (max_cpu_loras or max_loras) + 1
-            max_loras += 1
 
         args = AsyncEngineArgs(
             model=str(model_dir),
@@ -68,6 +63,9 @@ class Engine:
             # vLLM's own stat loggers register `vllm:` metrics (colon names fail promlint); ours
             # (passed below) writes the engine's statistics under tuneforge_serving_engine_*.
             disable_log_stats=True,
+            # vLLM imports this class in the process that runs the model: that installs the patch
+            # that keeps base rows of a mixed batch the base model's (see `mix_safely`).
+            worker_extension_cls=MASKED_ROWS_EXTENSION if on_cpu() else "",
         )
         started = time.perf_counter()
         try:
@@ -142,7 +140,7 @@ class Engine:
             # aclosing: when our caller stops early (client gone), vLLM aborts the request now,
             # not whenever the garbage collector finalizes its generator.
             async with contextlib.aclosing(self.llm.generate(
-                    engine_input, params, request_id, lora_request=lora or self.base_lora)) as outputs:
+                    engine_input, params, request_id, lora_request=lora)) as outputs:
                 async for output in outputs:
                     yield output
         except VLLMValidationError as exc:
@@ -187,24 +185,17 @@ class Engine:
             pass
 
     async def mix_safely(self) -> None:
-        """vLLM's PyTorch LoRA ops (the CPU backend's) pick each row's adapter weights by
-        indexing the stacked slots with the row's slot number, and a row without a LoRA has
-        slot -1: Python's indexing makes that the LAST slot, so in a batch mixing the base
-        model with adapters the base rows silently got an adapter applied (seen: 39 of 40
-        concurrent base answers were an adapter's, on vLLM's own server too). On those
-        backends base requests run with a zero adapter (B = 0: exactly the base model), so
-        no row of a batch is ever without a LoRA. CUDA's Triton kernels skip slot -1.
-        Upstream fix: vllm-project/vllm PR #48421 (open at vLLM 0.32); drop this with it."""
-        if not on_cpu() or self.base_lora is not None:
+        """Checks that base rows batched with adapter rows stay the base model's. vLLM's PyTorch
+        LoRA ops (the CPU backend's) gave them the last slot's adapter; the engine process runs
+        them patched (services.serving.lora_mask), and this asks it whether the patch is in
+        place: FailedPrecondition, not wrong answers, when it is not. CUDA's kernels skip
+        rows without a LoRA themselves."""
+        if not on_cpu():
             return
-        from services.serving import zero_lora
-
-        path = await asyncio.to_thread(zero_lora.write, self.model_dir, self._scratch.path / "zero")
-        if path is None:
-            logs.log(LOG, logging.WARNING, "no module for a zero adapter found: base-model rows batched with "
-                     "adapter rows may get an adapter applied on this backend", model=str(self.model_dir))
-            return
-        self.base_lora = await self.add_lora("<base>", path)
+        masked = await self.llm.collective_rpc("tuneforge_lora_rows_masked")
+        if not masked or not all(masked):
+            raise FailedPrecondition("vLLM's engine process runs its LoRA ops unpatched: base-model rows batched "
+                                     "with adapter rows would get an adapter applied", field="model")
 
     async def remove_lora(self, lora: "LoRARequest") -> None:
         await self.llm.remove_lora(lora.lora_int_id)

@@ -1,6 +1,5 @@
 """The serving process's scratch directory (`tuneforge-serving-<pid>-*` in the temporary
-directory): the engine's own hold on the files of each adapter it loads, and the base model's
-zero adapter.
+directory): the engine's own hold on the files of each adapter it loads.
 
 vLLM's worker re-reads an adapter from its path whenever its LRU cache evicted it, in the
 middle of serving, and a read error there stops the engine: the files checked at load must
