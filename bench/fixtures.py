@@ -50,3 +50,30 @@ def write_conversations(path: pathlib.Path, rows: int, seed: int = 0) -> None:
             turns = [{"role": "user", "content": text(rng.randint(5, 60))},
                      {"role": "assistant", "content": text(rng.choice([20, 60, 120, 250, 400]))}]
             f.write(json.dumps({"messages": turns}) + "\n")
+
+
+def random_loras(model_dir: pathlib.Path, root: pathlib.Path, names: list[str], rank: int = 8) -> dict[str, pathlib.Path]:
+    """PEFT LoRAs (all-linear) on `model_dir` whose B is random (PEFT starts B at zero, which
+    would equal the base), one per name, seeded by position; published with args.json."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from libs.common import checkpoint
+
+    paths = {}
+    for seed, name in enumerate(names, start=1):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM"))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+        def fill(tmp: pathlib.Path, model=model) -> None:
+            model.save_pretrained(tmp)
+            (tmp / "args.json").write_text(json.dumps({"model": str(model_dir), "lora_rank": rank}))
+
+        paths[name] = checkpoint.publish(root / name / "checkpoint-1", fill)
+    return paths
