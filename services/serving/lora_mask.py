@@ -15,7 +15,7 @@ Upstream fix: vllm-project/vllm PR #48421 (open at vLLM 0.32); drop this module 
 vLLM builds the model in its engine-core process, so the patch must be installed there:
 `Engine.start` names `WorkerExtension` as vLLM's `worker_extension_cls`, which vLLM
 imports in the process that runs the model before it builds the model; importing this
-module installs the patch (idempotent), and `Engine.mask_base_rows` asks the worker
+module installs the patch (idempotent), and `Engine.mix_safely` asks the worker
 through `collective_rpc` whether it is in place."""
 
 from __future__ import annotations
