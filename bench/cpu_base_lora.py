@@ -8,7 +8,9 @@ over --rounds rounds. Per engine: warm-up, then --repeats times each case, each 
 of --requests greedy requests submitted together (max_tokens generated, ignore_eos) on
 prompts of 10 to 300 tokens cut from the default model's corpus. Cases: `base` (every
 request without a LoRA) and `mixed` (every other request base, the rest spread over four
-random rank-8 adapters). Throughput is generated tokens/s, the median over all bursts.
+random rank-8 adapters). Throughput is generated tokens/s, the median over all bursts;
+CPU ms/token is the CPU time of this process tree per generated token (the work done,
+less sensitive than wall time to other load on a shared machine).
 `base rows changed` counts base requests in mixed bursts whose tokens differ from the
 same prompt's answer in a base-only burst (0 means no base answer got an adapter).
 
@@ -102,16 +104,38 @@ def prompts(model_dir: pathlib.Path, count: int) -> list[list[int]]:
             for _ in range(count)]
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its descendants (vLLM's engine core and worker)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = pathlib.Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(children.get(current, ()))
+        if current in stats:
+            total += int(stats[current][11]) + int(stats[current][12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 async def burst(engine, ids: list[list[int]], loras: list[str | None], max_tokens: int):
-    """All requests at once: (generated tokens/s, each request's token ids)."""
+    """All requests at once: (generated tokens/s, CPU ms per generated token, each request's token ids)."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
                             output_kind=RequestOutputKind.FINAL_ONLY)
-    started = time.perf_counter()
+    cpu, started = tree_cpu_seconds(os.getpid()), time.perf_counter()
     outputs = await asyncio.gather(*(engine.generate(p, params, lora) for p, lora in zip(ids, loras)))
-    seconds = time.perf_counter() - started
-    return sum(map(len, outputs)) / seconds, outputs
+    seconds, cpu = time.perf_counter() - started, tree_cpu_seconds(os.getpid()) - cpu
+    tokens = sum(map(len, outputs))
+    return tokens / seconds, 1000 * cpu / tokens, outputs
 
 
 async def session(engine, model_dir, adapters, ids, args, samples, changed):
@@ -124,10 +148,10 @@ async def session(engine, model_dir, adapters, ids, args, samples, changed):
         for loras in cases.values():  # warm-up: every adapter into its slot, caches, kernels
             await burst(engine, ids, loras, args.max_tokens)
         for _ in range(args.repeats):
-            rate, base_answers = await burst(engine, ids, cases["base"], args.max_tokens)
-            samples[engine.name, "base"].append(rate)
-            rate, mixed_answers = await burst(engine, ids, cases["mixed"], args.max_tokens)
-            samples[engine.name, "mixed"].append(rate)
+            *sample, base_answers = await burst(engine, ids, cases["base"], args.max_tokens)
+            samples[engine.name, "base"].append(sample)
+            *sample, mixed_answers = await burst(engine, ids, cases["mixed"], args.max_tokens)
+            samples[engine.name, "mixed"].append(sample)
             base_rows = [i for i, lora in enumerate(cases["mixed"]) if lora is None]
             changed[engine.name][0] += sum(mixed_answers[i] != base_answers[i] for i in base_rows)
             changed[engine.name][1] += len(base_rows)
@@ -161,16 +185,22 @@ def main() -> int:
     print(f"\n{args.rounds} rounds x {args.repeats} bursts of {args.requests} requests, max_tokens {args.max_tokens}, "
           f"greedy, ignore_eos; max_loras {MAX_LORAS}, max_lora_rank {MAX_LORA_RANK}, float32; "
           f"baseline: {plain} (same engine settings)")
-    print(f"{'case':<32}{'baseline':>12}{'ours':>12}{'ratio':>9}")
+    print(f"{'case':<34}{'baseline':>12}{'ours':>12}{'ratio':>9}")
+    medians = {}
     for case in ("base", "mixed"):
-        v, t = statistics.median(samples[plain, case]), statistics.median(samples[ours, case])
-        spread = lambda name: f"{min(samples[name, case]):.0f}-{max(samples[name, case]):.0f}"  # noqa: E731
-        print(f"{case + ' gen tok/s (median)':<32}{v:>12.1f}{t:>12.1f}{t / v:>9.3f}"
-              f"   (range: baseline {spread(plain)}, ours {spread(ours)})")
-    print(f"{'mixed: base rows changed':<32}{'%d/%d' % tuple(changed[plain]):>12}{'%d/%d' % tuple(changed[ours]):>12}")
-    ratio = statistics.median(samples[ours, "base"]) / statistics.median(samples[plain, "base"])
+        for column, unit in ((0, "gen tok/s"), (1, "CPU ms/token")):
+            v, t = (statistics.median(s[column] for s in samples[name, case]) for name in (plain, ours))
+            medians[case, column] = t / v
+            ranges = ", ".join(f"{label} {min(s[column] for s in samples[name, case]):.2f}-"
+                               f"{max(s[column] for s in samples[name, case]):.2f}"
+                               for label, name in (("baseline", plain), ("ours", ours)))
+            print(f"{f'{case} {unit} (median)':<34}{v:>12.2f}{t:>12.2f}{t / v:>9.3f}   (range: {ranges})")
+    print(f"{'mixed: base rows changed':<34}{'%d/%d' % tuple(changed[plain]):>12}{'%d/%d' % tuple(changed[ours]):>12}")
+    ratio = medians["base", 0]
     print(f"target (base throughput >= 0.95 x baseline): {'met' if ratio >= 0.95 else 'MISSED'} ({ratio:.3f}); "
           f"base answers in mixed batches: {'unchanged' if changed[ours][0] == 0 else 'CHANGED'}")
+    print("CPU ms/token: CPU time of this process and its children (vLLM's engine core and worker) per "
+          "generated token; less sensitive than tok/s to other load on a shared machine")
     return 0
 
 
