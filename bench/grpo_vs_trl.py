@@ -362,6 +362,14 @@ def main() -> int:
                             f"{MODEL_SHAPE['num_hidden_layers']} layers, about 20M parameters): it never stops early, "
                             "so every completion is max_completion_length tokens")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    parser.add_argument("--serving_max_lora_rank", type=int, default=LORA["r"],
+                        help="the serving process's --max_lora_rank (default: the policy's rank, the smallest slot "
+                             "that holds it; serving's own default is 16). vLLM's CPU LoRA kernels gather each "
+                             "token's adapter weights at the slot rank, so a rollout server sized for its job's "
+                             "rank generates faster")
+    parser.add_argument("--first", choices=["ours", "trl"], default="trl",
+                        help="which runs first in round 1 (the order is reversed every round): run the bench "
+                             "once with each to see both orders from round 1")
     parser.add_argument("--worker", choices=list(KINDS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -378,7 +386,7 @@ def main() -> int:
     from cli.stack import Stack
     from libs.default_model.resolve import resolve_model
 
-    kinds = list(args.kinds)
+    kinds = ["trl", *(k for k in args.kinds if k != "trl")]  # the baseline first; --first ours reverses
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         root = pathlib.Path(tmp)
         if args.fixture_model:
@@ -399,10 +407,12 @@ def main() -> int:
             print(f"model: {model_dir} ; {count} prompts (mean {prompt_tokens:.1f} tokens), G {args.num_generations}, "
                   f"batch {args.batch} completions ({args.batch // args.num_generations} prompts) a step, "
                   f"max_completion_length {args.max_completion_length}, {args.steps} steps ({args.warmup} warm-up), "
-                  f"{args.threads} threads, {args.rounds} rounds", file=sys.stderr)
+                  f"{args.threads} threads, {args.rounds} rounds, serving --max_lora_rank {args.serving_max_lora_rank}",
+                  file=sys.stderr)
             results: dict[str, list[dict]] = {kind: [] for kind in kinds}
+            first = kinds if args.first == "trl" else kinds[::-1]
             for round_ in range(args.rounds):
-                for kind in (kinds if round_ % 2 == 0 else kinds[::-1]):  # both orders
+                for kind in (first if round_ % 2 == 0 else first[::-1]):  # both orders
                     spec = {"model": str(model_dir), "dataprep": address, "dataset": str(root / "prompts"),
                             "trl_rows": str(root / "trl_rows.jsonl"), "plugin": str(root / "reward_plugin.py"),
                             "output_dir": str(root / f"{kind}-{round_}"), "steps": args.steps, "warmup": args.warmup,
@@ -411,7 +421,8 @@ def main() -> int:
                             "async": kind in ASYNC}
                     serving = None
                     if KINDS[kind][1] == "server":  # up only while its trainer runs: idle, it would still hold memory
-                        serving = stack.start_serving(model=str(model_dir))
+                        serving = stack.start_serving(model=str(model_dir), extra=[
+                            "--max_lora_rank", str(args.serving_max_lora_rank)])
                         spec["serving_host"], spec["serving_port"] = "127.0.0.1", int(serving.ready["grpc_port"])
                         spec["serving_pid"] = serving.popen.pid
                     try:
