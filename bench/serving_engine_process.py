@@ -1,7 +1,9 @@
-"""Serving throughput on CPU with vLLM's model runner in the engine-core process (TuneForge's
-default, VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM's "uni" executor) against vLLM's CPU default
-(VLLM_ENABLE_V1_MULTIPROCESSING=1: a worker process of its own, fed through a shared-memory
-queue whose readers spin for a second after each message), on the product's own server.
+"""Serving throughput on CPU with vLLM's model runner in the engine-core process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM's "uni" executor, what docs/serving.md advises for a
+rollout server sharing its cores with a trainer) against vLLM's CPU default
+(VLLM_ENABLE_V1_MULTIPROCESSING=1: a worker process of its own, bound to the cores vLLM picks,
+fed through a shared-memory queue whose readers spin for a second after each message), on the
+product's own server.
 
 The same `tuneforge serve serving` process (default model, serving's default flags), one at a
 time, the order reversed every round; per round a warm-up, then REQUESTS chat completions
@@ -12,8 +14,10 @@ moves much less with other load than wall time does), the CPU the tree burns whi
 IDLE seconds right after a batch (the spin), and the shutdown time (SIGTERM to exit).
 
     .venv/bin/python bench/serving_engine_process.py [--rounds 3] [--requests 32] [--concurrency 8] [--max_tokens 64]
+        [--threads N]
 
-Target: in-core not slower than the worker process (tokens/s and tokens per CPU second).
+--threads N: both modes with OMP_NUM_THREADS=N and VLLM_CPU_OMP_THREADS_BIND=nobind (the same
+thread pool); unset, each mode as vLLM sets it up (in-core: torch's default pool, unbound).
 Not part of the test run.
 """
 
@@ -100,6 +104,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of both modes (unbound); unset: vLLM's own")
     parser.add_argument("--idle", type=float, default=2.0, help="seconds idle after the batch, CPU counted")
     args = parser.parse_args()
 
@@ -110,7 +115,10 @@ def main() -> int:
         for round_ in range(args.rounds):
             for mode in (list(MODES) if round_ % 2 == 0 else list(MODES)[::-1]):
                 logs = pathlib.Path(tmp) / f"{round_}-{mode.replace(' ', '-')}"
-                stack = Stack(logs, env={"VLLM_ENABLE_V1_MULTIPROCESSING": MODES[mode]})
+                env = {"VLLM_ENABLE_V1_MULTIPROCESSING": MODES[mode]}
+                if args.threads:
+                    env.update(OMP_NUM_THREADS=str(args.threads), VLLM_CPU_OMP_THREADS_BIND="nobind")
+                stack = Stack(logs, env=env)
                 try:
                     result = run_mode(stack, args)
                 finally:

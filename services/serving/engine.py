@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import pathlib
 import time
 import uuid
@@ -55,7 +54,6 @@ class Engine:
         if on_cpu():  # one more slot, for the base model's zero adapter (see `mix_safely`)
             max_cpu_loras = (max_cpu_loras or max_loras) + 1
             max_loras += 1
-            worker_in_core()
 
         args = AsyncEngineArgs(
             model=str(model_dir),
@@ -229,20 +227,6 @@ class Engine:
         # TypeError traceback. An instance attribute wins over the method, so that call is a no-op.
         self.llm.shutdown = lambda timeout=None: None
         self._scratch.close()
-
-
-def worker_in_core() -> None:
-    """On CPU, vLLM's model runner runs inside the engine-core process (its "uni" executor)
-    rather than in a worker process of its own. With a worker process, the two exchange every
-    step through a shared-memory queue whose reader spins (sched_yield) for a second after each
-    message: the core spins while the worker computes and the worker spins after each batch,
-    so an engine generating on one core kept a second one busy, and for a second after each
-    batch took a core from whatever else ran on the machine (a GRPO trainer training beside
-    it). vLLM forces the worker process on CPU unless VLLM_ENABLE_V1_MULTIPROCESSING is 0;
-    AsyncLLM keeps its engine core in a process of its own either way (the HTTP and gRPC
-    servers stay responsive). The variable is read when the engine starts; set in the
-    environment, the operator's value wins."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def render_chat(tokenizer, messages: list[dict], model_dir: pathlib.Path) -> list[int]:

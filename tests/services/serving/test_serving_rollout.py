@@ -313,17 +313,3 @@ def test_a_caller_that_leaves_has_its_requests_aborted(rollouts, serving):
     assert len(rollouts.Generate(request(max_tokens=4), timeout=30).results) == 1
     assert time.perf_counter() - started < 5  # the engine is not still busy with the abandoned call
 
-
-def test_the_engine_runs_its_model_in_the_core_process_so_nothing_spins_between_rollouts(stack, generator):
-    """On CPU the model runner lives in vLLM's engine-core process (services.serving.engine.
-    worker_in_core): with a worker process of its own, the core and the worker exchanged each
-    step through a shared-memory queue whose reader spins a second after every message,
-    taking a core from the trainer that trains between rollouts (measured in
-    bench/grpo_vs_trl.py: the serving tree's CPU per GRPO step fell by about 1 s)."""
-    import psutil
-
-    generator.generate(PROMPTS[:1], [1], GREEDY)
-    serving = psutil.Process(stack.stack.processes["serving"].popen.pid)
-    titles = sorted(" ".join(child.cmdline()) for child in serving.children(recursive=True))
-    # vLLM names its processes with setproctitle: VLLM::EngineCore, VLLM::Worker
-    assert [t for t in titles if t.startswith("VLLM::")] == ["VLLM::EngineCore"], titles
