@@ -312,4 +312,3 @@ def test_a_caller_that_leaves_has_its_requests_aborted(rollouts, serving):
     started = time.perf_counter()
     assert len(rollouts.Generate(request(max_tokens=4), timeout=30).results) == 1
     assert time.perf_counter() - started < 5  # the engine is not still busy with the abandoned call
-
