@@ -20,9 +20,11 @@ own path: services.trainer.training.train with the grpo method, reading the prom
 gRPC from the dataprep service; in server mode generating through the serving service's
 RolloutService, started here as its own process (stopped while the other trainers run) with
 the policy's adapter pushed to it at every step. Every process's torch (and vLLM) thread pool
-is --threads wide. Server mode pays, on a machine this small, for vLLM's worker process
-busy-waiting up to a second on its shared-memory queue after each batch (while the trainer
-computes the reference log-probs and trains): the CPU-time row shows it.
+is --threads wide. The serving process is started as docs/serving.md advises for a rollout
+server that shares its cores with a trainer: VLLM_ENABLE_V1_MULTIPROCESSING=0 (its model in
+vLLM's engine-core process, no worker process spinning on a shared-memory queue for a second
+after each batch; --serving_engine worker-process for vLLM's CPU default) and --max_lora_rank
+the policy's rank (--serving_max_lora_rank).
 
 Each trainer runs alone in its own process, one at a time, the order reversed every round;
 the median over rounds is kept. A step's time is wall time from the end of the previous step
@@ -95,6 +97,7 @@ KINDS = {  # worker kind -> (column heading, generation)
 MODEL_SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
                    num_key_value_heads=8, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True)
 ASYNC = ("ours-colocate-async", "ours-server-async")
+SERVING_ENGINES = {"in-core": "0", "worker-process": "1"}  # --serving_engine -> VLLM_ENABLE_V1_MULTIPROCESSING
 PHASES = {"generation": "generation (waited for)", "ahead": "generation in background (async)", "reward": "reward", "logps": "reference + old log-probs", "sync": "weight sync",
           "train": "train (forward, backward, optimizer)", "other": "other"}
 
@@ -362,6 +365,17 @@ def main() -> int:
                             f"{MODEL_SHAPE['num_hidden_layers']} layers, about 20M parameters): it never stops early, "
                             "so every completion is max_completion_length tokens")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    parser.add_argument("--serving_max_lora_rank", type=int, default=LORA["r"],
+                        help="the serving process's --max_lora_rank (default: the policy's rank, the smallest slot "
+                             "that holds it; serving's own default is 16). vLLM's CPU LoRA kernels gather each "
+                             "token's adapter weights at the slot rank, so a rollout server sized for its job's "
+                             "rank generates faster")
+    parser.add_argument("--serving_engine", choices=list(SERVING_ENGINES), default="in-core",
+                        help="in-core: the serving process started with VLLM_ENABLE_V1_MULTIPROCESSING=0; "
+                             "worker-process: vLLM's CPU default (docs/serving.md)")
+    parser.add_argument("--first", choices=["ours", "trl"], default="trl",
+                        help="which runs first in round 1 (the order is reversed every round): run the bench "
+                             "once with each to see both orders from round 1")
     parser.add_argument("--worker", choices=list(KINDS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -378,7 +392,7 @@ def main() -> int:
     from cli.stack import Stack
     from libs.default_model.resolve import resolve_model
 
-    kinds = list(args.kinds)
+    kinds = ["trl", *(k for k in args.kinds if k != "trl")]  # the baseline first; --first ours reverses
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
         root = pathlib.Path(tmp)
         if args.fixture_model:
@@ -388,7 +402,8 @@ def main() -> int:
             model_dir = pathlib.Path(args.model).resolve() if args.model else resolve_model(None)
         # the serving engine's thread pool as wide as the trainers' torch pools (vLLM's CPU default binds one
         # thread to each core of the NUMA node; the colocated engine uses the trainer's own pool)
-        stack = Stack(root / "logs", env={"OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+        stack = Stack(root / "logs", env={"OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                                          "VLLM_ENABLE_V1_MULTIPROCESSING": SERVING_ENGINES[args.serving_engine]})
         try:
             address = stack.start_dataprep().grpc_address
             write_prompts(root / "prompts.jsonl", args.rows)
@@ -399,10 +414,13 @@ def main() -> int:
             print(f"model: {model_dir} ; {count} prompts (mean {prompt_tokens:.1f} tokens), G {args.num_generations}, "
                   f"batch {args.batch} completions ({args.batch // args.num_generations} prompts) a step, "
                   f"max_completion_length {args.max_completion_length}, {args.steps} steps ({args.warmup} warm-up), "
-                  f"{args.threads} threads, {args.rounds} rounds", file=sys.stderr)
+                  f"{args.threads} threads, {args.rounds} rounds, serving --max_lora_rank {args.serving_max_lora_rank} "
+                  f"{args.serving_engine}",
+                  file=sys.stderr)
             results: dict[str, list[dict]] = {kind: [] for kind in kinds}
+            first = kinds if args.first == "trl" else kinds[::-1]
             for round_ in range(args.rounds):
-                for kind in (kinds if round_ % 2 == 0 else kinds[::-1]):  # both orders
+                for kind in (first if round_ % 2 == 0 else first[::-1]):  # both orders
                     spec = {"model": str(model_dir), "dataprep": address, "dataset": str(root / "prompts"),
                             "trl_rows": str(root / "trl_rows.jsonl"), "plugin": str(root / "reward_plugin.py"),
                             "output_dir": str(root / f"{kind}-{round_}"), "steps": args.steps, "warmup": args.warmup,
@@ -411,7 +429,8 @@ def main() -> int:
                             "async": kind in ASYNC}
                     serving = None
                     if KINDS[kind][1] == "server":  # up only while its trainer runs: idle, it would still hold memory
-                        serving = stack.start_serving(model=str(model_dir))
+                        serving = stack.start_serving(model=str(model_dir), extra=[
+                            "--max_lora_rank", str(args.serving_max_lora_rank)])
                         spec["serving_host"], spec["serving_port"] = "127.0.0.1", int(serving.ready["grpc_port"])
                         spec["serving_pid"] = serving.popen.pid
                     try:

@@ -213,7 +213,9 @@ class RlhfCommandConfig(SftCommandConfig):
     vllm_mode: str = field(default="colocate", metadata={
         "help": "colocate (a vLLM engine in the training process) or server (the serving service)"})
     vllm_server_host: str | None = field(default=None, metadata={"help": "vllm_mode server: the serving host"})
-    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_mode server: the serving gRPC port"})
+    vllm_server_port: int = field(default=8000, metadata={
+        "help": "vllm_mode server: the serving process's admin gRPC port (`tuneforge deploy --grpc_port`, printed at "
+                "its start as `admin gRPC HOST:PORT`), not its HTTP port"})
     num_ppo_epochs: int | None = field(default=None, metadata={"help": "ppo: passes over each rollout (4)"})
     num_mini_batches: int | None = field(default=None, metadata={
         "help": "ppo: optimizer steps per pass over a rollout (1)"})

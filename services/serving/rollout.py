@@ -54,7 +54,9 @@ def sampling_params(sampling: serving_pb2.RolloutSampling, seed: int | None):
     try:
         return SamplingParams(n=n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=top_p,
                               top_k=top_k, seed=seed, stop_token_ids=list(sampling.stop_token_ids) or None,
-                              output_kind=RequestOutputKind.FINAL_ONLY)
+                              output_kind=RequestOutputKind.FINAL_ONLY,
+                              # token ids in, token ids out: no text is made (nor paid for in this process)
+                              detokenize=False)
     except VLLMValidationError as exc:
         raise InvalidArgument(str(exc.args[0]) if exc.args else "invalid sampling parameters",
                               field=f"sampling.{exc.parameter}" if exc.parameter else "sampling") from exc

@@ -513,7 +513,8 @@ class TrainConfig:
     vllm_server_host: str | None = field(default=None, metadata={"cli": False,
         "help": "vllm_mode server: host of TuneForge's serving service (its gRPC port)"})
     vllm_server_port: int = field(default=8000, metadata={"cli": False,
-        "help": "vllm_mode server: the serving service's gRPC port"})
+        "help": "vllm_mode server: the serving service's admin gRPC port (`tuneforge deploy --grpc_port`, printed "
+                "at its start as `admin gRPC HOST:PORT`), not its HTTP port; 8000 is TRL's default"})
     ppo: PpoConfig | None = None
     gkd: GkdConfig | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import socket
 import tempfile
 import time
 
@@ -24,6 +25,9 @@ LOG = logging.getLogger("tuneforge.trainer.rollout.vllm_server")
 
 # How long the first connection to the serving service may take (it may still be starting).
 CONNECT_SECONDS = 30.0
+# Where a user finds the port --vllm_server_port wants (services/serving/server.py prints and writes it).
+WHERE_PORT = ("`tuneforge deploy --grpc_port` (unset, a free port: the process prints it at start, "
+              "`admin gRPC HOST:PORT`, and writes it to --ready_file as grpc_port; deploy/compose.yaml uses 50053)")
 FULL_REFUSED = ("--vllm_mode server syncs a LoRA policy only (its adapter is pushed to the serving service); "
                 "a full policy's weights cannot reach a separate engine on CPU: use --vllm_mode colocate or "
                 "--train_type lora")
@@ -46,14 +50,17 @@ class ServerGenerator:
         self.lora_rank = lora_rank
         self.sync_seconds: float | None = None  # the last sync's wall time
         self._model = ""  # the base model until the first sync
+        if speaks_http(address):  # serving's HTTP port (8000, the flag's default, as TRL's): say so now, not in 30 s
+            raise InvalidArgument(f"{address} answers HTTP (the serving process's OpenAI API?), not gRPC: "
+                                  f"--vllm_server_port is its admin gRPC port, {WHERE_PORT}", field="vllm_server_port")
         self.client = ServingClient(address)
         try:  # a wrong host or port fails the job now, not after the policy is loaded and a rollout begins
             self.client.wait_ready(CONNECT_SECONDS)
         except Unavailable as exc:
             self.client.close()
             raise Unavailable(f"{exc.message}: check --vllm_server_host and --vllm_server_port (the serving "
-                              "process's admin gRPC port, `tuneforge deploy --grpc_port`, not its HTTP port), and "
-                              "that `tuneforge deploy` runs there", field="vllm_server_host") from None
+                              f"process's admin gRPC port, not its HTTP port: {WHERE_PORT}), and that "
+                              "`tuneforge deploy` runs there", field="vllm_server_host") from None
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[list[Completion]]:
         if len(prompts) != len(seeds):
@@ -102,3 +109,16 @@ def adapter_files(model, base_model: str) -> dict[str, bytes]:
         files = {p.name: p.read_bytes() for p in sorted(saved.iterdir()) if p.is_file() and p.name != "README.md"}
     files["args.json"] = json.dumps({"model": base_model}).encode()
     return files
+
+
+def speaks_http(address: str, timeout: float = 2.0) -> bool:
+    """Whether an HTTP/1 server answers at `address` (a gRPC server never answers a plain
+    HTTP/1 request with an HTTP/1 status line). Nothing listening, or no answer in time: False."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"GET /health HTTP/1.0\r\nHost: " + host.encode() + b"\r\n\r\n")
+            return sock.recv(8).startswith(b"HTTP/1.")
+    except (OSError, ValueError):
+        return False
