@@ -87,8 +87,12 @@ def vllm_params(protocol: type[BaseModel], fields: dict[str, Any], max_tokens: i
 
     fields = {**fields, "stream": True}
     fields.pop("stream_options", None)
+    # vLLM's model caps `stop` at VLLM_MAX_STOP_STRINGS (4, OpenAI's cap); this server has always
+    # taken any number (bounded by the body size), so the list is set after validation.
+    stop = fields.pop("stop", None)
     try:
         request = protocol.model_validate(fields)
+        request.stop = stop
         # server defaults {}: OpenAI's defaults apply (vLLM's own server would read the model's
         # generation_config.json; our temperature/top_p defaults have always been OpenAI's).
         params = request.to_sampling_params(max_tokens, {})

@@ -100,7 +100,7 @@ async def _chunks(request: ChatCompletionRequest, job: generation.Job, deltas) -
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     for index in range(request.n):
         yield _chunk(chunk_id, created, request.model, index, Delta(role="assistant", content=""))
-    tokenizer = job.state.engine.tokenizer()
+    tokenizer = job.state.engine.tokenizer() if request.logprobs else None
     async for delta in deltas:
         if not (delta.text or delta.finish_reason is not None or (request.logprobs and delta.tokens)):
             continue

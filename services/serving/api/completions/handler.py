@@ -82,14 +82,16 @@ def _logprobs(request: CompletionRequest, tokens, tokenizer, offset: int) -> Com
     return CompletionLogprobs(**logprobs.completion(tokens, request.logprobs, tokenizer, offset))
 
 
-def _events(request: CompletionRequest, job: generation.Job, deltas, echoed: list[str]) -> AsyncIterator[str]:
+def _events(request: CompletionRequest, job: generation.Job, deltas, echoed: list[str] | None = None
+            ) -> AsyncIterator[str]:
+    echoed = echoed if echoed is not None else [""] * len(request.prompts())
     return generation.event_stream(request.model, job, deltas, _chunks(request, job, deltas, echoed),
                                    "/v1/completions")
 
 
 async def _chunks(request: CompletionRequest, job: generation.Job, deltas, echoed: list[str]) -> AsyncIterator[str]:
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    tokenizer = job.state.engine.tokenizer()
+    tokenizer = job.state.engine.tokenizer() if request.logprobs is not None else None
     # Where each choice's next text starts (text_offset of its logprobs counts from its first character).
     offsets = [len(echoed[index // request.n]) for index in range(len(echoed) * request.n)]
 
