@@ -52,6 +52,12 @@ class DeployConfig:
         "help": "weights dtype; unset: float32 on CPU, auto on GPU", "choices": list(DTYPES)})
     max_concurrent_requests: int = field(default=256, metadata={
         "help": "completion requests in flight (running or queued in the engine); more get HTTP 429"})
+    # vLLM's flag names (`vllm serve --tool-call-parser hermes --enable-auto-tool-choice`).
+    tool_call_parser: str | None = field(default=None, metadata={
+        "help": "vLLM tool parser that turns the model's tool calls into `message.tool_calls` (hermes for "
+                "ChatML/Qwen-style templates, llama3_json, ...); unset: tool_choice other than none is refused"})
+    enable_auto_tool_choice: bool = field(default=False, metadata={
+        "help": "accept tool_choice \"auto\" (the default when a request has tools); needs tool_call_parser"})
     api_key: str | None = field(default=None, metadata={
         "help": "require `Authorization: Bearer API_KEY` on /v1, and on the admin gRPC services unless "
                 "admin_api_key is given"})
@@ -103,6 +109,9 @@ class DeployConfig:
             found.append(f"max_cpu_loras: must be at least max_loras ({self.max_loras}); got {self.max_cpu_loras}")
         if self.adapter_root is not None and not pathlib.Path(self.adapter_root).expanduser().is_dir():
             found.append(f"adapter_root: {self.adapter_root} is not a directory")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            found.append("enable_auto_tool_choice: needs tool_call_parser (vLLM's rule: \"auto\" tool choice "
+                         "parses the model's tool calls with it)")
         if self.max_concurrent_requests < 1:
             found.append(f"max_concurrent_requests: must be at least 1; got {self.max_concurrent_requests}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -85,14 +85,17 @@ class Engine:
 
     # -- prompts ---------------------------------------------------------------------------
 
-    async def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of `messages` rendered with the model's chat template, ending in the
-        assistant's turn (add_generation_prompt). Tokenizing can take a while on long
-        conversations, so it runs off the event loop."""
-        return await asyncio.to_thread(self._chat_prompt, messages)
+    def tokenizer(self):
+        return self.llm.get_tokenizer()
 
-    def _chat_prompt(self, messages: list[dict]) -> list[int]:
-        return render_chat(self.llm.get_tokenizer(), messages, self.model_dir)
+    async def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                          add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` (and `tools`, as `apply_chat_template(tools=...)` renders
+        them) with the model's chat template, ending in the assistant's turn
+        (add_generation_prompt). Tokenizing can take a while on long conversations, so it
+        runs off the event loop."""
+        return await asyncio.to_thread(render_chat, self.llm.get_tokenizer(), messages, self.model_dir, tools,
+                                       add_generation_prompt)
 
     async def text_prompt(self, text: str) -> list[int]:
         """Token ids of a raw completion prompt, with the tokenizer's special tokens (BOS)
@@ -220,7 +223,8 @@ class Engine:
         self._scratch.close()
 
 
-def render_chat(tokenizer, messages: list[dict], model_dir: pathlib.Path) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], model_dir: pathlib.Path, tools: list[dict] | None = None,
+                add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` rendered with the tokenizer's chat template, ending in the
     assistant's turn. A template that fails on the messages is the client's 400, not a 500."""
     import jinja2
@@ -228,7 +232,8 @@ def render_chat(tokenizer, messages: list[dict], model_dir: pathlib.Path) -> lis
     if not getattr(tokenizer, "chat_template", None):
         raise FailedPrecondition(f"the model {model_dir} has no chat template", field="messages")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                             tokenize=False)
     except jinja2.TemplateError as exc:  # templates reject e.g. a bad role order with raise_exception
         raise InvalidArgument(f"the chat template refused the messages: {exc}", field="messages") from exc
     except Exception as exc:  # noqa: BLE001 - a template may index into any field a message carries

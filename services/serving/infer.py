@@ -102,8 +102,13 @@ class Sampling:
     stop: list[str]
     n: int = 1
 
-    def stop_list(self) -> list[str]:
-        return self.stop
+    def token_ids_to_check(self) -> dict[str, list[int]]:
+        return {}
+
+    def vllm_fields(self) -> dict:
+        """As vLLM's ChatCompletionRequest takes them (the messages are rendered by us)."""
+        return {"messages": [], "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                "stop": self.stop, "n": self.n}
 
 
 @dataclass
@@ -180,7 +185,8 @@ async def _answer(engine: Engine, registry: AdapterRegistry, model: str, row: Ro
         prompt = await engine.chat_prompt(row.messages)
         max_tokens = engine.completion_budget(len(prompt), max_new_tokens)
         job.tally.prompt_tokens = len(prompt)
-        (choice,) = await generation.complete(job, [prompt], generation.sampling_params(sampling, max_tokens), 1)
+        (choice,) = await generation.complete(job, [prompt], generation.sampling_params(
+            sampling, max_tokens, engine, generation.chat_protocol()), 1)
     except TuneForgeError as exc:
         return {**record, "response": None, "error": exc.message}
     finally:

@@ -115,7 +115,9 @@ async def _serve(config: DeployConfig) -> int:
         for name, path in adapters.items():
             await registry.load(name, path)
         state = ServingState(engine=engine, registry=registry, base_name=base_name, model_dir=model_dir,
-                             admission=Admission(config.max_concurrent_requests))
+                             admission=Admission(config.max_concurrent_requests),
+                             tool_call_parser=config.tool_call_parser,
+                             enable_auto_tool_choice=config.enable_auto_tool_choice)
         http = _HttpServer(uvicorn.Config(
             build_app(state, config.api_key, config.metrics), log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=max(1, round(config.grace_period)), timeout_keep_alive=5))

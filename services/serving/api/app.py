@@ -18,6 +18,8 @@ from services.serving.api.health.router import router as health
 from services.serving.api.models.router import router as models
 from services.serving.api.observe import RequestMetricsMiddleware
 from services.serving.api.state import ServingState
+from services.serving.api.tokenize.router import router as tokenize
+from services.serving.api.version.router import router as version
 
 
 def build_app(state: ServingState, api_key: str | None = None, serve_metrics: bool = True) -> FastAPI:
@@ -26,7 +28,7 @@ def build_app(state: ServingState, api_key: str | None = None, serve_metrics: bo
     errors.install(app)
     openapi.install(app, streams={"/v1/chat/completions": ChatCompletionChunk, "/v1/completions": Completion},
                     bearer_prefix=GUARDED if api_key else None)
-    for router in (models, chat_completions, completions, health):
+    for router in (models, chat_completions, completions, tokenize, version, health):
         app.include_router(router)
     if serve_metrics:
         # A plain route, not a mounted app: a mount answers /metrics with a redirect to /metrics/.

@@ -6,6 +6,7 @@ server-sent events ending in `[DONE]` with a failure on the way as a final error
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -18,32 +19,31 @@ from libs.common.errors import InvalidArgument, TuneForgeError
 from services.serving import metrics
 from services.serving.adapters import Lease
 from services.serving.admission import Ticket
+from services.serving.api import logprobs, sampling
 from services.serving.api.errors import sse_error, sse_unexpected, status_of
 from services.serving.api.state import ServingState
 
 
-def sampling_params(request, max_tokens: int):
-    """vLLM's SamplingParams from the fields both endpoints share (temperature, top_p,
-    stop, seed, n); DELTA outputs so that every token is seen as it comes."""
-    from vllm.exceptions import VLLMValidationError
-    from vllm.sampling_params import RequestOutputKind, SamplingParams
+def chat_protocol() -> type:
+    """vLLM's pydantic ChatCompletionRequest (imported late: vLLM is heavy)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-    try:
-        return SamplingParams(
-            n=request.n,
-            # OpenAI's defaults when the request leaves them out.
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            max_tokens=max_tokens,
-            stop=request.stop_list() or None,
-            seed=request.seed,
-            output_kind=RequestOutputKind.DELTA,
-        )
-    except VLLMValidationError as exc:
-        raise InvalidArgument(str(exc.args[0]) if exc.args else "invalid sampling parameters",
-                              field=exc.parameter) from exc
-    except ValueError as exc:
-        raise InvalidArgument(str(exc)) from exc
+    return ChatCompletionRequest
+
+
+def completion_protocol() -> type:
+    """vLLM's pydantic CompletionRequest."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return CompletionRequest
+
+
+def sampling_params(request, max_tokens: int, engine, protocol: type):
+    """vLLM's SamplingParams for `request`, made by vLLM's own request `protocol` model
+    (services.serving.api.sampling); token ids it names must be in the vocabulary."""
+    for place, token_ids in request.token_ids_to_check().items():
+        engine.check_token_ids(token_ids, place)
+    return sampling.vllm_params(protocol, request.vllm_fields(), max_tokens)
 
 
 class Tally:
@@ -190,27 +190,58 @@ def closed_on_failure(job: Job):
         raise
 
 
+@contextlib.contextmanager
+def _naming_response_format(params):
+    """The structured-output backend refuses a schema it cannot compile without naming a
+    parameter; the request's only source of one is `response_format`."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        if exc.field is None and getattr(params, "structured_outputs", None) is not None:
+            raise InvalidArgument(exc.message, field="response_format") from exc
+        raise
+
+
 @dataclass
 class Choice:
-    """One choice's text and finish reason, assembled from deltas."""
+    """One choice's text, finish reason and (when asked for) token logprobs, assembled from deltas."""
 
     index: int
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
+    tokens: list[logprobs.TokenChoice] = field(default_factory=list)
+
+
+def _tokens_of(completion) -> list[logprobs.TokenChoice]:
+    return logprobs.pair(completion.token_ids, completion.logprobs) if completion.logprobs is not None else []
 
 
 async def complete(job: Job, prompts: list[list[int]], params, n: int) -> list[Choice]:
-    """Every prompt's `n` choices, whole; prompt i's choice j has index i * n + j."""
+    """Every prompt's `n` choices, whole; prompt i's choice j has index i * n + j. The prompts
+    go to the engine together (continuous batching), not one after another."""
     choices = [Choice(index) for index in range(len(prompts) * n)]
-    for i, prompt in enumerate(prompts):
+
+    async def run(i: int, prompt: list[int]) -> None:
         async with contextlib.aclosing(job.state.engine.generate(prompt, params, job.lease.lora)) as outputs:
             async for output in outputs:
                 for completion in output.outputs:
                     choice = choices[i * n + completion.index]
                     choice.text.append(completion.text)
+                    choice.tokens.extend(_tokens_of(completion))
                     job.tally.add(completion.token_ids)
                     if completion.finish_reason is not None:
                         choice.finish_reason = completion.finish_reason
+
+    with _naming_response_format(params):
+        if len(prompts) == 1:
+            await run(0, prompts[0])
+        else:
+            try:
+                async with asyncio.TaskGroup() as group:  # one failure cancels the others
+                    for i, prompt in enumerate(prompts):
+                        group.create_task(run(i, prompt))
+            except BaseExceptionGroup as group_error:  # the first failure is the request's
+                raise group_error.exceptions[0] from None
     return choices
 
 
@@ -221,34 +252,78 @@ class Delta:
     index: int
     text: str
     finish_reason: str | None
+    tokens: list[logprobs.TokenChoice] = field(default_factory=list)
 
 
 async def open_stream(job: Job, prompts: list[list[int]], params, n: int) -> AsyncIterator[Delta]:
-    """Starts the first prompt and waits for its first output, so that a request the
-    engine refuses raises here (its HTTP status) instead of becoming an error event.
-    The prompts then stream one after another."""
-    outputs = job.state.engine.generate(prompts[0], params, job.lease.lora)
+    """Starts every prompt (together: the engine batches them) and waits for each one's first
+    output, so that a request the engine refuses raises here (its HTTP status) instead of
+    becoming an error event. Their deltas then interleave as the engine produces them."""
+    streams = [job.state.engine.generate(prompt, params, job.lease.lora) for prompt in prompts]
     try:
-        first = await anext(outputs, None)
+        with _naming_response_format(params):
+            firsts = await _first_outputs(streams)
     except BaseException:
-        await outputs.aclose()
+        for stream in streams:
+            await stream.aclose()
         raise
-    return _deltas(job, prompts, params, n, outputs, first)
+    if len(streams) == 1:
+        return _deltas(job, n, 0, streams[0], firsts[0])
+    return _merged(job, n, streams, firsts)
 
 
-async def _deltas(job: Job, prompts, params, n: int, outputs, first) -> AsyncIterator[Delta]:
+async def _first_outputs(streams: list) -> list:
+    if len(streams) == 1:
+        return [await anext(streams[0], None)]
     try:
-        for i in range(len(prompts)):
-            if i:
-                await outputs.aclose()
-                outputs = job.state.engine.generate(prompts[i], params, job.lease.lora)
-                first = await anext(outputs, None)
-            output = first
-            while output is not None:
-                for completion in output.outputs:
-                    job.tally.add(completion.token_ids)
-                    if completion.text or completion.finish_reason is not None:
-                        yield Delta(i * n + completion.index, completion.text, completion.finish_reason)
-                output = await anext(outputs, None)
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(anext(stream, None)) for stream in streams]
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+async def _deltas(job: Job, n: int, prompt: int, outputs, first) -> AsyncIterator[Delta]:
+    """One prompt's deltas; closes its engine stream whatever happens."""
+    try:
+        output = first
+        while output is not None:
+            for completion in output.outputs:
+                job.tally.add(completion.token_ids)
+                if completion.text or completion.finish_reason is not None or completion.token_ids:
+                    yield Delta(prompt * n + completion.index, completion.text, completion.finish_reason,
+                                _tokens_of(completion))
+            output = await anext(outputs, None)
     finally:
         await outputs.aclose()
+
+
+async def _merged(job: Job, n: int, streams: list, firsts: list) -> AsyncIterator[Delta]:
+    """Several prompts' deltas in the order they come: one task per prompt feeds a queue (a
+    generator can only be advanced by one task at a time, so each task owns its stream)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(prompt: int, stream, first) -> None:
+        try:
+            async for delta in _deltas(job, n, prompt, stream, first):
+                await queue.put(delta)
+            await queue.put(done)
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(i, stream, first)) for i, (stream, first) in enumerate(zip(streams, firsts))]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -23,6 +23,9 @@ class ServingState:
     admission: Admission = field(default_factory=lambda: Admission(256))
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
+    # --tool_call_parser / --enable_auto_tool_choice: which tool_choice values a request may use.
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
 
 
 def serving(request: Request) -> ServingState:

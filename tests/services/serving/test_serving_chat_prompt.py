@@ -44,3 +44,20 @@ def test_a_model_without_a_template_is_a_failed_precondition(tokenizer, default_
     tokenizer.chat_template = None
     with pytest.raises(FailedPrecondition, match="has no chat template"):
         render_chat(tokenizer, [{"role": "user", "content": "hi"}], default_model)
+
+
+TOOLS_TEMPLATE = ("{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }}:{{ t['function']['parameters'] "
+                  "| tojson }};{% endfor %}</tools>{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+def test_tools_reach_the_template_as_apply_chat_template_takes_them(tokenizer, default_model):
+    # The default model's template ignores tools; one that renders them (the tool-calling templates) gets
+    # exactly what `apply_chat_template(tools=...)` passes, as dataprep renders tools for training.
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "hi"}]
+    ids = render_chat(tokenizer, messages, default_model, tools)
+    assert tokenizer.decode(ids) == '<tools>get_weather:{"type": "object"};</tools>hi'
+    assert ids == tokenizer.encode(tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                                 add_generation_prompt=True), add_special_tokens=False)
+    assert tokenizer.decode(render_chat(tokenizer, messages, default_model)) == "hi"

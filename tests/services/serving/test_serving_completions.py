@@ -140,8 +140,8 @@ def test_stream_is_sse_ending_with_done(serving):
     ({"prompt": "x " * 5000}, "prompt"),
     ({"max_tokens": 10 ** 6}, "max_tokens"),
     ({"n": 0}, "n"),
-    ({"echo": True}, "echo"),
-    ({"logprobs": 3}, "logprobs"),
+    ({"echo": True, "logprobs": 3}, "echo"),  # echo alone and logprobs alone are served (OpenAI's)
+    ({"logprobs": 21}, "logprobs"),
     ({"suffix": "end"}, "suffix"),
     ({"stop": ""}, "stop"),
 ])

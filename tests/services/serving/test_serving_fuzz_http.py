@@ -94,8 +94,11 @@ def prepare(case, model: str) -> None:
         value = body.get(key)
         if type(value) is int and value > MAX_TOKENS:
             body[key] = 1 + value % MAX_TOKENS
-    if case.operation.path == "/v1/chat/completions" and body.get("max_tokens") is None \
-            and body.get("max_completion_tokens") is None:
+    # Without a limit (chat, or `"max_tokens": null` on completions) a request runs to the end of the
+    # context; with `repetition_penalty` near 0 or `ignore_eos` the model never stops before it (the
+    # fuzzer found `{"prompt": "Hi", "max_tokens": null, "repetition_penalty": 5e-324}`: 40 s).
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None and (
+            case.operation.path == "/v1/chat/completions" or "max_tokens" in body):
         body["max_tokens"] = MAX_TOKENS
     prompt = body.get("prompt")
     if prompt == "":  # the default model has no BOS token: an empty prompt is nothing to continue (400)
@@ -150,7 +153,9 @@ def test_the_server_is_healthy_after_the_fuzzing(serving):
 # -- without the API key: every /v1 request is a 401, whatever it carries ---------------------
 
 
-guarded = schemathesis.openapi.from_asgi("/openapi.json", app_without_engine(api_key=KEY)).exclude(path="/health")
+# Outside /v1 nothing is guarded (as in vLLM): /health, and vLLM's /tokenize, /detokenize and /version.
+guarded = schemathesis.openapi.from_asgi("/openapi.json", app_without_engine(api_key=KEY)).exclude(
+    path_regex="^/(health|tokenize|detokenize|version)$")
 
 
 def unauthorized(ctx, response, case) -> None:
@@ -178,6 +183,7 @@ def test_the_schema_declares_the_bearer_key_only_with_one():
     assert with_key["components"]["securitySchemes"] == {"api_key": {"type": "http", "scheme": "bearer"}}
     assert {path: [op.get("security") for op in ops.values()] for path, ops in with_key["paths"].items()} == {
         "/v1/models": [[{"api_key": []}]], "/v1/models/{model}": [[{"api_key": []}]],
-        "/v1/chat/completions": [[{"api_key": []}]], "/v1/completions": [[{"api_key": []}]], "/health": [None]}
+        "/v1/chat/completions": [[{"api_key": []}]], "/v1/completions": [[{"api_key": []}]], "/health": [None],
+        "/tokenize": [None], "/detokenize": [None], "/version": [None]}
     assert "securitySchemes" not in without.get("components", {})
     assert all("security" not in op for ops in without["paths"].values() for op in ops.values())

@@ -140,7 +140,8 @@ def test_unknown_model_is_404_with_openai_error_body(client):
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "bot", "content": "hi"}]}, "messages.0.role"),
     ({"max_tokens": 10 ** 6}, "max_tokens"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": "yes"}, "logprobs"),  # logprobs: true is served (OpenAI's)
+    ({"audio": {"voice": "alloy"}}, "audio"),  # an OpenAI parameter this server does not implement
     ({"n": 17}, "n"),
     ({"max_tokens": -1}, "max_tokens"),
     ({"max_tokens": "ten"}, "max_tokens"),

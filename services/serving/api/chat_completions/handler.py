@@ -10,44 +10,83 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from services.serving.api import generation
+from libs.common.errors import InvalidArgument
+from services.serving.api import generation, logprobs
 from services.serving.api.chat_completions.schema import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     Usage,
 )
 from services.serving.api.state import ServingState
 
+
+def check_tool_choice(request: ChatCompletionRequest, state: ServingState) -> None:
+    """vLLM's rules (its OnlineRenderer's): tool_choice needs tools; without a tool parser only
+    "none" is served, and "auto" (the default when tools are given) also needs
+    --enable_auto_tool_choice. The same flags as `vllm serve`, the same refusals."""
+    choice = request.tool_choice
+    if choice is None and request.tools:
+        choice = "auto"
+    if choice is None or choice == "none":
+        return
+    if not request.tools:
+        raise InvalidArgument("When using `tool_choice`, `tools` must be set.", field="tool_choice")
+    if not isinstance(choice, str):
+        names = [tool.function.name for tool in request.tools]
+        if choice.function.name not in names:
+            raise InvalidArgument(f"The tool specified in `tool_choice` ({choice.function.name}) does not match "
+                                  f"any of the tools ({', '.join(names)})", field="tool_choice")
+    if state.tool_call_parser is None:
+        wanted = f'function "{choice.function.name}"' if not isinstance(choice, str) else f'"{choice}"'
+        needs = "--enable_auto_tool_choice and --tool_call_parser" if choice == "auto" else "--tool_call_parser"
+        raise InvalidArgument(f"tool_choice={wanted} requires the server to be started with {needs}; "
+                              'send tool_choice "none" to render the tools without parsing calls', field="tool_choice")
+    if choice == "auto" and not state.enable_auto_tool_choice:
+        raise InvalidArgument('"auto" tool choice requires --enable_auto_tool_choice and --tool_call_parser '
+                              "to be set", field="tool_choice")
+
+
+def top_k(request: ChatCompletionRequest) -> int:
+    return request.top_logprobs or 0
+
 async def create(request: ChatCompletionRequest, state: ServingState) -> ChatCompletion | AsyncIterator[str]:
     """A whole completion, or (stream) an iterator of server-sent events. Errors
     before the first token raise (the HTTP status tells them); later ones end the
     stream with an error event."""
+    check_tool_choice(request, state)
     job = generation.start(state, request, time.perf_counter())
     with generation.closed_on_failure(job):
-        prompt = await state.engine.chat_prompt([m.for_template() for m in request.messages])
+        tools = [tool.for_template() for tool in request.tools] if request.tools else None
+        prompt = await state.engine.chat_prompt([m.for_template() for m in request.messages], tools)
         max_tokens = state.engine.completion_budget(len(prompt), request.completion_limit())
-        params = generation.sampling_params(request, max_tokens)
+        params = generation.sampling_params(request, max_tokens, state.engine, generation.chat_protocol())
         job.tally.prompt_tokens = len(prompt)
         if request.stream:
             deltas = await generation.open_stream(job, [prompt], params, request.n)
             return _events(request, job, deltas)
         choices = await generation.complete(job, [prompt], params, request.n)
     job.close()
+    tokenizer = state.engine.tokenizer()
     return ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model,
         choices=[Choice(index=c.index, message=AssistantMessage(content="".join(c.text)),
-                        finish_reason=c.finish_reason) for c in choices],
+                        finish_reason=c.finish_reason,
+                        logprobs=ChoiceLogprobs(**logprobs.chat(c.tokens, top_k(request), tokenizer))
+                        if request.logprobs else None)
+                 for c in choices],
         usage=Usage(**job.tally.usage()))
 
 
-def _chunk(chunk_id: str, created: int, model: str, index: int, delta: Delta, finish_reason: str | None = None) -> str:
-    body = ChatCompletionChunk(id=chunk_id, created=created, model=model,
-                               choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish_reason)]).model_dump()
+def _chunk(chunk_id: str, created: int, model: str, index: int, delta: Delta, finish_reason: str | None = None,
+           choice_logprobs: ChoiceLogprobs | None = None) -> str:
+    body = ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[ChunkChoice(
+        index=index, delta=delta, finish_reason=finish_reason, logprobs=choice_logprobs)]).model_dump()
     # A delta carries only what changed; the other keys are OpenAI's, null included.
     body["choices"][0]["delta"] = {k: v for k, v in body["choices"][0]["delta"].items() if v is not None}
     return f"data: {json.dumps(body)}\n\n"
@@ -61,9 +100,14 @@ async def _chunks(request: ChatCompletionRequest, job: generation.Job, deltas) -
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     for index in range(request.n):
         yield _chunk(chunk_id, created, request.model, index, Delta(role="assistant", content=""))
+    tokenizer = job.state.engine.tokenizer() if request.logprobs else None
     async for delta in deltas:
+        if not (delta.text or delta.finish_reason is not None or (request.logprobs and delta.tokens)):
+            continue
         yield _chunk(chunk_id, created, request.model, delta.index, Delta(content=delta.text or None),
-                     delta.finish_reason)
+                     delta.finish_reason,
+                     ChoiceLogprobs(**logprobs.chat(delta.tokens, top_k(request), tokenizer))
+                     if request.logprobs else None)
     if request.stream_options and request.stream_options.include_usage:
         usage = ChatCompletionChunk(id=chunk_id, created=created, model=request.model, choices=[],
                                     usage=Usage(**job.tally.usage()))

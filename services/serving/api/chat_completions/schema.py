@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from services.serving.api.sampling import MAX_TOP_LOGPROBS, SamplingFields
+
 MAX_N = 16
 # Values clients send for a parameter they did not mean to use (see `is_noop`).
 NOOP_VALUES: list[Any] = [None, False, 0, "", [], {}, "none", {"type": "text"}]
@@ -99,7 +101,40 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(OpenAIRequest):
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def for_template(self) -> dict[str, Any]:
+        """As `apply_chat_template(tools=...)` takes it (and as dataprep renders tools)."""
+        return self.model_dump(exclude_none=True)
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ChatCompletionRequest(SamplingFields, OpenAIRequest):
     """The parameters this server honours. Any other parameter set to something other
     than its no-op value is refused (400 naming it) rather than silently ignored."""
 
@@ -115,11 +150,19 @@ class ChatCompletionRequest(OpenAIRequest):
     stream_options: StreamOptions | None = None
     # Choices per prompt; bounded, as each one costs a sequence in the engine's batch.
     n: int = Field(default=1, ge=1, le=MAX_N)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    def vllm_fields(self) -> dict[str, Any]:
+        """The fields vLLM's ChatCompletionRequest turns into sampling parameters. Messages
+        are rendered by us (engine.chat_prompt), so vLLM's model gets none."""
+        fields = self.model_dump(by_alias=True, exclude_none=True, exclude={
+            "model", "messages", "tools", "tool_choice", "user", "metadata", "store", "service_tier",
+            "parallel_tool_calls", "max_tokens", "max_completion_tokens", "stream", "stream_options"})
+        fields = {key: value for key, value in fields.items() if key not in (self.model_extra or {})}
+        return {**fields, "messages": []}
 
     def completion_limit(self) -> int | None:
         # max_completion_tokens replaced max_tokens in OpenAI's API; either works, the new one wins.
@@ -142,11 +185,27 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's chat logprobs: one entry per generated token."""
+
+    content: list[TokenLogprob] | None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -167,7 +226,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, WithJsonSchema, field_validator
 
+from services.serving.api.sampling import MAX_TOP_LOGPROBS, SamplingFields
+
 from services.serving.api.chat_completions.schema import (
     MAX_N,
     SEED_LIMIT,
@@ -36,7 +38,7 @@ def _token_ids(value: Any) -> bool:
             and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
 
 
-class CompletionRequest(OpenAIRequest):
+class CompletionRequest(SamplingFields, OpenAIRequest):
     """The parameters this server honours; any other one set to something other than its
     no-op value is refused (400 naming it) rather than silently ignored."""
 
@@ -53,7 +55,10 @@ class CompletionRequest(OpenAIRequest):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
-    echo: bool = Field(default=False, json_schema_extra={"const": False})
+    # The prompt's text before each choice's completion.
+    echo: bool = False
+    # Top alternatives per generated token (0: the chosen token's logprob only).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # Accepted when it equals `n` (the one sample per choice this server draws).
     best_of: int | None = None
 
@@ -72,18 +77,20 @@ class CompletionRequest(OpenAIRequest):
             return prompt
         raise ValueError(f"expected {_FORMS}")
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo):
-        if echo:
-            raise ValueError("echo is not supported by this server")
-        return echo
-
     def unsupported(self) -> list[str]:
         refused = super().unsupported()
         if self.best_of not in (None, 0, self.n):
-            refused = sorted([*refused, "best_of"])
-        return refused
+            refused = [*refused, "best_of"]
+        return sorted(refused)
+
+    def vllm_fields(self) -> dict[str, Any]:
+        """The fields vLLM's CompletionRequest turns into sampling parameters. Prompts are
+        tokenized by us; vLLM's model requires one, so it gets a placeholder."""
+        fields = self.model_dump(by_alias=True, exclude_none=True, exclude={
+            "model", "prompt", "echo", "best_of", "user", "metadata", "store", "service_tier",
+            "parallel_tool_calls", "max_tokens", "stream", "stream_options"})
+        fields = {key: value for key, value in fields.items() if key not in (self.model_extra or {})}
+        return {**fields, "prompt": [0]}
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: each entry a text or a list of token ids."""
@@ -93,17 +100,21 @@ class CompletionRequest(OpenAIRequest):
             return [self.prompt]
         return list(self.prompt)
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: parallel lists, one entry per generated token."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -1,0 +1,1 @@
+"""GET /version, as vLLM serves it."""
