@@ -13,7 +13,9 @@ from services.dataprep.pipeline import prepare
 
 SYSTEM = ["<|im_start|>", "system", "\n", "You", " are", " a", " helpful", " assistant", ".", "<|im_end|>", "\n"]
 USER_HI = ["<|im_start|>", "user", "\n", "h", "i", "<|im_end|>", "\n"]
-TOOL_42 = ["<|im_start|>", "t", "oo", "l", "\n", "4", "2", "<|im_end|>", "\n"]
+# a tool result is a user-side <tool_response> block (Qwen2.5's rendering, which vLLM's hermes parser expects)
+TOOL_42 = ["<|im_start|>", "user", "\n", "<", "t", "oo", "l", "_", "res", "p", "on", "se", ">", "\n", "4", "2", "\n",
+           "<", "/", "t", "oo", "l", "_", "res", "p", "on", "se", ">", "<|im_end|>", "\n"]
 ASSISTANT = ["<|im_start|>", "assistant", "\n"]
 AGENT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
          {"role": "tool", "content": "42"}, {"role": "assistant", "content": "ok"}]

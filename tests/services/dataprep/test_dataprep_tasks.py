@@ -184,9 +184,11 @@ def test_tools_need_a_template_that_renders_them(tmp_path):
     bad = {"messages": [Q, GOOD], "tools": "{not json"}
     manifest, table, rejects = run(tmp_path / "qwen", [row, bad], template="qwen")
     assert table.num_rows == 1 and rejects == [(2, "tools", "invalid_tools")]
-    _, table, rejects = run(tmp_path / "own", [row, {"messages": [Q, GOOD]}])  # the default ChatML renders no tools
+    _, table, rejects = run(tmp_path / "own", [row, bad])  # the default model's ChatML renders tools, as Qwen2.5's
+    assert table.num_rows == 1 and rejects == [(2, "tools", "invalid_tools")]
+    _, table, rejects = run(tmp_path / "chatml", [row, {"messages": [Q, GOOD]}], template="chatml")  # plain ChatML: none
     assert table.num_rows == 1 and rejects == [(1, "tools", "template")]
-    reject = json.loads((tmp_path / "own" / "out" / "rejects.jsonl").read_text())
+    reject = json.loads((tmp_path / "chatml" / "out" / "rejects.jsonl").read_text())
     assert "does not render tools" in reject["error"]
 
 
