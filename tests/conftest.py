@@ -80,7 +80,10 @@ def stack(default_model, tmp_path_factory) -> RunningStack:
     try:
         dataprep = running.start_dataprep()
         trainer = running.start_trainer()
-        serving = running.start_serving(model=str(default_model), trainer_address=trainer.grpc_address)
+        # tool calling on (vLLM's hermes parser reads the default model's Qwen-style template): every
+        # tool_choice is served by the one engine; what the flags refuse is tested without a server
+        serving = running.start_serving(model=str(default_model), trainer_address=trainer.grpc_address,
+                                        extra=["--tool_call_parser", "hermes", "--enable_auto_tool_choice", "true"])
     except BaseException:
         running.stop()
         raise

@@ -109,6 +109,11 @@ class DeployConfig:
             found.append(f"max_cpu_loras: must be at least max_loras ({self.max_loras}); got {self.max_cpu_loras}")
         if self.adapter_root is not None and not pathlib.Path(self.adapter_root).expanduser().is_dir():
             found.append(f"adapter_root: {self.adapter_root} is not a directory")
+        if self.tool_call_parser is not None:
+            from services.serving.api.chat_completions.tools import unknown_parser  # imports vLLM: only when set
+
+            if problem := unknown_parser(self.tool_call_parser):
+                found.append(f"tool_call_parser: {problem}")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             found.append("enable_auto_tool_choice: needs tool_call_parser (vLLM's rule: \"auto\" tool choice "
                          "parses the model's tool calls with it)")

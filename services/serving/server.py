@@ -26,6 +26,7 @@ from services.serving.adapters import AdapterRegistry
 from services.serving.admission import Admission
 from services.serving.admin import AdapterService, registrar
 from services.serving.api.app import build_app
+from services.serving.api.chat_completions.tools import ToolCalling
 from services.serving.api.state import ServingState
 from services.serving.config import (DeployConfig, parse_adapters, parse_follow_jobs, resolve_base_model,
                                      served_name)
@@ -117,7 +118,9 @@ async def _serve(config: DeployConfig) -> int:
         state = ServingState(engine=engine, registry=registry, base_name=base_name, model_dir=model_dir,
                              admission=Admission(config.max_concurrent_requests),
                              tool_call_parser=config.tool_call_parser,
-                             enable_auto_tool_choice=config.enable_auto_tool_choice)
+                             enable_auto_tool_choice=config.enable_auto_tool_choice,
+                             tool_calling=ToolCalling(engine.tokenizer(), config.tool_call_parser, base_name)
+                             if config.tool_call_parser else None)
         http = _HttpServer(uvicorn.Config(
             build_app(state, config.api_key, config.metrics), log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=max(1, round(config.grace_period)), timeout_keep_alive=5))

@@ -38,12 +38,12 @@ def completion_protocol() -> type:
     return CompletionRequest
 
 
-def sampling_params(request, max_tokens: int, engine, protocol: type):
-    """vLLM's SamplingParams for `request`, made by vLLM's own request `protocol` model
-    (services.serving.api.sampling); token ids it names must be in the vocabulary."""
+def sampling_params(request, max_tokens: int, engine, protocol: type, fields: dict | None = None, adjust=None):
+    """vLLM's SamplingParams for `request` (or its `fields` as given), made by vLLM's own request
+    `protocol` model (services.serving.api.sampling); token ids it names must be in the vocabulary."""
     for place, token_ids in request.token_ids_to_check().items():
         engine.check_token_ids(token_ids, place)
-    return sampling.vllm_params(protocol, request.vllm_fields(), max_tokens)
+    return sampling.vllm_params(protocol, request.vllm_fields() if fields is None else fields, max_tokens, adjust)
 
 
 class Tally:

@@ -78,9 +78,10 @@ class SamplingFields(BaseModel):
         return found
 
 
-def vllm_params(protocol: type[BaseModel], fields: dict[str, Any], max_tokens: int):
+def vllm_params(protocol: type[BaseModel], fields: dict[str, Any], max_tokens: int, adjust=None):
     """SamplingParams (DELTA outputs: every token is seen as it comes) from `fields`, the
-    request's fields as vLLM's `protocol` model (its Chat/CompletionRequest) takes them.
+    request's fields as vLLM's `protocol` model (its Chat/CompletionRequest) takes them,
+    after `adjust` (vLLM's tool parser sets its tool-call constraint there, as vLLM's server does).
     Its refusals become InvalidArgument naming the parameter."""
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
@@ -93,6 +94,8 @@ def vllm_params(protocol: type[BaseModel], fields: dict[str, Any], max_tokens: i
     try:
         request = protocol.model_validate(fields)
         request.stop = stop
+        if adjust is not None:
+            request = adjust(request)
         # server defaults {}: OpenAI's defaults apply (vLLM's own server would read the model's
         # generation_config.json; our temperature/top_p defaults have always been OpenAI's).
         params = request.to_sampling_params(max_tokens, {})

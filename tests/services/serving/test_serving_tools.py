@@ -101,3 +101,29 @@ def test_required_and_named_are_decoded_under_vllms_structural_tag(calling):
         assert tag["tags"][0]["end"] == "}\n</tool_call>"
     for tool_choice in ("auto", "none"):
         assert calling.adjust(request(tool_choice)).structured_outputs is None
+
+
+@pytest.mark.parametrize("parser, auto, tool_choice, message", [
+    (None, False, None, 'tool_choice="auto" requires the server to be started with --enable_auto_tool_choice'),
+    (None, False, "auto", 'tool_choice="auto" requires the server to be started with --enable_auto_tool_choice'),
+    (None, False, "required", 'tool_choice="required" requires the server to be started with --tool_call_parser'),
+    (None, False, NAMED, 'tool_choice=function "get_weather" requires the server to be started with --tool_call_parser'),
+    ("hermes", False, None, '"auto" tool choice requires --enable_auto_tool_choice and --tool_call_parser'),
+])
+def test_a_tool_choice_the_servers_flags_do_not_allow_is_invalid_argument(parser, auto, tool_choice, message):
+    """vLLM's rules for `vllm serve --tool-call-parser --enable-auto-tool-choice`, by our flag names."""
+    from types import SimpleNamespace
+
+    from services.serving.api.chat_completions.handler import check_tool_choice
+    from services.serving.api.chat_completions.schema import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    request = ChatCompletionRequest.model_validate_json(json.dumps(body))
+    with pytest.raises(InvalidArgument) as info:
+        check_tool_choice(request, SimpleNamespace(tool_call_parser=parser, enable_auto_tool_choice=auto))
+    assert info.value.field == "tool_choice"
+    assert info.value.message.startswith(message)
+    check_tool_choice(request.model_copy(update={"tool_choice": "none"}),
+                      SimpleNamespace(tool_call_parser=None, enable_auto_tool_choice=False))

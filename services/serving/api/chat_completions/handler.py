@@ -55,6 +55,43 @@ def check_tool_choice(request: ChatCompletionRequest, state: ServingState) -> No
 def top_k(request: ChatCompletionRequest) -> int:
     return request.top_logprobs or 0
 
+
+class _ToolRequest:
+    """vLLM's request as its tool parser adjusted it (the tool-call constraint), kept for parsing the answer."""
+
+    def __init__(self, calling):
+        self.calling, self.request = calling, None
+
+    def __call__(self, request):
+        self.request = self.calling.adjust(request)
+        return self.request
+
+
+def _sampling(request: ChatCompletionRequest, state: ServingState, max_tokens: int):
+    """The sampling parameters and, when this request's tool calls are parsed, vLLM's request
+    its parser reads: tools and tool_choice go to vLLM's protocol, which the parser adjusts."""
+    protocol = generation.chat_protocol()
+    if state.tool_calling is None or not request.tools:
+        return generation.sampling_params(request, max_tokens, state.engine, protocol), None
+    fields = {**request.vllm_fields(), "tools": [tool.model_dump(exclude_none=True) for tool in request.tools],
+              "tool_choice": request.tool_choice if isinstance(request.tool_choice, str | None)
+              else request.tool_choice.model_dump()}
+    if request.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = request.parallel_tool_calls
+    fields = {key: value for key, value in fields.items() if value is not None}
+    tools = _ToolRequest(state.tool_calling)
+    params = generation.sampling_params(request, max_tokens, state.engine, protocol, fields, tools)
+    return params, tools.request
+
+
+def _message(choice: generation.Choice, state: ServingState, tool_request) -> tuple[AssistantMessage, str | None]:
+    text = "".join(choice.text)
+    if tool_request is None:
+        return AssistantMessage(content=text), choice.finish_reason
+    parsed = state.tool_calling.parse(tool_request, text, (), choice.finish_reason)
+    return AssistantMessage(content=parsed.content, tool_calls=parsed.tool_calls or None), parsed.finish_reason
+
+
 async def create(request: ChatCompletionRequest, state: ServingState) -> ChatCompletion | AsyncIterator[str]:
     """A whole completion, or (stream) an iterator of server-sent events. Errors
     before the first token raise (the HTTP status tells them); later ones end the
@@ -65,21 +102,23 @@ async def create(request: ChatCompletionRequest, state: ServingState) -> ChatCom
         tools = [tool.for_template() for tool in request.tools] if request.tools else None
         prompt = await state.engine.chat_prompt([m.for_template() for m in request.messages], tools)
         max_tokens = state.engine.completion_budget(len(prompt), request.completion_limit())
-        params = generation.sampling_params(request, max_tokens, state.engine, generation.chat_protocol())
+        params, tool_request = _sampling(request, state, max_tokens)
         job.tally.prompt_tokens = len(prompt)
         if request.stream:
             deltas = await generation.open_stream(job, [prompt], params, request.n)
-            return _events(request, job, deltas)
+            parsers = [state.tool_calling.stream(tool_request, prompt) if tool_request is not None else None
+                       for _ in range(request.n)]
+            return _events(request, job, deltas, parsers)
         choices = await generation.complete(job, [prompt], params, request.n)
     job.close()
     tokenizer = state.engine.tokenizer()
+    answers = [_message(c, state, tool_request) for c in choices]
     return ChatCompletion(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model,
-        choices=[Choice(index=c.index, message=AssistantMessage(content="".join(c.text)),
-                        finish_reason=c.finish_reason,
+        choices=[Choice(index=c.index, message=message, finish_reason=finish_reason,
                         logprobs=ChoiceLogprobs(**logprobs.chat(c.tokens, top_k(request), tokenizer))
                         if request.logprobs else None)
-                 for c in choices],
+                 for c, (message, finish_reason) in zip(choices, answers)],
         usage=Usage(**job.tally.usage()))
 
 
@@ -88,24 +127,29 @@ def _chunk(chunk_id: str, created: int, model: str, index: int, delta: Delta, fi
     body = ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[ChunkChoice(
         index=index, delta=delta, finish_reason=finish_reason, logprobs=choice_logprobs)]).model_dump()
     # A delta carries only what changed; the other keys are OpenAI's, null included.
-    body["choices"][0]["delta"] = {k: v for k, v in body["choices"][0]["delta"].items() if v is not None}
+    body["choices"][0]["delta"] = delta.model_dump(exclude_none=True)
     return f"data: {json.dumps(body)}\n\n"
 
 
-def _events(request: ChatCompletionRequest, job: generation.Job, deltas) -> AsyncIterator[str]:
-    return generation.event_stream(request.model, job, deltas, _chunks(request, job, deltas), "/v1/chat/completions")
+def _events(request: ChatCompletionRequest, job: generation.Job, deltas, parsers: list) -> AsyncIterator[str]:
+    return generation.event_stream(request.model, job, deltas, _chunks(request, job, deltas, parsers),
+                                   "/v1/chat/completions")
 
 
-async def _chunks(request: ChatCompletionRequest, job: generation.Job, deltas) -> AsyncIterator[str]:
+async def _chunks(request: ChatCompletionRequest, job: generation.Job, deltas, parsers: list) -> AsyncIterator[str]:
     chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     for index in range(request.n):
         yield _chunk(chunk_id, created, request.model, index, Delta(role="assistant", content=""))
     tokenizer = job.state.engine.tokenizer() if request.logprobs else None
     async for delta in deltas:
-        if not (delta.text or delta.finish_reason is not None or (request.logprobs and delta.tokens)):
+        parser, content, calls, finish_reason = parsers[delta.index], delta.text or None, [], delta.finish_reason
+        if parser is not None:  # text that may open a tool call is held until the parser knows
+            content, calls = parser.delta(delta.text, [], delta.finish_reason)
+            finish_reason = parser.finish_reason(delta.finish_reason) if delta.finish_reason is not None else None
+        if not (content or calls or finish_reason is not None or (request.logprobs and delta.tokens)):
             continue
-        yield _chunk(chunk_id, created, request.model, delta.index, Delta(content=delta.text or None),
-                     delta.finish_reason,
+        yield _chunk(chunk_id, created, request.model, delta.index, Delta(content=content, tool_calls=calls or None),
+                     finish_reason,
                      ChoiceLogprobs(**logprobs.chat(delta.tokens, top_k(request), tokenizer))
                      if request.logprobs else None)
     if request.stream_options and request.stream_options.include_usage:

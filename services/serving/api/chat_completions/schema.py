@@ -6,6 +6,7 @@ endpoint's OpenAPI schema, and the HTTP fuzzer generates from it: it must say wh
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -91,8 +92,22 @@ class ChatMessage(BaseModel):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
         if self.tool_calls is not None:
-            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            message["tool_calls"] = [{**call.model_dump(), "function": {
+                "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in self.tool_calls]
         return message
+
+
+def _arguments(text: str) -> dict[str, Any] | str:
+    """A call's arguments as chat templates take them (Qwen's writes `arguments | tojson`): the
+    object the JSON text holds, as vLLM's renderer and dataprep parse it, so that the model sees
+    its own call as it was trained on it whatever spacing the client wrote; text that is not a
+    JSON object is left as written."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 class StreamOptions(BaseModel):
@@ -182,7 +197,9 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    # the calls vLLM's --tool_call_parser found in the answer (chat_completions/tools.py)
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -217,9 +234,24 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed call: its id, type and name once, then its arguments in pieces."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
