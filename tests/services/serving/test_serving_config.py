@@ -126,3 +126,15 @@ def test_model_flag_wins_and_must_be_a_model_directory(default_model, tmp_path):
 
 def test_neither_model_nor_adapters_means_the_default_model(default_model):
     assert resolve_base_model(DeployConfig()).resolve() == default_model.resolve()
+
+
+def test_an_unknown_tool_parser_is_refused_at_start_listing_vllms_parsers():
+    with pytest.raises(Problems) as info:
+        cfg.parse(DeployConfig, ["--tool_call_parser", "hermez", "--enable_auto_tool_choice", "true", "--max_loras", "0"])
+    loras, parser = info.value.problems
+    assert parser.startswith("tool_call_parser: unknown tool parser 'hermez'; vLLM has ")
+    assert {"hermes", "llama3_json", "mistral", "pythonic"} <= set(parser.split("vLLM has ")[1].split(", "))
+    assert loras == "max_loras: must be at least 1; got 0"
+    assert cfg.parse(DeployConfig, ["--tool_call_parser", "hermes"]).tool_call_parser == "hermes"
+    with pytest.raises(Problems, match="enable_auto_tool_choice: needs tool_call_parser"):
+        cfg.parse(DeployConfig, ["--enable_auto_tool_choice", "true"])
