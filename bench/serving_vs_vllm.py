@@ -141,16 +141,23 @@ def server(name: str, command: list[str], port: int, log_path: pathlib.Path, tim
 
 
 def case_flags(case: str, adapters: dict, args) -> list[str]:
+    # The client sets ignore_eos on random data (and repetition_penalty 1.0 on completions); the body
+    # it sends is updated with --extra-body, so `--ignore_eos false` overrides both, on both servers.
+    plain = {} if args.ignore_eos else {"ignore_eos": False}
     if case == "chat-base":
-        return ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--num-prompts", str(args.num_prompts)]
+        return ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--num-prompts", str(args.num_prompts),
+                *(["--extra-body", json.dumps(plain)] if plain else [])]
     if case == "chat-adapters":
         return ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--num-prompts", str(args.num_prompts),
-                "--lora-modules", *adapters, "--lora-assignment", "round-robin"]
+                "--lora-modules", *adapters, "--lora-assignment", "round-robin",
+                *(["--extra-body", json.dumps(plain)] if plain else [])]
     if case == "completions":
+        if plain:
+            plain["repetition_penalty"] = None
         return ["--backend", "openai", "--endpoint", "/v1/completions",
                 "--num-prompts", str(args.num_prompts * args.prompts_per_request),
                 "--random-batch-size", str(args.prompts_per_request),
-                "--extra-body", json.dumps({"max_tokens": args.output_len})]
+                "--extra-body", json.dumps({"max_tokens": args.output_len, **plain})]
     raise SystemExit(f"--cases: unknown case {case!r}; expected chat-base, chat-adapters, completions")
 
 
@@ -216,7 +223,7 @@ def summary(runs: list[dict], cases: list[str]) -> dict:
 
 def report(runs: list[dict], cases: list[str], args) -> dict:
     print(f"\nvllm bench serve: random dataset, input {args.input_len} tokens, output {args.output_len} "
-          f"(ignore_eos), {args.num_prompts} requests at concurrency {args.concurrency}, temperature 0; "
+          f"({'ignore_eos' if args.ignore_eos else 'ignore_eos false: may stop at EOS'}), {args.num_prompts} requests at concurrency {args.concurrency}, temperature 0; "
           f"completions: {args.prompts_per_request} prompts per request. baseline: vLLM's OpenAI server "
           "(same engine settings), one server at a time, order alternating")
     print("\nper round (load average 1/5/15 min before the run):")
@@ -274,6 +281,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--input_len", type=int, default=48)
     parser.add_argument("--output_len", type=int, default=64)
+    parser.add_argument("--ignore_eos", choices=["true", "false"], default="true",
+                        help="false: tell the client's requests not to ignore EOS (and leave repetition_penalty "
+                             "unset), for servers that refuse those fields")
     parser.add_argument("--prompts_per_request", type=int, default=4, help="prompts per completions request")
     parser.add_argument("--adapters", type=int, default=2)
     parser.add_argument("--max_loras", type=int, default=2)
@@ -284,6 +294,7 @@ def main() -> int:
     parser.add_argument("--result_json", default=None, help="where to save every figure (default: in the work dir)")
     parser.add_argument("--work_dir", default=None, help="adapters, results and logs (default: a new temp dir)")
     args = parser.parse_args()
+    args.ignore_eos = args.ignore_eos == "true"
     cases = args.cases.split(",")
     for case in cases:
         case_flags(case, {}, args)
