@@ -57,6 +57,9 @@ class Tally:
         self.completion_tokens = 0
         self._last: float | None = None
         self._recorded = False
+        # The inter-token histogram's series, looked up once at the first token: per token, the
+        # lookup (a lock and the label check) cost more than the observation itself.
+        self._itl = None
 
     def add(self, token_ids) -> None:
         if not token_ids:
@@ -68,14 +71,15 @@ class Tally:
                 child.observe(now - self.arrived)
             # the first delta's other tokens (n > 1, a busy engine) came with the first: gaps of 0, so
             # that every token after a request's first is one inter-token observation, whatever the load
-            child = metrics.MODELS.child(metrics.INTER_TOKEN_LATENCY, self.model)
-            for _ in token_ids[1:] if child is not None else ():
-                child.observe(0.0)
-        elif (child := metrics.MODELS.child(metrics.INTER_TOKEN_LATENCY, self.model)) is not None:
+            self._itl = metrics.MODELS.child(metrics.INTER_TOKEN_LATENCY, self.model)
+            for _ in token_ids[1:] if self._itl is not None else ():
+                self._itl.observe(0.0)
+        elif self._itl is not None:
             # A delta can carry several tokens (n > 1, or a slow reader): spread the gap over them.
+            # Once the model is unloaded its series are removed; this one then counts nowhere.
             gap = (now - self._last) / len(token_ids)
             for _ in token_ids:
-                child.observe(gap)
+                self._itl.observe(gap)
         self._last = now
         self.completion_tokens += len(token_ids)
 
