@@ -46,10 +46,12 @@ def events(stream) -> list[str]:
 
 
 def requests():
-    yield "chat", chat_handler, ChatCompletionRequest(
-        model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
-        stream_options={"include_usage": True})
-    yield "completions", completions_handler, CompletionRequest(model="m", prompt="hi", stream=True)
+    """(endpoint, request, its event stream over `deltas` for `job`): chat's without tool parsers."""
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                 stream_options={"include_usage": True})
+    yield "chat", lambda job, deltas: chat_handler._events(chat, job, deltas, [None])
+    completion = CompletionRequest(model="m", prompt="hi", stream=True)
+    yield "completions", lambda job, deltas: completions_handler._events(completion, job, deltas)
 
 
 @pytest.mark.parametrize("exc, status, error_type", [
@@ -57,9 +59,9 @@ def requests():
     (RuntimeError("a bug of ours"), 500, "InternalServerError"),
 ])
 def test_a_failure_mid_stream_is_a_final_error_event_then_done(exc, status, error_type):
-    for endpoint, handler, request in requests():
+    for endpoint, stream in requests():
         job = Job()
-        sent = events(handler._events(request, job, failing(exc)))
+        sent = events(stream(job, failing(exc)))
         assert all(event.startswith("data: ") and event.endswith("\n\n") for event in sent), endpoint
         assert sent[-1] == "data: [DONE]\n\n", endpoint
         error = json.loads(sent[-2][6:])
