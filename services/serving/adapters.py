@@ -109,6 +109,7 @@ class _Entry:
     view: AdapterView
     version: Version | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    refusal: str = ""  # why a followed checkpoint is not served (`refused`), told to requests naming it
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -325,6 +326,7 @@ class AdapterRegistry:
             if pushed and served is not None and served.fingerprint == pushed:
                 return entry.view
             entry.view = replace(entry.view, path=str(info.path), state=State.LOADING, error="")
+            entry.refusal = ""
             try:
                 registering = time.perf_counter()
                 lora = await self.engine.add_lora(name, info.path)
@@ -410,9 +412,10 @@ class AdapterRegistry:
         entry = self._entries.get(name)
         if entry is None:
             entry = self._entries[name] = _Entry(AdapterView(name=name, path=str(path), state=State.FAILED,
-                                                             error=message))
+                                                             error=message), refusal=message)
             return entry.view
         async with entry.lock:
+            entry.refusal = message
             if entry.version is None:
                 entry.view = replace(entry.view, path=str(path), state=State.FAILED, error=message)
             else:
@@ -434,8 +437,8 @@ class AdapterRegistry:
         if model == self.base_name:
             return Lease(self, None)
         entry = self._entries.get(model)
-        if entry is not None and entry.version is None and entry.view.state is State.FAILED:
-            raise NotFound(f"The model `{model}` is not served: {entry.view.error}", field="model")
+        if entry is not None and entry.version is None and entry.refusal:
+            raise NotFound(f"The model `{model}` is not served: {entry.refusal}", field="model")
         if entry is None or entry.version is None:
             raise NotFound(f"The model `{model}` does not exist.", field="model")
         return Lease(self, entry.version)
