@@ -186,9 +186,9 @@ class AdapterRegistry:
         """The checks of `validate` on a pushed adapter's files (written by this server, so
         the adapter root does not apply)."""
         check_name(name, self.base_name)
-        return self._check_adapter(adapter_dir.inspect(path, field="files"))
+        return self._check_adapter(adapter_dir.inspect(path, field="files"), pushed=True)
 
-    def _check_adapter(self, info: adapter_dir.AdapterDir) -> adapter_dir.AdapterDir:
+    def _check_adapter(self, info: adapter_dir.AdapterDir, pushed: bool = False) -> adapter_dir.AdapterDir:
         """What the adapter itself must be: intact, on this base model, within the rank, LoRA only.
         Each refusal is counted by reason (metrics.ADAPTER_REFUSALS)."""
         if info.has_manifest:
@@ -211,10 +211,10 @@ class AdapterRegistry:
             raise _refused("rank", f"{info.path} has LoRA rank {info.rank}, above this server's --max_lora_rank "
                            f"{self.max_lora_rank}; restart with --max_lora_rank {lora_slot_rank(info.rank)}")
         if info.modules_to_save:
-            raise self._unservable(info)
+            raise self._unservable(info, pushed)
         return info
 
-    def _unservable(self, info: adapter_dir.AdapterDir) -> "Unservable":
+    def _unservable(self, info: adapter_dir.AdapterDir, pushed: bool) -> "Unservable":
         """modules_to_save: vLLM applies LoRA deltas to one base model's weights; whole modules (and a
         vocabulary resized with them) exist only in a merged model, which needs its own server
         (one engine serves one base model: services.serving.engine)."""
@@ -222,12 +222,13 @@ class AdapterRegistry:
         resized = rows is not None and base_rows is not None and rows != base_rows
         why = (f"its embed_tokens/lm_head have {rows} rows, a vocabulary resized from this base's {base_rows} "
                "tokens (--tokenizer), and " if resized else "")
-        merged = f"{info.path}-merged"
+        # A pushed adapter's directory is this server's, gone after the call: the caller has the files.
+        checkpoint_dir, merged = ("ADAPTER_DIR", "MERGED_DIR") if pushed else (info.path, f"{info.path}-merged")
         return Unservable(
             "resized_vocabulary" if resized else "modules_to_save",
             f"{info.path} is not served: {why}it sets modules_to_save ({', '.join(info.modules_to_save)}), whole "
             f"modules that vLLM cannot apply as LoRA deltas to the served base model. Serve it merged, as a model "
-            f"of its own: tuneforge export --adapters {info.path} --merge_lora true --output_dir {merged} && "
+            f"of its own: tuneforge export --adapters {checkpoint_dir} --merge_lora true --output_dir {merged} && "
             f"tuneforge deploy --model {merged}")
 
     def _base_vocabulary(self) -> int | None:
