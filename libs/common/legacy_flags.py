@@ -1,6 +1,6 @@
-"""The flag names of ms-swift's older (1.x/2.x) examples, read as today's: `--sft_type lora`
-becomes `--train_type lora` with a one-line notice, so a command line copied from those docs
-runs after renaming the program.
+"""The flag names of ms-swift's older (1.x/2.x) examples (and run_clm's `--tokenizer_name_or_path`),
+read as today's: `--sft_type lora` becomes `--train_type lora` with a one-line notice, so a command
+line copied from those docs runs after renaming the program.
 
 An alias applies to a command whose config has the field it stands for; giving an alias and
 its new name with different values is an error naming both. Values that meant something
@@ -84,6 +84,7 @@ ALIASES = {alias.old: alias for alias in (
     Alias("deepspeed_config_path", "deepspeed"),
     # no new name: ms-swift 3 writes it into the dataset argument (FILE#N); see translate()
     Alias("train_dataset_sample", "dataset", _sample, "ms-swift 1.x's: N rows of --dataset"),
+    Alias("tokenizer_name_or_path", "tokenizer", meaning="run_clm's name for --tokenizer"),
 )}
 
 
@@ -124,11 +125,11 @@ def translate(argv: list[str], fields: set[str]) -> tuple[list[str], list[str], 
                            f"(ms-swift 3's form)" if converted else f"--{alias.old} -1: every row, as 1.x")
             continue
         shown = " ".join(converted) if converted is not None else "unset (the default)"
-        notices.append(f"--{alias.old} is ms-swift 1.x's name for --{alias.new}: read as --{alias.new} {shown}")
+        notices.append(f"--{alias.old} is {alias.meaning}: read as --{alias.new} {shown}")
         if alias.new in given:
             if converted != given[alias.new]:
                 problems.append(f"--{alias.old} {' '.join(values)} and --{alias.new} {' '.join(given[alias.new])} "
-                                f"disagree (--{alias.old} is ms-swift 1.x's name for --{alias.new}); give one")
+                                f"disagree (--{alias.old} is {alias.meaning}); give one")
             continue
         if converted is not None:
             out.append((alias.new, converted))

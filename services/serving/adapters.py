@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -37,6 +38,37 @@ class State(enum.Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+
+
+class Unservable(FailedPrecondition):
+    """An adapter vLLM cannot serve as a LoRA, but its merged export can (`reason`: modules_to_save or
+    resized_vocabulary, a label of metrics.ADAPTER_REFUSALS)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message, field="path")
+        self.reason = reason
+        metrics.ADAPTER_REFUSALS.labels(reason=reason).inc()
+
+
+def _refused(reason: str, message: str) -> FailedPrecondition:
+    metrics.ADAPTER_REFUSALS.labels(reason=reason).inc()
+    return FailedPrecondition(message, field="path")
+
+
+def _saved_vocabulary_rows(path: pathlib.Path) -> int | None:
+    """Rows of the embed_tokens/lm_head saved whole in adapter_model.safetensors, read from its
+    header only (8 bytes of length, then JSON); None when there are none or the file is not one."""
+    try:
+        with open(path / "adapter_model.safetensors", "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            if not 0 < size <= 100 << 20:
+                return None
+            header = json.loads(file.read(size))
+    except (OSError, ValueError):
+        return None
+    rows = [entry["shape"][0] for key, entry in header.items() if isinstance(entry, dict) and entry.get("shape")
+            and ("embed_tokens" in key or "lm_head" in key) and len(entry["shape"]) == 2]
+    return max(rows) if rows else None
 
 
 class LoraEngine(Protocol):
@@ -77,6 +109,7 @@ class _Entry:
     view: AdapterView
     version: Version | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    refusal: str = ""  # why a followed checkpoint is not served (`refused`), told to requests naming it
 
 
 def check_name(name: str, base_name: str) -> None:
@@ -153,32 +186,56 @@ class AdapterRegistry:
         """The checks of `validate` on a pushed adapter's files (written by this server, so
         the adapter root does not apply)."""
         check_name(name, self.base_name)
-        return self._check_adapter(adapter_dir.inspect(path, field="files"))
+        return self._check_adapter(adapter_dir.inspect(path, field="files"), pushed=True)
 
-    def _check_adapter(self, info: adapter_dir.AdapterDir) -> adapter_dir.AdapterDir:
-        """What the adapter itself must be: intact, on this base model, within the rank, LoRA only."""
+    def _check_adapter(self, info: adapter_dir.AdapterDir, pushed: bool = False) -> adapter_dir.AdapterDir:
+        """What the adapter itself must be: intact, on this base model, within the rank, LoRA only.
+        Each refusal is counted by reason (metrics.ADAPTER_REFUSALS)."""
         if info.has_manifest:
             # FailedPrecondition naming the file whose sha256 differs. Only a resume reads the
             # optimizer state, twice the adapter's size: hashing it too made this about 4x slower
             # (13-16 against 3-4 ms on the demo's checkpoint, best of 5-7 runs on a loaded machine).
-            checkpoint.verify(info.path, skip=checkpoint.RESUME_STATE)
+            try:
+                checkpoint.verify(info.path, skip=checkpoint.RESUME_STATE)
+            except FailedPrecondition:
+                metrics.ADAPTER_REFUSALS.labels(reason="integrity").inc()
+                raise
         if info.base_model is None:
-            raise FailedPrecondition(
-                f"{info.path} records no base model (no `model` in args.json, no base_model_name_or_path "
-                "in adapter_config.json)", field="path")
+            raise _refused("no_base_model", f"{info.path} records no base model (no `model` in args.json, no "
+                           "base_model_name_or_path in adapter_config.json)")
         trained_on = adapter_dir.normalize(info.base_model)
         if trained_on != self.base_model:
-            raise FailedPrecondition(
-                f"{info.path} was trained on {trained_on}, but this server serves {self.base_model}", field="path")
+            raise _refused("base_model", f"{info.path} was trained on {trained_on}, but this server serves "
+                           f"{self.base_model}")
         if info.rank > self.max_lora_rank:
-            raise FailedPrecondition(
-                f"{info.path} has LoRA rank {info.rank}, above this server's --max_lora_rank "
-                f"{self.max_lora_rank}; restart with --max_lora_rank {lora_slot_rank(info.rank)}", field="path")
+            raise _refused("rank", f"{info.path} has LoRA rank {info.rank}, above this server's --max_lora_rank "
+                           f"{self.max_lora_rank}; restart with --max_lora_rank {lora_slot_rank(info.rank)}")
         if info.modules_to_save:
-            raise FailedPrecondition(
-                f"{info.path} sets modules_to_save ({', '.join(info.modules_to_save)}): vLLM serves LoRA "
-                "deltas only, not fully trained modules; merge the adapter into the model instead", field="path")
+            raise self._unservable(info, pushed)
         return info
+
+    def _unservable(self, info: adapter_dir.AdapterDir, pushed: bool) -> "Unservable":
+        """modules_to_save: vLLM applies LoRA deltas to one base model's weights; whole modules (and a
+        vocabulary resized with them) exist only in a merged model, which needs its own server
+        (one engine serves one base model: services.serving.engine)."""
+        rows, base_rows = _saved_vocabulary_rows(info.path), self._base_vocabulary()
+        resized = rows is not None and base_rows is not None and rows != base_rows
+        why = (f"its embed_tokens/lm_head have {rows} rows, a vocabulary resized from this base's {base_rows} "
+               "tokens (--tokenizer), and " if resized else "")
+        # A pushed adapter's directory is this server's, gone after the call: the caller has the files.
+        checkpoint_dir, merged = ("ADAPTER_DIR", "MERGED_DIR") if pushed else (info.path, f"{info.path}-merged")
+        return Unservable(
+            "resized_vocabulary" if resized else "modules_to_save",
+            f"{info.path} is not served: {why}it sets modules_to_save ({', '.join(info.modules_to_save)}), whole "
+            f"modules that vLLM cannot apply as LoRA deltas to the served base model. Serve it merged, as a model "
+            f"of its own: tuneforge export --adapters {checkpoint_dir} --merge_lora true --output_dir {merged} && "
+            f"tuneforge deploy --model {merged}")
+
+    def _base_vocabulary(self) -> int | None:
+        try:
+            return int(json.loads((self.base_model / "config.json").read_text())["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _within_root(self, path: str | pathlib.Path) -> pathlib.Path:
         """With an adapter root: a relative path is taken inside it, `..` is refused, and
@@ -270,6 +327,7 @@ class AdapterRegistry:
             if pushed and served is not None and served.fingerprint == pushed:
                 return entry.view
             entry.view = replace(entry.view, path=str(info.path), state=State.LOADING, error="")
+            entry.refusal = ""
             try:
                 registering = time.perf_counter()
                 lora = await self.engine.add_lora(name, info.path)
@@ -348,6 +406,23 @@ class AdapterRegistry:
         logs.log(LOG, logging.INFO, "adapter unloaded", adapter=name, path=entry.view.path)
         return entry.view
 
+    async def refused(self, name: str, path: str, message: str) -> AdapterView:
+        """Records why a followed checkpoint is not served, for ListAdapters and for requests naming
+        `name`: a name serving nothing becomes FAILED with `message`; one serving an older
+        checkpoint keeps serving it, with `message` as its error."""
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = self._entries[name] = _Entry(AdapterView(name=name, path=str(path), state=State.FAILED,
+                                                             error=message), refusal=message)
+            return entry.view
+        async with entry.lock:
+            entry.refusal = message
+            if entry.version is None:
+                entry.view = replace(entry.view, path=str(path), state=State.FAILED, error=message)
+            else:
+                entry.view = replace(entry.view, error=message)
+        return entry.view
+
     def list(self) -> list[AdapterView]:
         return [entry.view for entry in self._entries.values()]
 
@@ -363,6 +438,8 @@ class AdapterRegistry:
         if model == self.base_name:
             return Lease(self, None)
         entry = self._entries.get(model)
+        if entry is not None and entry.version is None and entry.refusal:
+            raise NotFound(f"The model `{model}` is not served: {entry.refusal}", field="model")
         if entry is None or entry.version is None:
             raise NotFound(f"The model `{model}` does not exist.", field="model")
         return Lease(self, entry.version)

@@ -9,6 +9,9 @@ one of its job, `all` every one. A burst of promoted publications (the replay on
 connect, or a fast trainer) collapses to the newest per adapter name: older ones would
 be replaced at once. A live publication's delivery (its publish_time to the load's start) is
 observed with the load's other parts (services.serving.metrics.ADAPTER_LOAD_PARTS).
+A checkpoint vLLM cannot serve as a LoRA (modules_to_save, a resized vocabulary) is not
+loaded; why, and the commands that serve its merged export, show in ListAdapters and in the
+answer to requests naming it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import grpc
 from libs.common import channels, logs
 from libs.common.errors import TuneForgeError
 from protos.tuneforge.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from services.serving.adapters import AdapterRegistry
+from services.serving.adapters import AdapterRegistry, Unservable
 
 LOG = logging.getLogger("tuneforge.serving.follow")
 
@@ -144,6 +147,14 @@ class CheckpointFollower:
                     view = await self.registry.load(
                         name, event.path, if_changed=True,
                         published_at=event.publish_time.ToNanoseconds() / 1e9 if live else None)
+                except Unservable as exc:
+                    # Not a LoRA vLLM can apply; serving it merged needs a model of its own (one engine
+                    # serves one base model), so say so where on-call and users look: ListAdapters,
+                    # requests naming it, tuneforge_serving_adapter_refusals_total{reason}.
+                    await self.registry.refused(name, event.path, exc.message)
+                    logs.log(LOG, logging.ERROR, "published checkpoint cannot be served as a LoRA", adapter=name,
+                             path=event.path, step=event.step, reason=exc.reason, error=exc.message)
+                    continue
                 except TuneForgeError as exc:
                     logs.log(LOG, logging.WARNING, "published checkpoint not loaded", adapter=name,
                              path=event.path, step=event.step, error=str(exc))

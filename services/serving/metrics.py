@@ -61,6 +61,17 @@ MAX_IN_FLIGHT = Gauge(
     "tuneforge_serving_max_in_flight_requests",
     "Completion requests admitted at most at once (--max_concurrent_requests); more get HTTP 429.")
 
+# Bounded: one value per check of services.serving.adapters' _check_adapter.
+REFUSAL_REASONS = ("integrity", "no_base_model", "base_model", "rank", "modules_to_save", "resized_vocabulary")
+ADAPTER_REFUSALS = Counter(
+    "tuneforge_serving_adapter_refusals",
+    "Adapters refused before reaching the engine, by reason (integrity: a file's sha256 differs; no_base_model; "
+    "base_model: trained on another; rank: above --max_lora_rank; modules_to_save and resized_vocabulary: "
+    "servable only merged, with `tuneforge export --merge_lora true`).",
+    ["reason"],
+)
+for _reason in REFUSAL_REASONS:
+    ADAPTER_REFUSALS.labels(reason=_reason)
 ADAPTER_LOADS = Counter(
     "tuneforge_serving_adapter_loads",
     "Adapter load attempts, by result (ok, refused: failed validation, failed: the engine could not load it).",

@@ -49,6 +49,23 @@ def test_lora_with_a_larger_vocabulary_must_train_embeddings_and_head_whole(tmp_
         cfg.parse(cli.PtCommandConfig, args[:5] + [str(tmp_path / "missing")])
 
 
+def test_run_clms_tokenizer_name_or_path_is_read_as_tokenizer(tmp_path, extended_tokenizer, capsys):
+    tokenizer_dir, _base = extended_tokenizer
+    (tmp_path / "c.txt").write_text("hello")
+    args = ["--dataset", str(tmp_path / "c.txt"), "--output_dir", str(tmp_path / "run"), "--train_type", "lora",
+            "--modules_to_save", "embed_tokens", "lm_head"]
+    config = cfg.parse(cli.PtCommandConfig, args + ["--tokenizer_name_or_path", str(tokenizer_dir)], prog="tuneforge pt")
+    assert config.tokenizer == str(tokenizer_dir)
+    assert capsys.readouterr().err.splitlines() == [
+        f"tuneforge pt: note: --tokenizer_name_or_path is run_clm's name for --tokenizer: read as --tokenizer "
+        f"{tokenizer_dir}"]
+    with pytest.raises(Problems) as info:
+        cfg.parse(cli.PtCommandConfig, args + ["--tokenizer_name_or_path", str(tokenizer_dir), "--tokenizer",
+                                               str(tmp_path)], prog="tuneforge pt")
+    assert (f"--tokenizer_name_or_path {tokenizer_dir} and --tokenizer {tmp_path} disagree (--tokenizer_name_or_path "
+            "is run_clm's name for --tokenizer); give one") in str(info.value)
+
+
 @pytest.mark.slow
 def test_pt_with_an_extended_tokenizer_trains_new_rows_and_merges_to_the_new_vocabulary(
         tmp_path, extended_tokenizer, capsys):

@@ -214,3 +214,74 @@ def test_delivery_is_observed_for_live_publications_only(base, tmp_path, publish
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_a_checkpoint_vllm_cannot_serve_says_why_and_how_to_serve_it_merged(base, tmp_path, publish_adapter,
+                                                                             recording_engine):
+    """The Chinese-LLaMA recipe's checkpoint (modules_to_save embed_tokens,lm_head on a vocabulary
+    resized by --tokenizer) is not a LoRA vLLM can apply. One engine serves one base model, so its
+    merged export needs a server of its own: the follower loads nothing, and the reason with the
+    commands reaches ListAdapters (FAILED), a request naming it (404) and the refusals counter.
+    A name already serving keeps serving its older checkpoint, with the reason as its error."""
+    from safetensors.torch import save
+    import torch
+
+    from libs.common.errors import NotFound
+    from services.serving.admin import to_proto
+    from protos.tuneforge.serving.v1 import serving_pb2
+
+    (base / "config.json").write_text('{"vocab_size": 8}')
+
+    def whole(rows: int) -> bytes:  # PEFT's names for modules saved whole, and a LoRA pair
+        return save({"base_model.model.model.embed_tokens.weight": torch.zeros(rows, 4),
+                     "base_model.model.lm_head.weight": torch.zeros(rows, 4),
+                     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 4)})
+
+    modules = ["embed_tokens", "lm_head"]
+    resized = publish_adapter(tmp_path / "cn" / "checkpoint-3", base, weights=whole(12), modules_to_save=modules)
+    ada = publish_adapter(tmp_path / "ada" / "checkpoint-1", base)
+    ada_whole = publish_adapter(tmp_path / "ada" / "checkpoint-2", base, weights=whole(8), modules_to_save=modules)
+
+    def refusals(reason: str) -> float:
+        return REGISTRY.get_sample_value("tuneforge_serving_adapter_refusals_total", {"reason": reason})
+
+    def why(path, resized_from: int | None = None) -> str:
+        vocabulary = (f"its embed_tokens/lm_head have 12 rows, a vocabulary resized from this base's {resized_from} "
+                      "tokens (--tokenizer), and " if resized_from else "")
+        return (f"{path} is not served: {vocabulary}it sets modules_to_save (embed_tokens, lm_head), whole modules "
+                "that vLLM cannot apply as LoRA deltas to the served base model. Serve it merged, as a model of "
+                f"its own: tuneforge export --adapters {path} --merge_lora true --output_dir {path}-merged && "
+                f"tuneforge deploy --model {path}-merged")
+
+    async def scenario():
+        engine = recording_engine()
+        registry = AdapterRegistry(engine, base, "base", max_lora_rank=16)
+        trainer = Trainer()
+        await trainer.publish(job_id="cn", step=3, path=str(resized), adapter_name="cn", final=True)
+        await trainer.publish(job_id="ada", step=1, path=str(ada), adapter_name="ada")
+        server, port = await serve(trainer)
+        follower = CheckpointFollower(f"127.0.0.1:{port}", registry, FollowPolicy("all"))
+        before = refusals("resized_vocabulary"), refusals("modules_to_save")
+        follower.start()
+        try:
+            await until(lambda: "ada" in served(registry) and "cn" in {v.name for v in registry.list()})
+            shown = {view.name: to_proto(view) for view in registry.list()}
+            assert (shown["cn"].state, shown["cn"].path, shown["cn"].error) == (
+                serving_pb2.ADAPTER_STATE_FAILED, str(resized), why(resized, resized_from=8))
+            with pytest.raises(NotFound) as info:
+                registry.lease("cn")
+            assert info.value.message == f"The model `cn` is not served: {why(resized, resized_from=8)}"
+            assert (refusals("resized_vocabulary"), refusals("modules_to_save")) == (before[0] + 1, before[1])
+
+            await trainer.publish(job_id="ada", step=2, path=str(ada_whole), adapter_name="ada")
+            await until(lambda: any(v.name == "ada" and v.error for v in registry.list()))
+            view = next(v for v in registry.list() if v.name == "ada")
+            assert (view.state.value, view.path, view.error) == ("ready", str(ada), why(ada_whole))
+            assert served(registry)["ada"] == str(ada)  # still serving its older checkpoint
+            assert refusals("modules_to_save") == before[1] + 1
+            assert engine.paths() == [str(ada)]  # nothing refused reached the engine
+        finally:
+            await follower.stop()
+            await server.stop(0)
+
+    asyncio.run(scenario())

@@ -308,3 +308,22 @@ def test_startup_adapters_are_checked_before_the_engine_starts(base, tmp_path, p
 
     with pytest.raises(Unavailable):
         asyncio.run(load_without_engine())
+
+
+def test_a_pushed_adapter_with_modules_to_save_names_the_commands_without_this_servers_directory(registry, base):
+    """The pushed files' directory is this server's and gone after the call: the commands name
+    placeholders for the caller's own copy, never that directory."""
+    files = {"adapter_config.json": json.dumps({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+        "base_model_name_or_path": str(base), "modules_to_save": ["lm_head"]}).encode(),
+        "adapter_model.safetensors": b"w"}
+    before = REGISTRY.get_sample_value("tuneforge_serving_adapter_refusals_total", {"reason": "modules_to_save"})
+    with pytest.raises(FailedPrecondition) as info:
+        asyncio.run(registry.push("headed", files))
+    assert (info.value.field, info.value.message) == ("files", (
+        "the pushed adapter is not served: it sets modules_to_save (lm_head), whole modules that vLLM cannot apply as "
+        "LoRA deltas to the served base model. Serve it merged, as a model of its own: tuneforge export --adapters "
+        "ADAPTER_DIR --merge_lora true --output_dir MERGED_DIR && tuneforge deploy --model MERGED_DIR"))
+    assert REGISTRY.get_sample_value("tuneforge_serving_adapter_refusals_total",
+                                     {"reason": "modules_to_save"}) == before + 1
+    assert registry.list() == []  # a caller's refusal is the caller's to see, not ListAdapters'
