@@ -74,7 +74,7 @@ def encode_chunk(tokenizer, records: list[inputs.Record], columns: dict[str, str
                  config: PrepareConfig) -> list[tasks.Example | jsonl.Reject]:
     """Raw rows to tokenized rows (their shard columns, per --task, token columns as
     arrays) or rejects, in order: the work of one process."""
-    return [_as_arrays(tasks.encode_record(tokenizer, record, columns, config)) for record in records]
+    return [_as_arrays(result) for result in tasks.encode_records(tokenizer, records, columns, config)]
 
 
 def _as_arrays(result: tasks.Example | jsonl.Reject) -> tasks.Example | jsonl.Reject:
