@@ -193,16 +193,21 @@ def run_ours(data: pathlib.Path, num_proc: int, out: pathlib.Path) -> tuple[floa
     return seconds, ids, manifest
 
 
-def tokenizer_only(rows: list[dict], model_dir: str) -> tuple[float, float]:
-    """Seconds the fast tokenizer alone takes on the rows' rendered texts (rendered
-    beforehand, not timed): encode_batch (Rust, all threads), and encode one text at a
-    time (one thread). The floor under any path that tokenizes each row once."""
+def rendered(rows: list[dict], model_dir: str) -> tuple[object, list[str]]:
+    """The rows' texts, rendered by the chat template (not timed), and the backend tokenizer."""
     tokenizer = _tokenizer(model_dir)
     texts = [tokenizer.apply_chat_template([_message(m) for m in row["messages"]], tokenize=False,
                                            tools=json.loads(row["tools"]) if row.get("tools") else None)
              for row in rows]
     backend = tokenizer.backend_tokenizer
     backend.encode_batch(texts[:256], add_special_tokens=False)  # the thread pool starts
+    return backend, texts
+
+
+def tokenizer_only(backend, texts: list[str]) -> tuple[float, float]:
+    """Seconds the fast tokenizer alone takes on the rendered texts: encode_batch (Rust, all
+    threads), and encode one text at a time (one thread). The floor under any path that
+    tokenizes each row once."""
     started = time.perf_counter()
     backend.encode_batch(texts, add_special_tokens=False)
     batch = time.perf_counter() - started
@@ -240,16 +245,24 @@ def main() -> None:
         run_baseline(small, num_proc, model_dir)
         run_ours(small, num_proc, work / f"warm-{num_proc}")
 
-    batch, single = tokenizer_only(rows, model_dir)
-    print(f"tokenizer only: encode_batch {args.rows / batch:.0f} rows/s ({os.cpu_count()} cores), "
-          f"encode one by one {args.rows / single:.0f} rows/s (1 thread); load {load():.1f}", flush=True)
+    backend, texts = rendered(rows, model_dir)
+    batches, singles = [], []  # the floor, timed in every round beside the two paths
     medians = {}
     for num_proc in args.procs:
         theirs, ours, ratios = [], [], []
         for round_ in range(args.rounds):
-            order = ("baseline", "ours") if round_ % 2 == 0 else ("ours", "baseline")
+            order = ("baseline", "ours", "floor") if round_ % 2 == 0 else ("floor", "ours", "baseline")
             timed = {}
             for who in order:
+                if who == "floor":
+                    before = load()
+                    batch, single = tokenizer_only(backend, texts)
+                    batches.append(batch)
+                    singles.append(single)
+                    print(f"num_proc {num_proc} round {round_ + 1} tokenizer alone: encode_batch "
+                          f"{args.rows / batch:.0f} rows/s ({os.cpu_count()} cores), encode one by one "
+                          f"{args.rows / single:.0f} rows/s (1 thread); load {before:.1f} -> {load():.1f}", flush=True)
+                    continue
                 before = load()
                 if who == "baseline":
                     seconds, base_ids = run_baseline(data, num_proc, model_dir)
@@ -266,6 +279,7 @@ def main() -> None:
             ours.append(timed["ours"])
             ratios.append(timed["baseline"] / timed["ours"])
         medians[num_proc] = (args.rows / statistics.median(theirs), args.rows / statistics.median(ours), ratios)
+    batch, single = statistics.median(batches), statistics.median(singles)
 
     print(f"\n{args.rows} synthetic rows (70% chat 1-3 rounds, 10% long answers, 20% tools; {tokens} tokens), "
           f"template {TEMPLATE}, default model tokenizer; median of {args.rounds} alternating rounds; "
