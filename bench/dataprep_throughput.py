@@ -1,91 +1,180 @@
 """Rows/s of `tuneforge prepare` against the usual Hugging Face baseline, `datasets.map`
-with `tokenizer.apply_chat_template` plus label masking, on the same synthetic multi-turn
-rows with the same tokenizer (the embedded default model's), at 1 and 2 processes, in one
-run; checks that both give the same input_ids for every row.
+with `tokenizer.apply_chat_template` plus label masking, on the same synthetic rows with the
+same tokenizer (the embedded default model's) and chat template (the built-in `qwen`, which
+renders tools), at 1 and 2 processes, in one run; checks that both give the same input_ids
+for every row; and the floor under both: the fast tokenizer alone encoding the same rendered
+texts (its Rust `encode_batch` on all threads, and one `encode` per text on one thread).
+
+The rows (seeded) are a mix of shapes and lengths, from the default model's corpus:
+  - chat (70%): 1-3 rounds, a system prompt in 30%, questions of 1-2 sentences, answers of
+    1-4 sentences;
+  - long (10%): one question, an answer of 8-20 sentences;
+  - tools (20%): a `tools` list (1-3 function schemas, as JSON text like most hubs store it),
+    the user's question, an assistant turn with 1-2 OpenAI `tool_calls` (arguments as JSON
+    text), their `tool` responses, the answer, and in half of them a further plain round.
 
 The baseline's masking is the common recipe (open-instruct, many SFT scripts): tokenize the
-whole conversation with apply_chat_template, then for each assistant turn tokenize the
-prefix before it (with the generation prompt) and through it to find where its tokens
-start and end. Its time covers load_dataset("json") and map (no cache, kept in memory);
-ours covers `tuneforge prepare` end to end in this process (read JSONL, tokenize, mask,
-write Arrow shards and the manifest), each run into a fresh output directory so the
-shard cache is not used.
+whole conversation with apply_chat_template (tools included), then for each assistant turn
+tokenize the prefix before it (with the generation prompt) and through it to find where its
+tokens start and end; it parses `tools` and the calls' `arguments` JSON as the template needs
+(our reader does the same). Its time covers load_dataset("json") and map (no cache, kept in
+memory); ours covers `tuneforge prepare` end to end in this process (read JSONL, decode,
+render, tokenize, mask, write Arrow shards and the manifest), each run into a fresh output
+directory so the shard cache is not used. Rounds alternate the order (baseline first, then
+ours first); each figure is printed with the 1-minute load average (`uptime`) it ran under,
+and the ratio of each round (ours/baseline in the same round) besides the medians: on a
+shared machine the ratio is what to compare.
 
-    .venv/bin/python bench/dataprep_throughput.py [--rows 50000] [--repeats 1]
+    .venv/bin/python bench/dataprep_throughput.py [--rows 20000] [--rounds 3] [--procs 1 2]
 
-Target: ours >= 3x the baseline's rows/s at each process count. Not part of the test run.
+Target (issue 18): ours >= 3x the baseline's rows/s at 1 process, and 2 processes >= 1.8x
+ours at 1. Not part of the test run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import random
+import re
 import statistics
 import tempfile
 import time
 
 import pyarrow as pa
 
-TOPICS = ["the weather", "a recipe for bread", "prime numbers", "the French revolution", "sorting algorithms",
-          "a trip to Rome", "photosynthesis", "the stock market", "learning the violin", "black holes"]
-WORDS = ("the of and to in is it that for on with as was at by be this from or have an are but not you all "
-         "can had her one our out day get has him his how man new now old see two way who boy did its let put "
-         "say she too use model data train token answer question value result system").split()
+TEMPLATE = "qwen"  # built-in: ChatML with tools and tool_calls (the default model's own renders no tools)
+SYSTEMS = ["You are a concise tutor.", "You are a helpful assistant. Answer in plain words.",
+           "You explain computers to beginners. Keep answers short and use examples where they help.",
+           "Answer as a careful teacher would: first the idea, then one example."]
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "search_docs", "description": "Search the documentation.",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string"},
+                    "limit": {"type": "integer"}}, "required": ["query"]}}},
+    {"type": "function", "function": {"name": "run_python", "description": "Run a short Python snippet.",
+     "parameters": {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}},
+    {"type": "function", "function": {"name": "convert_units", "description": "Convert a value between units.",
+     "parameters": {"type": "object", "properties": {"value": {"type": "number"}, "from": {"type": "string"},
+                    "to": {"type": "string"}}, "required": ["value", "from", "to"]}}},
+    {"type": "function", "function": {"name": "lookup_word", "description": "A word's definition.",
+     "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}},
+]
+CITIES = ["Rome", "Paris", "Oslo", "Lima", "Cairo", "Seoul", "Quito", "Perth"]
+
+
+def _sentences() -> list[str]:
+    from libs.default_model import corpus
+
+    return [s for paragraph in corpus.paragraphs() for s in re.split(r"(?<=[.!?])\s+", paragraph) if s]
+
+
+def _arguments(rng: random.Random, name: str, say) -> dict:
+    if name == "get_weather":
+        return {"city": rng.choice(CITIES), "unit": rng.choice(["celsius", "fahrenheit"])}
+    if name == "search_docs":
+        return {"query": " ".join(say(1).split()[:rng.randint(2, 6)]), "limit": rng.randint(1, 10)}
+    if name == "run_python":
+        return {"code": f"print(sum(range({rng.randint(2, 999)})))"}
+    if name == "convert_units":
+        return {"value": round(rng.uniform(0, 500), 2), "from": "km", "to": "mi"}
+    return {"word": rng.choice(say(1).split()).strip(".,")}
 
 
 def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
-    """Conversations of 1-3 rounds, some with a system prompt; answers 20-120 words."""
+    """`n` rows of the mix above (seeded)."""
     rng = random.Random(seed)
+    sentences = _sentences()
 
-    def words(low: int, high: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+    def say(low: int, high: int | None = None) -> str:
+        return " ".join(rng.choice(sentences) for _ in range(rng.randint(low, high or low)))
 
     rows = []
-    for i in range(n):
-        messages = [{"role": "system", "content": "You are a concise tutor."}] if rng.random() < 0.3 else []
-        for turn in range(rng.randint(1, 3)):
-            messages.append({"role": "user", "content": f"Tell me about {rng.choice(TOPICS)} ({i}.{turn}): "
-                                                        + words(5, 30)})
-            messages.append({"role": "assistant", "content": words(20, 120) + "."})
-        rows.append({"messages": messages})
+    for _ in range(n):
+        shape = rng.random()
+        if shape < 0.7:
+            messages = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.3 else []
+            for _ in range(rng.randint(1, 3)):
+                messages += [{"role": "user", "content": say(1, 2)}, {"role": "assistant", "content": say(1, 4)}]
+            rows.append({"messages": messages})
+        elif shape < 0.8:
+            rows.append({"messages": [{"role": "user", "content": say(1, 2)},
+                                      {"role": "assistant", "content": say(8, 20)}]})
+        else:
+            tools = rng.sample(TOOLS, rng.randint(1, 3))
+            calls = [{"type": "function", "function": {"name": (name := rng.choice(tools)["function"]["name"]),
+                                                       "arguments": json.dumps(_arguments(rng, name, say))}}
+                     for _ in range(rng.randint(1, 2))]
+            messages = [{"role": "user", "content": say(1, 2)},
+                        {"role": "assistant", "content": "", "tool_calls": calls}]
+            messages += [{"role": "tool", "content": json.dumps({"result": say(1)})} for _ in calls]
+            messages.append({"role": "assistant", "content": say(1, 3)})
+            if rng.random() < 0.5:
+                messages += [{"role": "user", "content": say(1)}, {"role": "assistant", "content": say(1, 4)}]
+            rows.append({"messages": messages, "tools": json.dumps(tools)})
     return rows
 
 
 _TOKENIZER = None
 
 
-def _ids(messages, add_generation_prompt=False) -> list[int]:
-    result = _TOKENIZER.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+def _message(message: dict) -> dict:
+    """A message as the template takes it: the columns other rows have (null here) dropped,
+    a call's `arguments` JSON text parsed (Qwen2.5 writes `arguments | tojson`)."""
+    message = {k: v for k, v in message.items() if v is not None}
+    if "tool_calls" in message:
+        message["tool_calls"] = [{**call, "function": {**call["function"],
+                                                       "arguments": json.loads(call["function"]["arguments"])}}
+                                 for call in message["tool_calls"]]
+    return message
+
+
+def _ids(messages, tools, add_generation_prompt=False) -> list[int]:
+    result = _TOKENIZER.apply_chat_template(messages, tools=tools, tokenize=True,
+                                            add_generation_prompt=add_generation_prompt)
     return list(result["input_ids"] if not isinstance(result, list) else result)
 
 
 def baseline_map(example: dict) -> dict:
     """apply_chat_template + label masking by prefix tokenization, per row."""
-    messages = example["messages"]
-    input_ids = _ids(messages)
+    tools = json.loads(example["tools"]) if example.get("tools") else None
+    messages = [_message(m) for m in example["messages"]]
+    input_ids = _ids(messages, tools)
     labels = [-100] * len(input_ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_ids(messages[:i], add_generation_prompt=True))
-        end = len(_ids(messages[:i + 1]))
+        start = len(_ids(messages[:i], tools, add_generation_prompt=True))
+        end = len(_ids(messages[:i + 1], tools))
         labels[start:end] = input_ids[start:end]
     return {"input_ids": input_ids, "labels": labels}
+
+
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    from services.dataprep import templates
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = templates.load(TEMPLATE)
+    return tokenizer
 
 
 def run_baseline(data: pathlib.Path, num_proc: int, model_dir: str) -> tuple[float, list[list[int]]]:
     global _TOKENIZER
     import datasets
-    from transformers import AutoTokenizer
 
     datasets.disable_caching()
-    _TOKENIZER = AutoTokenizer.from_pretrained(model_dir)
+    _TOKENIZER = _tokenizer(model_dir)
     started = time.perf_counter()
     dataset = datasets.load_dataset("json", data_files=str(data), split="train", keep_in_memory=True)
-    mapped = dataset.map(baseline_map, num_proc=num_proc if num_proc > 1 else None, remove_columns=["messages"],
-                         keep_in_memory=True, desc=f"baseline map, num_proc {num_proc}")
+    mapped = dataset.map(baseline_map, num_proc=num_proc if num_proc > 1 else None,
+                         remove_columns=dataset.column_names, keep_in_memory=True,
+                         desc=f"baseline map, num_proc {num_proc}")
     seconds = time.perf_counter() - started
     return seconds, mapped["input_ids"]
 
@@ -95,7 +184,7 @@ def run_ours(data: pathlib.Path, num_proc: int, out: pathlib.Path) -> tuple[floa
 
     started = time.perf_counter()
     assert cli.main(["--dataset", str(data), "--output_dir", str(out), "--num_proc", str(num_proc),
-                     "--max_length", "0", "--shard_rows", "5000"]) == 0
+                     "--template", TEMPLATE, "--max_length", "0", "--shard_rows", "5000"]) == 0
     seconds = time.perf_counter() - started
     manifest = json.loads((out / "manifest.json").read_text())
     ids = []
@@ -104,10 +193,38 @@ def run_ours(data: pathlib.Path, num_proc: int, out: pathlib.Path) -> tuple[floa
     return seconds, ids, manifest
 
 
+def rendered(rows: list[dict], model_dir: str) -> tuple[object, list[str]]:
+    """The rows' texts, rendered by the chat template (not timed), and the backend tokenizer."""
+    tokenizer = _tokenizer(model_dir)
+    texts = [tokenizer.apply_chat_template([_message(m) for m in row["messages"]], tokenize=False,
+                                           tools=json.loads(row["tools"]) if row.get("tools") else None)
+             for row in rows]
+    backend = tokenizer.backend_tokenizer
+    backend.encode_batch(texts[:256], add_special_tokens=False)  # the thread pool starts
+    return backend, texts
+
+
+def tokenizer_only(backend, texts: list[str]) -> tuple[float, float]:
+    """Seconds the fast tokenizer alone takes on the rendered texts: encode_batch (Rust, all
+    threads), and encode one text at a time (one thread). The floor under any path that
+    tokenizes each row once."""
+    started = time.perf_counter()
+    backend.encode_batch(texts, add_special_tokens=False)
+    batch = time.perf_counter() - started
+    started = time.perf_counter()
+    for text in texts:
+        backend.encode(text, add_special_tokens=False)
+    return batch, time.perf_counter() - started
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=50_000)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per process count, alternating the order")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
 
@@ -116,35 +233,70 @@ def main() -> None:
     model_dir = str(resolve_model(None))
     work = pathlib.Path(tempfile.mkdtemp(prefix="dataprep-bench-"))
     data = work / "rows.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in synthetic_rows(args.rows)))
+    rows = synthetic_rows(args.rows)
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokens = None
 
     # warm up both paths on a few rows at each process count (imports, tokenizer load, the default
     # model's cache, our --num_proc fork server, which a long-running dataprep service keeps)
     small = work / "small.jsonl"
-    small.write_text("".join(json.dumps(row) + "\n" for row in synthetic_rows(200, seed=1)))
+    small.write_text("".join(json.dumps(row) + "\n" for row in synthetic_rows(300, seed=1)))
     for num_proc in args.procs:
         run_baseline(small, num_proc, model_dir)
         run_ours(small, num_proc, work / f"warm-{num_proc}")
 
-    table = []
+    backend, texts = rendered(rows, model_dir)
+    batches, singles = [], []  # the floor, timed in every round beside the two paths
+    medians = {}
     for num_proc in args.procs:
-        theirs, ours = [], []
-        for repeat in range(args.repeats):
-            seconds, base_ids = run_baseline(data, num_proc, model_dir)
-            theirs.append(seconds)
-            seconds, our_ids, manifest = run_ours(data, num_proc, work / f"out-{num_proc}-{repeat}")
-            ours.append(seconds)
-            assert manifest["rows_out"] == args.rows, manifest["rejected_by_reason"]
+        theirs, ours, ratios = [], [], []
+        for round_ in range(args.rounds):
+            order = ("baseline", "ours", "floor") if round_ % 2 == 0 else ("floor", "ours", "baseline")
+            timed = {}
+            for who in order:
+                if who == "floor":
+                    before = load()
+                    batch, single = tokenizer_only(backend, texts)
+                    batches.append(batch)
+                    singles.append(single)
+                    print(f"num_proc {num_proc} round {round_ + 1} tokenizer alone: encode_batch "
+                          f"{args.rows / batch:.0f} rows/s ({os.cpu_count()} cores), encode one by one "
+                          f"{args.rows / single:.0f} rows/s (1 thread); load {before:.1f} -> {load():.1f}", flush=True)
+                    continue
+                before = load()
+                if who == "baseline":
+                    seconds, base_ids = run_baseline(data, num_proc, model_dir)
+                else:
+                    seconds, our_ids, manifest = run_ours(data, num_proc, work / f"out-{num_proc}-{round_}")
+                    assert manifest["rows_out"] == args.rows, manifest["rejected_by_reason"]
+                    tokens = manifest["tokens"]
+                timed[who] = seconds
+                print(f"num_proc {num_proc} round {round_ + 1} {who:<8} {args.rows / seconds:7.0f} rows/s "
+                      f"({seconds:6.1f} s; load {before:.1f} -> {load():.1f})", flush=True)
             same = sum(a == b for a, b in zip(base_ids, our_ids))
             assert same == len(base_ids) == len(our_ids), f"input_ids differ on {args.rows - same} rows"
-        table.append((num_proc, args.rows / statistics.median(theirs), args.rows / statistics.median(ours)))
+            theirs.append(timed["baseline"])
+            ours.append(timed["ours"])
+            ratios.append(timed["baseline"] / timed["ours"])
+        medians[num_proc] = (args.rows / statistics.median(theirs), args.rows / statistics.median(ours), ratios)
+    batch, single = statistics.median(batches), statistics.median(singles)
 
-    print(f"\n{args.rows} synthetic multi-turn rows, default model tokenizer, median of {args.repeats}; "
+    print(f"\n{args.rows} synthetic rows (70% chat 1-3 rounds, 10% long answers, 20% tools; {tokens} tokens), "
+          f"template {TEMPLATE}, default model tokenizer; median of {args.rounds} alternating rounds; "
           "input_ids identical on every row")
-    print(f"{'case':<16}{'baseline rows/s':>17}{'ours rows/s':>13}{'ratio':>8}")
-    print("baseline: HF datasets.map + apply_chat_template + prefix label masking")
-    for num_proc, base, mine in table:
-        print(f"{f'num_proc {num_proc}':<16}{base:>17.0f}{mine:>13.0f}{mine / base:>8.2f}")
+    print("baseline: HF datasets.map + apply_chat_template (tools) + prefix label masking, same process count")
+    print(f"floor: encode_batch of the rendered texts {args.rows / batch:.0f} rows/s, one thread "
+          f"{args.rows / single:.0f} rows/s")
+    print(f"{'case':<12}{'baseline rows/s':>17}{'ours rows/s':>13}{'ratio':>8}{'per round':>24}"
+          f"{'ours/encode_batch':>19}{'ours/1-thread':>15}")
+    for num_proc, (base, mine, ratios) in medians.items():
+        print(f"{f'num_proc {num_proc}':<12}{base:>17.0f}{mine:>13.0f}{mine / base:>8.2f}"
+              f"{' '.join(f'{r:.2f}' for r in ratios):>24}{mine * batch / args.rows:>19.2f}"
+              f"{mine * single / args.rows:>15.2f}")
+    if 1 in medians:
+        for num_proc in medians.keys() - {1}:
+            print(f"scaling, ours: num_proc {num_proc} / num_proc 1 = {medians[num_proc][1] / medians[1][1]:.2f}; "
+                  f"baseline: {medians[num_proc][0] / medians[1][0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -412,13 +412,14 @@ def _trl_pair(row: dict, names: dict[str, str]) -> tuple[dict, dict[str, str]] |
 
 
 def to_example(value, columns: dict[str, str] | None = None, task: str = "auto",
-               fmt: str = "auto") -> Conversation | Problem:
+               fmt: str = "auto", surrogate_free: bool = False) -> Conversation | Problem:
     """One decoded row to what `task` trains on; `auto` takes the row's own kind.
     `columns` renames keys first; `fmt` forces a row format (FORMATS); problems
-    name the row's own column names."""
+    name the row's own column names. surrogate_free: the caller knows no string of
+    the row holds a lone surrogate (inputs.Record.surrogate_free), so none is looked for."""
     if not isinstance(value, dict):
         return Problem(None, INVALID_JSON, f"expected a JSON object; got {_text(value)}")
-    place = _not_unicode(value)
+    place = None if surrogate_free else _not_unicode(value)
     if place is not None:
         return Problem(place, INVALID_CONTENT, "not Unicode text: a lone surrogate (a JSON \\ud800-\\udfff escape "
                        "without its pair, or bytes that are not UTF-8); no tokenizer or Arrow file takes it")

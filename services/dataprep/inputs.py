@@ -67,13 +67,20 @@ class Record:
     error: str | None = None
     data: bytes | None = None
     reason: str | None = None  # why `error` (a reject reason); None: the text is not JSON
+    # No string of `value` can hold a lone surrogate: JSON bytes json.loads reads as UTF-8 decode
+    # to one only from a \u escape or the bytes ED A0-BF (UTF-8-like surrogates, which it lets
+    # through), and they have neither; False: unknown, formats.to_example looks at every string.
+    surrogate_free: bool = False
 
     def decoded(self) -> Record:
         if self.data is None:
             return self
-        text = self.data.decode("utf-8", errors="replace").rstrip("\r\n")
+        data = self.data
+        text = data.decode("utf-8", errors="replace").rstrip("\r\n")
         try:
-            return Record(self.file, self.line, text, json.loads(self.data))
+            return Record(self.file, self.line, text, json.loads(data),
+                          surrogate_free=b"\\u" not in data and b"\xed" not in data
+                          and json.detect_encoding(data).startswith("utf-8"))
         except (ValueError, RecursionError) as exc:
             return Record(self.file, self.line, text, error=f"not a JSON object: {unreadable(exc)}")
 

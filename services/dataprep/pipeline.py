@@ -19,7 +19,7 @@ import numpy as np
 
 from libs.common import disk
 from libs.common.config import to_dict, validate
-from libs.common.errors import Cancelled, InvalidArgument
+from libs.common.errors import Cancelled, InvalidArgument, NotFound
 from libs.dataset.client import Progress
 from libs.dataset.schema import IGNORE_INDEX, PACKED_PAIR_SCHEMA, PACKED_SCHEMA, describe
 from services.dataprep import (cache, formats, inputs, jsonl, manifest as manifest_file, metrics, packing, parallel,
@@ -74,7 +74,7 @@ def encode_chunk(tokenizer, records: list[inputs.Record], columns: dict[str, str
                  config: PrepareConfig) -> list[tasks.Example | jsonl.Reject]:
     """Raw rows to tokenized rows (their shard columns, per --task, token columns as
     arrays) or rejects, in order: the work of one process."""
-    return [_as_arrays(tasks.encode_record(tokenizer, record, columns, config)) for record in records]
+    return [_as_arrays(result) for result in tasks.encode_records(tokenizer, records, columns, config)]
 
 
 def _as_arrays(result: tasks.Example | jsonl.Reject) -> tasks.Example | jsonl.Reject:
@@ -187,6 +187,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     output_dir = pathlib.Path(config.output_dir).resolve()
     args = {**to_dict(config), "model": str(model_dir), "output_dir": str(output_dir)}
     tokenizer_dir = pathlib.Path(config.tokenizer).resolve() if config.tokenizer else model_dir
+    if not tokenizer_dir.is_dir():  # before the cache key reads its files
+        raise NotFound(f"{config.tokenizer!r}: no such directory", field="tokenizer")
     fingerprint = cache.fingerprint(args, [source.path for source in sources], tokenizer_dir, versions())
     cached = cache.reusable(output_dir, fingerprint)
     if cached is not None:

@@ -92,18 +92,18 @@ class _Refused(Exception):
 
 
 def _sequence(tokenizer, messages: list[dict], losses: list, tools: list | None, config, kind: str,
-              side: str = "") -> template.Encoded:
+              side: str = "") -> template.Steps:
     """One trained sequence: chat template (or plain text + eos for pt and
     --use_chat_template false), then --max_length (not for pt, whatever its length);
     refuses one with nothing to train."""
     messages, losses = with_system(messages, losses, config.system)
     try:
         if kind == "pt":
-            encoded = template.encode_plain(tokenizer, messages, losses, "all")
+            encoded = yield from template.encode_plain_steps(tokenizer, messages, losses, "all")
         elif not config.use_chat_template:
-            encoded = template.encode_plain(tokenizer, messages, losses, config.loss_scale)
+            encoded = yield from template.encode_plain_steps(tokenizer, messages, losses, config.loss_scale)
         else:
-            encoded = template.encode(tokenizer, messages, losses, config.loss_scale, tools)
+            encoded = yield from template.encode_steps(tokenizer, messages, losses, config.loss_scale, tools)
     except template.TemplateError as exc:
         raise _Refused(side + exc.field if side else exc.field, jsonl.TEMPLATE, exc.message) from None
     where = side.rstrip(".") or "messages"
@@ -123,11 +123,11 @@ def _sequence(tokenizer, messages: list[dict], losses: list, tools: list | None,
     return encoded
 
 
-def _prompt(tokenizer, conversation: formats.Conversation, config) -> list[int]:
+def _prompt(tokenizer, conversation: formats.Conversation, config) -> template.Steps:
     messages, _ = with_system(conversation.messages, conversation.losses, config.system)
     try:
         if config.use_chat_template:
-            input_ids = template.encode_prompt(tokenizer, messages, conversation.tools)
+            input_ids = yield from template.encode_prompt_steps(tokenizer, messages, conversation.tools)
         else:
             input_ids = tokenizer("".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
     except template.TemplateError as exc:
@@ -139,7 +139,7 @@ def _prompt(tokenizer, conversation: formats.Conversation, config) -> list[int]:
     return list(input_ids)
 
 
-def _columns(tokenizer, conversation: formats.Conversation, config) -> tuple[dict, int]:
+def _columns(tokenizer, conversation: formats.Conversation, config) -> template.Steps:
     kind, tools = conversation.kind, conversation.tools
     if tools is not None and config.use_chat_template and not template.supports_tools(tokenizer):
         raise _Refused("tools", jsonl.TEMPLATE, "the chat template does not render tools; name one that does "
@@ -149,18 +149,19 @@ def _columns(tokenizer, conversation: formats.Conversation, config) -> tuple[dic
         if taken:
             raise _Refused(taken[0], jsonl.INVALID_EXTRA, "an extra column may not be named like a shard column of "
                            f"any task ({', '.join(sorted(SHARD_COLUMNS))}); rename it with --columns")
-        input_ids = _prompt(tokenizer, conversation, config)
+        input_ids = yield from _prompt(tokenizer, conversation, config)
         return {"input_ids": input_ids, "length": len(input_ids), **conversation.extras}, 0
     if kind in ("preference", "reward"):
-        chosen = _sequence(tokenizer, conversation.messages, conversation.losses, tools, config, kind, "chosen.")
-        rejected = _sequence(tokenizer, conversation.rejected, conversation.rejected_losses, tools, config, kind,
+        chosen = yield from _sequence(tokenizer, conversation.messages, conversation.losses, tools, config, kind,
+                                      "chosen.")
+        rejected = yield from _sequence(tokenizer, conversation.rejected, conversation.rejected_losses, tools, config, kind,
                              "rejected.")
         return {"chosen_input_ids": chosen.input_ids, "chosen_labels": chosen.labels,
                 "rejected_input_ids": rejected.input_ids, "rejected_labels": rejected.labels,
                 "margin": conversation.margin,
                 "length": len(chosen.input_ids) + len(rejected.input_ids)}, \
             chosen.trained_tokens + rejected.trained_tokens
-    encoded = _sequence(tokenizer, conversation.messages, conversation.losses, tools, config, kind)
+    encoded = yield from _sequence(tokenizer, conversation.messages, conversation.losses, tools, config, kind)
     columns = {"input_ids": encoded.input_ids, "labels": encoded.labels, "length": len(encoded.input_ids)}
     if kind == "kto":
         columns["label"] = conversation.label
@@ -173,30 +174,68 @@ def encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], con
     internal_error, logged with its traceback and counted, rather than ending a
     preparation that may have run for hours; the fuzzer (tests) fails on any."""
     try:
-        return _encode_record(tokenizer, record, columns, config)
+        return template.run(tokenizer, _encode_record(tokenizer, record, columns, config))
     except template.ReferenceMismatch:
         raise  # every row would be wrong alike: stop
     except Exception as exc:
-        raw = record.raw if record.data is None else record.data.decode("utf-8", errors="replace").rstrip("\r\n")
-        LOG.error("internal error on a dataset row; the row is rejected (internal_error)", exc_info=True,
-                  extra={"fields": {"file": record.file, "line": record.line, "error": f"{type(exc).__name__}: {exc}"}})
-        return jsonl.Reject(record.file, record.line, None, jsonl.INTERNAL_ERROR,
-                            f"internal error (a TuneForge bug; please report it with this row): "
-                            f"{type(exc).__name__}: {exc}", raw)
+        return _internal_error(record, exc)
 
 
-def _encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], config) -> Example | jsonl.Reject:
+def encode_records(tokenizer, records: list[inputs.Record], columns: dict[str, str],
+                   config) -> list[Example | jsonl.Reject]:
+    """encode_record of each record, in order, the same results, with the texts of all
+    of them tokenized in one batch call (the fast tokenizer's encode_batch, on its Rust
+    threads) instead of one call per text: each row's Python work runs up to the text it
+    tokenizes, then every row waiting is tokenized at once, and so on (a preference row
+    waits twice)."""
+    results: list = [None] * len(records)
+    waiting: dict[int, tuple[template.Steps, str]] = {}
+
+    def advance(i: int, steps: template.Steps, encoding) -> None:
+        try:
+            waiting[i] = (steps, next(steps) if encoding is None else steps.send(encoding))
+        except StopIteration as done:
+            results[i] = done.value
+        except template.ReferenceMismatch:
+            raise
+        except Exception as exc:
+            results[i] = _internal_error(records[i], exc)
+
+    for i, record in enumerate(records):
+        advance(i, _encode_record(tokenizer, record, columns, config), None)
+    while waiting:
+        batch = list(waiting.items())
+        waiting.clear()
+        encodings = template.tokenize_batch(tokenizer, [text for _, (_, text) in batch])
+        for (i, (steps, _)), encoding in zip(batch, encodings, strict=True):
+            advance(i, steps, encoding)
+    return results
+
+
+def _internal_error(record: inputs.Record, exc: Exception) -> jsonl.Reject:
+    """A row an unforeseen error (ours) stopped, rejected as internal_error; called while `exc` is handled,
+    so its traceback is logged."""
+    raw = record.raw if record.data is None else record.data.decode("utf-8", errors="replace").rstrip("\r\n")
+    LOG.error("internal error on a dataset row; the row is rejected (internal_error)", exc_info=True,
+              extra={"fields": {"file": record.file, "line": record.line, "error": f"{type(exc).__name__}: {exc}"}})
+    return jsonl.Reject(record.file, record.line, None, jsonl.INTERNAL_ERROR,
+                        f"internal error (a TuneForge bug; please report it with this row): "
+                        f"{type(exc).__name__}: {exc}", raw)
+
+
+def _encode_record(tokenizer, record: inputs.Record, columns: dict[str, str], config) -> template.Steps:
+    """encode_record's work as steps (see template.Steps); returns its Example or Reject."""
     record = record.decoded()
     if record.error is not None:
         return jsonl.Reject(record.file, record.line, None, record.reason or jsonl.INVALID_JSON, record.error,
                             record.raw)
-    conversation = formats.to_example(record.value, columns, config.task, config.format)
+    conversation = formats.to_example(record.value, columns, config.task, config.format, record.surrogate_free)
     if isinstance(conversation, formats.Problem):
         return jsonl.Reject(record.file, record.line, conversation.field, conversation.reason, conversation.message,
                             record.raw)
     kind = "pt" if config.task == "pt" else conversation.kind
     try:
-        values, trained = _columns(tokenizer, dataclasses.replace(conversation, kind=kind), config)
+        values, trained = yield from _columns(tokenizer, dataclasses.replace(conversation, kind=kind), config)
     except _Refused as refused:
         return jsonl.Reject(record.file, record.line, refused.field, refused.reason, refused.message, record.raw)
     return Example(record.file, record.line, record.raw, kind, values, trained)
@@ -304,13 +343,15 @@ def start(tokenizer, records: Iterable[inputs.Record], columns: dict[str, str],
     extra columns; returns them, the rows read ahead, encoded, and the rest."""
     records = iter(records)
     peeked, found = [], []
-    for record in itertools.islice(records, PEEK_LIMIT):
-        result = encode_record(tokenizer, record, columns, config)
-        peeked.append(result)
-        if isinstance(result, Example):
-            found.append(result)
-            if len(found) >= PEEK_VALID:
-                break
+    # in batches of the valid rows still wanted, so that reading stops where one at a time would
+    while len(found) < PEEK_VALID and len(peeked) < PEEK_LIMIT:
+        batch = list(itertools.islice(records, min(PEEK_VALID - len(found), PEEK_LIMIT - len(peeked))))
+        if not batch:
+            break
+        for result in encode_records(tokenizer, batch, columns, config):
+            peeked.append(result)
+            if isinstance(result, Example):
+                found.append(result)
     counts = collections.Counter(example.kind for example in found)
     kind = max(counts, key=counts.get, default=None)  # max keeps the first of equal counts: the earliest kind
     first = next((example for example in found if example.kind == kind), None)

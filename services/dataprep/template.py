@@ -25,6 +25,7 @@ import hashlib
 import os
 import pathlib
 import weakref
+from typing import Generator
 
 import numpy as np
 
@@ -318,13 +319,40 @@ def _token_range(encoding, count: int, start: int, end: int) -> tuple[int, int] 
 _OUT_OF_ORDER: weakref.WeakSet = weakref.WeakSet()  # tokenizers whose offsets do not run in text order
 
 
+# A row's encoding as steps: the generator yields each text to tokenize, is sent back the
+# fast tokenizer's Encoding of it (encode, or one item of encode_batch: the same result), and
+# returns the row's value; run() drives one row, a batch driver (tasks.encode_records) many.
+Steps = Generator[str, object, object]
+
+
+def tokenize_one(tokenizer, text: str):
+    """The fast tokenizer's own encode of `text` (what tokenizer(text, add_special_tokens=False)
+    runs, without transformers' per-call wrapping)."""
+    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+
+
+def tokenize_batch(tokenizer, texts: list[str]) -> list:
+    """tokenize_one of each text, on the tokenizer's Rust threads."""
+    return tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+
+
+def run(tokenizer, steps: Steps):
+    """The value of `steps`, tokenizing each text it asks for on its own."""
+    try:
+        text = next(steps)
+        while True:
+            text = steps.send(tokenize_one(tokenizer, text))
+    except StopIteration as done:
+        return done.value
+
+
 def _encode_labels(tokenizer, text: str, spans: list[tuple[int, int]],
-                   check: bool = False) -> tuple[list[int], list[int]]:
-    """The fast tokenizer's own encode of `text` (what tokenizer(text,
-    add_special_tokens=False) runs, without transformers' per-call wrapping) and
-    the labels that train `spans`, as labels_from_spans gives them. check: compare
-    with labels_from_spans on every offset, and keep to it for good if they differ."""
-    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+                   check: bool = False, encoding=None) -> tuple[list[int], list[int]]:
+    """The ids of `text` (its `encoding` when given, else tokenize_one's) and the labels
+    that train `spans`, as labels_from_spans gives them. check: compare with
+    labels_from_spans on every offset, and keep to it for good if they differ."""
+    if encoding is None:
+        encoding = tokenize_one(tokenizer, text)
     input_ids = encoding.ids
     if check or tokenizer in _OUT_OF_ORDER:
         general = labels_from_spans(input_ids, encoding.offsets, spans)
@@ -343,10 +371,6 @@ def _encode_labels(tokenizer, text: str, spans: list[tuple[int, int]],
         _OUT_OF_ORDER.add(tokenizer)
         return input_ids, general
     return input_ids, labels
-
-
-def _tokenize(tokenizer, text: str) -> list[int]:
-    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
 
 REFERENCE_CHECKS = 32  # rows per tokenizer checked against apply_chat_template(tokenize=True)
@@ -371,12 +395,20 @@ def encode(tokenizer, messages: list[dict], losses: list[bool | None] | None = N
     gives them, and labels that are IGNORE_INDEX everywhere but the turns
     `loss_scale` and each message's own `loss` (losses[i]) train; by default the
     assistant turns. Messages written as ms-swift tool_call turns are adapted first."""
+    return run(tokenizer, encode_steps(tokenizer, messages, losses, loss_scale, tools))
+
+
+def encode_steps(tokenizer, messages: list[dict], losses: list[bool | None] | None = None,
+                 loss_scale: str = "default", tools: list | None = None) -> Steps:
+    """encode as steps (see Steps): all of a row's Python work, the one text it tokenizes
+    left to the driver."""
     messages, losses = with_tool_calls(tokenizer, messages, list(losses or [None] * len(messages)))
     text = render(tokenizer, messages, tools=tools)
     trained = trained_messages([m["role"] for m in messages], losses, loss_scale)
     spans = _spans(tokenizer, messages, text, trained, loss_scale == "all", tools)
     check = _needs_reference(tokenizer)
-    input_ids, labels = _encode_labels(tokenizer, text, spans, check)
+    encoding = yield text
+    input_ids, labels = _encode_labels(tokenizer, text, spans, check, encoding)
     if check:
         _check_reference(input_ids, template_ids(tokenizer, messages, tools))
     return Encoded(input_ids, labels)
@@ -413,8 +445,13 @@ def _layout(tokenizer, messages: list[dict], trained: list[bool], everything: bo
 def encode_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
     """A prompt for generation (GRPO/PPO rows): the conversation and the template's
     generation prompt, exactly as apply_chat_template(add_generation_prompt=True)."""
+    return run(tokenizer, encode_prompt_steps(tokenizer, messages, tools))
+
+
+def encode_prompt_steps(tokenizer, messages: list[dict], tools: list | None = None) -> Steps:
+    """encode_prompt as steps (see Steps)."""
     messages, _ = with_tool_calls(tokenizer, messages, [None] * len(messages))
-    input_ids = _tokenize(tokenizer, render(tokenizer, messages, add_generation_prompt=True, tools=tools))
+    input_ids = (yield render(tokenizer, messages, add_generation_prompt=True, tools=tools)).ids
     if _needs_reference(tokenizer):
         _check_reference(input_ids, template_ids(tokenizer, messages, tools, add_generation_prompt=True))
     return input_ids
@@ -425,6 +462,12 @@ def encode_plain(tokenizer, messages: list[dict], losses: list[bool | None] | No
     """`--use_chat_template false` (`tuneforge pt`): the messages' texts concatenated
     as they are, then eos. Under `all` every token trains; otherwise the trained
     messages' texts do, and eos after a trained last message."""
+    return run(tokenizer, encode_plain_steps(tokenizer, messages, losses, loss_scale))
+
+
+def encode_plain_steps(tokenizer, messages: list[dict], losses: list[bool | None] | None = None,
+                       loss_scale: str = "all") -> Steps:
+    """encode_plain as steps (see Steps)."""
     losses = list(losses or [None] * len(messages))
     trained = trained_messages([m["role"] for m in messages], losses, loss_scale)
     text, spans = "", []
@@ -432,7 +475,9 @@ def encode_plain(tokenizer, messages: list[dict], losses: list[bool | None] | No
         if keep or loss_scale == "all" and message["role"] != "tool":
             spans.append((len(text), len(text) + len(message["content"])))
         text += message["content"]
-    input_ids, labels = _encode_labels(tokenizer, text, spans, _needs_reference(tokenizer))
+    check = _needs_reference(tokenizer)
+    encoding = yield text
+    input_ids, labels = _encode_labels(tokenizer, text, spans, check, encoding)
     eos = tokenizer.eos_token_id
     last_trained = bool(spans) and spans[-1][1] == len(text) and spans[-1][1] > spans[-1][0]
     return Encoded(input_ids + [eos], labels + [eos if last_trained else IGNORE_INDEX])

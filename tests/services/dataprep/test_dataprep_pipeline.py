@@ -95,6 +95,16 @@ def test_missing_dataset_file_fails_naming_it_before_any_work(tmp_path, write_js
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_tokenizer_directory_is_not_found_naming_the_flag(tmp_path, write_jsonl, conversation):
+    """Found by test_dataprep_fuzz_grpc (tokenizer=' '): the cache key read the directory first and
+    the preparation failed INTERNAL on FileNotFoundError."""
+    data = write_jsonl("a.jsonl", [conversation(0)])
+    with pytest.raises(NotFound) as error:
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), tokenizer=" "))
+    assert (str(error.value), error.value.field) == ("tokenizer: ' ': no such directory", "tokenizer")
+    assert not (tmp_path / "out").exists()
+
+
 def test_invalid_arguments_are_reported_together(tmp_path):
     with pytest.raises(Problems) as error:
         prepare(PrepareConfig(dataset=[], output_dir="", shard_rows=0, max_length=-1))
