@@ -42,6 +42,7 @@ def runtime(config: PrepareConfig) -> Iterator[None]:
     (left running), else a connection to --ray_address, else a local runtime of
     --num_proc CPUs without a dashboard (both shut down at the end)."""
     import ray
+    import ray.exceptions
 
     if ray.is_initialized():
         yield
@@ -53,9 +54,9 @@ def runtime(config: PrepareConfig) -> Iterator[None]:
             ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
         else:
             ray.init(num_cpus=config.num_proc, **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         where = f"the Ray cluster at {config.ray_address}" if config.ray_address else "a local Ray runtime"
-        raise Unavailable(f"ray_address: cannot connect to {where}: {str(exc).splitlines()[0]}",
+        raise Unavailable(f"cannot connect to {where}: {str(exc).splitlines()[0]}",
                           field="ray_address") from None
     try:
         yield
