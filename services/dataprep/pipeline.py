@@ -20,7 +20,7 @@ import numpy as np
 
 from libs.common import disk
 from libs.common.config import to_dict, validate
-from libs.common.errors import Cancelled, InvalidArgument
+from libs.common.errors import Cancelled, InvalidArgument, NotFound
 from libs.dataset.client import Progress
 from libs.dataset.schema import IGNORE_INDEX, PACKED_PAIR_SCHEMA, PACKED_SCHEMA, describe
 from services.dataprep import (cache, formats, inputs, jsonl, manifest as manifest_file, metrics, packing, parallel,
@@ -192,6 +192,9 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     args = {**{k: v for k, v in to_dict(config).items() if k not in ENGINE_ARGS}, "model": str(model_dir),
             "output_dir": str(output_dir)}
     tokenizer_dir = pathlib.Path(config.tokenizer).resolve() if config.tokenizer else model_dir
+    if config.tokenizer and not tokenizer_dir.is_dir():  # before the fingerprint lists its files
+        raise (InvalidArgument(f"{config.tokenizer}: not a directory", field="tokenizer") if tokenizer_dir.exists()
+               else NotFound(f"{config.tokenizer}: no such directory", field="tokenizer"))
     fingerprint = cache.fingerprint(args, [source.path for source in sources], tokenizer_dir, versions())
     cached = cache.reusable(output_dir, fingerprint)
     if cached is not None:

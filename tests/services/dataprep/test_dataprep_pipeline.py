@@ -7,7 +7,7 @@ import threading
 import pyarrow as pa
 import pytest
 
-from libs.common.errors import Cancelled, NotFound, Problems
+from libs.common.errors import Cancelled, InvalidArgument, NotFound, Problems
 from services.dataprep import template
 from services.dataprep.config import PrepareConfig
 from services.dataprep.pipeline import prepare
@@ -251,3 +251,16 @@ def test_tokens_that_differ_from_apply_chat_template_stop_the_run(tmp_path, writ
     with pytest.raises(template.ReferenceMismatch, match="does not reproduce apply_chat_template's input_ids"):
         prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("tokenizer, error, message", [
+    (" ", NotFound, "tokenizer:  : no such directory"), ("train.jsonl", InvalidArgument, "not a directory")])
+def test_a_tokenizer_that_is_no_directory_is_named_not_a_crash(tmp_path, write_jsonl, conversation, tokenizer, error,
+                                                               message, monkeypatch):
+    """Found by test_dataprep_fuzz_grpc (tokenizer=' '): the fingerprint listed the files of a
+    directory that did not exist, and the preparation crashed with INTERNAL."""
+    data = write_jsonl("train.jsonl", [conversation(1)])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error) as caught:
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), tokenizer=tokenizer))
+    assert message in str(caught.value)
