@@ -116,3 +116,18 @@ def test_ray_address_needs_engine_ray_and_an_unknown_engine_is_named():
     assert "engine: expected one of local, ray; got 'spark'" in str(caught.value)
     assert "ray_address: only --engine ray runs on a Ray cluster; add --engine ray" in str(caught.value)
     assert isinstance(caught.value, InvalidArgument)
+
+
+def test_the_dataprep_service_runs_engine_ray_from_its_arguments(tmp_path, ray_runtime, small_windows,
+                                                                 dataprep_server):
+    """PrepareArguments.engine travels over gRPC; the service's worker thread drives Ray."""
+    from libs.dataset import client
+
+    address, _ = dataprep_server
+    data = write(tmp_path / "sft.jsonl", SFT)
+    remote = client.prepare(address, PrepareConfig(dataset=[data], output_dir=str(tmp_path / "ray"), shard_rows=7,
+                                                   max_length=96, engine="ray"), timeout=120)
+    assert sum(ray_engine.LAST_RUN.chunks_by_worker.values()) == (35 - 4 + 3) // 4  # after the 4 read ahead
+    local = prepare(PrepareConfig(dataset=[data], output_dir=str(tmp_path / "local"), shard_rows=7, max_length=96))
+    assert [s["sha256"] for s in remote["shards"]] == [s["sha256"] for s in local["shards"]]
+    assert remote["rejected_by_reason"] == local["rejected_by_reason"] and "engine" not in remote["args"]
