@@ -57,7 +57,7 @@ def runtime(config: PrepareConfig) -> Iterator[None]:
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         where = f"the Ray cluster at {config.ray_address}" if config.ray_address else "a local Ray runtime"
         raise Unavailable(f"cannot connect to {where}: {str(exc).splitlines()[0]}",
-                          field="ray_address") from None
+                          field="ray_address" if config.ray_address else "engine") from None
     try:
         yield
     finally:
