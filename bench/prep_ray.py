@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import statistics
@@ -69,6 +70,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def timed(data: pathlib.Path, out: pathlib.Path, **args) -> tuple[float, dict]:
@@ -113,6 +115,7 @@ def main() -> None:
         assert [s["sha256"] for s in ours["shards"]] == [s["sha256"] for s in local["shards"]]
         print(f"{nodes} node(s) x 1 CPU, local --num_proc {nodes}, ray, {options.rows / local_s:.0f}, "
               f"{options.rows / ray_s:.0f}, {local_s / ray_s:.2f}, {fixed_s - small_local_s:.1f}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ over both nodes and writes the local engine's bytes."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
@@ -19,7 +20,7 @@ import time
 
 import pytest
 
-from services.dataprep import cli, pipeline, ray_engine, tasks
+from services.dataprep import pipeline
 from services.dataprep.config import PrepareConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -74,40 +75,44 @@ def cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def wait_for_nodes(address: str, count: int) -> None:
-    import ray
+# The driver: a process of its own, as a user's `tuneforge prepare` is (a Ray driver re-initialised in
+# a process that ran a local runtime before, as pytest's would be, lost its objects' ownership).
+# 16-row chunks, 2 a window: 480 rows are 30 tasks over 15 windows.
+DRIVER = """
+import json, sys, time
+import ray
+from services.dataprep import cli, pipeline, ray_engine, tasks
 
-    ray.init(address=address, log_to_driver=False)
-    try:
-        deadline = time.monotonic() + 120
-        while sum(node["Alive"] for node in ray.nodes()) < count:
-            assert time.monotonic() < deadline, f"{count} Ray nodes did not join"
-            time.sleep(0.5)
-    finally:
-        ray.shutdown()
+address, argv = sys.argv[1], sys.argv[2:]
+ray.init(address=address, log_to_driver=False)
+deadline = time.monotonic() + 120
+while sum(node["Alive"] for node in ray.nodes()) < 2:
+    assert time.monotonic() < deadline, "2 Ray nodes did not join"
+    time.sleep(0.5)
+ray.shutdown()
+tasks.PEEK_VALID, pipeline.CHUNK_ROWS, ray_engine.WINDOW_CHUNKS_PER_CPU = 4, 16, 1
+code = cli.main([*argv, "--ray_address", address])
+print(json.dumps({"code": code, "workers": dict(ray_engine.LAST_RUN.chunks_by_worker)}))
+"""
 
 
-@pytest.mark.slow  # two Ray nodes start and a driver connects twice: about 60-90 s on the loaded 2-core box
-def test_prepare_on_a_two_node_cluster_spreads_the_work_and_writes_the_local_bytes(tmp_path, cluster, monkeypatch):
+@pytest.mark.slow  # two Ray nodes start, a driver process connects twice: 45-90 s on the loaded 2-core box
+def test_prepare_on_a_two_node_cluster_spreads_the_work_and_writes_the_local_bytes(tmp_path, cluster):
     address, env = cluster
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    wait_for_nodes(address, 2)
-    # 16-row chunks, 2 a window: 480 rows are 30 tasks over 15 windows
-    monkeypatch.setattr(tasks, "PEEK_VALID", 4)
-    monkeypatch.setattr(pipeline, "CHUNK_ROWS", 16)
-    monkeypatch.setattr(ray_engine, "WINDOW_CHUNKS_PER_CPU", 1)
     data = tmp_path / "train.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"What is {i} times {i}?" + " please" * (i % 6)},
                           {"role": "assistant", "content": f"{i} times {i} is {i * i}."}]} for i in range(480)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows) + "not json\n")
     argv = ["--dataset", str(data), "--shard_rows", "100", "--max_length", "128"]
 
-    assert cli.main([*argv, "--output_dir", str(tmp_path / "ray"), "--engine", "ray", "--ray_address", address]) == 0
-
-    nodes = ray_engine.LAST_RUN.nodes
-    per_node = {node: sum(n for worker, n in ray_engine.LAST_RUN.chunks_by_worker.items()
-                          if worker.startswith(node)) for node in nodes}
-    assert len(nodes) == 2, ray_engine.LAST_RUN.chunks_by_worker  # both nodes tokenized chunks
+    driver = subprocess.run([sys.executable, "-c", DRIVER, address, *argv, "--output_dir", str(tmp_path / "ray"),
+                             "--engine", "ray"], env=env, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    result = json.loads(driver.stdout.strip().splitlines()[-1])
+    per_node = collections.Counter()
+    for worker, chunks in result["workers"].items():
+        per_node[worker.split(" ")[0]] += chunks
+    assert result["code"] == 0 and len(per_node) == 2, result  # both nodes tokenized chunks
     assert sum(per_node.values()) == (481 - 4 + 15) // 16 and min(per_node.values()) >= 1
     local = pipeline.prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "local"), shard_rows=100,
                                            max_length=128))
