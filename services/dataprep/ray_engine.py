@@ -36,32 +36,41 @@ class RayRun:
 LAST_RUN = RayRun()  # the most recent run in this process (tests and the log read it; no output file does)
 
 
+_RUNTIME = {"users": 0, "ours": False}  # preparations using Ray in this process; whether we started it
+_RUNTIME_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def runtime(config: PrepareConfig) -> Iterator[None]:
     """A Ray runtime for one preparation: the one already initialised in this process
-    (left running), else a connection to --ray_address, else a local runtime of
-    --num_proc CPUs without a dashboard (both shut down at the end)."""
+    (a caller's is left running), else a connection to --ray_address, else a local
+    runtime of --num_proc CPUs without a dashboard; ours is shut down when the last
+    preparation using it (a service may run several) ends."""
     import ray
     import ray.exceptions
 
-    if ray.is_initialized():
-        yield
-        return
-    quiet = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                 configure_logging=True)
-    try:
-        if config.ray_address:
-            ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
-        else:
-            ray.init(num_cpus=config.num_proc, **quiet)
-    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-        where = f"the Ray cluster at {config.ray_address}" if config.ray_address else "a local Ray runtime"
-        raise Unavailable(f"cannot connect to {where}: {str(exc).splitlines()[0]}",
-                          field="ray_address" if config.ray_address else "engine") from None
+    with _RUNTIME_LOCK:
+        if not ray.is_initialized():
+            try:
+                if config.ray_address:
+                    ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
+                else:
+                    ray.init(num_cpus=config.num_proc, include_dashboard=False, logging_level=logging.WARNING,
+                             log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+                where = f"the Ray cluster at {config.ray_address}" if config.ray_address else "a local Ray runtime"
+                raise Unavailable(f"cannot connect to {where}: {str(exc).splitlines()[0]}",
+                                  field="ray_address" if config.ray_address else "engine") from None
+            _RUNTIME["ours"] = True
+        _RUNTIME["users"] += 1
     try:
         yield
     finally:
-        ray.shutdown()
+        with _RUNTIME_LOCK:
+            _RUNTIME["users"] -= 1
+            if not _RUNTIME["users"] and _RUNTIME["ours"]:
+                ray.shutdown()
+                _RUNTIME["ours"] = False
 
 
 def _cluster_cpus() -> int:
