@@ -11,6 +11,8 @@ from services.dataprep.inputs import TXT_MODES
 from services.dataprep.templates import NAMES as TEMPLATE_NAMES
 from services.dataprep.loss_scale import LOSS_SCALES
 
+ENGINES = ("local", "ray")
+
 
 def _utf8(text: str) -> bool:
     try:
@@ -73,7 +75,15 @@ class PrepareConfig:
         "help": "bounded memory whatever the dataset size: packing works on windows of rows instead of the "
                 "whole dataset"})
     num_proc: int = field(default=1, metadata={
-        "help": "processes tokenizing in parallel; the output is identical whatever the number"})
+        "help": "processes tokenizing in parallel (--engine ray without --ray_address: the CPUs of the local Ray "
+                "runtime); the output is identical whatever the number"})
+    engine: str = field(default="local", metadata={
+        "help": "where rows are decoded and tokenized: local (this process, or --num_proc workers) or ray (Ray Data "
+                "tasks; packing and shard writing stay here); the output is byte-identical either way",
+        "choices": list(ENGINES)})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "--engine ray: address of an existing Ray cluster (host:port of its head, or 'auto'); unset starts "
+                "a local Ray runtime for this preparation"})
     block_size: int | None = field(default=None, metadata={
         "help": "task pt without packing: the documents' tokens, each document ending in eos, are joined and cut "
                 "into rows of this many tokens (run_clm's group_texts); unset means max_length"})
@@ -116,6 +126,10 @@ class PrepareConfig:
             found.append("packing: needs max_length > 0 (the length of a packed row)")
         if self.num_proc < 1:
             found.append(f"num_proc: expected a positive number; got {self.num_proc}")
+        if self.engine not in ENGINES:
+            found.append(f"engine: expected one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if self.ray_address is not None and self.engine != "ray":
+            found.append("ray_address: only --engine ray runs on a Ray cluster; add --engine ray")
         found.extend(self.corpus_problems())
         found.extend(paths.problems({"model": self.model, "tokenizer": self.tokenizer, "dataset": self.dataset,
                                      "output_dir": self.output_dir}))

@@ -7,6 +7,7 @@ temporary files are removed, no manifest."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -23,12 +24,15 @@ from libs.common.errors import Cancelled, InvalidArgument, NotFound
 from libs.dataset.client import Progress
 from libs.dataset.schema import IGNORE_INDEX, PACKED_PAIR_SCHEMA, PACKED_SCHEMA, describe
 from services.dataprep import (cache, formats, inputs, jsonl, manifest as manifest_file, metrics, packing, parallel,
-                               pretraining, shards, tasks, template)
+                               pretraining, ray_engine, shards, tasks, template)
 from services.dataprep.config import PrepareConfig
 
 REJECTS = "rejects.jsonl"
 CHUNK_ROWS = 256  # rows tokenized per task (and between progress reports)
 STREAMING_PACK_WINDOW = 10_000  # --streaming --packing: samples packed together, bounding memory
+# where rows are tokenized, not what: left out of the manifest (and so of the fingerprint), so that
+# both engines write the same bytes and reuse each other's shards
+ENGINE_ARGS = ("engine", "ray_address")
 
 
 def resolve_model(model: str | None) -> pathlib.Path:
@@ -185,10 +189,12 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     columns = formats.parse_columns(config.columns)
     model_dir = resolve_model(config.model)
     output_dir = pathlib.Path(config.output_dir).resolve()
-    args = {**to_dict(config), "model": str(model_dir), "output_dir": str(output_dir)}
+    args = {**{k: v for k, v in to_dict(config).items() if k not in ENGINE_ARGS}, "model": str(model_dir),
+            "output_dir": str(output_dir)}
     tokenizer_dir = pathlib.Path(config.tokenizer).resolve() if config.tokenizer else model_dir
-    if not tokenizer_dir.is_dir():  # before the cache key reads its files
-        raise NotFound(f"{config.tokenizer!r}: no such directory", field="tokenizer")
+    if config.tokenizer and not tokenizer_dir.is_dir():  # before the fingerprint lists its files
+        raise (InvalidArgument(f"{config.tokenizer!r}: not a directory", field="tokenizer") if tokenizer_dir.exists()
+               else NotFound(f"{config.tokenizer!r}: no such directory", field="tokenizer"))
     fingerprint = cache.fingerprint(args, [source.path for source in sources], tokenizer_dir, versions())
     cached = cache.reusable(output_dir, fingerprint)
     if cached is not None:
@@ -198,7 +204,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                               trained_tokens=cached["trained_tokens"], shards_written=len(cached["shards"]),
                               reused=True))
         return cached
-    parallel.start_early(config.num_proc)
+    if config.engine == "local":
+        parallel.start_early(config.num_proc)
     tokenizer = template.load_tokenizer(tokenizer_dir, config.template, config.use_chat_template,
                                         field="tokenizer" if config.tokenizer else "model")
     # the first valid row fixes the dataset's kind (--task auto) and so the shards' columns
@@ -248,9 +255,13 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         work, initargs = functools.partial(encode_chunk, tokenizer, columns=columns, config=config), ()
     try:
         with disk.writing(output_dir / REJECTS, field=shards.FIELD), open(output_dir / REJECTS, "w",
-                                                                         encoding="utf-8") as rejects:
+                                                                         encoding="utf-8") as rejects, \
+                contextlib.ExitStack() as stack:
             chunks = chunked(records, CHUNK_ROWS, cancelled, output_dir)
-            encoded = parallel.map_ordered(work, chunks, config.num_proc, _init_worker, initargs)
+            if config.engine == "ray":
+                encoded = stack.enter_context(ray_engine.session(chunks, tokenizer, config))
+            else:
+                encoded = parallel.map_ordered(work, chunks, config.num_proc, _init_worker, initargs)
             # the rows read ahead to fix the dataset's kind are encoded already
             for results in itertools.chain([[_as_arrays(result) for result in peeked]], encoded):
                 if cancelled is not None and cancelled.is_set():

@@ -187,6 +187,10 @@ def prepare_requests(files):
         "PrepareArguments.max_length": mostly([0, 16, 2048], [1, -1]),
         "PrepareArguments.shard_rows": mostly([1, 2, 1000], [0, -1]),
         "PrepareArguments.num_proc": mostly([1], [0, -1]),
+        # engine ray starts a Ray runtime in the server (seconds): the fuzzer sends only the local engine's
+        # valid values; test_dataprep_ray.py covers ray
+        "PrepareArguments.engine": mostly(["local"], ["spark", "Ray", ""]),
+        "PrepareArguments.ray_address": st.sampled_from([None] * 6 + ["127.0.0.1:1"]),
         "PrepareArguments.data_seed": mostly([0, 42, -1], [2**31 - 1]),
         "PrepareArguments.system": mostly(["", "You are terse."], list(ODD_TEXT)),
         "PrepareArguments.txt_mode": mostly(["file", "line"], ["para", ""]),

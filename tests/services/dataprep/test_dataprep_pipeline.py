@@ -7,7 +7,7 @@ import threading
 import pyarrow as pa
 import pytest
 
-from libs.common.errors import Cancelled, NotFound, Problems
+from libs.common.errors import Cancelled, InvalidArgument, NotFound, Problems
 from services.dataprep import template
 from services.dataprep.config import PrepareConfig
 from services.dataprep.pipeline import prepare
@@ -92,16 +92,6 @@ def test_missing_dataset_file_fails_naming_it_before_any_work(tmp_path, write_js
     with pytest.raises(NotFound) as error:
         prepare(PrepareConfig(dataset=[str(present), str(missing)], output_dir=str(tmp_path / "out")))
     assert str(missing) in str(error.value) and error.value.field == "dataset"
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_missing_tokenizer_directory_is_not_found_naming_the_flag(tmp_path, write_jsonl, conversation):
-    """Found by test_dataprep_fuzz_grpc (tokenizer=' '): the cache key read the directory first and
-    the preparation failed INTERNAL on FileNotFoundError."""
-    data = write_jsonl("a.jsonl", [conversation(0)])
-    with pytest.raises(NotFound) as error:
-        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), tokenizer=" "))
-    assert (str(error.value), error.value.field) == ("tokenizer: ' ': no such directory", "tokenizer")
     assert not (tmp_path / "out").exists()
 
 
@@ -261,3 +251,16 @@ def test_tokens_that_differ_from_apply_chat_template_stop_the_run(tmp_path, writ
     with pytest.raises(template.ReferenceMismatch, match="does not reproduce apply_chat_template's input_ids"):
         prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("tokenizer, error, message", [
+    (" ", NotFound, "tokenizer: ' ': no such directory"), ("train.jsonl", InvalidArgument, "not a directory")])
+def test_a_tokenizer_that_is_no_directory_is_named_not_a_crash(tmp_path, write_jsonl, conversation, tokenizer, error,
+                                                               message, monkeypatch):
+    """Found by test_dataprep_fuzz_grpc (tokenizer=' '): the fingerprint listed the files of a
+    directory that did not exist, and the preparation crashed with INTERNAL."""
+    data = write_jsonl("train.jsonl", [conversation(1)])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error) as caught:
+        prepare(PrepareConfig(dataset=[str(data)], output_dir=str(tmp_path / "out"), tokenizer=tokenizer))
+    assert message in str(caught.value)
