@@ -25,6 +25,7 @@ from libs.common import config as cfg
 from libs.common.errors import FailedPrecondition
 from libs.common.server import create_server
 from protos.tuneforge.trainer.v1 import trainer_pb2 as pb
+from services.dataprep.inputs import TXT_MODES
 from services.trainer import client
 from services.trainer.config import METHOD_CONFIGS, RLHF_TYPES, CpoConfig, GrpoConfig, TrainConfig
 
@@ -105,7 +106,7 @@ class PtCommandConfig(SftCommandConfig):
                 "or keep it as a shorter row (false)"})
     txt_mode: str = field(default="file", metadata={
         "help": "a .txt file is one document (file) or one document per non-blank line (line)",
-        "choices": ["file", "line"]})
+        "choices": list(TXT_MODES)})
 
     TASK = "pt"
 
