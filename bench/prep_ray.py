@@ -92,24 +92,33 @@ def main() -> None:
     small.write_text("".join(json.dumps(row) + "\n" for row in rows[:300]))  # 256 read ahead by the driver, one chunk on Ray
     runs = 0
 
-    def median(data_file, **args) -> tuple[float, dict]:
+    def run(data_file, **args) -> tuple[float, dict]:
         nonlocal runs
-        times = []
-        for _ in range(options.repeats):
-            runs += 1
-            seconds, manifest = timed(data_file, work / f"out{runs}", **args)
-            times.append(seconds)
-        return statistics.median(times), manifest
+        runs += 1
+        return timed(data_file, work / f"out{runs}", **args)
 
-    print(f"{options.rows} rows, {os.cpu_count()} CPUs; seconds end to end, median of {options.repeats}")
+    def medians(data_file, local_args: dict, ray_args: dict) -> tuple[float, dict, float, dict]:
+        """The local and the Ray engine on the same file, alternating which goes first each repeat."""
+        local_times, ray_times, local, ours = [], [], None, None
+        for repeat in range(options.repeats):
+            for engine in (("local", "ray") if repeat % 2 == 0 else ("ray", "local")):
+                if engine == "local":
+                    seconds, local = run(data_file, **local_args)
+                    local_times.append(seconds)
+                else:
+                    seconds, ours = run(data_file, **ray_args)
+                    ray_times.append(seconds)
+        return statistics.median(local_times), local, statistics.median(ray_times), ours
+
+    print(f"{options.rows} rows, {os.cpu_count()} CPUs; seconds end to end, median of {options.repeats} "
+          "(the engines alternate which goes first)")
     print("case, baseline, ours, baseline_rows_per_s, ours_rows_per_s, ratio, ray_fixed_cost_s")
     for nodes in (1, 2):
-        local_s, local = median(data, num_proc=nodes)
         cluster = Cluster(nodes)
         try:
-            fixed_s, _ = median(small, engine="ray", ray_address=cluster.address)
-            small_local_s, _ = median(small, num_proc=nodes)
-            ray_s, ours = median(data, engine="ray", ray_address=cluster.address)
+            ray_args = {"engine": "ray", "ray_address": cluster.address}
+            small_local_s, _, fixed_s, _ = medians(small, {"num_proc": nodes}, ray_args)
+            local_s, local, ray_s, ours = medians(data, {"num_proc": nodes}, ray_args)
         finally:
             cluster.stop()
         assert [s["sha256"] for s in ours["shards"]] == [s["sha256"] for s in local["shards"]]
