@@ -129,29 +129,28 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------------
 
-    async def generate(self, prompt_token_ids: list[int], params: "SamplingParams",
-                       lora: "LoRARequest | None" = None, request_id: str | None = None,
-                       ) -> AsyncIterator["RequestOutput"]:
-        """Streams the engine's outputs for one request (cumulative or delta, as
-        `params.output_kind` says). Cancelling the iteration aborts the request."""
-        from vllm.exceptions import VLLMClientError, VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError
+    async def render(self, prompts: list[list[int]]) -> list:
+        """vLLM's engine inputs for token-id prompts, rendered in one call. A request's prompts
+        then reach the engine core back to back, in one scheduler step: rendered one by one (each
+        in its own task), the first reached the core alone and ran a step before the others
+        joined, a step later (4 prompts: TTFT 33 ms, the first prompt's 23 ms)."""
+        with _typed_errors():
+            return await self.llm.renderer.render_cmpl_async([{"prompt_token_ids": p} for p in prompts])
 
+    async def generate(self, prompt, params: "SamplingParams", lora: "LoRARequest | None" = None,
+                       request_id: str | None = None) -> AsyncIterator["RequestOutput"]:
+        """Streams the engine's outputs for one request (cumulative or delta, as
+        `params.output_kind` says); `prompt` is token ids or an engine input from `render`.
+        Cancelling the iteration aborts the request."""
         request_id = request_id or uuid.uuid4().hex
-        try:
-            (engine_input,) = await self.llm.renderer.render_cmpl_async([{"prompt_token_ids": prompt_token_ids}])
+        if isinstance(prompt, list):
+            (prompt,) = await self.render([prompt])
+        with _typed_errors():
             # aclosing: when our caller stops early (client gone), vLLM aborts the request now,
             # not whenever the garbage collector finalizes its generator.
-            async with contextlib.aclosing(self.llm.generate(
-                    engine_input, params, request_id, lora_request=lora)) as outputs:
+            async with contextlib.aclosing(self.llm.generate(prompt, params, request_id, lora_request=lora)) as outputs:
                 async for output in outputs:
                     yield output
-        except VLLMValidationError as exc:
-            raise InvalidArgument(str(exc.args[0]) if exc.args else "invalid request", field=exc.parameter) from exc
-        except VLLMClientError as exc:
-            raise InvalidArgument(str(exc)) from exc
-        except EngineDeadError as exc:
-            raise Unavailable("the inference engine has stopped; restart the server") from exc
 
     # -- LoRA ------------------------------------------------------------------------------
 
@@ -221,6 +220,22 @@ class Engine:
         # TypeError traceback. An instance attribute wins over the method, so that call is a no-op.
         self.llm.shutdown = lambda timeout=None: None
         self._scratch.close()
+
+
+@contextlib.contextmanager
+def _typed_errors():
+    """vLLM's request errors as ours: its validation errors name their parameter."""
+    from vllm.exceptions import VLLMClientError, VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        yield
+    except VLLMValidationError as exc:
+        raise InvalidArgument(str(exc.args[0]) if exc.args else "invalid request", field=exc.parameter) from exc
+    except VLLMClientError as exc:
+        raise InvalidArgument(str(exc)) from exc
+    except EngineDeadError as exc:
+        raise Unavailable("the inference engine has stopped; restart the server") from exc
 
 
 def render_chat(tokenizer, messages: list[dict], model_dir: pathlib.Path, tools: list[dict] | None = None,

@@ -128,17 +128,18 @@ class RolloutService(serving_pb2_grpc.RolloutServiceServicer):
 
     async def _all(self, prompts, params, lora) -> list:
         """Every prompt's final output; the first failure aborts the others in the engine."""
+        # Rendered together first, so that the prompts reach the engine in one scheduler step.
+        rendered = await self.state.engine.render([list(prompt.token_ids) for prompt in prompts])
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._one(list(prompt.token_ids), p, lora))
-                         for prompt, p in zip(prompts, params)]
+                tasks = [group.create_task(self._one(engine_input, p, lora)) for engine_input, p in zip(rendered, params)]
         except BaseExceptionGroup as failed:
             raise next((e for e in failed.exceptions if isinstance(e, TuneForgeError)), failed.exceptions[0]) from None
         return [task.result() for task in tasks]
 
-    async def _one(self, token_ids: list[int], params, lora):
+    async def _one(self, engine_input, params, lora):
         final = None
-        async for output in self.state.engine.generate(token_ids, params, lora, request_id=uuid.uuid4().hex):
+        async for output in self.state.engine.generate(engine_input, params, lora, request_id=uuid.uuid4().hex):
             final = output
         if final is None or not final.finished:
             raise TuneForgeError("the engine ended a rollout request without its final output")

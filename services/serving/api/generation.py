@@ -224,8 +224,9 @@ async def complete(job: Job, prompts: list[list[int]], params, n: int) -> list[C
     """Every prompt's `n` choices, whole; prompt i's choice j has index i * n + j. The prompts
     go to the engine together (continuous batching), not one after another."""
     choices = [Choice(index) for index in range(len(prompts) * n)]
+    prompts = await job.state.engine.render(prompts)  # all at once: they reach the engine together
 
-    async def run(i: int, prompt: list[int]) -> None:
+    async def run(i: int, prompt) -> None:
         async with contextlib.aclosing(job.state.engine.generate(prompt, params, job.lease.lora)) as outputs:
             async for output in outputs:
                 for completion in output.outputs:
@@ -260,31 +261,35 @@ class Delta:
 
 
 async def open_stream(job: Job, prompts: list[list[int]], params, n: int) -> AsyncIterator[Delta]:
-    """Starts every prompt (together: the engine batches them) and waits for each one's first
-    output, so that a request the engine refuses raises here (its HTTP status) instead of
-    becoming an error event. Their deltas then interleave as the engine produces them."""
-    streams = [job.state.engine.generate(prompt, params, job.lease.lora) for prompt in prompts]
+    """Starts every prompt (together: the engine batches them) and waits for the first output
+    of any of them, so that a request the engine refuses raises here (its HTTP status) instead of
+    becoming an error event: the prompts share their parameters, so a refusal of them comes
+    first. Their deltas then interleave as the engine produces them. Waiting for every prompt's
+    first output put the slowest prompt's wait on the request's first token (the engine may start
+    a step with the first prompt alone: 4 prompts, 36 ms instead of 17)."""
+    rendered = await job.state.engine.render(prompts)  # all at once: they reach the engine together
+    streams = [job.state.engine.generate(prompt, params, job.lease.lora) for prompt in rendered]
+    firsts = [asyncio.ensure_future(anext(stream, None)) for stream in streams]
     try:
         with _naming_response_format(params):
-            firsts = await _first_outputs(streams)
+            done, _ = await asyncio.wait(firsts, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
     except BaseException:
-        for stream in streams:
-            await stream.aclose()
+        await _stop(firsts, streams)
         raise
     if len(streams) == 1:
-        return _deltas(job, n, 0, streams[0], firsts[0])
+        return _deltas(job, n, 0, streams[0], firsts[0].result())
     return _merged(job, n, streams, firsts)
 
 
-async def _first_outputs(streams: list) -> list:
-    if len(streams) == 1:
-        return [await anext(streams[0], None)]
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(anext(stream, None)) for stream in streams]
-    except BaseExceptionGroup as group_error:
-        raise group_error.exceptions[0] from None
-    return [task.result() for task in tasks]
+async def _stop(tasks: list[asyncio.Future], streams: list) -> None:
+    """Cancels `tasks` (each advancing one of `streams`), waits for them, then closes every stream."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for stream in streams:
+        await stream.aclose()
 
 
 async def _deltas(job: Job, n: int, prompt: int, outputs, first) -> AsyncIterator[Delta]:
@@ -302,15 +307,16 @@ async def _deltas(job: Job, n: int, prompt: int, outputs, first) -> AsyncIterato
         await outputs.aclose()
 
 
-async def _merged(job: Job, n: int, streams: list, firsts: list) -> AsyncIterator[Delta]:
+async def _merged(job: Job, n: int, streams: list, firsts: list[asyncio.Future]) -> AsyncIterator[Delta]:
     """Several prompts' deltas in the order they come: one task per prompt feeds a queue (a
-    generator can only be advanced by one task at a time, so each task owns its stream)."""
+    generator can only be advanced by one task at a time, so each task owns its stream, from
+    the task awaiting its first output on)."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(prompt: int, stream, first) -> None:
+    async def pump(prompt: int, stream, first: asyncio.Future) -> None:
         try:
-            async for delta in _deltas(job, n, prompt, stream, first):
+            async for delta in _deltas(job, n, prompt, stream, await first):
                 await queue.put(delta)
             await queue.put(done)
         except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
@@ -328,6 +334,4 @@ async def _merged(job: Job, n: int, streams: list, firsts: list) -> AsyncIterato
             else:
                 yield item
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop([*tasks, *firsts], streams)

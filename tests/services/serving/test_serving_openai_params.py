@@ -295,8 +295,9 @@ def test_completion_echo_puts_the_prompt_first(client, serving, stream):
 
 
 def _max_running(serving, run) -> float:
-    """The most requests the engine ran at once while `run()` ran (its scheduler's gauge)."""
-    seen, stop = [0.0], threading.Event()
+    """The most requests the engine ran at once while `run()` ran (its scheduler's gauge). `run()`
+    starts once the poller has read the page once: a run shorter than the first read saw 0."""
+    seen, stop, polling = [0.0], threading.Event(), threading.Event()
 
     def poll():
         while not stop.is_set():
@@ -304,9 +305,11 @@ def _max_running(serving, run) -> float:
                 for line in response.read().decode().splitlines():
                     if line.startswith("tuneforge_serving_engine_running_requests "):
                         seen[0] = max(seen[0], float(line.split()[1]))
+            polling.set()
 
     poller = threading.Thread(target=poll)
     poller.start()
+    assert polling.wait(30)
     try:
         run()
     finally:
@@ -320,7 +323,7 @@ def test_a_list_of_prompts_reaches_the_engine_together(client, serving, stream):
     prompts = ["one", "two", "three", "four"]
 
     def run():
-        reply = client.completions.create(model=serving.base_name, prompt=prompts, max_tokens=48, temperature=0,
+        reply = client.completions.create(model=serving.base_name, prompt=prompts, max_tokens=128, temperature=0,
                                           stream=stream, extra_body={"ignore_eos": True})
         indexes = ({c.index for chunk in reply for c in _completion_chunk(chunk).choices} if stream
                    else {c.index for c in reply.choices})
