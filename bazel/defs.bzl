@@ -133,10 +133,9 @@ def pytest_group(name, srcs, deps, home, data = [], shard_count = 1, tags = []):
     and the session fixtures (the dataprep server, the prepared dataset, the
     trainer server) before its first test: 3.5 s of CPU a file more than in
     one process (measured on tests/cli and tests/libs), so a folder's files run
-    together. With `shard_count` N,
-    shard i runs every N-th file from the i-th (bazel/pytest_main.py), so
-    Bazel spreads a large folder over the machine's cores. Tests marked slow
-    or gpu are deselected, as in `pytest_files`.
+    together. With `shard_count` N, shard i runs every N-th file from the i-th
+    (bazel/pytest_main.py), so Bazel spreads a large folder over the machine's
+    cores. Tests marked slow or gpu are deselected, as in `pytest_files`.
     """
     native.py_test(
         name = name,
