@@ -126,6 +126,32 @@ def pytest_files(srcs, deps, home, data = [], size = "small", timeout = "moderat
             python_version = "PY3",
         )
 
+def pytest_group(name, srcs, deps, home, data = [], shard_count = 1, tags = []):
+    """One py_test running the pytest files in `srcs` in one process (per shard).
+
+    Each test process pays for Python, pytest, the conftest and torch imports,
+    and the session fixtures (the dataprep server, the prepared dataset, the
+    trainer server) before its first test: 3.5 s of CPU a file more than in
+    one process (measured on tests/cli and tests/libs), so a folder's files run
+    together. With `shard_count` N, shard i runs every N-th file from the i-th
+    (bazel/pytest_main.py), so Bazel spreads a large folder over the machine's
+    cores. Tests marked slow or gpu are deselected, as in `pytest_files`.
+    """
+    native.py_test(
+        name = name,
+        srcs = srcs + ["//bazel:pytest_main.py"],
+        main = "//bazel:pytest_main.py",
+        args = ["-m", "'%s'" % _DESELECT] + ["$(rootpath %s)" % src for src in srcs],
+        env = {"TUNEFORGE_HOME": "$(rootpath %s)" % home},
+        deps = deps,
+        data = data + [home],
+        size = "medium",
+        timeout = "long",
+        shard_count = shard_count,
+        tags = tags,
+        python_version = "PY3",
+    )
+
 def _tuneforge_home_impl(ctx):
     home = ctx.actions.declare_directory(ctx.attr.name)
     ctx.actions.run(

@@ -69,7 +69,6 @@ def test_flags_are_checked_together_and_a_missing_dataset_names_its_flag(tmp_pat
     assert InferConfig(adapters=["/some/path"]).adapter_path() == "/some/path"
 
 
-@pytest.mark.slow
 def test_metric_nlg_needs_labelled_rows_and_says_so_before_the_engine_starts(tmp_path, capsys):
     data = write(tmp_path / "val.jsonl", [ROWS[1], ROWS[2]])  # prompts only
     assert tuneforge(["infer", "--val_dataset", data, "--metric", "nlg"]) == 2
@@ -79,6 +78,7 @@ def test_metric_nlg_needs_labelled_rows_and_says_so_before_the_engine_starts(tmp
         cfg.parse(InferConfig, ["--val_dataset", data, "--metric", "acc"])
 
 
+@pytest.mark.slow  # the session stack's engine, and one more in the subprocess
 def test_infer_in_a_subprocess_answers_like_the_server_with_the_same_adapter(serving, make_lora, tmp_path):
     adapter = make_lora("infer-ada", rank=8, seed=21)
     data = write(tmp_path / "val.jsonl", [ROWS[0], ROWS[1], ROWS[5]])

@@ -2,7 +2,9 @@
 launches a job (services.trainer.worker -> torchrun -> ranks): the loss trajectory of 10
 steps under DDP, DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 matches one process with the same
 global batch, and the consolidated checkpoint matches its weights; 2 nodes x 1 process on
-loopback; a crashed rank fails the job with a message naming it, in bounded time.
+loopback; a crashed rank fails the job with a message naming it, in bounded time; a resume
+from a mid-run checkpoint logs the uninterrupted run's losses, under ZeRO-2 and ZeRO-3 with
+the Chinese-LLaMA recipe's modules_to_save on a vocabulary extended by --tokenizer.
 
 Same global batch: 2 ranks x micro-batch 1 x accumulation 2 read rows {0, 2} and {1, 3}
 (dataprep gives rank r the rows i with i % 2 == r), one process with micro-batch 1 x
@@ -28,6 +30,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from libs.common import checkpoint
 from services.trainer import launch, training
@@ -202,27 +205,58 @@ SHARDS = {
 }
 ONE_PROCESS_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "args.json", "logging.jsonl",
                      "trainer_state.json", "training_state.pt"]
+TOKENIZER_FILES = ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]  # saved with --tokenizer
+NEW_WORDS = ["zorblaxian", "quuxotic"]
+
+
+@pytest.fixture(scope="module")
+def extended_tokenizer(default_model, tmp_path_factory) -> tuple[str, int]:
+    """The default model's tokenizer with NEW_WORDS added, saved; and the base vocabulary's size."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    base = len(tokenizer)
+    assert tokenizer.add_tokens(NEW_WORDS) == len(NEW_WORDS)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(out)
+    return str(out), base
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [pytest.param({}, id="ddp"), pytest.param({"fsdp": True}, id="fsdp"),
                                      pytest.param({"deepspeed": "zero2"}, id="zero2"),
                                      pytest.param({"deepspeed": "zero3"}, id="zero3")])
-def test_two_processes_resume_within_1e_6(backend, prepared_dataset, dataprep_address, tmp_path, request):
+def test_two_processes_resume_within_1e_6(backend, prepared_dataset, dataprep_address, extended_tokenizer, tmp_path,
+                                          request):
     """Resume restores every rank's RNG state (LoRA dropout on) and data cursor, and the
     optimizer state (FSDP2 and ZeRO: each rank writes and reads back its own shards, nothing
     gathered): the steps after a resume from checkpoint-3 log the losses of the
     uninterrupted run. Each rank has 4 rows an epoch, in steps of 3 and 1 micro-batches:
-    step 3 ends mid-epoch. Another number of processes is refused at submission."""
+    step 3 ends mid-epoch. Another number of processes is refused at submission.
+
+    ZeRO-2 and ZeRO-3 train the Chinese-LLaMA recipe's setting: LoRA plus modules_to_save
+    embed_tokens,lm_head on a vocabulary extended by --tokenizer, so the checkpoint holds the
+    whole resized modules, partitioned like the LoRA deltas, and the resume must restore both.
+    (One run pair per stage covers plain LoRA and the resized modules: a second pair per stage,
+    in its own file, cost about a minute of `make test`.)"""
+    name = request.node.callspec.id
+    resized = name in ("zero2", "zero3")
+    tokenizer, base = extended_tokenizer
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     common = dict(nproc_per_node=2, save_steps=3, lora_dropout=0.1, gradient_accumulation_steps=3, **backend)
+    if resized:
+        common.update(tokenizer=tokenizer, modules_to_save=["embed_tokens", "lm_head"])
     code, _events, err = finish(run_worker(job(prepared_dataset, dataprep_address, whole, **common), tmp_path))
     assert code == 0, err[-3000:]
     state = json.loads((whole / "checkpoint-3" / "trainer_state.json").read_text())
     assert [c["epoch"] for c in state["data_cursors"]] == [1, 1]  # mid-epoch on both ranks
-    name = request.node.callspec.id
     manifest = checkpoint.verify(whole / "checkpoint-3")  # the shards are covered by the manifest too
-    assert sorted(manifest["files"]) == sorted(ONE_PROCESS_FILES + SHARDS[name])
+    assert sorted(manifest["files"]) == sorted(ONE_PROCESS_FILES + SHARDS[name] + (TOKENIZER_FILES if resized else []))
+    at_3 = load_file(whole / "checkpoint-3" / "adapter_model.safetensors")
+    whole_modules = {k: t.shape[0] for k, t in at_3.items() if "embed_tokens" in k or "lm_head" in k}
+    if resized:
+        assert whole_modules and set(whole_modules.values()) == {base + len(NEW_WORDS)}, whole_modules
+        assert len(AutoTokenizer.from_pretrained(whole / "checkpoint-3")) == base + len(NEW_WORDS)
+    else:
+        assert whole_modules == {}
     saved = torch.load(whole / "checkpoint-3" / "training_state.pt", weights_only=True)
     assert ("optimizer" in saved) == (name == "ddp")
     refused = job(prepared_dataset, dataprep_address, resumed, resume_from_checkpoint=str(whole / "checkpoint-3"),
@@ -239,6 +273,8 @@ def test_two_processes_resume_within_1e_6(backend, prepared_dataset, dataprep_ad
     assert worst <= 1e-6
     final, reference_final = weights(resumed, "lora"), weights(whole, "lora")
     assert max(float((final[k] - reference_final[k]).abs().max()) for k in final) <= 1e-6
+    if resized:  # the whole modules trained on after the checkpoint
+        assert any(not torch.equal(at_3[k], reference_final[k]) for k in whole_modules)
 
 
 def training_processes(config_path: pathlib.Path) -> list[int]:
