@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -62,6 +63,15 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise FailedPrecondition(f"cannot bind {host}:{port}: {exc.strerror}", field="port") from exc
     return sock
+
+
+def freeze_startup_heap() -> None:
+    """Moves every object alive after start-up (vLLM, torch, transformers: millions of them) out
+    of the garbage collector's reach, as vLLM's own server does: a full collection walked them
+    all on the event loop, 361 ms during which no request was answered (a TTFT p90 of 0.5-1.5 s
+    in the serving benchmark). Later garbage is collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def check_adapters(registry: AdapterRegistry, adapters: dict[str, str]) -> None:
@@ -146,6 +156,7 @@ async def _serve(config: DeployConfig) -> int:
         ports = {"http_port": http_port, "grpc_port": grpc_port}
         if config.metrics:
             ports["metrics_port"] = http_port
+        freeze_startup_heap()
         write_ready_file(config.ready_file, **ports)
         url = f"http://{_url_host(config.host)}:{http_port}/v1"
         logs.log(LOG, logging.INFO, "serving", url=url, grpc=f"{config.host}:{grpc_port}", model=base_name,

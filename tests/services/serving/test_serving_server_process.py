@@ -1,11 +1,15 @@
-"""The HTTP socket serving binds: each accepted connection has Nagle off (TCP_NODELAY). With it on,
-a response's second small write on a kept-alive connection waited for the client's delayed ACK,
-~40 ms on every streamed and non-streamed answer after a connection's first."""
+"""What the serving process sets up around its HTTP server. The socket it binds: each accepted
+connection has Nagle off (TCP_NODELAY); with it on, a response's second small write on a
+kept-alive connection waited for the client's delayed ACK, ~40 ms on every answer after a
+connection's first. The heap after start-up: frozen out of the garbage collector's reach, so
+that a full collection does not walk it on the event loop (361 ms measured)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 
 import httpx
 import uvicorn
@@ -51,3 +55,14 @@ def test_every_kept_alive_connection_has_nagle_off():
     bodies, nodelay = asyncio.run(run())
     assert bodies == ["data: 1\n\ndata: 2\n\n"] * 3
     assert len(nodelay) == 3 and all(nodelay), nodelay
+
+
+def test_the_startup_heap_is_frozen_out_of_the_collectors_reach():
+    # A fresh interpreter with what the server module imports (FastAPI, gRPC, protobuf; the engine, later).
+    code = ("import gc; import services.serving.server as server; before = len(gc.get_objects()); "
+            "server.freeze_startup_heap(); print(before, gc.get_freeze_count(), len(gc.get_objects()))")
+    before, frozen, tracked = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                      check=True).stdout.split())
+    assert before > 10_000
+    assert frozen >= before * 0.9
+    assert tracked < 100
