@@ -1,0 +1,89 @@
+"""The one-slot fast path of vLLM's CPU LoRA ops (libs.common.vllm_cpu_lora) against vLLM's own
+torch ops on the same tensors: every token on one slot (the fast path), tokens on several slots
+and on no adapter (-1; vLLM's ops), prefill (sgmv) and decode (bgmv) forms, each with and
+without add_inputs; and that the engine's punica wrapper calls them once installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.lora.ops import torch_ops  # noqa: E402
+
+from libs.common import vllm_cpu_lora  # noqa: E402
+
+SLOTS, RANK, IN, OUT, TOKENS = 3, 8, 32, 48, 7
+FAST = vllm_cpu_lora._fast_ops(torch_ops)
+
+
+def tensors(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(SLOTS, 1, RANK, IN, generator=generator)  # vLLM's stacked lora_a: [slots, 1, rank, in]
+    b = torch.randn(SLOTS, 1, OUT, RANK, generator=generator)  # lora_b: [slots, 1, out, rank]
+    x = torch.randn(TOKENS, IN, generator=generator)
+    h = torch.randn(TOKENS, RANK, generator=generator)
+    y = torch.randn(TOKENS, OUT + 16, generator=generator)  # wider: the slice forms write part of it
+    return a, b, x, h, y
+
+
+# token -> slot: one slot (fast), mixed slots, no adapter beside one (-1 indexes the last slot, as vLLM's ops do)
+INDICES = {"one slot": [1] * TOKENS, "slot 0": [0] * TOKENS, "mixed": [0, 0, 2, 2, 2, 1, 1],
+           "with base": [-1, -1, 1, 1, 1, 1, 1]}
+
+
+@pytest.mark.parametrize("case", list(INDICES))
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_bgmv_forms_equal_vllms_ops(case, add_inputs):
+    a, b, x, h, y = tensors(0)
+    indices = torch.tensor(INDICES[case])
+    for name, args in (("bgmv_expand", (h, b)), ("bgmv_expand_slice", (h, b))):
+        extra = (8, OUT) if name.endswith("slice") else ()
+        want, got = y.clone(), y.clone()
+        getattr(torch_ops, name)(*args, want, indices, *extra, add_inputs)
+        FAST[name](*args, got, indices, *extra, add_inputs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got, y)
+    want, got = torch.zeros(TOKENS, RANK), torch.zeros(TOKENS, RANK)
+    torch_ops.bgmv_shrink(x, a, want, indices, 0.5)
+    FAST["bgmv_shrink"](x, a, got, indices, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(INDICES))
+def test_sgmv_forms_equal_vllms_ops(case):
+    from vllm.lora.punica_wrapper.utils import compute_meta
+
+    a, b, x, h, y = tensors(1)
+    # the prefill metadata vLLM computes from the tokens' slots (consecutive runs merged)
+    meta = compute_meta(torch.tensor(INDICES[case]))[:-1]
+    want, got = torch.zeros(TOKENS, RANK), torch.zeros(TOKENS, RANK)
+    torch_ops.sgmv_shrink(x, a, want, *meta, 2.0)
+    FAST["sgmv_shrink"](x, a, got, *meta, 2.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for add_inputs in (True, False):
+        want, got = y[:, :OUT].clone(), y[:, :OUT].clone()
+        torch_ops.sgmv_expand(h, b, want, *meta, add_inputs)
+        FAST["sgmv_expand"](h, b, got, *meta, add_inputs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        want, got = y.clone(), y.clone()
+        torch_ops.sgmv_expand_slice(h, b, want, *meta, 16, OUT, add_inputs)
+        FAST["sgmv_expand_slice"](h, b, got, *meta, 16, OUT, add_inputs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_install_points_the_cpu_punica_wrapper_at_the_fast_paths():
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    vllm_cpu_lora.install()
+    vllm_cpu_lora.install()  # once per process: the fallbacks stay vLLM's own ops
+    for name in FAST:
+        assert getattr(punica_cpu, name).__module__ == vllm_cpu_lora.__name__
+        assert getattr(punica_cpu, name).__qualname__.startswith("_fast_ops.")
+    indices = torch.tensor(INDICES["mixed"])
+    a, b, x, h, y = tensors(2)
+    want, got = y.clone(), y.clone()
+    torch_ops.bgmv_expand(h, b, want, indices, True)
+    punica_cpu.bgmv_expand(h, b, got, indices, True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
