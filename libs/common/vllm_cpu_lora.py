@@ -1,13 +1,13 @@
-"""A faster path for vLLM's CPU LoRA kernels when every token of a batch runs the same adapter
-slot (a rollout server generating one job's policy, an adapter's chat traffic alone): one
-matrix product per LoRA slice instead of vLLM's torch ops, which gather each token's copy of
-the adapter weights ([tokens, rank, in]) and contract them with a batched einsum. Batches
-mixing slots (or base requests beside adapters) take vLLM's own ops unchanged.
+"""A faster path for vLLM's CPU LoRA ops when every token of a batch runs the same adapter slot
+(a rollout server generating one job's policy, an adapter's chat traffic alone): one matrix
+product per LoRA slice instead of vLLM's torch ops, which gather each token's copy of the
+adapter weights ([tokens, rank, in]) and contract them with a batched einsum. It replaces the
+sgmv forms the CPU punica wrapper calls (vLLM v1 on CPU always calls those); batches mixing
+slots, or holding rows without a LoRA (slot -1), go to the ops bound in vllm.lora.ops.torch_ops
+unchanged (in serving's engine process, services/serving/lora_mask.py's masked ones).
 
-Installed by libs.common.vllm_platform.platform_defaults in the process that calls it, so it
-reaches engines whose model runs in that process: the colocated engine, and a serving process
-started with VLLM_ENABLE_V1_MULTIPROCESSING=0 (as docs/rlhf.md advises for a rollout server on
-a small CPU). vLLM's own engine process (its CPU default) is spawned and runs vLLM's ops.
+Installed where the model runs: by libs.common.vllm_platform.platform_defaults in the process
+that calls it (the colocated engine), and by serving's worker extension in its engine process.
 Measured (default model, one rollout of 2 prompts x 8 x 128 tokens as one adapter, the same
 tokens either way): 0.36 s of CPU against 0.51-0.54 s with vLLM's ops."""
 
@@ -17,11 +17,12 @@ _INSTALLED = False
 
 
 def _one_slot(indices) -> int | None:
-    """The slot every token uses, or None where they differ (or there are none)."""
+    """The slot every token uses, or None where they differ, where it is -1 (no LoRA: vLLM's
+    indexing would read the last slot) or where there are none."""
     if indices.numel() == 0:
         return None
-    first = indices[0]
-    return int(first) if bool((indices == first).all()) else None
+    first = int(indices[0])
+    return first if first >= 0 and bool((indices == first).all()) else None
 
 
 def _weights(stacked, slot: int, dtype):
@@ -100,14 +101,18 @@ def _fast_ops(ops):
             "sgmv_shrink": sgmv_shrink, "sgmv_expand": sgmv_expand, "sgmv_expand_slice": sgmv_expand_slice}
 
 
+SGMV = ("sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
+
+
 def install() -> None:
-    """Points vLLM's CPU punica wrapper at the fast paths (once per process)."""
+    """Points vLLM's CPU punica wrapper's sgmv ops at the fast paths (once per process)."""
     global _INSTALLED
     if _INSTALLED:
         return
     from vllm.lora.ops import torch_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
-    for name, function in _fast_ops(torch_ops).items():
-        setattr(punica_cpu, name, function)
+    fast = _fast_ops(torch_ops)
+    for name in SGMV:
+        setattr(punica_cpu, name, fast[name])
     _INSTALLED = True

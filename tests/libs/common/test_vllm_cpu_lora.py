@@ -30,7 +30,7 @@ def tensors(seed: int):
 
 # token -> slot: one slot (fast), mixed slots, no adapter beside one (-1 indexes the last slot, as vLLM's ops do)
 INDICES = {"one slot": [1] * TOKENS, "slot 0": [0] * TOKENS, "mixed": [0, 0, 2, 2, 2, 1, 1],
-           "with base": [-1, -1, 1, 1, 1, 1, 1]}
+           "with base": [-1, -1, 1, 1, 1, 1, 1], "base only": [-1] * TOKENS}
 
 
 @pytest.mark.parametrize("case", list(INDICES))
@@ -44,7 +44,8 @@ def test_bgmv_forms_equal_vllms_ops(case, add_inputs):
         getattr(torch_ops, name)(*args, want, indices, *extra, add_inputs)
         FAST[name](*args, got, indices, *extra, add_inputs)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert not torch.equal(got, y)
+        if case != "base only":  # (serving's lora_mask, when loaded, leaves rows without a LoRA alone)
+            assert not torch.equal(got, y)
     want, got = torch.zeros(TOKENS, RANK), torch.zeros(TOKENS, RANK)
     torch_ops.bgmv_shrink(x, a, want, indices, 0.5)
     FAST["bgmv_shrink"](x, a, got, indices, 0.5)
@@ -73,17 +74,48 @@ def test_sgmv_forms_equal_vllms_ops(case):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_install_points_the_cpu_punica_wrapper_at_the_fast_paths():
+def test_one_slot_is_the_fast_path_and_no_lora_never_is():
+    assert vllm_cpu_lora._one_slot(torch.tensor(INDICES["one slot"])) == 1
+    assert vllm_cpu_lora._one_slot(torch.tensor(INDICES["slot 0"])) == 0
+    for case in ("mixed", "with base", "base only"):
+        assert vllm_cpu_lora._one_slot(torch.tensor(INDICES[case])) is None
+    assert vllm_cpu_lora._one_slot(torch.tensor([], dtype=torch.long)) is None
+
+
+def test_install_points_the_cpu_punica_wrappers_sgmv_ops_at_the_fast_paths():
     from vllm.lora.punica_wrapper import punica_cpu
 
     vllm_cpu_lora.install()
-    vllm_cpu_lora.install()  # once per process: the fallbacks stay vLLM's own ops
-    for name in FAST:
+    vllm_cpu_lora.install()  # once per process: the fallbacks stay the ops torch_ops binds
+    for name in vllm_cpu_lora.SGMV:
         assert getattr(punica_cpu, name).__module__ == vllm_cpu_lora.__name__
-        assert getattr(punica_cpu, name).__qualname__.startswith("_fast_ops.")
-    indices = torch.tensor(INDICES["mixed"])
-    a, b, x, h, y = tensors(2)
-    want, got = y.clone(), y.clone()
-    torch_ops.bgmv_expand(h, b, want, indices, True)
-    punica_cpu.bgmv_expand(h, b, got, indices, True)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the bgmv names are left to vLLM (and to serving's lora_mask, which wraps them)
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        assert getattr(punica_cpu, name).__module__ != vllm_cpu_lora.__name__
+
+
+@pytest.mark.parametrize("token_ids", [[2] * 5, [1, 1, 2, 2, 2]], ids=["one adapter", "two adapters"])
+def test_vllms_punica_wrapper_with_the_fast_path_applies_each_rows_adapter(token_ids):
+    """Through vLLM's CPU punica wrapper as v1's model runner drives it (is_prefill, the sgmv
+    forms), installed: each row gets x @ A.T @ B.T * scale of its own slot, slice by slice."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    vllm_cpu_lora.install()
+    slices, slot_of_id = (6, 5), [1, 2]  # slot i holds the LoRA with int id i + 1
+    punica = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=16, device="cpu")
+    punica.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids), is_prefill=True), slot_of_id, 2,
+                           vocab_size=100)
+    generator = torch.Generator().manual_seed(3)
+    lora_a = tuple(torch.randn(2, 1, RANK, IN, generator=generator) for _ in slices)
+    lora_b = tuple(torch.randn(2, 1, size, RANK, generator=generator) for size in slices)
+    x = torch.randn(len(token_ids), IN, generator=generator)
+    y = torch.randn(len(token_ids), sum(slices), generator=generator)
+    want = y.clone()
+    for row, lora_id in enumerate(token_ids):
+        slot, offset = slot_of_id.index(lora_id), 0
+        for a, b, size in zip(lora_a, lora_b, slices):
+            want[row, offset:offset + size] += (x[row] @ a[slot, 0].T * 0.5) @ b[slot, 0].T
+            offset += size
+    punica.add_lora_linear(y, x, lora_a, lora_b, 0.5, slices)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
