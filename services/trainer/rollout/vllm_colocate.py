@@ -2,7 +2,7 @@
 rollouts and is kept in sync with the policy: a LoRA policy as a new adapter version at each
 sync (the previous one removed), or with `merge_lora` as the base weights plus the adapter's
 delta loaded in place (TRL's and ms-swift's default: on CPU vLLM's LoRA kernels gather every
-token's adapter weights, which made one rollout's generation 4x slower than on plain weights);
+token's adapter weights, which made one rollout's generation about 3x slower than merged);
 a full policy by loading its weights in place.
 
 The engine runs in process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a sync hands the engine
@@ -160,7 +160,8 @@ class ColocateGenerator:
 
     def sync(self, model: torch.nn.Module, step: int) -> None:
         """Makes the engine generate as `model` does: a PEFT policy becomes the engine's
-        adapter (a new version; the previous is removed), a plain one is loaded in place."""
+        adapter (a new version; the previous is removed) or, with `merge_lora`, its merged
+        weights are loaded in place, as a plain one's are."""
         started = time.perf_counter()
         if _is_peft(model) and self.merge_lora:
             self._check_lora(model, slot=False)
@@ -180,8 +181,6 @@ class ColocateGenerator:
         if slot and rank > lora_slot_rank(self.lora_rank):
             raise FailedPrecondition(f"the policy's LoRA rank {rank} is above the engine's slot rank "
                                      f"{lora_slot_rank(self.lora_rank)}", field="lora_rank")
-        if getattr(config, "use_dora", False):
-            raise FailedPrecondition("the policy is a DoRA adapter, which vLLM does not apply", field="use_vllm")
         if config.modules_to_save:
             raise FailedPrecondition(
                 f"the policy trains whole modules ({', '.join(sorted(config.modules_to_save))}, modules_to_save): "
