@@ -207,7 +207,7 @@ def worker_ours(spec: dict) -> dict:
                          vllm_server_host=spec.get("serving_host"), vllm_server_port=spec.get("serving_port", 8000),
                          # file order, as TRL's with shuffle_dataset off: the same prompts a step
                          dataset_shuffle=False,
-                         **OPTIM)
+                         vllm_enable_lora=spec["vllm_enable_lora"], **OPTIM)
     times, cpu, phases = [], [], []
     clock = cpu_clock(spec.get("serving_pid"))
     last_cpu = [clock()]
@@ -373,6 +373,10 @@ def main() -> int:
     parser.add_argument("--serving_engine", choices=list(SERVING_ENGINES), default="in-core",
                         help="in-core: the serving process started with VLLM_ENABLE_V1_MULTIPROCESSING=0; "
                              "worker-process: vLLM's CPU default (docs/serving.md)")
+    parser.add_argument("--vllm_enable_lora", choices=["unset", "true", "false"], default="unset",
+                        help="ours: --vllm_enable_lora (unset: the product's default, the adapter merged into the "
+                             "colocated engine's weights, the adapter itself to the serving service; true: the "
+                             "adapter to both)")
     parser.add_argument("--first", choices=["ours", "trl"], default="trl",
                         help="which runs first in round 1 (the order is reversed every round): run the bench "
                              "once with each to see both orders from round 1")
@@ -415,7 +419,7 @@ def main() -> int:
                   f"batch {args.batch} completions ({args.batch // args.num_generations} prompts) a step, "
                   f"max_completion_length {args.max_completion_length}, {args.steps} steps ({args.warmup} warm-up), "
                   f"{args.threads} threads, {args.rounds} rounds, serving --max_lora_rank {args.serving_max_lora_rank} "
-                  f"{args.serving_engine}",
+                  f"{args.serving_engine}, --vllm_enable_lora {args.vllm_enable_lora}",
                   file=sys.stderr)
             results: dict[str, list[dict]] = {kind: [] for kind in kinds}
             first = kinds if args.first == "trl" else kinds[::-1]
@@ -426,7 +430,8 @@ def main() -> int:
                             "output_dir": str(root / f"{kind}-{round_}"), "steps": args.steps, "warmup": args.warmup,
                             "threads": args.threads, "batch": args.batch, "num_generations": args.num_generations,
                             "max_completion_length": args.max_completion_length, "generation": KINDS[kind][1],
-                            "async": kind in ASYNC}
+                            "async": kind in ASYNC,
+                            "vllm_enable_lora": {"unset": None, "true": True, "false": False}[args.vllm_enable_lora]}
                     serving = None
                     if KINDS[kind][1] == "server":  # up only while its trainer runs: idle, it would still hold memory
                         serving = stack.start_serving(model=str(model_dir), extra=[

@@ -217,6 +217,9 @@ class RlhfCommandConfig(SftCommandConfig):
     vllm_server_port: int = field(default=8000, metadata={
         "help": "vllm_mode server: the serving process's admin gRPC port (`tuneforge deploy --grpc_port`, printed at "
                 "its start as `admin gRPC HOST:PORT`), not its HTTP port"})
+    vllm_enable_lora: bool | None = field(default=None, metadata={
+        "help": "grpo --use_vllm with LoRA: sync the adapter to vLLM (true) or the weights with it merged in (false); "
+                "unset: merged in colocate (lora), the adapter in server mode"})
     num_ppo_epochs: int | None = field(default=None, metadata={"help": "ppo: passes over each rollout (4)"})
     num_mini_batches: int | None = field(default=None, metadata={
         "help": "ppo: optimizer steps per pass over a rollout (1)"})

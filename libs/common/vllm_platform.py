@@ -24,6 +24,10 @@ def platform_defaults(torch_dtype: str | None) -> str:
     # Our JSON log handler on the root logger gets vLLM's records too, unless the user asks otherwise.
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     if on_cpu():
+        from libs.common import vllm_cpu_lora
+
+        # one matrix product per LoRA slice where a batch runs one adapter (vLLM's ops gather per token)
+        vllm_cpu_lora.install()
         # vLLM's CPU default reserves a large KV cache; 1 GiB serves small models and leaves room.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # CPU kernels have no half-precision LoRA path worth using; float32 is exact and fast enough.

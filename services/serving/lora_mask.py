@@ -16,12 +16,16 @@ vLLM builds the model in its engine-core process, so the patch must be installed
 `Engine.start` names `WorkerExtension` as vLLM's `worker_extension_cls`, which vLLM
 imports in the process that runs the model before it builds the model; importing this
 module installs the patch (idempotent), and `Engine.mix_safely` asks the worker
-through `collective_rpc` whether it is in place."""
+through `collective_rpc` whether it is in place. It installs libs.common.vllm_cpu_lora's
+one-adapter fast path there too (the sgmv ops; batches with rows without a LoRA still
+reach the masked ops here)."""
 
 from __future__ import annotations
 
 import functools
 import sys
+
+from libs.common import vllm_cpu_lora
 
 # Where vLLM 0.32 binds the torch bgmv ops: sgmv_* call them through lora_ops' globals, the
 # CPU punica wrapper and the package re-export bind the names at import.
@@ -113,3 +117,5 @@ class WorkerExtension:
 
 
 install()
+# The engine process's other CPU LoRA patch: one matrix product per slice where a whole batch runs one adapter.
+vllm_cpu_lora.install()

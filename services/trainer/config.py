@@ -515,6 +515,10 @@ class TrainConfig:
     vllm_server_port: int = field(default=8000, metadata={"cli": False,
         "help": "vllm_mode server: the serving service's admin gRPC port (`tuneforge deploy --grpc_port`, printed "
                 "at its start as `admin gRPC HOST:PORT`), not its HTTP port; 8000 is TRL's default"})
+    vllm_enable_lora: bool | None = field(default=None, metadata={"cli": False,
+        "help": "LoRA policies: sync the adapter itself to vLLM (true) or the base weights with the adapter merged "
+                "in (false); unset: merged in colocate with train_type lora (vLLM's CPU LoRA kernels made generation "
+                "3x slower), the adapter otherwise (server: the only way to a separate engine; qlora)"})
     ppo: PpoConfig | None = None
     gkd: GkdConfig | None = None
 
@@ -696,8 +700,8 @@ class TrainConfig:
         found = []
         online = self.rlhf_type in ONLINE_METHODS
         if not online:
-            for name in ("use_vllm", "vllm_server_host"):
-                if getattr(self, name):
+            for name in ("use_vllm", "vllm_server_host", "vllm_enable_lora"):
+                if getattr(self, name) or (name == "vllm_enable_lora" and self.vllm_enable_lora is not None):
                     found.append(f"{name}: only for the online methods ({', '.join(ONLINE_METHODS)}), which generate; "
                                  f"rlhf_type is {self.rlhf_type or 'unset (supervised training)'}")
             return found
@@ -711,6 +715,15 @@ class TrainConfig:
                          f"{self.nproc_per_node * self.nnodes} (nproc_per_node x nnodes): use --vllm_mode server")
         if not 0 < self.vllm_server_port < 65536:
             found.append(f"vllm_server_port: expected a port number; got {self.vllm_server_port}")
+        if self.vllm_enable_lora is not None and not self.is_adapter:
+            found.append(f"vllm_enable_lora: only for LoRA policies; train_type is {self.train_type} (its weights are "
+                         "loaded into vLLM whole)")
+        elif self.vllm_enable_lora is False and self.train_type == "qlora":
+            found.append("vllm_enable_lora: a qlora policy's 4-bit base weights cannot take the merged adapter: "
+                         "leave it unset or true (vLLM applies the adapter to the full-precision base)")
+        elif self.vllm_enable_lora is False and self.use_vllm and self.vllm_mode == "server":
+            found.append("vllm_enable_lora: vllm_mode server syncs the policy as an adapter (merged weights cannot "
+                         "reach a separate engine on CPU): leave it unset or true, or use --vllm_mode colocate")
         if self.split_dataset_ratio > 0 or self.val_dataset:
             found.append(f"{'split_dataset_ratio' if self.split_dataset_ratio > 0 else 'val_dataset'}: rlhf_type "
                          f"{self.rlhf_type} has no eval loss (it trains on its own generations)")

@@ -200,3 +200,37 @@ def test_async_generate_reaches_the_job_and_is_refused_where_it_cannot_hold(tmp_
         "tuneforge rlhf: error: async_generate: one process only for now (the in-flight rollout a checkpoint keeps "
         "is one rank's); got nproc_per_node x nnodes = 2"], err
     assert not (tmp_path / "run").exists()
+
+
+def test_vllm_enable_lora_reaches_the_job_picks_the_sync_and_is_refused_where_it_cannot_hold(tmp_path, capsys):
+    from services.trainer.rollout import merges_lora
+
+    raw, plugin = write_prompts(tmp_path / "prompts.jsonl"), write_plugin(tmp_path / "short.py")
+    base = ["--rlhf_type", "grpo", "--dataset", str(raw), "--output_dir", str(tmp_path / "run"),
+            "--num_generations", "2", "--per_device_train_batch_size", "4", "--reward_funcs", "short",
+            "--external_plugins", str(plugin), "--use_vllm", "true"]
+
+    def job(*flags):
+        command = cfg.parse(cli.RlhfCommandConfig, [*base, *flags])
+        return from_arguments(to_arguments(cli.job_config(command, str(tmp_path / "prepared"), "127.0.0.1:1")))
+
+    # unset: a lora policy merged into the colocated engine's weights, the adapter otherwise
+    assert job().vllm_enable_lora is None and merges_lora(job())
+    assert job("--vllm_enable_lora", "true").vllm_enable_lora is True and not merges_lora(
+        job("--vllm_enable_lora", "true"))
+    assert job("--vllm_enable_lora", "false").vllm_enable_lora is False and merges_lora(
+        job("--vllm_enable_lora", "false"))
+    assert not merges_lora(job("--train_type", "qlora"))
+
+    code = tuneforge(["rlhf", *base, "--vllm_enable_lora", "false", "--vllm_mode", "server",
+                      "--vllm_server_host", "127.0.0.1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [
+        "tuneforge rlhf: error: vllm_enable_lora: vllm_mode server syncs the policy as an adapter (merged weights "
+        "cannot reach a separate engine on CPU): leave it unset or true, or use --vllm_mode colocate"], err
+    code = tuneforge(["rlhf", *base, "--vllm_enable_lora", "true", "--train_type", "full"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [
+        "tuneforge rlhf: error: vllm_enable_lora: only for LoRA policies; train_type is full (its weights are "
+        "loaded into vLLM whole)"], err
+    assert not (tmp_path / "run").exists()

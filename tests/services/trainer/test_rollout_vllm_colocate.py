@@ -1,7 +1,8 @@
 """The colocated vLLM generator (--vllm_mode colocate) with ONE in-process engine for the
 module (LoRA enabled, rank 8, the default model): seeded generations reproduce and do not
-depend on the batch around them; after a LoRA sync, and after a full-weight sync, the engine's
-greedy tokens are exactly Hugging Face's for the synced policy; the trainer's RNG streams and
+depend on the batch around them; after a LoRA sync (as an adapter, and merged into the weights),
+and after a full-weight sync, the engine's greedy tokens are exactly Hugging Face's for the
+synced policy; the trainer's RNG streams and
 torch thread control survive the engine's start; bad inputs are refused by name."""
 
 from __future__ import annotations
@@ -144,6 +145,32 @@ def test_lora_sync_generates_as_each_adapter_version(engine, default_model):
     assert second == [hf_greedy(policy, p) for p in PROMPTS]
     assert second != first
     assert engine.llm.llm_engine.list_loras() == {engine._lora.lora_int_id}  # the previous version is gone
+
+
+def test_merged_lora_sync_generates_as_the_policy_and_leaves_it_untouched(engine, default_model):
+    # --vllm_enable_lora false (colocate's default for lora): the base weights plus the adapter's delta
+    # loaded in place; the adapter the previous test left is dropped with it.
+    policy = peft_policy(default_model, seed=4)
+    before = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+    engine.merge_lora = True
+    try:
+        engine.sync(policy, step=5)
+        print(f"merged LoRA r8 sync: {engine.sync_seconds:.3f} s")
+        got = [engine.generate([p], [0], GREEDY)[0][0].token_ids for p in PROMPTS]
+        assert engine.llm.llm_engine.list_loras() == set()
+        assert got == [hf_greedy(policy, p) for p in PROMPTS]
+        assert got != [hf_greedy(hf_model(default_model), p) for p in PROMPTS]
+        perturb(policy, seed=5, only="lora_B", scale=0.5)  # the next version
+        moved = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+        engine.sync(policy, step=6)
+        again = [engine.generate([p], [0], GREEDY)[0][0].token_ids for p in PROMPTS]
+        assert again == [hf_greedy(policy, p) for p in PROMPTS] and again != got
+    finally:
+        engine.merge_lora = False
+    # merged out of place: not a bit of the policy moved (PEFT's merge/unmerge would round the base)
+    after = policy.state_dict()
+    assert all(torch.equal(after[name], moved[name]) for name in moved)
+    assert all(torch.equal(after[name], before[name]) for name in before if "lora_B" not in name)
 
 
 def test_full_weight_sync_loads_in_place_and_generates_as_the_updated_model(engine, default_model):
