@@ -212,17 +212,17 @@ def rendered(rows: list[dict], model_dir: str) -> tuple[object, list[str]]:
     return backend, texts
 
 
-def tokenizer_only(backend, texts: list[str]) -> tuple[float, float]:
+def tokenizer_only(backend, texts: list[str]) -> tuple[float, float, float]:
     """Seconds the fast tokenizer alone takes on the rendered texts: encode_batch (Rust, on
-    its pool's threads), and encode one text at a time (one thread). The floor under any
-    path that tokenizes each row once, on as many cores."""
+    its pool's threads), and encode one text at a time (one thread), and the CPU seconds of
+    the latter. The floor under any path that tokenizes each row once, on as many cores."""
     started = time.perf_counter()
     backend.encode_batch(texts, add_special_tokens=False)
     batch = time.perf_counter() - started
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for text in texts:
         backend.encode(text, add_special_tokens=False)
-    return batch, time.perf_counter() - started
+    return batch, time.perf_counter() - started, time.process_time() - cpu
 
 
 class ChildCpu:
@@ -294,7 +294,7 @@ def main() -> None:
         run_ours(small, num_proc, work / f"warm-{num_proc}")
 
     backend, texts = rendered(rows, model_dir)
-    batches, singles = [], []  # the floor, timed in every round beside the two paths
+    batches, singles, single_cpus = [], [], []  # the floor, timed in every round beside the two paths
     medians = {}
     for num_proc in args.procs:
         theirs, ours, ratios, cpu = [], [], [], {"baseline": [], "ours": []}
@@ -304,9 +304,10 @@ def main() -> None:
             for who in order:
                 if who == "floor":
                     before = load()
-                    batch, single = tokenizer_only(backend, texts)
+                    batch, single, single_cpu = tokenizer_only(backend, texts)
                     batches.append(batch)
                     singles.append(single)
+                    single_cpus.append(single_cpu)
                     print(f"num_proc {num_proc} round {round_ + 1} tokenizer alone: encode_batch "
                           f"{args.rows / batch:.0f} rows/s ({pool} threads), encode one by one "
                           f"{args.rows / single:.0f} rows/s (1 thread); load {before:.1f} -> {load():.1f}", flush=True)
@@ -349,10 +350,13 @@ def main() -> None:
         alone = f"{mine * floor[num_proc] / args.rows:.2f}" if num_proc in floor else "-"
         print(f"{f'num_proc {num_proc}':<12}{base:>17.0f}{mine:>13.0f}{mine / base:>8.2f}"
               f"{' '.join(f'{r:.2f}' for r in ratios):>24}{alone:>34}")
-    print("rows per CPU-second (all processes' CPU time: what a core does, whatever else the machine runs):")
+    alone_cpu = args.rows / statistics.median(single_cpus)
+    print("rows per CPU-second (all processes' CPU time: what a core does, whatever else the machine runs); "
+          f"the tokenizer alone, one encode per text: {alone_cpu:.0f}")
     for num_proc, (_, _, _, on_cpu) in medians.items():
         base, mine = 1 / on_cpu["baseline"][0], 1 / on_cpu["ours"][0]
-        print(f"  num_proc {num_proc}: baseline {base:.0f}, ours {mine:.0f}, ratio {mine / base:.2f}")
+        print(f"  num_proc {num_proc}: baseline {base:.0f}, ours {mine:.0f}, ratio {mine / base:.2f}, "
+              f"ours / tokenizer alone {mine / alone_cpu:.2f}")
     if 1 in medians:
         for num_proc in sorted(medians.keys() - {1}):
             print(f"scaling, wall time: ours num_proc {num_proc} / num_proc 1 = "
