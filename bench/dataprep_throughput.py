@@ -26,9 +26,10 @@ render, tokenize, mask, write Arrow shards and the manifest), each run into a fr
 directory so the shard cache is not used. Rounds alternate the order (baseline first, then
 ours first); each figure is printed with the 1-minute load average (`uptime`) it ran under,
 and the ratio of each round (ours/baseline in the same round) besides the medians: on a
-shared machine the ratio is what to compare. At 1 process both run in this process, so
-their CPU time is printed too (rows per CPU-second): what each costs a core, whatever else
-the machine runs; scaling to 2 processes is wall time and needs idle cores.
+shared machine the ratio is what to compare. Each run's CPU time is printed too (this
+process's and that of the processes under it), and the summary gives rows per CPU-second
+(what a core does, less moved by the machine's other work than wall time) and a CPU-time
+bound on the scaling to N idle cores; the wall-time scaling needs idle cores.
 
     .venv/bin/python bench/dataprep_throughput.py [--rows 20000] [--rounds 3] [--procs 1 2]
 
@@ -228,7 +229,8 @@ def tokenizer_only(backend, texts: list[str]) -> tuple[float, float, float]:
 class ChildCpu:
     """CPU seconds of the processes under this one (worker pools, our fork server's workers)
     while the block runs: /proc polled every 0.2 s, the last value seen of each process kept
-    (a process's last 0.2 s before it exits can be missed)."""
+    (a process's last 0.2 s before it exits can be missed; a process is found through its
+    parent's main thread, which starts both sides' workers)."""
 
     TICK = os.sysconf("SC_CLK_TCK")
 
