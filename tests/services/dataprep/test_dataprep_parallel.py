@@ -59,11 +59,14 @@ def test_a_process_tokenizes_on_one_core_so_num_proc_counts_cores():
     its CPU time on the calling thread: the fast tokenizer's multi-threaded encode_batch would
     put about half of it on its Rust pool's threads, making N processes use more than N cores."""
     import json
+    import pathlib
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", ONE_CORE], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RAYON_NUM_THREADS": "2"})
+    root = pathlib.Path(__file__).resolve().parents[3]
+    pythonpath = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))  # Bazel's packages too
+    done = subprocess.run([sys.executable, "-c", ONE_CORE], capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "PYTHONPATH": pythonpath, "RAYON_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-2000:]
     times = json.loads(done.stdout.strip().splitlines()[-1])
     assert times["kept"] == 400
