@@ -3,7 +3,10 @@ with `tokenizer.apply_chat_template` plus label masking, on the same synthetic r
 same tokenizer (the embedded default model's) and chat template (the built-in `qwen`, which
 renders tools), at 1 and 2 processes, in one run; checks that both give the same input_ids
 for every row; and the floor under both: the fast tokenizer alone encoding the same rendered
-texts (its Rust `encode_batch` on all threads, and one `encode` per text on one thread).
+texts on the same number of cores (one `encode` per text on one thread; its Rust
+`encode_batch` on a pool of max(--procs) threads: RAYON_NUM_THREADS is set before the pool
+starts). `--num_proc N` means N cores for both: each of our processes tokenizes on one
+thread, and the baseline's apply_chat_template encodes one text per call.
 
 The rows (seeded) are a mix of shapes and lengths, from the default model's corpus:
   - chat (70%): 1-3 rounds, a system prompt in 30%, questions of 1-2 sentences, answers of
@@ -23,7 +26,10 @@ render, tokenize, mask, write Arrow shards and the manifest), each run into a fr
 directory so the shard cache is not used. Rounds alternate the order (baseline first, then
 ours first); each figure is printed with the 1-minute load average (`uptime`) it ran under,
 and the ratio of each round (ours/baseline in the same round) besides the medians: on a
-shared machine the ratio is what to compare.
+shared machine the ratio is what to compare. Each run's CPU time is printed too (this
+process's and that of the processes under it), and the summary gives rows per CPU-second
+(what a core does, less moved by the machine's other work than wall time) and a CPU-time
+bound on the scaling to N idle cores; the wall-time scaling needs idle cores.
 
     .venv/bin/python bench/dataprep_throughput.py [--rows 20000] [--rounds 3] [--procs 1 2]
 
@@ -41,6 +47,7 @@ import random
 import re
 import statistics
 import tempfile
+import threading
 import time
 
 import pyarrow as pa
@@ -164,33 +171,35 @@ def _tokenizer(model_dir: str):
     return tokenizer
 
 
-def run_baseline(data: pathlib.Path, num_proc: int, model_dir: str) -> tuple[float, list[list[int]]]:
+def run_baseline(data: pathlib.Path, num_proc: int, model_dir: str) -> tuple[float, float, list[list[int]]]:
+    """Wall and CPU seconds (this process's: all of it at num_proc 1) and the input_ids."""
     global _TOKENIZER
     import datasets
 
     datasets.disable_caching()
     _TOKENIZER = _tokenizer(model_dir)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     dataset = datasets.load_dataset("json", data_files=str(data), split="train", keep_in_memory=True)
     mapped = dataset.map(baseline_map, num_proc=num_proc if num_proc > 1 else None,
                          remove_columns=dataset.column_names, keep_in_memory=True,
                          desc=f"baseline map, num_proc {num_proc}")
-    seconds = time.perf_counter() - started
-    return seconds, mapped["input_ids"]
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return seconds, cpu, mapped["input_ids"]
 
 
-def run_ours(data: pathlib.Path, num_proc: int, out: pathlib.Path) -> tuple[float, list[list[int]], dict]:
+def run_ours(data: pathlib.Path, num_proc: int, out: pathlib.Path) -> tuple[float, float, list[list[int]], dict]:
+    """Wall and CPU seconds (this process's: all of it at num_proc 1), the input_ids, the manifest."""
     from services.dataprep import cli
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     assert cli.main(["--dataset", str(data), "--output_dir", str(out), "--num_proc", str(num_proc),
                      "--template", TEMPLATE, "--max_length", "0", "--shard_rows", "5000"]) == 0
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     manifest = json.loads((out / "manifest.json").read_text())
     ids = []
     for shard in manifest["shards"]:
         ids += pa.ipc.open_file(pa.memory_map(str(out / shard["file"]))).read_all().column("input_ids").to_pylist()
-    return seconds, ids, manifest
+    return seconds, cpu, ids, manifest
 
 
 def rendered(rows: list[dict], model_dir: str) -> tuple[object, list[str]]:
@@ -204,17 +213,56 @@ def rendered(rows: list[dict], model_dir: str) -> tuple[object, list[str]]:
     return backend, texts
 
 
-def tokenizer_only(backend, texts: list[str]) -> tuple[float, float]:
-    """Seconds the fast tokenizer alone takes on the rendered texts: encode_batch (Rust, all
-    threads), and encode one text at a time (one thread). The floor under any path that
-    tokenizes each row once."""
+def tokenizer_only(backend, texts: list[str]) -> tuple[float, float, float]:
+    """Seconds the fast tokenizer alone takes on the rendered texts: encode_batch (Rust, on
+    its pool's threads), and encode one text at a time (one thread), and the CPU seconds of
+    the latter. The floor under any path that tokenizes each row once, on as many cores."""
     started = time.perf_counter()
     backend.encode_batch(texts, add_special_tokens=False)
     batch = time.perf_counter() - started
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for text in texts:
         backend.encode(text, add_special_tokens=False)
-    return batch, time.perf_counter() - started
+    return batch, time.perf_counter() - started, time.process_time() - cpu
+
+
+class ChildCpu:
+    """CPU seconds of the processes under this one (worker pools, our fork server's workers)
+    while the block runs: /proc polled every 0.2 s, the last value seen of each process kept
+    (a process's last 0.2 s before it exits can be missed; a process is found through its
+    parent's main thread, which starts both sides' workers)."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self):
+        self.start, self.seen, self.done = self._poll(), {}, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.seconds = sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.seen.items())
+
+    def _run(self) -> None:
+        while not self.done.wait(0.2):
+            self.seen.update(self._poll())
+        self.seen.update(self._poll())
+
+    def _poll(self) -> dict[int, float]:
+        found, todo = {}, [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            try:
+                todo += [int(child) for child in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+                if pid != os.getpid():
+                    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+                    fields = stat[stat.rindex(")") + 2:].split()  # state ppid ... utime stime (fields 14, 15)
+                    found[pid] = (int(fields[11]) + int(fields[12])) / self.TICK
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue  # it ended meanwhile
+        return found
 
 
 def load() -> float:
@@ -227,6 +275,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per process count, alternating the order")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
+    pool = max(args.procs)
+    os.environ["RAYON_NUM_THREADS"] = str(pool)  # encode_batch's floor on as many cores as the most processes
 
     from libs.default_model.resolve import resolve_model
 
@@ -246,57 +296,78 @@ def main() -> None:
         run_ours(small, num_proc, work / f"warm-{num_proc}")
 
     backend, texts = rendered(rows, model_dir)
-    batches, singles = [], []  # the floor, timed in every round beside the two paths
+    batches, singles, single_cpus = [], [], []  # the floor, timed in every round beside the two paths
     medians = {}
     for num_proc in args.procs:
-        theirs, ours, ratios = [], [], []
+        theirs, ours, ratios, cpu = [], [], [], {"baseline": [], "ours": []}
         for round_ in range(args.rounds):
             order = ("baseline", "ours", "floor") if round_ % 2 == 0 else ("floor", "ours", "baseline")
             timed = {}
             for who in order:
                 if who == "floor":
                     before = load()
-                    batch, single = tokenizer_only(backend, texts)
+                    batch, single, single_cpu = tokenizer_only(backend, texts)
                     batches.append(batch)
                     singles.append(single)
+                    single_cpus.append(single_cpu)
                     print(f"num_proc {num_proc} round {round_ + 1} tokenizer alone: encode_batch "
-                          f"{args.rows / batch:.0f} rows/s ({os.cpu_count()} cores), encode one by one "
+                          f"{args.rows / batch:.0f} rows/s ({pool} threads), encode one by one "
                           f"{args.rows / single:.0f} rows/s (1 thread); load {before:.1f} -> {load():.1f}", flush=True)
                     continue
                 before = load()
-                if who == "baseline":
-                    seconds, base_ids = run_baseline(data, num_proc, model_dir)
-                else:
-                    seconds, our_ids, manifest = run_ours(data, num_proc, work / f"out-{num_proc}-{round_}")
-                    assert manifest["rows_out"] == args.rows, manifest["rejected_by_reason"]
-                    tokens = manifest["tokens"]
+                with ChildCpu() as children:
+                    if who == "baseline":
+                        seconds, own, base_ids = run_baseline(data, num_proc, model_dir)
+                    else:
+                        seconds, own, our_ids, manifest = run_ours(data, num_proc, work / f"out-{num_proc}-{round_}")
+                        assert manifest["rows_out"] == args.rows, manifest["rejected_by_reason"]
+                        tokens = manifest["tokens"]
                 timed[who] = seconds
+                cpu[who].append((own, children.seconds))
                 print(f"num_proc {num_proc} round {round_ + 1} {who:<8} {args.rows / seconds:7.0f} rows/s "
-                      f"({seconds:6.1f} s; load {before:.1f} -> {load():.1f})", flush=True)
+                      f"({seconds:6.1f} s; CPU s: this process {own:.1f}, under it {children.seconds:.1f}; "
+                      f"load {before:.1f} -> {load():.1f})", flush=True)
             same = sum(a == b for a, b in zip(base_ids, our_ids))
             assert same == len(base_ids) == len(our_ids), f"input_ids differ on {args.rows - same} rows"
             theirs.append(timed["baseline"])
             ours.append(timed["ours"])
             ratios.append(timed["baseline"] / timed["ours"])
-        medians[num_proc] = (args.rows / statistics.median(theirs), args.rows / statistics.median(ours), ratios)
+        # CPU seconds per row: all processes, and this one alone (ours: the process that reads, packs, writes)
+        medians[num_proc] = (args.rows / statistics.median(theirs), args.rows / statistics.median(ours), ratios,
+                             {who: (statistics.median(own + under for own, under in seconds) / args.rows,
+                                    statistics.median(own for own, _ in seconds) / args.rows)
+                              for who, seconds in cpu.items()})
     batch, single = statistics.median(batches), statistics.median(singles)
+    floor = {1: single, pool: batch}  # the tokenizer alone on N cores
 
     print(f"\n{args.rows} synthetic rows (70% chat 1-3 rounds, 10% long answers, 20% tools; {tokens} tokens), "
           f"template {TEMPLATE}, default model tokenizer; median of {args.rounds} alternating rounds; "
           "input_ids identical on every row")
     print("baseline: HF datasets.map + apply_chat_template (tools) + prefix label masking, same process count")
-    print(f"floor: encode_batch of the rendered texts {args.rows / batch:.0f} rows/s, one thread "
-          f"{args.rows / single:.0f} rows/s")
+    print(f"tokenizer alone: encode_batch on {pool} threads {args.rows / batch:.0f} rows/s, one encode per text "
+          f"on 1 thread {args.rows / single:.0f} rows/s")
     print(f"{'case':<12}{'baseline rows/s':>17}{'ours rows/s':>13}{'ratio':>8}{'per round':>24}"
-          f"{'ours/encode_batch':>19}{'ours/1-thread':>15}")
-    for num_proc, (base, mine, ratios) in medians.items():
+          f"{'ours/tokenizer alone, same cores':>34}")
+    for num_proc, (base, mine, ratios, _) in medians.items():
+        alone = f"{mine * floor[num_proc] / args.rows:.2f}" if num_proc in floor else "-"
         print(f"{f'num_proc {num_proc}':<12}{base:>17.0f}{mine:>13.0f}{mine / base:>8.2f}"
-              f"{' '.join(f'{r:.2f}' for r in ratios):>24}{mine * batch / args.rows:>19.2f}"
-              f"{mine * single / args.rows:>15.2f}")
+              f"{' '.join(f'{r:.2f}' for r in ratios):>24}{alone:>34}")
+    alone_cpu = args.rows / statistics.median(single_cpus)
+    print("rows per CPU-second (all processes' CPU time: what a core does, whatever else the machine runs); "
+          f"the tokenizer alone, one encode per text: {alone_cpu:.0f}")
+    for num_proc, (_, _, _, on_cpu) in medians.items():
+        base, mine = 1 / on_cpu["baseline"][0], 1 / on_cpu["ours"][0]
+        print(f"  num_proc {num_proc}: baseline {base:.0f}, ours {mine:.0f}, ratio {mine / base:.2f}, "
+              f"ours / tokenizer alone {mine / alone_cpu:.2f}")
     if 1 in medians:
-        for num_proc in medians.keys() - {1}:
-            print(f"scaling, ours: num_proc {num_proc} / num_proc 1 = {medians[num_proc][1] / medians[1][1]:.2f}; "
-                  f"baseline: {medians[num_proc][0] / medians[1][0]:.2f}")
+        for num_proc in sorted(medians.keys() - {1}):
+            print(f"scaling, wall time: ours num_proc {num_proc} / num_proc 1 = "
+                  f"{medians[num_proc][1] / medians[1][1]:.2f}; baseline {medians[num_proc][0] / medians[1][0]:.2f}")
+            # on N idle cores: all N busy (N / CPU per row), and no faster than the one serial process
+            one, (total, serial) = medians[1][3]["ours"][0], medians[num_proc][3]["ours"]
+            print(f"scaling, CPU-time bound on {num_proc} idle cores: ours "
+                  f"{min(num_proc * one / total, one / serial):.2f} (CPU per row {total / one:.2f}x of num_proc 1's; "
+                  f"the main process {serial / total:.0%} of it)")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ class PrepareConfig:
         "help": "bounded memory whatever the dataset size: packing works on windows of rows instead of the "
                 "whole dataset"})
     num_proc: int = field(default=1, metadata={
-        "help": "processes tokenizing in parallel (--engine ray without --ray_address: the CPUs of the local Ray "
-                "runtime); the output is identical whatever the number"})
+        "help": "processes tokenizing in parallel, each on one core: the cores to use (--engine ray without "
+                "--ray_address: the CPUs of the local Ray runtime); the output is identical whatever the number"})
     engine: str = field(default="local", metadata={
         "help": "where rows are decoded and tokenized: local (this process, or --num_proc workers) or ray (Ray Data "
                 "tasks; packing and shard writing stay here); the output is byte-identical either way",

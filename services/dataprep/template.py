@@ -320,8 +320,7 @@ _OUT_OF_ORDER: weakref.WeakSet = weakref.WeakSet()  # tokenizers whose offsets d
 
 
 # A row's encoding as steps: the generator yields each text to tokenize, is sent back the
-# fast tokenizer's Encoding of it (encode, or one item of encode_batch: the same result), and
-# returns the row's value; run() drives one row, a batch driver (tasks.encode_records) many.
+# fast tokenizer's Encoding of it, and returns the row's value; run() drives it.
 Steps = Generator[str, object, object]
 
 
@@ -329,11 +328,6 @@ def tokenize_one(tokenizer, text: str):
     """The fast tokenizer's own encode of `text` (what tokenizer(text, add_special_tokens=False)
     runs, without transformers' per-call wrapping)."""
     return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-
-
-def tokenize_batch(tokenizer, texts: list[str]) -> list:
-    """tokenize_one of each text, on the tokenizer's Rust threads."""
-    return tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
 
 
 def run(tokenizer, steps: Steps):

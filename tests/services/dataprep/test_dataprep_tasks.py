@@ -263,31 +263,3 @@ def test_num_proc_2_writes_the_same_bytes_for_pairs_and_prompt_rows(tmp_path):
         two, _, _ = run(tmp_path / name / "two", rows, shard_rows=250, num_proc=2)
         assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
         assert len(one["shards"]) == 3
-
-
-def test_a_chunk_encoded_in_one_batch_equals_each_row_encoded_alone(qwen):
-    """tasks.encode_records tokenizes a chunk's texts in one encode_batch call (a preference row
-    asks twice, a rejected row never): every result equals encode_record's, row by row."""
-    from services.dataprep import formats, inputs, tasks
-
-    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
-    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
-    rows = [
-        {"messages": [Q, GOOD]},
-        {"messages": [Q, GOOD], "rejected_response": "5."},
-        {"messages": [{"role": "system", "content": "Be brief."}, Q, GOOD, Q, {"role": "assistant", "content": " 4 "}]},
-        {"messages": [Q, {"role": "assistant", "content": "", "tool_calls": [call]},
-                      {"role": "tool", "content": "4"}, GOOD], "tools": json.dumps(tools)},
-        {"messages": [Q, GOOD], "rejected_response": 5},                               # rejected: not a string
-        {"messages": "not a list"},
-        {"messages": [Q]},                                                             # a prompt row
-    ]
-    records = [inputs.Record("data.jsonl", i + 1, "", data=json.dumps(row).encode()) for i, row in enumerate(rows)]
-    config = PrepareConfig(dataset=["data.jsonl"], output_dir="out")
-    columns = formats.parse_columns(None)
-    batched = tasks.encode_records(qwen, records, columns, config)
-    alone = [tasks.encode_record(qwen, record, columns, config) for record in records]
-    assert batched == alone
-    assert [type(r).__name__ for r in batched] == ["Example"] * 4 + ["Reject"] * 2 + ["Example"]
-    assert batched[1].columns["rejected_input_ids"] == template.encode(
-        qwen, [Q, {"role": "assistant", "content": "5."}]).input_ids
