@@ -700,10 +700,10 @@ class TrainConfig:
         found = []
         online = self.rlhf_type in ONLINE_METHODS
         if not online:
-            for name in ("use_vllm", "vllm_server_host", "vllm_enable_lora"):
-                if getattr(self, name) or (name == "vllm_enable_lora" and self.vllm_enable_lora is not None):
-                    found.append(f"{name}: only for the online methods ({', '.join(ONLINE_METHODS)}), which generate; "
-                                 f"rlhf_type is {self.rlhf_type or 'unset (supervised training)'}")
+            given = [name for name in ("use_vllm", "vllm_server_host") if getattr(self, name)]
+            for name in given + (["vllm_enable_lora"] if self.vllm_enable_lora is not None else []):
+                found.append(f"{name}: only for the online methods ({', '.join(ONLINE_METHODS)}), which generate; "
+                               f"rlhf_type is {self.rlhf_type or 'unset (supervised training)'}")
             return found
         if self.vllm_mode not in VLLM_MODES:
             found.append(f"vllm_mode: expected one of {', '.join(VLLM_MODES)}; got {self.vllm_mode!r}")

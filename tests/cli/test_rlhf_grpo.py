@@ -233,4 +233,9 @@ def test_vllm_enable_lora_reaches_the_job_picks_the_sync_and_is_refused_where_it
     assert code == 2 and err.splitlines() == [
         "tuneforge rlhf: error: vllm_enable_lora: only for LoRA policies; train_type is full (its weights are "
         "loaded into vLLM whole)"], err
+    # false is a value too: on a method that does not generate it is refused like true
+    dpo = [flag if flag != "grpo" else "dpo" for flag in base[:4]]
+    code = tuneforge(["rlhf", *dpo, "--vllm_enable_lora", "false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "tuneforge rlhf: error: vllm_enable_lora: only for the online methods" in err, err
     assert not (tmp_path / "run").exists()
