@@ -75,3 +75,13 @@ def build_model(config: TrainConfig, model_dir, auto_class=None, task_type: str 
         return get_peft_model(base, lora)
     except ValueError as exc:  # peft's message for target modules the base does not have
         raise InvalidArgument(str(exc), field="target_modules") from exc
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward computes logits only for its last `logits_to_keep`
+    positions (transformers' causal LMs; under PEFT, its base model's forward)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(base, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters

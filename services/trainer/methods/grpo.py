@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from libs.dataset.schema import IGNORE_INDEX
-from services.trainer import data, distributed, modeling, packing, rewards, rollout
+from services.trainer import batching, data, distributed, modeling, packing, rewards, rollout
 from services.trainer.config import METHOD_KINDS
 from services.trainer.logprobs import token_logps
 from services.trainer.losses import grpo as losses
@@ -58,6 +58,8 @@ class Grpo:
         model_dir = resolve_model(config.model).resolve()
         # beta 0: no KL term, no reference loaded (ms-swift)
         self.reference = Reference(config, forward, model, model_dir) if self.args.beta > 0 else None
+        self.keep_logits = modeling.takes_logits_to_keep(model) and (
+            self.reference is None or self.reference.model is None or modeling.takes_logits_to_keep(self.reference.model))
         self.device = next(model.parameters()).device
         self.funcs = rewards.resolve(self.args.reward_funcs, self.args.external_plugins, self.args.reward_params())
         if self.args.reward_model:
@@ -165,9 +167,10 @@ class Grpo:
         return losses.counts(micro.labels[..., 1:] != IGNORE_INDEX)
 
     def loss(self, micro: data.MicroBatch, step: dict[str, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.forward(**micro.model_inputs(self.dtype, self.attention)).logits  # [b, s, vocab]
+        inputs, labels = self._inputs(micro)
+        logits = self.forward(**inputs).logits  # [b, s, vocab]
         # the log-probs of the distribution sampled from (TRL and ms-swift divide by the temperature)
-        logps, mask = token_logps(logits / self.args.temperature, micro.labels)
+        logps, mask = token_logps(logits / self.args.temperature, labels)
         extras = micro.extras
         return losses.grpo_loss(logps, extras["advantages"], mask, step, self.params,
                                 old_logps=extras.get("old_logps"), ref_logps=extras.get("ref_logps"))
@@ -253,8 +256,12 @@ class Grpo:
 
     def _micro_batches(self, prompt_ids: list[list[int]], groups: list[list[Completion]],
                        advantages: torch.Tensor) -> list[data.MicroBatch]:
-        """The completions (prompt + completion, only the completion's tokens labelled) in
-        micro-batches of per_device_train_batch_size, in order: one optimizer step's."""
+        """The completions (prompt + completion, only the completion's tokens labelled) of one
+        optimizer step in micro-batches of at most per_device_train_batch_size rows, grouped by
+        length (services.trainer.batching: less padding, the same update); every rank makes as
+        many as the rank wanting the most, so the reference's forwards pair up under FSDP2 and
+        ZeRO-3. bnpo, whose loss is a mean over each micro-batch, keeps the rollout's order in
+        micro-batches of per_device_train_batch_size (TRL's)."""
         rows = []
         for prompt, group in zip(prompt_ids, groups):
             for completion in group:
@@ -263,20 +270,42 @@ class Grpo:
                 labels[len(prompt):] = ids[len(prompt):]
                 rows.append(data.Row(ids, labels))
         size = self.config.per_device_train_batch_size
+        if self.args.loss_type == "bnpo":
+            layout = [list(range(start, min(start + size, len(rows)))) for start in range(0, len(rows), size)]
+        else:
+            lengths = [len(row.input_ids) for row in rows]
+            layout = batching.length_groups(lengths, size)
+            if self.world.distributed:
+                layout = batching.length_groups(lengths, size, distributed.all_max(len(layout), self.world))
         out = []
-        for start in range(0, len(rows), size):
-            micro = data.collate(rows[start:start + size], self.pad_id)
-            micro.extras["advantages"] = advantages[start:start + size].clone()
+        for picked in layout:
+            micro = data.collate([rows[i] for i in picked], self.pad_id)
+            micro.extras["advantages"] = advantages[picked].clone()
             out.append(micro)
         return out
 
+    def _inputs(self, micro: data.MicroBatch) -> tuple[dict, torch.Tensor]:
+        """The forward's inputs of a micro-batch and the labels its logits line up with: logits
+        only from the position before the micro-batch's first completion token (the prompt
+        positions before it score nothing; TRL's logits_to_keep), where the models take it."""
+        inputs = micro.model_inputs(self.dtype, self.attention)
+        labels = micro.labels
+        if not self.keep_logits:
+            return inputs, labels
+        length = labels.size(1)
+        labelled = labels != IGNORE_INDEX
+        firsts = torch.where(labelled.any(dim=1), labelled.int().argmax(dim=1), length - 1)
+        first = min(max(int(firsts.min()), 1), length - 1)
+        inputs["logits_to_keep"] = length - first + 1
+        return inputs, labels[:, first - 1:]
+
     def _token_logps(self, micro: data.MicroBatch, forward) -> torch.Tensor:
-        """[b, s - 1] the completion tokens' log-probs under `forward` (the reference, or the
+        """[b, positions] the completion tokens' log-probs under `forward` (the reference, or the
         policy before this rollout's updates), on the host like the rest of the micro-batch."""
         with torch.no_grad():
-            on_device = micro.to(self.device)
-            logits = forward(**on_device.model_inputs(self.dtype, self.attention)).logits
-            return token_logps(logits / self.args.temperature, on_device.labels)[0].cpu()
+            inputs, labels = self._inputs(micro.to(self.device))
+            logits = forward(**inputs).logits
+            return token_logps(logits / self.args.temperature, labels)[0].cpu()
 
     def _log_completions(self, step, prompt_ids, groups, total, per_func, advantages) -> None:
         """--log_completions: every rank's completions of this rollout, rank 0 appending them to
