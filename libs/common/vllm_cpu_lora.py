@@ -9,11 +9,28 @@ unchanged (in serving's engine process, services/serving/lora_mask.py's masked o
 Installed where the model runs: by libs.common.vllm_platform.platform_defaults in the process
 that calls it (the colocated engine), and by serving's worker extension in its engine process.
 Measured (default model, one rollout of 2 prompts x 8 x 128 tokens as one adapter, the same
-tokens either way): 0.36 s of CPU against 0.51-0.54 s with vLLM's ops."""
+tokens either way): 0.36 s of CPU against 0.51-0.54 s with vLLM's ops.
+
+With `merge_single(True)` (serving's --lora_merge_single) a step whose tokens all run one slot
+skips the LoRA ops altogether: each LoRA linear layer computes x @ (W + B A)^T (+ bias) with
+W + B A of that slot cached on the layer, one matrix product instead of three. vLLM's CPU
+backend packs W for oneDNN and drops the plain tensor, so W is read back once per layer
+(the packed product of an identity) and kept: the cost is two copies of every LoRA-targeted
+weight (W and the merged one). The merged copy is rebuilt when the slot changes or its
+adapter tensors are written (their version counters: set_lora and reset_lora write in place)."""
 
 from __future__ import annotations
 
+import functools
+import weakref
+
+import torch
+
 _INSTALLED = False
+# The merged path is on in this process (the engine's): set through `merge_single`.
+_MERGE_SINGLE = False
+# Layers holding a merged copy, dropped when the merged path is turned off.
+_CACHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def _one_slot(indices) -> int | None:
@@ -104,15 +121,128 @@ def _fast_ops(ops):
 SGMV = ("sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 
 
+# -- the merged path: one slot for the whole step, W + B A in one matrix product -----------------
+
+
+def merge_single(enabled: bool) -> bool:
+    """Turns the merged path on or off in this process; off drops every merged copy."""
+    global _MERGE_SINGLE
+    _MERGE_SINGLE = bool(enabled)
+    if not _MERGE_SINGLE:
+        for layer in list(_CACHED):
+            layer.__dict__.pop("_tuneforge_merged", None)
+            layer.__dict__.pop("_tuneforge_base", None)
+        _CACHED.clear()
+    return _MERGE_SINGLE
+
+
+def merging() -> bool:
+    return _MERGE_SINGLE
+
+
+def _mergeable(layer) -> bool:
+    """An unquantized, unsharded LoRA linear layer whose slices cover its output: the layers
+    whose LoRA vLLM adds as output += sum over slices of x A_i^T B_i^T. Decided once per layer."""
+    known = layer.__dict__.get("_tuneforge_mergeable")
+    if known is None:
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+        base = layer.base_layer
+        slices = tuple(getattr(layer, "output_slices", ()))
+        known = (isinstance(getattr(base, "quant_method", None), UnquantizedLinearMethod)
+                 and (base.weight.numel() > 0 or callable(getattr(base, "cpu_linear", None)))
+                 and layer.tp_size == 1 and not getattr(layer, "_enable_aux_cuda_stream", False)
+                 and base.weight.dtype == torch.float32
+                 and len(slices) == len(layer.lora_a_stacked) == len(layer.lora_b_stacked) > 0
+                 and sum(slices) == getattr(base, "output_size_per_partition", None)
+                 and all(a.shape[-1] == getattr(base, "input_size_per_partition", None)
+                         for a in layer.lora_a_stacked)
+                 and all(not t.is_inference() for t in (*layer.lora_a_stacked, *layer.lora_b_stacked)))
+        layer.__dict__["_tuneforge_mergeable"] = known
+    return known
+
+
+def _base_weight(layer) -> torch.Tensor:
+    """W [out, in] of the base layer. vLLM's CPU backend packs it for its GEMM (oneDNN, or
+    zentorch) and leaves an empty tensor: then it is read back as the packed product of an
+    identity (exact: one nonzero term per output), once per packing."""
+    base = layer.base_layer
+    if base.weight.dim() == 2 and base.weight.numel():
+        return base.weight
+    linear = getattr(base, "cpu_linear", None)
+    cached = layer.__dict__.get("_tuneforge_base")
+    if cached is not None and cached[0] is linear:
+        return cached[1]
+    eye = torch.eye(base.input_size_per_partition, dtype=base.weight.dtype)  # [in, in]
+    weight = linear(eye, base.weight, None).t().contiguous()  # [out, in]
+    layer.__dict__["_tuneforge_base"] = (linear, weight)
+    return weight
+
+
+def _merged_weight(layer, slot: int) -> torch.Tensor:
+    """W + B A of `slot` [out, in], the slices' B A stacked as vLLM adds them (scale 1: vLLM
+    folds the LoRA scaling into B when it loads an adapter)."""
+    base = _base_weight(layer)
+    # A weight read back from its packed form is never written; the plain one is versioned too.
+    versions = tuple(t._version for t in (*layer.lora_a_stacked, *layer.lora_b_stacked,
+                                          *((base,) if base is layer.base_layer.weight else ())))
+    cached = layer.__dict__.get("_tuneforge_merged")
+    if cached is not None and cached[0] == slot and cached[1] is base and cached[2] == versions:
+        return cached[3]
+    with torch.no_grad():
+        delta = torch.cat([_weights(b, slot, torch.float32) @ _weights(a, slot, torch.float32)  # [out_i, in]
+                           for a, b in zip(layer.lora_a_stacked, layer.lora_b_stacked)])
+        merged = base + delta.to(base.dtype)
+    layer.__dict__["_tuneforge_merged"] = (slot, base, versions, merged)
+    _CACHED.add(layer)
+    return merged
+
+
+def _merged_apply(original):
+    """vLLM's BaseLinearLayerWithLoRA._apply_sync (base GEMM, then the LoRA ops), or with the
+    merged path on and one slot for every token of the step, the merged weight's product."""
+
+    @functools.wraps(original)
+    def _apply_sync(self, x, bias=None):
+        if _MERGE_SINGLE and x.ndim in (2, 3):
+            slot = getattr(getattr(self, "punica_wrapper", None), "tuneforge_one_slot", None)
+            if slot is not None and _mergeable(self):
+                return torch.nn.functional.linear(x, _merged_weight(self, slot), bias)
+        return original(self, x, bias)
+
+    _apply_sync.tuneforge_merged = True
+    return _apply_sync
+
+
+def _one_slot_per_step(original):
+    """The punica wrapper's update_metadata (once per step whose slots differ from the last
+    one's), noting the one slot of every token or None, for every layer of the step to read."""
+
+    @functools.wraps(original)
+    def update_metadata(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.tuneforge_one_slot = _one_slot(self.token_lora_indices)
+
+    update_metadata.tuneforge_one_slot = True
+    return update_metadata
+
+
 def install() -> None:
-    """Points vLLM's CPU punica wrapper's sgmv ops at the fast paths (once per process)."""
+    """Points vLLM's CPU punica wrapper's sgmv ops at the fast paths, and its LoRA linear
+    layers at the merged path, off until `merge_single(True)` (once per process)."""
     global _INSTALLED
     if _INSTALLED:
         return
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.ops import torch_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
     fast = _fast_ops(torch_ops)
     for name in SGMV:
         setattr(punica_cpu, name, fast[name])
+    wrapper = punica_cpu.PunicaWrapperCPU
+    if not getattr(wrapper.update_metadata, "tuneforge_one_slot", False):
+        wrapper.update_metadata = _one_slot_per_step(wrapper.update_metadata)
+    if not getattr(BaseLinearLayerWithLoRA._apply_sync, "tuneforge_merged", False):
+        BaseLinearLayerWithLoRA._apply_sync = _merged_apply(BaseLinearLayerWithLoRA._apply_sync)
     _INSTALLED = True

@@ -46,6 +46,11 @@ class DeployConfig:
                 "again); unset: max_loras. The adapters registered are not bounded"})
     max_lora_rank: int = field(default=16, metadata={
         "help": "largest adapter rank accepted", "choices": list(LORA_RANKS)})
+    lora_merge_single: bool = field(default=False, metadata={
+        "help": "CPU: an engine step whose tokens all run the same adapter multiplies by the base weights with "
+                "that adapter merged in (one product per layer, cached until the adapter changes) instead of "
+                "base product + LoRA ops; for rollout servers, one policy at a time. Costs two copies of every "
+                "LoRA-targeted weight (the base read back from vLLM's packed form, and the merged one)"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "longest prompt + completion in tokens; unset: the model's"})
     torch_dtype: str | None = field(default=None, metadata={

@@ -199,6 +199,21 @@ class Engine:
             raise FailedPrecondition("vLLM's engine process runs its LoRA ops unpatched: base-model rows batched "
                                      "with adapter rows would get an adapter applied", field="model")
 
+    async def merge_single_lora(self, enabled: bool) -> None:
+        """--lora_merge_single: a step whose tokens all run one adapter runs each LoRA layer as
+        one product with W + B A of that adapter, cached per layer (libs.common.vllm_cpu_lora),
+        in the engine process, through the worker extension. CPU only: CUDA's LoRA kernels are
+        not vLLM's torch ops. FailedPrecondition when the engine process did not take it."""
+        if not on_cpu():
+            if enabled:
+                raise FailedPrecondition("--lora_merge_single is for vLLM's CPU backend; this engine runs on "
+                                         "another platform", field="lora_merge_single")
+            return
+        taken = await self.llm.collective_rpc("tuneforge_lora_merge_single", args=(enabled,))
+        if not taken or any(on != enabled for on in taken):
+            raise FailedPrecondition(f"vLLM's engine process did not turn the merged LoRA path "
+                                     f"{'on' if enabled else 'off'}", field="lora_merge_single")
+
     async def remove_lora(self, lora: "LoRARequest") -> None:
         await self.llm.remove_lora(lora.lora_int_id)
         await asyncio.to_thread(self._scratch.release, lora.lora_path)

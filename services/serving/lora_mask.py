@@ -18,7 +18,8 @@ imports in the process that runs the model before it builds the model; importing
 module installs the patch (idempotent), and `Engine.mix_safely` asks the worker
 through `collective_rpc` whether it is in place. It installs libs.common.vllm_cpu_lora's
 one-adapter fast path there too (the sgmv ops; batches with rows without a LoRA still
-reach the masked ops here)."""
+reach the masked ops here), whose merged path `Engine.merge_single_lora` turns on
+(--lora_merge_single) through the same extension."""
 
 from __future__ import annotations
 
@@ -114,6 +115,11 @@ class WorkerExtension:
 
     def tuneforge_lora_rows_masked(self) -> bool:
         return installed()
+
+    def tuneforge_lora_merge_single(self, enabled: bool) -> bool:
+        """Turns libs.common.vllm_cpu_lora's merged path on or off in this process (the one
+        that runs the model); returns whether it is on."""
+        return vllm_cpu_lora.merge_single(enabled)
 
 
 install()

@@ -128,6 +128,8 @@ async def _serve(config: DeployConfig) -> int:
     grpc_server = follower = None
     try:
         await engine.mix_safely()
+        if config.lora_merge_single:
+            await engine.merge_single_lora(True)
         for name, path in adapters.items():
             await registry.load(name, path)
         state = ServingState(engine=engine, registry=registry, base_name=base_name, model_dir=model_dir,
