@@ -147,6 +147,32 @@ def test_lora_sync_generates_as_each_adapter_version(engine, default_model):
     assert engine.llm.llm_engine.list_loras() == {engine._lora.lora_int_id}  # the previous version is gone
 
 
+def test_serving_merged_single_lora_path_generates_as_vllms_lora_ops(engine, default_model):
+    """libs.common.vllm_cpu_lora's merged path (serving's --lora_merge_single), in this engine:
+    a batch on the policy's one slot generates what vLLM's LoRA ops do, and after the next
+    version is loaded into the same slot (max_loras 1) it follows that version."""
+    from libs.common import vllm_cpu_lora
+
+    policy = peft_policy(default_model, seed=7)
+    engine.sync(policy, step=7)
+    try:
+        vllm_ops = [g[0].token_ids for g in engine.generate(PROMPTS, [0, 0, 0], GREEDY)]
+        vllm_cpu_lora.merge_single(True)
+        merged = [g[0].token_ids for g in engine.generate(PROMPTS, [0, 0, 0], GREEDY)]
+        assert len(vllm_cpu_lora._CACHED) == 8  # 2 layers x qkv, o, gate_up, down ran merged
+        perturb(policy, seed=8, only="lora_B", scale=0.5)
+        engine.sync(policy, step=8)
+        merged_next = [g[0].token_ids for g in engine.generate(PROMPTS, [0, 0, 0], GREEDY)]
+        vllm_cpu_lora.merge_single(False)
+        vllm_ops_next = [g[0].token_ids for g in engine.generate(PROMPTS, [0, 0, 0], GREEDY)]
+    finally:
+        vllm_cpu_lora.merge_single(False)
+    assert merged == vllm_ops
+    assert merged_next == vllm_ops_next == [hf_greedy(policy, p) for p in PROMPTS]
+    assert merged_next != merged
+    assert merged != [hf_greedy(hf_model(default_model), p) for p in PROMPTS]
+
+
 def test_merged_lora_sync_generates_as_the_policy_and_leaves_it_untouched(engine, default_model):
     # --vllm_enable_lora false (colocate's default for lora): the base weights plus the adapter's delta
     # loaded in place; the adapter the previous test left is dropped with it.
