@@ -302,3 +302,58 @@ def test_a_rewritten_slot_rebuilds_its_merged_weight(vllm_layers):
     torch.testing.assert_close(got_first, reference(x, weight, bias, first), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_second, reference(x, weight, bias, second), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_reset, reference(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_slot_without_this_layers_lora_runs_the_base_gemm_alone(vllm_layers):
+    """An adapter that leaves a module out (its slot's B is zeros there): no merged copy, the
+    base layer's own GEMM."""
+    layer, weight, bias = build_layer("row", seed=40)
+    load(layer, 0, *adapter(layer, seed=41))
+    x = torch.randn(TOKENS, 40, generator=torch.Generator().manual_seed(42))
+    mapped(layer, [2] * TOKENS)  # slot 1: nothing loaded
+    got, used = run(layer, x, merged=True)
+    assert not used and "_tuneforge_base" not in layer.__dict__
+    torch.testing.assert_close(got, reference(x, weight, bias), rtol=1e-5, atol=1e-5)
+    mapped(layer, [1] * TOKENS)
+    assert run(layer, x, merged=True)[1]
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_lm_head_and_embedding_lora_is_skipped_only_for_a_slot_without_one(merged, monkeypatch):
+    """The punica wrapper's lm_head (logits) and embedding LoRA ops: on a one-slot step whose
+    adapter has none (its B is zeros) the merged path adds nothing; otherwise vLLM's ops run."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    vllm_cpu_lora.install()
+    vocab, generator = 40, torch.Generator().manual_seed(50)
+    logits_a = torch.randn(2, 1, RANK, IN, generator=generator)
+    logits_b = torch.zeros(2, 1, vocab, RANK)
+    logits_b[0] = torch.randn(1, vocab, RANK, generator=generator)  # only slot 0's adapter has an lm_head LoRA
+    embed_b = torch.zeros(2, 1, OUT, RANK)
+    embed_b[0] = torch.randn(1, OUT, RANK, generator=generator)
+    hidden = torch.randn(TOKENS, IN, generator=generator)
+    embed_a = torch.randn(TOKENS, RANK, generator=generator)  # the gathered embedding A rows
+    vllm_cpu_lora.merge_single(merged)
+    try:
+        for lora_id, changes in ((1, True), (2, False)):
+            punica = PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=16, device="cpu")
+            punica.update_metadata(LoRAMapping((lora_id,) * TOKENS, (lora_id,) * TOKENS, is_prefill=True), [1, 2],
+                                   2, vocab_size=vocab)
+            logits, embedded = torch.randn(TOKENS, vocab, generator=generator), torch.randn(TOKENS, OUT)
+            got_logits, got_embedded = logits.clone(), embedded.clone()
+            with monkeypatch.context() as patch:
+                if merged and not changes:  # skipped: vLLM's ops are not called at all
+                    from vllm.lora.punica_wrapper import punica_cpu
+
+                    for name in ("bgmv_shrink", "bgmv_expand", "sgmv_expand"):
+                        patch.setattr(punica_cpu, name, None)
+                punica.add_lora_logits(got_logits, hidden, logits_a, logits_b, 1.0)
+                punica.add_lora_embedding(got_embedded, embed_a, embed_b, True)
+            slot = lora_id - 1
+            torch.testing.assert_close(got_logits, logits + hidden @ logits_a[slot, 0].T @ logits_b[slot, 0].T,
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got_embedded, embedded + embed_a @ embed_b[slot, 0].T, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(got_logits, logits) if changes else torch.equal(got_logits, logits)
+    finally:
+        vllm_cpu_lora.merge_single(False)
