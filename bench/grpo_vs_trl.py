@@ -23,8 +23,9 @@ the policy's adapter pushed to it at every step. Every process's torch (and vLLM
 is --threads wide. The serving process is started as docs/serving.md advises for a rollout
 server that shares its cores with a trainer: VLLM_ENABLE_V1_MULTIPROCESSING=0 (its model in
 vLLM's engine-core process, no worker process spinning on a shared-memory queue for a second
-after each batch; --serving_engine worker-process for vLLM's CPU default) and --max_lora_rank
-the policy's rank (--serving_max_lora_rank).
+after each batch; --serving_engine worker-process for vLLM's CPU default), --max_lora_rank
+the policy's rank (--serving_max_lora_rank) and --lora_merge_single true (a rollout runs one
+adapter: the base weights with it merged in; --serving_lora_merge_single false to compare).
 
 Each trainer runs alone in its own process, one at a time, the order reversed every round;
 the median over rounds is kept. A step's time is wall time from the end of the previous step
@@ -370,6 +371,10 @@ def main() -> int:
                              "that holds it; serving's own default is 16). vLLM's CPU LoRA kernels gather each "
                              "token's adapter weights at the slot rank, so a rollout server sized for its job's "
                              "rank generates faster")
+    parser.add_argument("--serving_lora_merge_single", choices=["true", "false"], default="true",
+                        help="the serving process's --lora_merge_single: a rollout (one adapter for every token) "
+                             "multiplied by the base weights with the adapter merged in, instead of vLLM's CPU LoRA "
+                             "ops (docs/serving.md); false: vLLM's ops, to compare")
     parser.add_argument("--serving_engine", choices=list(SERVING_ENGINES), default="in-core",
                         help="in-core: the serving process started with VLLM_ENABLE_V1_MULTIPROCESSING=0; "
                              "worker-process: vLLM's CPU default (docs/serving.md)")
@@ -419,7 +424,8 @@ def main() -> int:
                   f"batch {args.batch} completions ({args.batch // args.num_generations} prompts) a step, "
                   f"max_completion_length {args.max_completion_length}, {args.steps} steps ({args.warmup} warm-up), "
                   f"{args.threads} threads, {args.rounds} rounds, serving --max_lora_rank {args.serving_max_lora_rank} "
-                  f"{args.serving_engine}, --vllm_enable_lora {args.vllm_enable_lora}",
+                  f"--lora_merge_single {args.serving_lora_merge_single} {args.serving_engine}, "
+                  f"--vllm_enable_lora {args.vllm_enable_lora}",
                   file=sys.stderr)
             results: dict[str, list[dict]] = {kind: [] for kind in kinds}
             first = kinds if args.first == "trl" else kinds[::-1]
@@ -435,7 +441,8 @@ def main() -> int:
                     serving = None
                     if KINDS[kind][1] == "server":  # up only while its trainer runs: idle, it would still hold memory
                         serving = stack.start_serving(model=str(model_dir), extra=[
-                            "--max_lora_rank", str(args.serving_max_lora_rank)])
+                            "--max_lora_rank", str(args.serving_max_lora_rank),
+                            "--lora_merge_single", args.serving_lora_merge_single])
                         spec["serving_host"], spec["serving_port"] = "127.0.0.1", int(serving.ready["grpc_port"])
                         spec["serving_pid"] = serving.popen.pid
                     try:

@@ -138,3 +138,8 @@ def test_an_unknown_tool_parser_is_refused_at_start_listing_vllms_parsers():
     assert cfg.parse(DeployConfig, ["--tool_call_parser", "hermes"]).tool_call_parser == "hermes"
     with pytest.raises(Problems, match="enable_auto_tool_choice: needs tool_call_parser"):
         cfg.parse(DeployConfig, ["--enable_auto_tool_choice", "true"])
+
+
+def test_lora_merge_single_is_off_unless_asked_for():
+    assert cfg.parse(DeployConfig, []).lora_merge_single is False
+    assert cfg.parse(DeployConfig, ["--lora_merge_single", "true"]).lora_merge_single is True
