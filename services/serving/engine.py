@@ -213,6 +213,7 @@ class Engine:
         if not taken or any(on != enabled for on in taken):
             raise FailedPrecondition(f"vLLM's engine process did not turn the merged LoRA path "
                                      f"{'on' if enabled else 'off'}", field="lora_merge_single")
+        logs.log(LOG, logging.INFO, "merged single-adapter LoRA path", lora_merge_single=enabled)
 
     async def remove_lora(self, lora: "LoRARequest") -> None:
         await self.llm.remove_lora(lora.lora_int_id)
