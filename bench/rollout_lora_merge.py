@@ -3,7 +3,7 @@ one rollout (RolloutService.Generate's sampling: --prompts prompts x --n complet
 --max_tokens tokens, one rank --rank adapter, the default model) with the merged path off
 (vLLM's base product + LoRA ops) against on (one product with the merged weights), and
 whether the completions are the same tokens; and the same rollout on the base model without
-an adapter, the floor.
+an adapter.
 
 One engine (started as a rollout server runs it in bench/grpo_vs_trl.py: the model in the
 engine-core process, VLLM_ENABLE_V1_MULTIPROCESSING=0, --threads OMP threads, max_lora_rank
@@ -12,8 +12,8 @@ modes in alternating order over --rounds rounds. Each rollout is preceded by wha
 trainer's PushAdapter does before it: a new version of the adapter loaded and moved into a
 slot by a one-token first request (which, with the flag on, builds the merged weights), so
 `push` is that cost and `generate` the rollout's. CPU seconds are the engine process's
-(user + system), robust to other load on a shared machine; the median over rounds and
---repeats is printed.
+(user + system), which move less with other load on a shared machine than wall time (they
+still do: compare ratios within a run); the median over rounds and --repeats is printed.
 
     .venv/bin/python bench/rollout_lora_merge.py [--rounds 3] [--repeats 2] [--prompts 2] [--n 8] [--max_tokens 128]
 
@@ -32,8 +32,6 @@ import tempfile
 import time
 
 from fixtures import excerpts, random_loras
-
-IGNORE_EOS = True
 
 
 def engine_cpu_seconds() -> float:
@@ -58,7 +56,7 @@ async def rollout(engine, lora, rendered, sampling, seeds) -> tuple[list, float,
     async def one(prompt, seed):
         final = None
         params = sampling_params(sampling, seed)
-        params.ignore_eos = IGNORE_EOS  # every completion max_tokens long: the same work in every rollout
+        params.ignore_eos = True  # every completion max_tokens long: the same work in every rollout
         async for output in engine.generate(prompt, params, lora):
             final = output
         return [tuple(c.token_ids) for c in sorted(final.outputs, key=lambda c: c.index)]
@@ -68,14 +66,11 @@ async def rollout(engine, lora, rendered, sampling, seeds) -> tuple[list, float,
     return outputs, engine_cpu_seconds() - cpu, time.perf_counter() - wall
 
 
-async def main(args) -> None:
-    from libs.default_model.resolve import resolve_model
+async def measure(args, model_dir, path):
+    """(CPU and wall seconds per mode, the base model's CPU seconds, the last tokens per mode)."""
     from protos.tuneforge.serving.v1 import serving_pb2
     from services.serving.engine import Engine
 
-    model_dir = resolve_model(args.model)
-    root = pathlib.Path(tempfile.mkdtemp(prefix="tuneforge-bench-merge-"))
-    path = random_loras(model_dir, root, ["policy"], rank=args.rank)["policy"]
     engine = Engine.start(model_dir, 4, args.rank, None, "float32", None)
     try:
         await engine.mix_safely()
@@ -90,10 +85,9 @@ async def main(args) -> None:
               f"LoRA rank {args.rank}, {args.threads} threads, {args.rounds} rounds x {args.repeats}")
 
         lora = None
-        results = {False: {"push": [], "generate": [], "wall": [], "tokens": []}, True: None}
-        results[True] = {key: [] for key in results[False]}
+        results = {merged: {"push": [], "generate": [], "wall": [], "tokens": []} for merged in (False, True)}
         outputs = {False: {}, True: {}}
-        floor = []
+        base = []
         for round_ in range(args.rounds + 1):  # round 0 warms up both modes
             for merged in ((False, True) if round_ % 2 == 0 else (True, False)):
                 await engine.merge_single_lora(merged)
@@ -113,19 +107,29 @@ async def main(args) -> None:
                         results[merged]["tokens"].append(sum(len(c) for group in got for c in group))
                 outputs[merged]["greedy"] = (await rollout(engine, lora, rendered, greedy, seeds))[0]
             await engine.merge_single_lora(False)
-            for repeat in range(args.repeats):  # the floor: the same rollout on the base model, no LoRA
+            for repeat in range(args.repeats):  # the same rollout on the base model, no LoRA
                 seconds = (await rollout(engine, None, rendered, sampled, seeds))[1]
                 if round_:
-                    floor.append(seconds)
+                    base.append(seconds)
     finally:
         engine.shutdown()
 
+    return results, base, outputs
+
+
+async def main(args) -> None:
+    from libs.default_model.resolve import resolve_model
+
+    model_dir = resolve_model(args.model)
+    with tempfile.TemporaryDirectory(prefix="tuneforge-bench-merge-") as tmp:
+        path = random_loras(model_dir, pathlib.Path(tmp), ["policy"], rank=args.rank)["policy"]
+        results, base, outputs = await measure(args, model_dir, path)
     print(f"{'case':<28}{'vLLM LoRA ops':>16}{'merged':>12}{'ratio':>8}")
     for key, label in (("generate", "rollout CPU s (engine)"), ("push", "push CPU s (engine)"),
                        ("wall", "rollout wall s")):
         off, on = statistics.median(results[False][key]), statistics.median(results[True][key])
         print(f"{label:<28}{off:>16.3f}{on:>12.3f}{off / on:>8.2f}")
-    print(f"{'rollout CPU s, base model':<28}{statistics.median(floor):>16.3f} (no adapter: the floor)")
+    print(f"{'rollout CPU s, base model':<28}{statistics.median(base):>16.3f} (no adapter)")
     print(f"tokens per rollout: {statistics.median(results[False]['tokens'])} / "
           f"{statistics.median(results[True]['tokens'])}")
     for kind in ("sampled", "greedy"):
