@@ -54,7 +54,7 @@ def write_conversations(path: pathlib.Path, rows: int, seed: int = 0) -> None:
 
 def random_loras(model_dir: pathlib.Path, root: pathlib.Path, names: list[str], rank: int = 8) -> dict[str, pathlib.Path]:
     """PEFT LoRAs (all-linear) on `model_dir` whose B is random (PEFT starts B at zero, which
-    would equal the base), one per name, seeded by position; published with args.json."""
+    would equal the base), one per name, seeded by position (A and B); published with args.json."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -63,6 +63,7 @@ def random_loras(model_dir: pathlib.Path, root: pathlib.Path, names: list[str], 
 
     paths = {}
     for seed, name in enumerate(names, start=1):
+        torch.manual_seed(seed)  # PEFT draws lora_A from torch's global generator
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoraConfig(
             r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM"))
         generator = torch.Generator().manual_seed(seed)
