@@ -323,7 +323,9 @@ def test_a_list_of_prompts_reaches_the_engine_together(client, serving, stream):
     prompts = ["one", "two", "three", "four"]
 
     def run():
-        reply = client.completions.create(model=serving.base_name, prompt=prompts, max_tokens=128, temperature=0,
+        # 512 tokens each: long enough for a /metrics read to land while all four run, also when the
+        # streamed client's parsing starves the poller's thread on a loaded machine (128 once saw 0)
+        reply = client.completions.create(model=serving.base_name, prompt=prompts, max_tokens=512, temperature=0,
                                           stream=stream, extra_body={"ignore_eos": True})
         indexes = ({c.index for chunk in reply for c in _completion_chunk(chunk).choices} if stream
                    else {c.index for c in reply.choices})
